@@ -1,0 +1,823 @@
+"""
+Preference data: loading, chat templating, tokenization, batching, and the embedded toy task.
+
+What it does
+- Loads preference rows from a .jsonl / .json / .parquet file, a directory of them, or a hub
+  dataset id with a split (`HuggingFaceH4/ultrafeedback_binarized`, `train_prefs`), in either the
+  UltraFeedback-binarized schema (`chosen` / `rejected` as [{role, content}] message lists, with
+  `score_chosen` / `score_rejected`) or the plain schema (`prompt`, `chosen`, `rejected` strings).
+  Earlier turns of a multi-turn conversation stay in the prompt.
+- Tokenizes with the tokenizer's own chat template: prompt + generation prompt, then the response
+  and EOS. Only response tokens are marked for the loss. Over-long prompts are dropped, over-long
+  responses truncated, and both are counted.
+- Collates the sequences of a batch of prompts (offline chosen / rejected, and online chosen /
+  rejected when present) into one right-padded batch with per-sequence response masks, so a single
+  forward pass scores all of them.
+- Splits a dataset into T consecutive chunks after a seeded shuffle (Algorithm 1's D_1..D_T).
+- Builds the embedded toy task (see "The toy task" below), cached under `out/toy/seed<N>/`.
+
+Run
+    python data.py                 # self-check: builds the toy task, prints sizes, one tokenized
+                                   # example with its response mask, and length statistics
+    python data.py --seed 1        # the same for another seed
+There is nothing distributed in this file: under torchrun every rank loads the same files (rank 0
+builds the toy assets first; see train.py) and takes its own share of each batch.
+
+The toy task
+    A prompt asks to sort 3-6 distinct letters from a-j: "ascending : f c h" -> "c f h",
+    "descending : b e a d" -> "e d b a". The gold judge (reward.toy_gold_score) reads the letters
+    of a response in order, ignores punctuation and phrasing, and scores
+    10 * (1 - edit distance to the correct answer / its length), minus a penalty for foreign
+    tokens, on UltraFeedback's 0-10 scale. Answers are written by "writers": rule-based noisy
+    solvers with their own rates and kinds of mistakes (data.toy_mistake lists them).
+    Why it mimics the real setting (SPEC section 7):
+    - SFT is decent but imperfect, and not only by sampling noise: the SFT demonstrations come from
+      a teacher that answers in the plain style ("c f h"), makes random mistakes (neighbours
+      swapped, stopping early) and has a habit: on lists of 5 or more letters it usually leaves out
+      the last one. A policy that imitates it has a systematic gap that even its most likely
+      answer shows, and room to improve under the gold judge.
+    - The offline pairs come from other generators: four offline writers answer every training
+      prompt in one of three other styles ("c , f , h", "[ c f h ]", "answer : c f h"), with every
+      kind of mistake, hallucinated and substituted letters included, like UltraFeedback's
+      completions from a pool of other models. Their style never occurs in the SFT data, so the
+      SFT policy gives them much lower likelihood than its own samples (train.py reports it).
+    - The labels are noisy like AI-judge labels: the four answers are rated by the gold judge plus
+      Gaussian noise (std 1.5), rounded to halves; chosen is the best rated, rejected a random one
+      of the lower-rated rest (UltraFeedback's binarization). About 5% of the pairs prefer the
+      worse answer and 8% are gold ties.
+    - The annotating reward model is learned from these pairs (train.py --method rm). It is useful
+      but imperfect: it judges order and length better than hallucinated letters, so online
+      training can over-optimise it (that is measured, not hidden). Evaluation uses the gold judge,
+      the stand-in for the GPT-4o judge.
+    - The tokenizer is a word-level `tokenizers` model wrapped as a PreTrainedTokenizerFast with a
+      chat template and saved with save_pretrained; the model config is a tiny LlamaConfig
+      (~0.6M parameters); the data is written as UltraFeedback-binarized jsonl and read back
+      through the normal loader.
+    - Everything is a function of the seed (Python's `random.Random`, no global state).
+    The design was settled by measuring it (SFT, reward model, DPO and online rounds on this
+    machine): with repeated letters or variable-length copy/reverse tasks the learned reward model
+    could not tell right from wrong on the policy's own answers, and online training collapsed.
+
+Deliberate simplifications
+- Hub datasets are fetched file by file with huggingface_hub (no `datasets` dependency); parquet
+  files need pyarrow, imported only when a parquet file is read.
+- The response is tokenized separately from the prompt (as TRL does). For the chat templates we
+  use, prompt + response + EOS equals the template's rendering of the whole conversation; the
+  tests check this for the toy tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line (or row) and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading rows from files and the hub
+
+
+def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield (where, row) for every row of `source`: a file, a directory, or a hub dataset id.
+
+    `where` is "file:line" (jsonl), "file:item N" (json) or "file:row N" (parquet). A row that is
+    not valid JSON is yielded as a DataError instead of a dict, so the caller decides whether to
+    raise it or skip it; problems with a whole file (missing, unreadable) raise at once.
+    """
+    for path in resolve_files(source, split):
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        yield where, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield where, DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+        elif path.suffix == ".json":
+            try:
+                with open(path, encoding="utf-8") as f:
+                    rows = json.load(f)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); a .json file must hold one list of rows") from None
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: a .json file must hold a list of rows, got {type(rows).__name__}")
+            for i, row in enumerate(rows, start=1):
+                yield f"{path}:item {i}", row
+        else:  # .parquet
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading parquet files needs pyarrow (pip install pyarrow)") from None
+            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+                yield f"{path}:row {i}", row
+
+
+def resolve_files(source: str | os.PathLike, split: str | None = None) -> list[Path]:
+    """The data files behind `source`: the file itself, the files of a directory that belong to
+    `split`, or the files of `split` downloaded from the hub dataset `source`."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in DATA_EXTENSIONS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {DATA_EXTENSIONS}")
+        return [path]
+    if path.is_dir():
+        return split_files(path, split)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
+        return split_files(download_hub_dataset(str(source), split), split)
+    raise DataError(f"{source}: no such file or directory, and not a hub dataset id of the form owner/name")
+
+
+def split_files(directory: Path, split: str | None) -> list[Path]:
+    """Data files under `directory` that belong to `split`: named `<split>.ext` or `<split>-*.ext`
+    (the hub's `data/train_prefs-00000-of-00001.parquet`), or inside a folder named `<split>`."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in DATA_EXTENSIONS)
+    if split is not None:
+        files = [
+            p for p in files
+            if p.stem == split or p.name.startswith(split + "-") or split in p.relative_to(directory).parts[:-1]
+        ]
+    if not files:
+        found = sorted(p.name for p in directory.rglob("*") if p.is_file())[:20]
+        raise DataError(f"{directory}: no {'/'.join(DATA_EXTENSIONS)} file for split {split!r}; found {found}")
+    return files
+
+
+def download_hub_dataset(repo_id: str, split: str | None) -> Path:
+    """Download the files of one split of a hub dataset (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"*{split}*{ext}" for ext in DATA_EXTENSIONS] if split else [f"*{ext}" for ext in DATA_EXTENSIONS]
+    try:
+        return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns))
+    except Exception as err:  # network, authentication, missing repository: all end the same way
+        raise DataError(f"{repo_id}: could not download the hub dataset (split {split!r}): {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing and validating rows
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict]  # the conversation before the response; its last message is the user's
+    chosen: str
+    rejected: str
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+    prompt_id: str = ""
+    where: str = ""  # file:line it came from, for error messages
+
+
+@dataclass
+class SFTExample:
+    prompt: list[dict]
+    response: str
+    prompt_id: str = ""
+    where: str = ""
+
+
+def _check_messages(value: Any, key: str, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: '{key}'[{i}] must be a {{'role': str, 'content': str}} message, got {message!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _split_conversation(value: Any, key: str, where: str) -> tuple[list[dict], str]:
+    """A response field as (earlier turns, response text): a plain string has no earlier turns; a
+    message list must end with the assistant's message."""
+    if isinstance(value, str):
+        return [], value
+    messages = _check_messages(value, key, where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message of '{key}' must have role 'assistant', got {messages[-1]['role']!r}")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _prompt_context(row: dict, where: str, earlier_turns: list[dict]) -> list[dict]:
+    if earlier_turns:  # the conversation inside the message list is the full context
+        prompt = earlier_turns
+    elif "prompt" not in row:
+        raise DataError(f"{where}: missing key 'prompt' (and the responses carry no earlier turns)")
+    elif isinstance(row["prompt"], str):
+        prompt = [{"role": "user", "content": row["prompt"]}]
+    else:
+        prompt = _check_messages(row["prompt"], "prompt", where)
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user message, got role {prompt[-1]['role']!r}")
+    if not prompt[-1]["content"].strip():
+        raise DataError(f"{where}: empty prompt")
+    return prompt
+
+
+def _prompt_id(row: dict, prompt: list[dict]) -> str:
+    if isinstance(row.get("prompt_id"), str) and row["prompt_id"]:
+        return row["prompt_id"]
+    return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+
+
+def parse_preference_row(row: Any, where: str) -> PreferencePair:
+    """Validate one preference row (UltraFeedback-binarized or plain schema)."""
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing key '{key}' (have {sorted(row)})")
+        if not isinstance(row[key], (str, list)):
+            raise DataError(f"{where}: '{key}' must be a string or a list of messages, got {type(row[key]).__name__}")
+    chosen_turns, chosen = _split_conversation(row["chosen"], "chosen", where)
+    rejected_turns, rejected = _split_conversation(row["rejected"], "rejected", where)
+    if chosen_turns and rejected_turns and chosen_turns != rejected_turns:
+        raise DataError(f"{where}: 'chosen' and 'rejected' have different earlier turns")
+    prompt = _prompt_context(row, where, chosen_turns or rejected_turns)
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(f"{where}: empty '{key}' response")
+    scores = {}
+    for key in ("score_chosen", "score_rejected"):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise DataError(f"{where}: '{key}' must be a finite number, got {value!r:.40}")
+        scores[key] = None if value is None else float(value)
+    return PreferencePair(prompt, chosen, rejected, scores["score_chosen"], scores["score_rejected"], _prompt_id(row, prompt), where)
+
+
+def parse_sft_row(row: Any, where: str) -> SFTExample:
+    """Validate one SFT row: `messages` ending with the assistant's turn (UltraChat schema), or
+    plain `prompt` and `completion` strings."""
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        turns, response = _split_conversation(_check_messages(row["messages"], "messages", where), "messages", where)
+        if not turns:
+            raise DataError(f"{where}: 'messages' holds only the assistant's turn; there is no prompt")
+    elif "completion" in row:
+        if not isinstance(row["completion"], str):
+            raise DataError(f"{where}: 'completion' must be a string, got {type(row['completion']).__name__}")
+        turns, response = [], row["completion"]
+    else:
+        raise DataError(f"{where}: an SFT row needs 'messages' or 'prompt' + 'completion' (have {sorted(row)})")
+    prompt = _prompt_context(row, where, turns)
+    if not response.strip():
+        raise DataError(f"{where}: empty response")
+    return SFTExample(prompt, response, _prompt_id(row, prompt), where)
+
+
+@dataclass
+class LoadStats:
+    rows: int = 0  # rows kept
+    bad_rows: int = 0  # rows skipped by skip_bad_rows
+    bad_examples: list[str] = field(default_factory=list)  # the first few skipped rows' errors
+
+    def summary(self) -> str:
+        text = f"{self.rows} rows"
+        if self.bad_rows:
+            text += f", {self.bad_rows} bad rows skipped (first: {self.bad_examples[0]})"
+        return text
+
+
+def _load(parse, source, split, skip_bad_rows) -> tuple[list, LoadStats]:
+    items, stats = [], LoadStats()
+    for where, row in iter_rows(source, split):
+        try:
+            items.append(parse(row, where))
+        except DataError as err:
+            if not skip_bad_rows:
+                raise
+            stats.bad_rows += 1
+            if len(stats.bad_examples) < 5:
+                stats.bad_examples.append(str(err))
+    stats.rows = len(items)
+    if not items:
+        raise DataError(f"{source} (split {split!r}): no usable rows ({stats.bad_rows} bad rows skipped)")
+    return items, stats
+
+
+def load_preferences(source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False) -> tuple[list[PreferencePair], LoadStats]:
+    """Load preference pairs; a bad row raises DataError unless skip_bad_rows (then it is counted)."""
+    return _load(parse_preference_row, source, split, skip_bad_rows)
+
+
+def load_sft(source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False) -> tuple[list[SFTExample], LoadStats]:
+    """Load SFT demonstrations; a bad row raises DataError unless skip_bad_rows."""
+    return _load(parse_sft_row, source, split, skip_bad_rows)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows as jsonl atomically (a temporary file, then rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(f.name, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization through the chat template
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation so far, ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the rendered text already holds the template's special tokens (BOS, role markers)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Token ids of a response followed by EOS, as the policy must generate it."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response tokens (+ EOS unless truncated)
+    rejected_ids: list[int]
+    index: int  # position in the loaded dataset, to join online pairs and meta-learner scores back
+    prompt_id: str = ""
+    online_chosen_ids: list[int] | None = None  # filled in by MetaAPO / online methods
+    online_rejected_ids: list[int] | None = None
+
+
+@dataclass
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    index: int
+
+
+@dataclass
+class TokenizeStats:
+    kept: int = 0
+    dropped_long_prompt: int = 0  # prompt (with the generation prompt) longer than max_prompt_len
+    dropped_identical: int = 0  # chosen == rejected after tokenization: no preference to learn
+    truncated_responses: int = 0  # responses cut (losing EOS) to fit max_len
+
+    def summary(self) -> str:
+        return (f"{self.kept} kept, {self.dropped_long_prompt} dropped (prompt > max_prompt_len), "
+                f"{self.dropped_identical} dropped (identical responses), {self.truncated_responses} responses truncated to max_len")
+
+
+def _check_lengths(max_prompt_len: int, max_len: int) -> None:
+    if not 0 < max_prompt_len < max_len:
+        raise ValueError(f"need 0 < max_prompt_len < max_len, got max_prompt_len={max_prompt_len}, max_len={max_len}")
+
+
+def _fit(response_ids: list[int], room: int, stats) -> list[int]:
+    if len(response_ids) > room:
+        stats.truncated_responses += 1
+        return response_ids[:room]
+    return response_ids
+
+
+def tokenize_preferences(pairs: list[PreferencePair], tokenizer, max_prompt_len: int, max_len: int) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize pairs through the chat template. `index` is the pair's position in `pairs`."""
+    _check_lengths(max_prompt_len, max_len)
+    out, stats = [], TokenizeStats()
+    for index, pair in enumerate(pairs):
+        prompt_ids = encode_prompt(tokenizer, pair.prompt)
+        if len(prompt_ids) > max_prompt_len:
+            stats.dropped_long_prompt += 1
+            continue
+        room = max_len - len(prompt_ids)
+        chosen = _fit(encode_response(tokenizer, pair.chosen), room, stats)
+        rejected = _fit(encode_response(tokenizer, pair.rejected), room, stats)
+        if chosen == rejected:
+            stats.dropped_identical += 1
+            continue
+        out.append(TokenizedPair(prompt_ids, chosen, rejected, index, pair.prompt_id))
+    stats.kept = len(out)
+    return out, stats
+
+
+def tokenize_sft(examples: list[SFTExample], tokenizer, max_prompt_len: int, max_len: int) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenize SFT demonstrations the same way as preference responses."""
+    _check_lengths(max_prompt_len, max_len)
+    out, stats = [], TokenizeStats()
+    for index, example in enumerate(examples):
+        prompt_ids = encode_prompt(tokenizer, example.prompt)
+        if len(prompt_ids) > max_prompt_len:
+            stats.dropped_long_prompt += 1
+            continue
+        out.append(TokenizedExample(prompt_ids, _fit(encode_response(tokenizer, example.response), max_len - len(prompt_ids), stats), index))
+    stats.kept = len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+response sequences into one batch.
+
+    Returns input_ids, attention_mask and response_mask, each (N, T). response_mask[i, t] = 1 where
+    input_ids[i, t] is a response token, so its log-prob is read from the logits at position t-1.
+    """
+    assert len(prompts) == len(responses)
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, len(p):n] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_sft(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_sequences([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id)
+
+
+def collate_preferences(pairs: list[TokenizedPair], pad_id: int, online: bool = False) -> dict[str, torch.Tensor]:
+    """All sequences of a batch of B prompts in one concatenated batch, for one forward pass.
+
+    Rows are ordered by role: [chosen x B, rejected x B] and, with online=True,
+    [..., online chosen x B, online rejected x B]; so per-sequence log-probs of shape (n_roles * B,)
+    reshape to (n_roles, B). `n_roles` is returned alongside the tensors.
+    """
+    roles = ["chosen_ids", "rejected_ids"]
+    if online:
+        missing = [p.index for p in pairs if p.online_chosen_ids is None or p.online_rejected_ids is None]
+        if missing:
+            raise ValueError(f"online=True but pairs {missing[:5]} have no online pair")
+        roles += ["online_chosen_ids", "online_rejected_ids"]
+    prompts = [p.prompt_ids for _ in roles for p in pairs]
+    responses = [getattr(p, role) for role in roles for p in pairs]
+    batch = collate_sequences(prompts, responses, pad_id)
+    batch["n_roles"] = len(roles)
+    return batch
+
+
+def split_into_chunks(items: list, n_chunks: int, seed: int) -> list[list]:
+    """Shuffle with `seed`, then cut into `n_chunks` consecutive chunks of equal size (the first
+    len(items) % n_chunks chunks hold one more item). Algorithm 1's D_1..D_T."""
+    if n_chunks < 1 or n_chunks > len(items):
+        raise ValueError(f"cannot split {len(items)} items into {n_chunks} chunks")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    size, extra = divmod(len(items), n_chunks)
+    chunks, start = [], 0
+    for c in range(n_chunks):
+        end = start + size + (1 if c < extra else 0)
+        chunks.append([items[i] for i in order[start:end]])
+        start = end
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded toy task (see the module docstring)
+
+TOY_LETTERS = tuple("abcdefghij")
+TOY_TASKS = ("ascending", "descending")
+TOY_MIN_LETTERS, TOY_MAX_LETTERS = 3, 6  # distinct letters per prompt
+TOY_LONG_LIST = 5  # lists this long trigger the SFT teacher's habit
+TOY_STYLES = ("plain", "comma", "bracket", "lead")
+TOY_OFFLINE_STYLES = ("comma", "bracket", "lead")  # the SFT teacher alone writes "plain"
+# Tokens a response may use besides letters; the gold judge ignores them.
+TOY_STYLE_TOKENS = (",", "[", "]", "answer", ":")
+TOY_SIZES = {"sft": 4000, "train_prefs": 6000, "test_prefs": 512}  # rows per split
+TOY_LABEL_NOISE = 1.5  # std of the Gaussian noise added to gold scores when rating offline answers
+
+
+def toy_prompt(task: str, letters: list[str]) -> str:
+    return f"{task} : {' '.join(letters)}"
+
+
+def toy_parse_prompt(prompt: str) -> tuple[str, list[str]]:
+    """(task, letters) of a toy prompt; ValueError when `prompt` is not one."""
+    words = prompt.split()
+    if len(words) < 3 or words[0] not in TOY_TASKS or words[1] != ":" or any(w not in TOY_LETTERS for w in words[2:]):
+        raise ValueError(f"not a toy prompt: {prompt!r}")
+    return words[0], words[2:]
+
+
+def toy_solve(task: str, letters: list[str]) -> list[str]:
+    """The correct answer's letters: the prompt's letters sorted in the asked direction."""
+    if task not in TOY_TASKS:
+        raise ValueError(f"unknown toy task {task!r}")
+    return sorted(letters, reverse=task == "descending")
+
+
+def toy_render(letters: list[str], style: str) -> str:
+    """Write an answer's letters in one of the surface styles."""
+    if style == "plain":
+        return " ".join(letters)
+    if style == "comma":
+        return " , ".join(letters)
+    if style == "bracket":
+        return "[ " + " ".join(letters) + " ]"
+    if style == "lead":
+        return "answer : " + " ".join(letters)
+    raise ValueError(f"unknown style {style!r}")
+
+
+def toy_mistake(kind: str, task: str, letters: list[str], answer: list[str], rng: random.Random) -> list[str]:
+    """Apply one kind of mistake to an answer; returns a new list.
+
+    swap: two neighbours exchanged. dup: a letter written twice. drop: a letter left out.
+    stop: the answer ends early. last: the last letter left out (the SFT teacher's habit on long
+    lists). reverse: sorted the wrong way. copy: the letters left unsorted.
+    extra: a letter that is not in the prompt inserted where it would sort (a hallucinated item).
+    sub: a letter replaced by one that is not in the prompt (a wrong item).
+    """
+    out = list(answer)
+    n = len(out)
+    absent = [c for c in TOY_LETTERS if c not in letters]
+    if kind == "swap" and n >= 2:
+        i = rng.randrange(n - 1)
+        out[i], out[i + 1] = out[i + 1], out[i]
+    elif kind == "dup":
+        i = rng.randrange(n)
+        out.insert(i, out[i])
+    elif kind == "drop" and n >= 2:
+        del out[rng.randrange(n)]
+    elif kind == "stop" and n >= 2:
+        out = out[: rng.randrange(1, n)]
+    elif kind == "last" and n >= 2:
+        out = out[:-1]
+    elif kind == "reverse":
+        out = out[::-1]
+    elif kind == "copy":
+        out = list(letters)
+    elif kind == "extra" and absent:
+        out = sorted(out + [rng.choice(absent)], reverse=task == "descending")
+    elif kind == "sub" and absent:
+        out[rng.randrange(n)] = rng.choice(absent)
+    return out
+
+
+@dataclass(frozen=True)
+class ToyWriter:
+    """A rule-based noisy solver standing in for one LLM: how often it errs, which mistakes it
+    makes (drawn uniformly), and a systematic habit on long lists."""
+
+    name: str
+    error_rate: float  # probability that an answer holds a mistake
+    mistakes: tuple[str, ...]
+    second_mistake: float = 0.0  # probability that an erroneous answer holds a second mistake
+    forgets_last: float = 0.0  # probability of leaving out the last letter of a long list
+
+    def write(self, task: str, letters: list[str], style: str, rng: random.Random) -> str:
+        answer = toy_solve(task, letters)
+        if len(letters) >= TOY_LONG_LIST and rng.random() < self.forgets_last:
+            answer = toy_mistake("last", task, letters, answer, rng)
+        elif rng.random() < self.error_rate:
+            answer = toy_mistake(rng.choice(self.mistakes), task, letters, answer, rng)
+            if rng.random() < self.second_mistake:
+                answer = toy_mistake(rng.choice(self.mistakes), task, letters, answer, rng)
+        return toy_render(answer, style)
+
+
+TOY_ALL_MISTAKES = ("swap", "dup", "drop", "stop", "reverse", "copy", "extra", "extra", "sub", "sub")
+# The SFT teacher always answers in the plain style; its mistakes are the ones the policy inherits.
+# Its habit of forgetting the last letter of long lists is more likely than not, so the SFT
+# policy's most likely answer to a long list is wrong: a systematic gap, not just sampling noise.
+TOY_SFT_TEACHER = ToyWriter("teacher", 0.25, ("swap", "stop"), forgets_last=0.55)
+# The offline writers (UltraFeedback's pool of other models) answer a prompt in one shared style,
+# drawn per prompt, and make every kind of mistake at their own rates.
+TOY_OFFLINE_WRITERS = (
+    ToyWriter("strong", 0.4, TOY_ALL_MISTAKES),
+    ToyWriter("medium", 0.6, TOY_ALL_MISTAKES),
+    ToyWriter("weak", 0.8, TOY_ALL_MISTAKES, second_mistake=0.5),
+    ToyWriter("average", 0.6, TOY_ALL_MISTAKES),
+)
+
+
+def toy_random_prompt(rng: random.Random) -> tuple[str, list[str]]:
+    task = rng.choice(TOY_TASKS)
+    return task, rng.sample(TOY_LETTERS, rng.randint(TOY_MIN_LETTERS, TOY_MAX_LETTERS))
+
+
+def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]:
+    """The toy dataset as rows: `sft` (messages schema) and `train_prefs` / `test_prefs`
+    (UltraFeedback-binarized schema). Prompts are unique across all splits."""
+    from reward import toy_gold_score  # reward.py imports this file; importing here keeps import time acyclic
+
+    sizes = dict(TOY_SIZES if sizes is None else sizes)
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: dict[str, list[dict]] = {name: [] for name in sizes}
+    for split, n in sizes.items():
+        while len(rows[split]) < n:
+            task, letters = toy_random_prompt(rng)
+            prompt = toy_prompt(task, letters)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            prompt_id = hashlib.sha1(f"toy-{seed}-{prompt}".encode()).hexdigest()[:16]
+            user = {"role": "user", "content": prompt}
+            if split == "sft":
+                answer = TOY_SFT_TEACHER.write(task, letters, "plain", rng)
+                rows[split].append({"prompt_id": prompt_id, "prompt": prompt, "messages": [user, {"role": "assistant", "content": answer}]})
+                continue
+            # Rate four offline answers with a noisy judge, then binarize like UltraFeedback:
+            # chosen = best rated, rejected = a random one of the lower rated, different rest.
+            style = rng.choice(TOY_OFFLINE_STYLES)
+            answers = [w.write(task, letters, style, rng) for w in TOY_OFFLINE_WRITERS]
+            ratings = [min(10.0, max(0.0, round(2 * (toy_gold_score(prompt, a) + rng.gauss(0.0, TOY_LABEL_NOISE))) / 2)) for a in answers]
+            best = max(range(len(answers)), key=lambda i: (ratings[i], -i))
+            lower = [i for i in range(len(answers)) if ratings[i] < ratings[best] and answers[i] != answers[best]]
+            if not lower:
+                continue  # no preference to record (the prompt stays used)
+            worst = rng.choice(lower)
+            chosen = [user, {"role": "assistant", "content": answers[best]}]
+            rejected = [user, {"role": "assistant", "content": answers[worst]}]
+            rows[split].append({
+                "prompt": prompt, "prompt_id": prompt_id, "chosen": chosen, "rejected": rejected,
+                "messages": chosen, "score_chosen": ratings[best], "score_rejected": ratings[worst],
+            })
+    return rows
+
+
+# A word-level vocabulary: every token of the task is one word, so the model is tiny.
+TOY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>")
+TOY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token + ' ' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|> ' }}{%- endif -%}"
+)
+
+
+def build_toy_tokenizer():
+    """A word-level tokenizer built with the `tokenizers` library, wrapped as a
+    PreTrainedTokenizerFast with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(TOY_SPECIAL_TOKENS) + list(TOY_TASKS) + list(TOY_STYLE_TOKENS) + list(TOY_LETTERS)
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    tokenizer.chat_template = TOY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def toy_model_config(tokenizer, **overrides):
+    """The tiny LlamaConfig shared by the toy policy and reward model (~0.6M parameters)."""
+    from transformers import LlamaConfig
+
+    vocab_size = 8 * math.ceil(len(tokenizer) / 8)
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+@dataclass
+class ToyAssets:
+    root: Path
+    sft: Path  # jsonl, messages schema
+    train_prefs: Path  # jsonl, UltraFeedback-binarized schema
+    test_prefs: Path
+    base: Path  # tokenizer + LlamaConfig (no weights): what `--model toy` starts SFT from
+
+
+def toy_asset_paths(root: Path) -> ToyAssets:
+    return ToyAssets(root, root / "sft.jsonl", root / "train_prefs.jsonl", root / "test_prefs.jsonl", root / "base")
+
+
+def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", sizes: dict | None = None) -> ToyAssets:
+    """Build the toy dataset, tokenizer and config for `seed` unless already cached.
+
+    The cache lives in `<out_dir>/seed<seed>/`; its manifest records the seed, the sizes and a hash
+    of the code that generated it (this file and reward.py's gold judge), so an edit to either
+    rebuilds the cache instead of silently reusing stale data. The build goes to a temporary directory that is renamed into place,
+    so an interrupted build never leaves a half-written cache.
+    """
+    root = Path(out_dir) / f"seed{seed}"
+    code = hashlib.sha1(b"".join(Path(__file__).with_name(name).read_bytes() for name in ("data.py", "reward.py"))).hexdigest()
+    manifest = {"seed": seed, "sizes": dict(TOY_SIZES if sizes is None else sizes), "code_sha1": code}
+    assets = toy_asset_paths(root)
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
+        return assets
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=root.parent))
+    try:
+        rows = make_toy_rows(seed, manifest["sizes"])
+        built = toy_asset_paths(tmp)
+        for split in ("sft", "train_prefs", "test_prefs"):
+            write_jsonl(getattr(built, split), rows[split])
+        tokenizer = build_toy_tokenizer()
+        tokenizer.save_pretrained(built.base)
+        toy_model_config(tokenizer).save_pretrained(built.base)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return assets
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check
+
+
+def _length_stats(values: list[int]) -> str:
+    values = sorted(values)
+    return f"min {values[0]:3d}  median {values[len(values) // 2]:3d}  p95 {values[int(0.95 * (len(values) - 1))]:3d}  max {values[-1]:3d}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default="out/toy")
+    parser.add_argument("--max_prompt_len", type=int, default=16)
+    parser.add_argument("--max_len", type=int, default=40)
+    args = parser.parse_args()
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from reward import toy_gold_score
+
+    assets = ensure_toy_assets(args.seed, args.out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets.base)
+    config = AutoConfig.from_pretrained(assets.base)
+    print(f"toy assets in {assets.root}: tokenizer with {len(tokenizer)} tokens, {config.model_type} config "
+          f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})")
+
+    sft, sft_load = load_sft(assets.sft)
+    prefs, pref_load = load_preferences(assets.train_prefs)
+    test, _ = load_preferences(assets.test_prefs)
+    print(f"sizes: sft {len(sft)}, train_prefs {len(prefs)}, test_prefs {len(test)}")
+
+    sft_tok, sft_stats = tokenize_sft(sft, tokenizer, args.max_prompt_len, args.max_len)
+    pref_tok, pref_stats = tokenize_preferences(prefs, tokenizer, args.max_prompt_len, args.max_len)
+    print(f"sft tokenization: {sft_stats.summary()}")
+    print(f"train_prefs tokenization: {pref_stats.summary()}")
+
+    pair = pref_tok[0]
+    batch = collate_preferences([pair], tokenizer.pad_token_id)
+    print("\none tokenized pair (row 1 = chosen, row 2 = rejected); ^ marks response-mask tokens:")
+    for row in range(2):
+        tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row].tolist())
+        marks = ["^" * len(t) if m else " " * len(t) for t, m in zip(tokens, batch["response_mask"][row].tolist())]
+        print("  " + " ".join(tokens) + "\n  " + " ".join(marks))
+
+    print("\nlengths in tokens:")
+    print(f"  prompt            {_length_stats([len(p.prompt_ids) for p in pref_tok])}")
+    print(f"  chosen response   {_length_stats([len(p.chosen_ids) for p in pref_tok])}")
+    print(f"  rejected response {_length_stats([len(p.rejected_ids) for p in pref_tok])}")
+    print(f"  sft response      {_length_stats([len(e.response_ids) for e in sft_tok])}")
+
+    def gold(p, text):
+        return toy_gold_score(p.prompt[-1]["content"], text)
+
+    agree = sum(gold(p, p.chosen) > gold(p, p.rejected) for p in prefs)
+    ties = sum(gold(p, p.chosen) == gold(p, p.rejected) for p in prefs)
+    print(f"\noffline labels vs the gold judge: {agree / len(prefs):.1%} agree, {ties / len(prefs):.1%} tie, "
+          f"{(len(prefs) - agree - ties) / len(prefs):.1%} prefer the worse answer")
+    print(f"gold mean: SFT demonstrations {sum(toy_gold_score(e.prompt[-1]['content'], e.response) for e in sft) / len(sft):.2f}, "
+          f"offline chosen {sum(gold(p, p.chosen) for p in prefs) / len(prefs):.2f}, "
+          f"offline rejected {sum(gold(p, p.rejected) for p in prefs) / len(prefs):.2f}  (0-10 scale)")
+    long = [e for e in sft if len(toy_parse_prompt(e.prompt[-1]["content"])[1]) >= TOY_LONG_LIST]
+    forgot = sum(e.response.split() == toy_solve(*toy_parse_prompt(e.prompt[-1]["content"]))[:-1] for e in long)
+    print(f"SFT teacher's habit: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out the last letter")
+    offline_plain = sum(all(w in TOY_LETTERS for w in text.split()) for p in prefs for text in (p.chosen, p.rejected))
+    print(f"offline answers in the SFT teacher's plain style: {offline_plain / (2 * len(prefs)):.1%} (SFT demonstrations: 100%)")
+
+if __name__ == "__main__":
+    main()
