@@ -103,11 +103,16 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
     """
     for path in resolve_files(source, split):
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, start=1):
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, start=1):
+                    where = f"{path}:{lineno}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        yield where, DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+                        continue
                     if not line.strip():
                         continue
-                    where = f"{path}:{lineno}"
                     try:
                         yield where, json.loads(line)
                     except json.JSONDecodeError as err:
@@ -118,6 +123,8 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
                     rows = json.load(f)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); a .json file must hold one list of rows") from None
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json file must hold a list of rows, got {type(rows).__name__}")
             for i, row in enumerate(rows, start=1):
@@ -141,7 +148,8 @@ def resolve_files(source: str | os.PathLike, split: str | None = None) -> list[P
         return [path]
     if path.is_dir():
         return split_files(path, split)
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(source)) and path.suffix not in DATA_EXTENSIONS
+    if looks_like_hub_id:
         return split_files(download_hub_dataset(str(source), split), split)
     raise DataError(f"{source}: no such file or directory, and not a hub dataset id of the form owner/name")
 
@@ -690,19 +698,17 @@ def build_toy_tokenizer():
     return tokenizer
 
 
-def toy_model_config(tokenizer, **overrides):
+def toy_model_config(tokenizer):
     """The tiny LlamaConfig shared by the toy policy and reward model (~0.6M parameters)."""
     from transformers import LlamaConfig
 
     vocab_size = 8 * math.ceil(len(tokenizer) / 8)
-    settings = dict(
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
 
 
 @dataclass
@@ -746,7 +752,11 @@ def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", siz
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if root.exists():
             shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished the same build first: keep its copy if it is current
+            if not (manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return assets

@@ -3,7 +3,6 @@ collation, chunking, the toy tokenizer and the toy task."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,9 +158,21 @@ def test_bad_sft_rows(tmp_path):
         load_sft(path)
 
 
-def test_whole_file_problems(tmp_path):
+def test_invalid_utf8_line_is_a_bad_row(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(uf_row("ascending : b a", "a b", "b a")).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=f"{path}:2: not valid UTF-8"):
+        load_preferences(path)
+    pairs, stats = load_preferences(path, skip_bad_rows=True)
+    assert len(pairs) == 1 and stats.bad_rows == 1
+
+
+def test_whole_file_problems(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such file or directory"):
         load_preferences(tmp_path / "missing.jsonl")
+    monkeypatch.chdir(tmp_path)  # a relative path with a typo is not mistaken for a hub dataset id
+    with pytest.raises(DataError, match="missing/file.jsonl: no such file or directory"):
+        load_preferences("missing/file.jsonl")
     (tmp_path / "rows.csv").write_text("prompt,chosen,rejected\n")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         load_preferences(tmp_path / "rows.csv")
