@@ -134,7 +134,11 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
                 import pyarrow.parquet as pq
             except ImportError:
                 raise DataError(f"{path}: reading parquet files needs pyarrow (pip install pyarrow)") from None
-            for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as err:  # pyarrow raises several types for a damaged file
+                raise DataError(f"{path}: cannot read parquet file: {err}") from None
+            for i, row in enumerate(rows, start=1):
                 yield f"{path}:row {i}", row
 
 
