@@ -1,16 +1,456 @@
 """
 Per-sequence log-probabilities and every preference objective.
 
-Concern (SPEC sections 3 and 10); written in the losses.py issue:
-- the fused per-sequence log-prob kernel: sum of the response tokens' log-probs from the final
-  hidden states and the LM-head weight, a hand-written autograd Function in plain PyTorch (no
-  Triton) that never materialises the [tokens, vocab] logits, and the thin wrapper module that
-  runs trunk -> final norm -> kernel inside one forward so it can be the FSDP2 root;
-- preference scores (Eq. 4, and Eq. A.9 for SimPO); the DPO, IPO, SimPO, KTO and SLiC-HF losses;
-  the Bradley-Terry reward-model loss (Eq. 1); the meta-weighted loss (Eq. 5) and the meta loss
-  (Eq. 6), all pure functions of log-prob tensors.
+What it does
+- `sequence_logprobs`: for each sequence of a batch, the sum (or mean) of its response tokens'
+  log-probs, computed from the final hidden states and the LM-head weight by a hand-written
+  autograd Function that never materialises the [tokens, vocab] logits. Only response rows are
+  selected (after the one-token shift) before any matmul; rows are processed in chunks whose
+  logits are recomputed in backward; logsumexp and the target logit are fp32 whatever the input
+  dtype.
+- `LogprobModel`: the thin wrapper that runs trunk -> final norm -> kernel inside one `forward`,
+  so that under FSDP2 it can be the root module and the kernel sees the gathered head weight.
+- The objectives, pure functions of per-sequence log-prob tensors with the SPEC equation in the
+  docstring, each returning per-pair losses and detached implicit rewards for logging: DPO (with
+  cDPO label smoothing), IPO, SimPO, KTO, SLiC-HF, the Bradley-Terry reward-model loss (Eq. 1),
+  the preference scores (Eq. 4 and A.9), the meta-weighted loss (Eq. 5) and the meta loss (Eq. 6).
 
-Run (once that issue lands)
-    python losses.py            # self-check: the fused kernel against the naive one
-    python losses.py --bench    # speed and memory table against naive and torch's own kernel
+Run
+    python losses.py              # self-check: kernel against the naive logits path, small shapes
+    python losses.py --bench      # fwd+bwd time and peak extra memory: naive, torch's
+                                  # F.linear_cross_entropy, ours (CPU, and CUDA when present)
+Nothing here is distributed; train.py normalises losses by the global pair count.
+
+Deliberate simplifications
+- The kernel is plain PyTorch: each chunk's logits are one matmul into an fp32 buffer (on CUDA a
+  bf16 x bf16 -> fp32 matmul, on CPU an fp32 matmul), so a chunk costs chunk_size x vocab x 4
+  bytes; no Triton, no online softmax across vocabulary tiles.
+- In bf16 the weight gradient is accumulated chunk by chunk in bf16 (an fp32 accumulator for a
+  128k x 4096 head would cost 2 GiB); the tests state the resulting tolerance.
 """
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# The fused per-sequence log-prob kernel
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """Rows per chunk. A chunk holds chunk_size x vocab fp32 logits (and, in bf16, a bf16 copy of
+    their gradient). CPU: 512 was the fastest in `python losses.py --bench --chunk_sizes ...`
+    (README). CUDA: 256 keeps the extra memory of an 8192 x 4096 x 128256 bf16 call, the 1 GiB
+    weight gradient included, near 1.4 GiB; not yet timed on a GPU."""
+    return 256 if device.type == "cuda" else 512
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16 / fp16 / fp32 inputs; fp64 stays fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits (rows, vocab) of one chunk in the compute dtype, accumulated in fp32 or better."""
+    if hidden.dtype in (torch.float32, torch.float64):
+        return hidden @ weight.t()
+    if hidden.is_cuda:  # cuBLAS accumulates in fp32 and writes fp32: no bf16 rounding of logits
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return (hidden @ weight.t()).float()  # CPU bf16 (tests only): rounded like the naive path
+
+
+class FusedTokenLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, without the (rows, vocab) logits.
+
+    forward saves only the inputs and the per-row logsumexp; backward recomputes each chunk's
+    logits. d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        # hidden (N, H), weight (V, H), targets (N,) -> token log-probs (N,), fp32 (fp64 for fp64 inputs)
+        n, dtype = hidden.shape[0], _compute_dtype(hidden.dtype)
+        logsumexp = torch.empty(n, dtype=dtype, device=hidden.device)
+        target_logit = torch.empty(n, dtype=dtype, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logits = _chunk_logits(hidden[start:end], weight)  # (C, V) fp32
+            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
+            target_logit[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        return target_logit - logsumexp
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_logprobs = grad_logprobs.to(logsumexp.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            grad = grad_logprobs[start:end, None]  # (C, 1)
+            # softmax, then d logp / d logits scaled by grad, all in the one (C, V) fp32 buffer
+            grad_logits = _chunk_logits(hidden[start:end], weight).sub_(logsumexp[start:end, None]).exp_().mul_(-grad)
+            grad_logits.scatter_add_(1, targets[start:end, None], grad)
+            grad_logits = grad_logits.to(weight.dtype)  # bf16: frees the fp32 buffer before the matmuls
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ weight  # (C, H)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[start:end])  # (V, H), chunk by chunk
+            del grad_logits
+        return grad_hidden, grad_weight, None, None
+
+
+def select_response_rows(hidden_states: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor):
+    """The hidden state that predicts each response token, its target id and its sequence.
+
+    hidden_states (B, T, H), input_ids (B, T), response_mask (B, T) with response_mask[b, t] = 1
+    where input_ids[b, t] is a response token. Token t is predicted from position t - 1, so a
+    response token at position 0 has no prediction and is an error.
+    Returns rows (N, H), targets (N,), sequence index (N,).
+    """
+    if response_mask.shape != input_ids.shape or hidden_states.shape[:2] != input_ids.shape:
+        raise ValueError(f"shapes disagree: hidden {tuple(hidden_states.shape)}, input_ids {tuple(input_ids.shape)}, response_mask {tuple(response_mask.shape)}")
+    response_mask = response_mask.bool()
+    if response_mask[:, 0].any():
+        raise ValueError("a response token at position 0 has no hidden state to predict it; every sequence needs a prompt")
+    mask = response_mask[:, 1:]  # (B, T-1): targets at positions 1..T-1
+    rows = hidden_states[:, :-1][mask]  # (N, H)
+    targets = input_ids[:, 1:][mask]  # (N,)
+    sequence = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
+    return rows, targets, sequence
+
+
+def sequence_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                      chunk_size: int | None = None, average: bool = False) -> torch.Tensor:
+    """Sum (average=True: mean, for SimPO) of the response tokens' log-probs per sequence, (B,) fp32.
+
+    hidden_states are the final hidden states after the final norm (B, T, H); lm_head_weight is
+    the (V, H) output embedding, tied or not. A sequence without response tokens gets 0.
+    """
+    rows, targets, sequence = select_response_rows(hidden_states, input_ids, response_mask)
+    token_logprobs = FusedTokenLogprobs.apply(rows, lm_head_weight, targets, chunk_size or default_chunk_size(rows.device))
+    batch = input_ids.shape[0]
+    total = torch.zeros(batch, dtype=token_logprobs.dtype, device=rows.device).index_add(0, sequence, token_logprobs)
+    if average:
+        count = torch.zeros_like(total).index_add_(0, sequence, torch.ones_like(token_logprobs))
+        total = total / count.clamp(min=1)
+    return total
+
+
+def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """The reference: full fp32 log_softmax over (B, T, V) logits, gather, masked sum (or mean)."""
+    logits = logits[:, :-1].to(_compute_dtype(logits.dtype))
+    logprobs = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
+    mask = response_mask[:, 1:].to(logprobs.dtype)
+    total = (logprobs * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+# Config attributes of HF models whose logits are not simply hidden @ head.T. The kernel would
+# silently compute something else for them, so the wrapper refuses them.
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": lambda v: v is not None,  # Gemma 2 / 3: tanh soft-capping
+    "logit_scale": lambda v: v is not None and v != 1.0,  # Cohere: logits multiplied by it
+    "logits_scaling": lambda v: v is not None and v != 1.0,  # Granite: logits divided by it
+}
+
+
+class LogprobModel(nn.Module):
+    """A causal LM whose forward returns per-sequence response log-probs.
+
+    Runs the trunk (with its final norm) and the fused kernel inside one forward, so the module
+    can be the FSDP2 root: outside the root's forward the head weight is only a shard, inside it
+    is the gathered weight the kernel needs. `lm` stays the plain HF model (save_pretrained,
+    generate).
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int | None = None):
+        super().__init__()
+        config = lm.config
+        for attr, transforms in LOGIT_TRANSFORMS.items():
+            value = getattr(config, attr, None)
+            if transforms(value):
+                raise NotImplementedError(f"{config.model_type}: {attr}={value} changes the logits; the fused log-prob kernel only computes hidden @ lm_head.T")
+        head = lm.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise NotImplementedError(f"{type(lm).__name__} has no output embedding weight for the fused kernel")
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError(f"{type(lm).__name__}: the LM head has a bias; the fused kernel computes hidden @ lm_head.T only")
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask, average: bool = False) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size, average)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives. Inputs are per-sequence log-prob tensors of shape (B,); outputs are per-pair.
+
+
+class PairLoss(NamedTuple):
+    losses: torch.Tensor  # (B,) per pair; train.py sums and divides by the global pair count
+    chosen_rewards: torch.Tensor  # (B,) detached implicit rewards, for logging
+    rejected_rewards: torch.Tensor
+
+
+def dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """Delta = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)] (Eq. 3)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def preference_score(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> torch.Tensor:
+    """Eq. 4: l(x, y_w, y_l) = log sigmoid(beta * Delta), in (-inf, 0]; higher = the policy agrees
+    more with the preference. L_DPO = -E[l]. Differentiable; detach it where SPEC says so."""
+    return F.logsigmoid(beta * dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+
+
+def simpo_score(policy_chosen_mean, policy_rejected_mean, beta: float = 2.5, gamma: float = 0.6) -> torch.Tensor:
+    """Eq. A.9: log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma), taking the
+    length-normalised log-probs (sequence_logprobs(..., average=True)). No reference model."""
+    return F.logsigmoid(beta * (policy_chosen_mean - policy_rejected_mean) - gamma)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, label_smoothing: float = 0.0) -> PairLoss:
+    """Eq. 3: -log sigmoid(beta * Delta). With label_smoothing eps (conservative DPO), the label is
+    flipped with probability eps: -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)."""
+    logits = beta * dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> PairLoss:
+    """IPO (Azar et al. 2024): (Delta - 1/(2 beta))^2, with Delta the summed log-ratio margin."""
+    losses = (dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
+    return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
+
+
+def simpo_loss(policy_chosen_mean, policy_rejected_mean, beta: float = 2.5, gamma: float = 0.6) -> PairLoss:
+    """SimPO (Meng et al. 2024): -l_SimPO, the negated Eq. A.9 score; rewards beta * mean log-prob."""
+    losses = -simpo_score(policy_chosen_mean, policy_rejected_mean, beta, gamma)
+    return PairLoss(losses, (beta * policy_chosen_mean).detach(), (beta * policy_rejected_mean).detach())
+
+
+def slic_loss(policy_chosen, policy_rejected, delta: float = 1.0, nll_weight: float = 0.1) -> PairLoss:
+    """SLiC-HF (Zhao et al. 2023): max(0, delta - (log pi(y_w|x) - log pi(y_l|x))) + lambda * NLL(y_w),
+    with NLL(y_w) = -log pi(y_w|x) summed over its tokens. No reference model; the rewards are the
+    log-probs."""
+    losses = torch.relu(delta - (policy_chosen - policy_rejected)) - nll_weight * policy_chosen
+    return PairLoss(losses, policy_chosen.detach(), policy_rejected.detach())
+
+
+def kto_reference_kl(policy_mismatched, ref_mismatched) -> torch.Tensor:
+    """KTO's reference point z0: the batch estimate of KL(pi || pi_ref), from log-probs of
+    responses paired with another prompt of the batch, clamped at 0 and detached (a scalar).
+    In a distributed run, average it across ranks before use."""
+    return (policy_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy, ref, desirable, reference_kl, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> PairLoss:
+    """KTO (Ethayarajh et al. 2024), unpaired: r = log pi(y|x) - log pi_ref(y|x) per example;
+    desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
+    undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
+    with z0 = kto_reference_kl(...). `desirable` is a bool tensor (B,). The rewards are returned
+    as (beta * r where desirable else nan, beta * r where undesirable else nan)."""
+    ratio = policy - ref
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - reference_kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (reference_kl - ratio))))
+    rewards = (beta * ratio).detach()
+    nan = torch.full_like(rewards, float("nan"))
+    return PairLoss(losses, torch.where(desirable, rewards, nan), torch.where(desirable, nan, rewards))
+
+
+def bradley_terry_loss(reward_chosen, reward_rejected) -> PairLoss:
+    """Eq. 1, the reward-model loss: -log sigmoid(r(x, y_w) - r(x, y_l))."""
+    return PairLoss(-F.logsigmoid(reward_chosen - reward_rejected), reward_chosen.detach(), reward_rejected.detach())
+
+
+def meta_weighted_loss(offline_losses, online_losses, weights) -> torch.Tensor:
+    """Eq. 5: w * L_pref(x, y_w, y_l) + (1 - w) * L_pref(x, y_w^on, y_l^on) per tuple, with
+    w = h_phi(l_off) entering as a constant: no gradient reaches phi, nor theta through w."""
+    weights = weights.detach()
+    return weights * offline_losses + (1 - weights) * online_losses
+
+
+def meta_loss(weights, offline_scores, online_scores) -> torch.Tensor:
+    """Eq. 6 per buffer entry: -(h_phi(l_off) * l_off + (1 - h_phi(l_off)) * l_on), >= 0 since the
+    scores are <= 0. `weights` = h_phi(l_off) carries the gradient to phi; the stored scores are
+    constants. The gradient of the mean is E[(l_on - l_off) * grad h]: when online pairs score
+    higher, the offline weight goes down."""
+    offline_scores, online_scores = offline_scores.detach(), online_scores.detach()
+    return -(weights * offline_scores + (1 - weights) * online_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check and benchmark
+
+
+def _check_against_naive(device: torch.device) -> None:
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        batch, length, hidden_size, vocab = 3, 11, 16, 37
+        hidden = torch.randn(batch, length, hidden_size, dtype=dtype, device=device, requires_grad=True)
+        weight = torch.randn(vocab, hidden_size, dtype=dtype, device=device, requires_grad=True)
+        input_ids = torch.randint(0, vocab, (batch, length), device=device)
+        response_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        response_mask[0, 4:] = True
+        response_mask[1, 9:] = True  # sequence 2 has no response token
+        coefficients = torch.randn(batch, dtype=_compute_dtype(dtype), device=device)
+        ours = sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size=4)
+        (ours * coefficients).sum().backward()
+        grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        naive = naive_sequence_logprobs(hidden @ weight.t(), input_ids, response_mask)
+        (naive * coefficients).sum().backward()
+        errors = [(ours - naive).abs().max().item(), (grads[0] - hidden.grad).abs().max().item(), (grads[1] - weight.grad).abs().max().item()]
+        status = "ok" if max(errors) < tol else "MISMATCH"
+        print(f"  {str(dtype):15s} {device.type}: max |diff| value {errors[0]:.2e}, grad hidden {errors[1]:.2e}, grad weight {errors[2]:.2e}  (tolerance {tol:g}) {status}")
+        if status != "ok":
+            raise SystemExit(1)
+
+
+BENCH_SHAPES = {  # device: (dtype, sequences, response tokens in all, hidden, vocab)
+    "cpu": ("float32", 8, 4096, 1024, 32768),
+    "cuda": ("bfloat16", 8, 8192, 4096, 128256),
+}
+BENCH_VARIANTS = {
+    "naive": "logits + log_softmax + gather",
+    "torch": "F.linear_cross_entropy(reduction='none', chunked) + sum",
+    "ours": "fused kernel (sequence_logprobs)",
+}
+
+
+def _bench_inputs(device: str, chunk_size: int | None = None):
+    dtype, batch, tokens, hidden_size, vocab = BENCH_SHAPES[device]
+    dtype = getattr(torch, dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    length = tokens // batch + 1  # one prompt token per sequence, the rest is response
+    hidden = torch.randn(batch, length, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * hidden_size ** -0.5).requires_grad_()
+    input_ids = torch.randint(0, vocab, (batch, length), device=device, generator=generator)
+    response_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    response_mask[:, 0] = False
+    coefficients = torch.randn(batch, device=device, generator=generator)
+    return hidden, weight, input_ids, response_mask, coefficients
+
+
+def _bench_step(variant: str, hidden, weight, input_ids, response_mask, coefficients, chunk_size):
+    if variant == "naive":
+        logps = naive_sequence_logprobs(hidden @ weight.t(), input_ids, response_mask)
+    elif variant == "torch":
+        rows, targets, sequence = select_response_rows(hidden, input_ids, response_mask)
+        token = -F.linear_cross_entropy(rows, weight, targets, reduction="none", options=nn.LinearCrossEntropyOptions())
+        logps = torch.zeros(input_ids.shape[0], device=rows.device, dtype=torch.float32).index_add(0, sequence, token.float())
+    else:
+        logps = sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size)
+    (logps * coefficients).sum().backward()
+    hidden.grad = weight.grad = None
+
+
+def _bench_worker(variant: str, device: str, repeats: int, chunk_size: int | None) -> dict:
+    """Runs in a fresh process (CPU) so that peak RSS belongs to one variant alone."""
+    import resource
+
+    torch.manual_seed(0)
+    inputs = _bench_inputs(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if variant == "inputs":  # the baseline: the inputs alone (the gradients count as extra memory)
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    _bench_step(variant, *inputs, chunk_size)  # warm-up, also the memory measurement
+    sync()
+    result = {}
+    if device == "cuda":
+        result["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        _bench_step(variant, *inputs, chunk_size)
+        sync()
+        times.append(time.perf_counter() - start)
+    result["median_s"] = statistics.median(times)
+    result["times_s"] = times
+    if device == "cpu":
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _run_worker(variant: str, device: str, repeats: int, chunk_size: int | None) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--bench_worker", variant, "--device", device, "--repeats", str(repeats)]
+    if chunk_size:
+        command += ["--chunk_size", str(chunk_size)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> None:
+    for device in devices:
+        dtype, batch, tokens, hidden_size, vocab = BENCH_SHAPES[device]
+        print(f"\n{device.upper()}: {dtype}, {batch} sequences, N={tokens} response tokens, H={hidden_size}, V={vocab}; "
+              f"forward+backward, median of {repeats} after a warm-up")
+        rows = [("naive", None), ("torch", None)] + [("ours", c) for c in chunk_sizes]
+        if device == "cpu":
+            baseline = _run_worker("inputs", device, repeats, None)["peak_rss_mb"]
+            results = {row: _run_worker(row[0], device, repeats, row[1]) for row in rows}
+            for result in results.values():
+                result["peak_extra_mb"] = result["peak_rss_mb"] - baseline
+        else:
+            results = {row: _bench_worker(row[0], device, repeats, row[1]) for row in rows}
+        naive = results[("naive", None)]
+        flops = 8 * tokens * hidden_size * vocab
+        print("| variant | chunk | time (s) | min-max (s) | vs naive | peak extra memory (MiB) | vs naive | 8NHV/time (TFLOP/s) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (variant, chunk), result in results.items():
+            chunk_text = str(chunk or default_chunk_size(torch.device(device))) if variant == "ours" else "-"
+            print(f"| {variant}: {BENCH_VARIANTS[variant]} | {chunk_text} | {result['median_s']:.3f} | {min(result['times_s']):.2f}-{max(result['times_s']):.2f} "
+                  f"| {result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | {result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x "
+                  f"| {flops / result['median_s'] / 1e12:.3f} |")
+        print("peak extra memory: " + ("peak RSS of a fresh process per variant minus that of one holding the inputs only"
+                                       if device == "cpu" else "max_memory_allocated minus the allocation before the call") + "; gradients included")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Self-check (default) or benchmark of the fused log-prob kernel.")
+    parser.add_argument("--bench", action="store_true", help="print the speed / memory table")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant, after one warm-up")
+    parser.add_argument("--chunk_sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="comma-separated chunk sizes for our kernel (default: the device default)")
+    parser.add_argument("--bench_worker", choices=["inputs", *BENCH_VARIANTS], help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk_size", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.bench_worker:
+        print(json.dumps(_bench_worker(args.bench_worker, args.device, args.repeats, args.chunk_size)))
+    elif args.bench:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        bench(devices, args.repeats, args.chunk_sizes or [None])
+    else:
+        print("fused kernel vs naive log_softmax + gather (3 sequences, one without response tokens, chunks of 4 rows):")
+        _check_against_naive(torch.device("cpu"))
+        if torch.cuda.is_available():
+            _check_against_naive(torch.device("cuda"))
+
+
+if __name__ == "__main__":
+    main()
