@@ -1,14 +1,284 @@
 """
-The meta-learner, Bernoulli gating and the meta buffer.
+The meta-learner, Bernoulli gating and the meta buffer: everything of MetaAPO that is not the policy.
 
-Concern (SPEC sections 3, 4 and 5); written in the meta.py issue:
-- the meta-learner h_phi: score -> weight in (0, 1), Linear(1->100) -> tanh -> Linear(100->1) ->
-  sigmoid, every weight 0.1 and bias 0 at initialisation (h(l) = sigmoid(10 tanh(0.1 l)));
-- the gating loop of Algorithm 1 lines 7-12 (w = h(l_off), u ~ U(0,1), generate when u > w) and
-  its ablations (random, threshold, all), the loss weightings (meta, uniform, fixed);
-- the meta buffer of detached (l_off, l_on) and the meta-learner update (Eq. 6) every T_meta
-  policy steps, replicated and kept identical across ranks.
+What it does (SPEC sections 3, 4, 5)
+- `MetaLearner` h_phi: features -> weight in (0, 1). Linear(1 -> 100) -> tanh -> Linear(100 -> 1)
+  -> sigmoid, every weight 0.1 and every bias 0, so h(l) = sigmoid(10 tanh(0.1 l)): h(0) = 0.5,
+  increasing, near 0 for strongly negative preference scores. Ablations: depth 5 (three more
+  100 -> 100 tanh layers) and the `multi` input (l_off with the chosen and rejected log-ratios).
+- `gate`: Algorithm 1 lines 7-12 as an explicit loop. For each offline tuple, w = h(l_off) and
+  u ~ U(0, 1) from a seeded generator; the prompt goes to generation when u > w. Ablations:
+  `random` (u < 0.5), `threshold` (l_off < tau), `all`.
+- `MetaBuffer`: the detached (l_off, l_on, features) of each policy step, appended explicitly.
+- `MetaController.update`: every T_meta policy steps, Eq. 6 on the buffer with Adam (lr 5e-3),
+  one pass in T_meta mini-batches, one step each; then the buffer is cleared. In a distributed run
+  every rank buffers its own share, the meta-learner is replicated, and the gradients are summed
+  across ranks and divided by the global entry count, so every rank keeps the same phi (and gets
+  the phi a single process would get on the union of the shares).
+- Loss weights for Eq. 5: `meta` (h), `uniform` (0.5), `fixed` (sigmoid(l_off), no training).
+- `state_dict` / `load_state_dict` cover the meta-learner, its optimizer, the buffer and the
+  gating generator, so a resumed run continues exactly.
 
-Run (once that issue lands)
-    python meta.py              # self-check: learns h on a synthetic buffer, prints the curve
+Run
+    python meta.py        # self-check: trains h on a synthetic buffer where online pairs beat
+                          # offline ones below l = -1.5 and not above, prints the learned curve
+                          # beside the initial one
+Distributed use is through train.py (torchrun); the tests run the update on 2 gloo processes.
+
+Deliberate simplifications
+- The initialisation makes all 100 hidden units identical, and gradient descent keeps them so:
+  the network behaves like a single tanh unit. This is the specified (and the reference
+  implementation's) initialisation, kept as is.
+- Gating is deterministic given the generator state and the list of scores: for identical
+  decisions on every rank, train.py gives every rank the same scores and the same seed.
 """
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from losses import meta_loss
+
+SAMPLING_MODES = ("meta", "random", "threshold", "all")
+WEIGHTING_MODES = ("meta", "uniform", "fixed")
+INPUT_MODES = ("score", "multi")
+
+
+class MetaLearner(nn.Module):
+    """h_phi: (B, n_features) -> (B,) weights in (0, 1)."""
+
+    def __init__(self, depth: int = 2, inputs: str = "score", width: int = 100):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"meta-learner depth must be >= 2 linear layers, got {depth}")
+        if inputs not in INPUT_MODES:
+            raise ValueError(f"meta-learner inputs must be one of {INPUT_MODES}, got {inputs!r}")
+        self.inputs = inputs
+        layers: list[nn.Module] = [nn.Linear(1 if inputs == "score" else 3, width), nn.Tanh()]
+        for _ in range(depth - 2):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        layers += [nn.Linear(width, 1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.constant_(layer.weight, 0.1)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(-1)
+
+
+def meta_features(offline_scores, chosen_logratios=None, rejected_logratios=None, inputs: str = "score") -> torch.Tensor:
+    """The meta-learner's input, detached: (B, 1) = [l_off], or (B, 3) = [l_off, log pi/pi_ref(y_w),
+    log pi/pi_ref(y_l)] for the `multi` ablation."""
+    if inputs == "score":
+        return offline_scores.detach().float()[:, None]
+    if chosen_logratios is None or rejected_logratios is None:
+        raise ValueError("the 'multi' meta-learner input needs the chosen and rejected log-ratios")
+    return torch.stack([offline_scores, chosen_logratios, rejected_logratios], dim=1).detach().float()
+
+
+class GateDecision(NamedTuple):
+    weights: torch.Tensor  # (n,) w = h(l_off) used for the decision
+    draws: torch.Tensor  # (n,) u ~ U(0, 1)
+    selected: torch.Tensor  # (n,) bool: the prompt gets K fresh responses
+
+
+def gate(offline_scores: torch.Tensor, weights: torch.Tensor, mode: str, generator: torch.Generator,
+         threshold: float = math.log(0.5), random_ratio: float = 0.5) -> GateDecision:
+    """Algorithm 1 lines 7-12: decide, tuple by tuple, which prompts go to online generation.
+
+    meta: u > w (the lower the weight, the likelier the prompt is generated); random: u < 0.5;
+    threshold: l_off < tau (default log 0.5: the policy prefers the rejected answer); all: every
+    prompt. The draws are taken in every mode so the generator advances the same way.
+    """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
+    draws = torch.rand(len(offline_scores), generator=generator, dtype=torch.float64)
+    selected = []
+    for score, weight, u in zip(offline_scores.tolist(), weights.tolist(), draws.tolist()):
+        if mode == "meta":
+            selected.append(u > weight)
+        elif mode == "random":
+            selected.append(u < random_ratio)
+        elif mode == "threshold":
+            selected.append(score < threshold)
+        else:
+            selected.append(True)
+    return GateDecision(weights.detach().cpu(), draws, torch.tensor(selected, dtype=torch.bool))
+
+
+class MetaBuffer:
+    """Detached (l_off, l_on, features) of recent policy steps: Algorithm 1's B_meta."""
+
+    def __init__(self):
+        self.offline_scores: list[float] = []
+        self.online_scores: list[float] = []
+        self.features: list[list[float]] = []
+        self.steps = 0  # policy steps appended since the last clear
+
+    def append(self, offline_scores: torch.Tensor, online_scores: torch.Tensor, features: torch.Tensor) -> None:
+        """Append one policy step's scores (this rank's share of the batch)."""
+        for offline, online, feature in zip(offline_scores.tolist(), online_scores.tolist(), features.tolist()):
+            self.offline_scores.append(offline)
+            self.online_scores.append(online)
+            self.features.append(feature)
+        self.steps += 1
+
+    def __len__(self) -> int:
+        return len(self.offline_scores)
+
+    def clear(self) -> None:
+        self.offline_scores, self.online_scores, self.features, self.steps = [], [], [], 0
+
+    def state_dict(self) -> dict:
+        return {"offline_scores": list(self.offline_scores), "online_scores": list(self.online_scores),
+                "features": [list(f) for f in self.features], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.offline_scores = list(state["offline_scores"])
+        self.online_scores = list(state["online_scores"])
+        self.features = [list(f) for f in state["features"]]
+        self.steps = state["steps"]
+
+
+class MetaController:
+    """The meta-learner with its optimizer, buffer and gating generator."""
+
+    def __init__(self, depth: int = 2, inputs: str = "score", lr: float = 5e-3, interval: int = 8,
+                 sampling: str = "meta", weighting: str = "meta", threshold: float = math.log(0.5),
+                 random_ratio: float = 0.5, seed: int = 0, device: str | torch.device = "cpu"):
+        if weighting not in WEIGHTING_MODES:
+            raise ValueError(f"weighting mode must be one of {WEIGHTING_MODES}, got {weighting!r}")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {sampling!r}")
+        self.learner = MetaLearner(depth, inputs).to(device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=lr)
+        self.buffer = MetaBuffer()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.interval, self.sampling, self.weighting = interval, sampling, weighting
+        self.threshold, self.random_ratio = threshold, random_ratio
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """w for gating and for Eq. 5: h_phi(features), or sigmoid(l_off) for the `fixed` ablation."""
+        if self.weighting == "fixed":
+            return torch.sigmoid(features[:, 0])
+        return self.learner(features.to(self.device))
+
+    def loss_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """Eq. 5's w per tuple, a constant: meta and fixed use `weights`, uniform uses 0.5."""
+        if self.weighting == "uniform":
+            return torch.full((features.shape[0],), 0.5, device=features.device)
+        return self.weights(features).to(features.device)
+
+    def gate(self, features: torch.Tensor) -> GateDecision:
+        """Gating for a list of offline tuples (features[:, 0] is l_off)."""
+        return gate(features[:, 0].cpu(), self.weights(features).cpu(), self.sampling, self.generator, self.threshold, self.random_ratio)
+
+    def ready(self) -> bool:
+        return self.buffer.steps >= self.interval
+
+    def update(self) -> dict:
+        """Eq. 6 on the buffer: T_meta mini-batches, one Adam step each; then clear the buffer.
+
+        Collective in a distributed run: every rank must call it at the same policy step.
+        Returns the meta loss and statistics over all ranks' entries.
+        """
+        distributed = dist.is_available() and dist.is_initialized()
+        if self.weighting == "fixed":  # the heuristic is never trained
+            self.buffer.clear()
+            return {}
+        n_inputs = self.learner.net[0].in_features
+        features = torch.tensor(self.buffer.features, dtype=torch.float32, device=self.device).reshape(len(self.buffer), n_inputs)
+        offline = torch.tensor(self.buffer.offline_scores, dtype=torch.float32, device=self.device)
+        online = torch.tensor(self.buffer.online_scores, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            before = self.learner(features).sum() if len(self.buffer) else torch.zeros((), device=self.device)
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, count, l_off, l_on, online better, h before
+        totals[2:6] = torch.stack([offline.sum(), online.sum(), (online > offline).sum(), before]).double()
+        parameters = list(self.learner.parameters())
+        for piece in torch.arange(len(self.buffer), device=self.device).tensor_split(self.interval):
+            self.optimizer.zero_grad(set_to_none=False)
+            loss = meta_loss(self.learner(features[piece]), offline[piece], online[piece]).sum()
+            loss.backward()
+            # sum gradients and entry counts over ranks, then divide: the mean over the global mini-batch
+            flat = torch.cat([p.grad.flatten() for p in parameters] + [loss.detach()[None], torch.tensor([float(len(piece))], device=self.device)])
+            if distributed:
+                dist.all_reduce(flat)
+            count = flat[-1].item()
+            totals[0] += flat[-2].double()
+            totals[1] += count
+            if count == 0:
+                continue
+            offset = 0
+            for p in parameters:
+                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p) / count)
+                offset += p.numel()
+            self.optimizer.step()
+        if distributed:
+            dist.all_reduce(totals[2:])
+        with torch.no_grad():
+            after = self.learner(features).sum() if len(self.buffer) else torch.zeros((), device=self.device)
+        if distributed:
+            dist.all_reduce(after)
+        self.buffer.clear()
+        n = max(totals[1].item(), 1.0)
+        return {"meta_loss": totals[0].item() / n, "meta_entries": int(totals[1].item()), "meta_l_off": totals[2].item() / n,
+                "meta_l_on": totals[3].item() / n, "meta_online_better": totals[4].item() / n,
+                "meta_h_before": totals[5].item() / n, "meta_h_after": after.item() / n}
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = copy.deepcopy(state)  # the optimizer would otherwise share state tensors with the source
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-check
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train h on a synthetic buffer and print the learned curve.")
+    parser.add_argument("--updates", type=int, default=30, help="meta-learner updates (each T_meta mini-batches)")
+    parser.add_argument("--crossover", type=float, default=-1.5, help="online pairs beat offline ones below this score")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    controller = MetaController(seed=args.seed)
+    grid = torch.tensor([-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.1, 0.0])
+    initial = controller.learner(grid[:, None]).detach()
+    batch = 128
+    for _ in range(args.updates):
+        for _ in range(controller.interval):  # one policy step's scores
+            offline = -torch.rand(batch) * 6  # l_off in (-6, 0]
+            gain = torch.where(offline < args.crossover, 0.5, -0.5) + 0.2 * torch.randn(batch)
+            online = torch.clamp(offline + gain, max=0.0)
+            controller.buffer.append(offline, online, meta_features(offline))
+        stats = controller.update()
+    learned = controller.learner(grid[:, None]).detach()
+    print(f"synthetic buffer: l_off ~ U(-6, 0); l_on - l_off ~ +0.5 below l = {args.crossover}, -0.5 above (noise 0.2); "
+          f"{args.updates} updates of {controller.interval} x {batch} entries; last meta loss {stats['meta_loss']:.3f}")
+    print("   l_off   h initial   h learned")
+    for score, a, b in zip(grid.tolist(), initial.tolist(), learned.tolist()):
+        print(f"  {score:6.2f}   {a:9.3f}   {b:9.3f}")
+    print("h is low where online pairs beat offline ones (generate, weight online) and high where they do not.")
+
+
+if __name__ == "__main__":
+    main()
