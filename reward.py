@@ -1,19 +1,48 @@
 """
 Reward models as objects: loading, batched (distributed) scoring, rule-based rewards, a scoring CLI.
 
-Concern (SPEC section 2): load an HF AutoModelForSequenceClassification reward model (num_labels=1)
-with its tokenizer, score (prompt, response) pairs through the chat template in batches (each rank
-its share in a distributed run, results back in the original order), and provide the rule-based
-rewards of the toy task. `python reward.py --model RM --input F.jsonl --output G.jsonl` will score
-a file of responses (that part comes with the sample.py / reward.py issue).
+What it does
+- `RewardModel`: an HF AutoModelForSequenceClassification checkpoint with one label (the output
+  of `train.py --method rm`, or any such hub model) and its tokenizer. `score(prompts, responses)`
+  renders each (conversation, response) pair through the tokenizer's chat template exactly as
+  data.py does for training (prompt + generation prompt + response + EOS), truncates it to
+  `max_len` tokens, and scores in right-padded batches sorted by length; results come back in the
+  original order. In a distributed run each rank scores a strided share and the scores are
+  gathered, so every rank gets all of them.
+- `RuleReward`: a plain function of (prompt text, response text) behind the same `score` API;
+  `toy_gold_judge()` wraps the toy task's gold judge (`toy_gold_score`), the stand-in for the
+  GPT-4o judge, used to rate the toy's offline answers (with noise, in data.py) and to evaluate.
 
-What is here now: the toy task's gold judge, the stand-in for the GPT-4o judge. It is used to
-rate the toy's offline answers (with noise, in data.py) and to evaluate policies (without noise).
+Run
+    python reward.py --model out/toy_rm --input F.jsonl --output G.jsonl   # a trained reward model
+    python reward.py --model toy-gold --input F.jsonl --output G.jsonl      # the toy's gold judge
+    torchrun --nproc_per_node 8 reward.py --model RM --input F.jsonl --output G.jsonl
+Input rows: `prompt` (a string or a message list) and `response` (a string) or `responses` (a
+list of strings); the output repeats each row with `reward` or `rewards` added.
+
+Deliberate simplifications
+- Truncation keeps the first `max_len` tokens (the prompt and the start of the response), like
+  the tokenizer's default; pairs are counted when cut. The model pools the last non-padding token,
+  as HF sequence-classification models do.
 """
 
 from __future__ import annotations
 
-from data import TOY_LETTERS, TOY_STYLE_TOKENS, toy_parse_prompt, toy_solve
+import argparse
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from data import (
+    TOY_LETTERS, TOY_STYLE_TOKENS, DataError, collate_sequences, encode_prompt, encode_response, iter_rows,
+    toy_parse_prompt, toy_solve, write_jsonl,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The toy task's gold judge
 
 TOY_FOREIGN_TOKEN_PENALTY = 2.0  # gold points lost per token that is neither a letter nor punctuation
 
@@ -45,3 +74,173 @@ def toy_gold_score(prompt: str, response: str) -> float:
     foreign = sum(w not in TOY_LETTERS and w not in TOY_STYLE_TOKENS for w in words)
     score = 10.0 * max(0.0, 1.0 - edit_distance(answer, target) / len(target)) - TOY_FOREIGN_TOKEN_PENALTY * foreign
     return max(0.0, score)
+
+
+class RuleReward:
+    """A rule-based reward: fn(last user message, response text) -> float, with RewardModel's API."""
+
+    def __init__(self, fn: Callable[[str, str], float], name: str):
+        self.fn, self.name = fn, name
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        return [self.fn(prompt[-1]["content"], response) for prompt, response in zip(prompts, responses)]
+
+
+def toy_gold_judge() -> RuleReward:
+    return RuleReward(toy_gold_score, "toy-gold")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned reward models
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RewardModel:
+    """A sequence-classification reward model (num_labels = 1) with its tokenizer."""
+
+    def __init__(self, model, tokenizer, max_len: int = 4096, batch_size: int = 8):
+        if model.config.num_labels != 1:
+            raise ValueError(f"{model.config.name_or_path or type(model).__name__}: a reward model needs num_labels=1, got {model.config.num_labels}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; the reward model cannot batch")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # HF pools the last token that is not padding
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len, self.batch_size = max_len, batch_size
+        self.truncated = 0  # pairs cut to max_len so far
+
+    @classmethod
+    def from_pretrained(cls, path: str, max_len: int = 4096, batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None) -> "RewardModel":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+        return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(path), max_len, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompts: list[list[dict]], responses: list[str]) -> list[list[int]]:
+        """Token ids of each pair through the chat template, cut to max_len."""
+        sequences = []
+        for prompt, response in zip(prompts, responses):
+            ids = encode_prompt(self.tokenizer, prompt) + encode_response(self.tokenizer, response)
+            if len(ids) > self.max_len:
+                self.truncated += 1
+                ids = ids[: self.max_len]
+            sequences.append(ids)
+        return sequences
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> list[float]:
+        """Rewards of token sequences, in their order; on this rank only."""
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding per batch
+        scores = [0.0] * len(sequences)
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            # collate_sequences right-pads; every token is "response" here, the mask is unused
+            tensors = collate_sequences([[] for _ in batch], [sequences[i] for i in batch], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=tensors["input_ids"].to(self.device), attention_mask=tensors["attention_mask"].to(self.device)).logits
+            for i, value in zip(batch, logits[:, 0].float().tolist()):
+                scores[i] = value
+        self.model.train(was_training)
+        return scores
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """Rewards of (conversation, response) pairs in their order. Collective when distributed:
+        every rank passes the same full lists, scores a strided share, and gets every score."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rank, world = _distributed()
+        if world == 1:
+            return self.score_ids(self.encode(prompts, responses))
+        share = list(range(rank, len(prompts), world))
+        # equal share sizes keep the number of forward calls equal on every rank (a sharded model needs it)
+        filler = share[0] if share else 0
+        padded = share + [filler] * (-(-len(prompts) // world) - len(share))
+        scores = self.score_ids(self.encode([prompts[i] for i in padded], [responses[i] for i in padded]))
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, list(zip(share, scores[: len(share)])))
+        result = [0.0] * len(prompts)
+        for part in gathered:
+            for i, value in part:
+                result[i] = value
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring CLI
+
+
+def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[str], list[tuple[int, int | None]]]:
+    """Rows of a file to score, flattened to (prompt, response) pairs with (row, position) keys."""
+    rows, prompts, responses, keys = [], [], [], []
+    for where, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise DataError(f"{where}: a row to score needs 'prompt' and 'response' or 'responses'")
+        prompt = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+        if isinstance(row.get("response"), str):
+            texts, positions = [row["response"]], [None]
+        elif isinstance(row.get("responses"), list) and all(isinstance(r, str) for r in row["responses"]):
+            texts, positions = row["responses"], list(range(len(row["responses"])))
+        else:
+            raise DataError(f"{where}: needs 'response' (a string) or 'responses' (a list of strings)")
+        for text, position in zip(texts, positions):
+            prompts.append(prompt)
+            responses.append(text)
+            keys.append((len(rows), position))
+        rows.append(row)
+    return rows, prompts, responses, keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Score a jsonl file of responses with a reward model.")
+    parser.add_argument("--model", required=True, help="reward model path or hub id, or 'toy-gold' for the toy's gold judge")
+    parser.add_argument("--input", required=True, help="jsonl/json rows with 'prompt' and 'response' or 'responses'")
+    parser.add_argument("--output", required=True, help="jsonl written with 'reward' / 'rewards' added")
+    parser.add_argument("--max_len", type=int, default=4096)
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args()
+
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    try:
+        rows, prompts, responses, keys = _read_scoring_rows(args.input)
+        if args.model == "toy-gold":
+            scorer = toy_gold_judge()
+        else:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+            scorer = RewardModel.from_pretrained(args.model, args.max_len, args.batch_size, device)
+        scores = scorer.score(prompts, responses)
+        for (row, position), value in zip(keys, scores):
+            if position is None:
+                rows[row]["reward"] = value
+            else:
+                rows[row].setdefault("rewards", [None] * len(rows[row]["responses"]))[position] = value
+        if _distributed()[0] == 0:
+            write_jsonl(args.output, rows)
+            cut = f", {scorer.truncated} cut to {args.max_len} tokens" if isinstance(scorer, RewardModel) else ""
+            print(f"scored {len(scores)} responses of {len(rows)} rows with {args.model}{cut} -> {Path(args.output)}")
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

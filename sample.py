@@ -1,17 +1,358 @@
 """
 On-policy generation and online pair construction.
 
-Concern (SPEC sections 2, 4, 5 and 10); written in the sample.py / reward.py issue:
-- one API: prompt token ids -> K responses each (token ids, text, finish reason), with
-  temperature, top-p, max new tokens and a seed;
-- the vLLM backend (GPU): one child process per rank between training phases, token-id prompts,
-  `max_tokens` always set, per-rank seeds, results reassembled in the original order; vLLM is
-  imported lazily and only here;
-- the transformers `generate` backend (CPU and tests): left padding, top_k=0, stop at EOS,
-  synced_gpus when sharded;
-- best / worst pairs from reward-model scores (the SELM variant adds the offline answers to the
-  ranking pool).
+What it does
+- `generate(prompts, ...)`: one API for both backends. Prompts are token-id lists (already
+  rendered through the chat template by data.encode_prompt); each gets `n` responses as
+  `Generation(token_ids, text, finish_reason)`, token_ids ending with EOS when the model stopped
+  ("stop") and cut at `max_new_tokens` otherwise ("length").
+  - backend "transformers" (CPU, tests, GPU fallback): `model.generate` in batches with left
+    padding, top_k=0 (no top-k filter; transformers' default of 50 differs from vLLM), stop at EOS,
+    `synced_gpus` when the model is sharded over several ranks; the global RNG is forked and
+    seeded, so a call is deterministic for a seed and leaves the training RNG untouched; the
+    model's train/eval mode is restored.
+  - backend "vllm" (GPU): SPEC section 10. Every rank writes its strided share of the prompts
+    to jsonl and runs `python sample.py --backend vllm ...` as a child process with
+    CUDA_VISIBLE_DEVICES set to its local GPU and the torchrun variables removed. The child
+    builds `vllm.LLM(tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization, seed)`,
+    samples with `SamplingParams(n, temperature, top_p, top_k=-1, max_tokens, seed)` from
+    token-id prompts, writes jsonl and exits, which frees all of its GPU memory. The ranks agree
+    on success before any result is used, and the results are reassembled in the original order.
+- `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
+  the best as chosen and the worst as rejected. Prompts whose candidates all get the same reward
+  give no pair and are counted; responses cut at the length limit stay candidates and are
+  counted. The SELM variant adds the offline chosen and rejected answers to the ranking pool.
 
-Run (once that issue lands)
-    python sample.py --model PATH --prompts F.jsonl --n 8 ...   # also the vLLM worker
+Run
+    python sample.py --model out/toy/sft --prompts F.jsonl --output G.jsonl --n 8
+    python sample.py --backend vllm --model PATH --prompts F.jsonl --output G.jsonl --n 8 --max_new_tokens 2048
+Prompt rows hold `prompt_token_ids` (a list of ints; this is how the vLLM worker is fed) or
+`prompt` (a string or a message list, rendered with the model's chat template). Output rows
+repeat the input row with `responses`: [{token_ids, text, finish_reason}, ...]. The CLI is a
+single process; under torchrun, train.py calls `generate`, which shards the vLLM workers.
+
+Deliberate simplifications
+- vLLM is imported only in the child process (so only there must it be installed); the training
+  process never holds an engine. A colocated sleep-mode engine is not implemented.
+- The transformers backend samples each batch of prompts in one `generate` call with
+  num_return_sequences = n; results therefore depend on batch_size as well as on the seed.
 """
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import DataError, encode_prompt, iter_rows, write_jsonl
+
+BACKENDS = ("transformers", "vllm")
+# Variables torchrun sets for its workers; a vLLM child must not see them, or it would try to
+# join the training job's process group.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated tokens; ends with EOS when finish_reason == "stop"
+    text: str  # decoded without special tokens
+    finish_reason: str  # "stop" (EOS) or "length" (cut at max_new_tokens)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"neither the model's generation config nor tokenizer {tokenizer.name_or_path!r} defines an EOS token")
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _finish(token_ids: list[int], eos_ids: list[int], tokenizer) -> Generation:
+    """Cut a generated row at its first EOS (kept); without EOS it ran to the length limit."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            kept = token_ids[: position + 1]
+            return Generation(kept, tokenizer.decode(kept[:-1], skip_special_tokens=True), "stop")
+    return Generation(token_ids, tokenizer.decode(token_ids, skip_special_tokens=True), "length")
+
+
+@torch.no_grad()
+def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                          max_new_tokens: int, seed: int, batch_size: int = 64, synced_gpus: bool = False) -> list[list[Generation]]:
+    """Sample n responses per prompt with `model.generate` (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    if temperature > 0:
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                                  num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
+    else:  # greedy: n identical answers
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[list[Generation]] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start: start + batch_size]
+                width = max(len(p) for p in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, prompt in enumerate(batch):  # left padding: every prompt ends where generation starts
+                    input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+                    attention_mask[row, width - len(prompt):] = 1
+                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                        generation_config=config, synced_gpus=synced_gpus)
+                rows = output[:, width:].tolist()  # (len(batch) * n, new tokens), grouped by prompt
+                for i in range(len(batch)):
+                    results.append([_finish(rows[i * n + j], eos_ids, tokenizer) for j in range(n)])
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def vllm_child_environment(local_rank: int) -> dict[str, str]:
+    """The environment of a vLLM worker: the parent's, minus torchrun's variables, with only the
+    rank's own GPU visible."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local_rank] if visible else str(local_rank)
+    return env
+
+
+def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5) -> list[list[Generation]]:
+    """Sample with one vLLM child process per rank (see the module docstring). Collective when
+    distributed: every rank passes the same prompts and gets every result."""
+    rank, world = _distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    workdir = Path(workdir) / f"rank{rank}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    share = list(range(rank, len(prompts), world))
+    prompts_path, output_path, log_path = workdir / "prompts.jsonl", workdir / "generations.jsonl", workdir / "worker.log"
+    output_path.unlink(missing_ok=True)
+    write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])
+    error, results = None, {}
+    if share:
+        command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
+                   "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
+                   "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed + rank),
+                   "--gpu_memory_utilization", str(gpu_memory_utilization)]
+        with open(log_path, "w") as log:
+            returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
+        if returncode != 0:
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+            error = f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}"
+        else:
+            for _, row in iter_rows(output_path):
+                results[row["index"]] = [Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]]
+            missing = sorted(set(share) - set(results))
+            if missing or any(len(results[i]) != n for i in share):
+                error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete ({len(missing)} prompts missing)"
+    gathered = [(error, results)]
+    if world > 1:  # agree on success before any rank uses a result
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (error, results))
+    errors = [e for e, _ in gathered if e]
+    if errors:
+        raise RuntimeError("vLLM generation failed; no result is used.\n" + "\n".join(errors))
+    merged = {index: generations for _, part in gathered for index, generations in part.items()}
+    return [merged[i] for i in range(len(prompts))]
+
+
+def generate(prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+             backend: str = "transformers", model=None, tokenizer=None, model_path: str | None = None, batch_size: int = 64,
+             synced_gpus: bool = False, workdir: str | os.PathLike = "out/vllm", gpu_memory_utilization: float = 0.5) -> list[list[Generation]]:
+    """n responses for each token-id prompt, in the prompts' order.
+
+    transformers needs `model` and `tokenizer`; vllm needs `model_path`, an HF checkpoint
+    directory of the current policy (train.py exports one before each generation phase).
+    """
+    if backend == "transformers":
+        if model is None or tokenizer is None:
+            raise ValueError("the transformers backend needs the model and its tokenizer")
+        return transformers_generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, synced_gpus)
+    if backend == "vllm":
+        if model_path is None:
+            raise ValueError("the vllm backend needs model_path, an exported HF checkpoint of the policy")
+        return vllm_generate(model_path, prompts, n, temperature, top_p, max_new_tokens, seed, workdir, gpu_memory_utilization)
+    raise ValueError(f"generator backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Online pairs
+
+
+@dataclass
+class Candidate:
+    text: str
+    token_ids: list[int]
+    source: str  # "online" (a generation) or "offline" (the dataset's answer, SELM's pool)
+    truncated: bool = False  # cut at the length limit
+
+
+@dataclass
+class OnlinePair:
+    chosen: Candidate
+    rejected: Candidate
+    chosen_reward: float
+    rejected_reward: float
+
+
+@dataclass
+class PairStats:
+    prompts: int = 0
+    pairs: int = 0
+    all_equal: int = 0  # every candidate got the same reward: no pair
+    truncated_candidates: int = 0  # candidates cut at the length limit (kept in the pool)
+    offline_chosen: int = 0  # SELM: pairs whose chosen answer came from the dataset
+    offline_rejected: int = 0
+    rewards: list[float] = field(default_factory=list)  # every online candidate's reward
+
+
+def best_and_worst(pool: list[Candidate], rewards: list[float]) -> OnlinePair | None:
+    """The highest- and lowest-rewarded candidates (first ones on ties); None when all tie."""
+    best = max(range(len(pool)), key=lambda i: rewards[i])
+    worst = min(range(len(pool)), key=lambda i: rewards[i])
+    if rewards[best] == rewards[worst]:
+        return None
+    return OnlinePair(pool[best], pool[worst], rewards[best], rewards[worst])
+
+
+def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generation]], reward_model,
+                      offline: list[tuple[tuple[str, list[int]], tuple[str, list[int]]]] | None = None) -> tuple[list[OnlinePair | None], PairStats]:
+    """Score every candidate of every prompt with `reward_model` (anything with
+    `score(prompts, responses)`) and pair the best with the worst.
+
+    `offline`, for SELM: per prompt ((chosen text, chosen ids), (rejected text, rejected ids)) of
+    the dataset, added to the pool. Returns one OnlinePair or None per prompt, and the counts.
+    """
+    pools: list[list[Candidate]] = []
+    for i, candidates in enumerate(generations):
+        pool = [Candidate(g.text, g.token_ids, "online", g.finish_reason == "length") for g in candidates]
+        if offline is not None:
+            (chosen_text, chosen_ids), (rejected_text, rejected_ids) = offline[i]
+            pool += [Candidate(chosen_text, chosen_ids, "offline"), Candidate(rejected_text, rejected_ids, "offline")]
+        pools.append(pool)
+    flat_prompts = [prompts[i] for i, pool in enumerate(pools) for _ in pool]
+    flat_texts = [candidate.text for pool in pools for candidate in pool]
+    flat_rewards = reward_model.score(flat_prompts, flat_texts)
+    pairs, stats, offset = [], PairStats(prompts=len(pools)), 0
+    for pool in pools:
+        rewards = flat_rewards[offset: offset + len(pool)]
+        offset += len(pool)
+        stats.truncated_candidates += sum(c.truncated for c in pool)
+        stats.rewards += [r for c, r in zip(pool, rewards) if c.source == "online"]
+        pair = best_and_worst(pool, rewards)
+        if pair is None:
+            stats.all_equal += 1
+        else:
+            stats.pairs += 1
+            stats.offline_chosen += pair.chosen.source == "offline"
+            stats.offline_rejected += pair.rejected.source == "offline"
+        pairs.append(pair)
+    return pairs, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI, also the vLLM worker
+
+
+def _vllm_worker(args, rows: list[dict], prompts: list[list[int]]) -> list[list[dict]]:
+    """Runs in the child process: one engine, one generate call, then the process exits."""
+    try:
+        import vllm
+    except ImportError:
+        raise SystemExit("the vllm backend needs vLLM installed (pip install vllm); it is an optional GPU extra") from None
+    from transformers import AutoTokenizer
+
+    eos_id = AutoTokenizer.from_pretrained(args.model).eos_token_id
+    llm = vllm.LLM(model=args.model, tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    params = vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens, seed=args.seed)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+    results = []
+    for output in outputs:
+        responses = []
+        for completion in output.outputs:
+            token_ids = list(completion.token_ids)
+            finish = "stop" if completion.finish_reason == "stop" else "length"
+            # the stopping token (EOS, or a model's extra stop token) closes the response, as in training
+            stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else eos_id
+            if finish == "stop" and (not token_ids or token_ids[-1] != stop_token):
+                token_ids.append(stop_token)
+            responses.append({"token_ids": token_ids, "text": completion.text, "finish_reason": finish})
+        results.append(responses)
+    return results
+
+
+def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], list[list[int]]]:
+    rows, prompts, tokenizer = [], [], None
+    for where, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        if isinstance(row, dict) and isinstance(row.get("prompt_token_ids"), list) and all(isinstance(t, int) for t in row["prompt_token_ids"]):
+            ids = row["prompt_token_ids"]
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+            messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+            ids = encode_prompt(tokenizer, messages)
+        else:
+            raise DataError(f"{where}: a prompt row needs 'prompt_token_ids' (a list of ints) or 'prompt' (a string or messages)")
+        if not ids:
+            raise DataError(f"{where}: empty prompt")
+        rows.append(row)
+        prompts.append(ids)
+    return rows, prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate n responses per prompt of a jsonl file.")
+    parser.add_argument("--model", required=True, help="HF checkpoint directory or hub id of the policy")
+    parser.add_argument("--prompts", required=True, help="jsonl/json rows with 'prompt_token_ids' or 'prompt'")
+    parser.add_argument("--output", required=True, help="jsonl written with 'responses' added to each row")
+    parser.add_argument("--backend", choices=BACKENDS, default="transformers")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (transformers backend)")
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.5, help="vLLM's share of the GPU memory")
+    args = parser.parse_args()
+
+    rows, prompts = _read_prompt_rows(args.prompts, args.model)
+    if args.backend == "vllm":
+        responses = _vllm_worker(args, rows, prompts)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
+        generations = transformers_generate(model, AutoTokenizer.from_pretrained(args.model), prompts, args.n, args.temperature,
+                                            args.top_p, args.max_new_tokens, args.seed, args.batch_size)
+        responses = [[{"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason} for g in per_prompt] for per_prompt in generations]
+    write_jsonl(args.output, [{**row, "responses": r} for row, r in zip(rows, responses)])
+    print(f"generated {args.n} responses for each of {len(rows)} prompts with {args.backend} -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

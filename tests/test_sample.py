@@ -1,0 +1,309 @@
+"""sample.py: transformers generation, the vLLM worker glue (through a stand-in vllm module), and
+online pair construction."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data import encode_prompt
+from reward import RuleReward
+from sample import Generation, generate, make_online_pairs, vllm_child_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = [[{"role": "user", "content": p}] for p in ["ascending : c a b", "descending : j e f g h i", "ascending : d b"]]
+
+
+@pytest.fixture
+def policy(toy_dir):
+    return LlamaForCausalLM.from_pretrained(toy_dir)
+
+
+def prompts_for(tokenizer):
+    return [encode_prompt(tokenizer, m) for m in MESSAGES]
+
+
+def test_shapes_eos_and_finish_reasons(policy, toy_tokenizer):
+    eos = toy_tokenizer.eos_token_id
+    results = generate(prompts_for(toy_tokenizer), n=4, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0, model=policy, tokenizer=toy_tokenizer)
+    assert len(results) == 3 and all(len(r) == 4 for r in results)
+    for generation in (g for r in results for g in r):
+        if generation.finish_reason == "stop":
+            assert generation.token_ids[-1] == eos and eos not in generation.token_ids[:-1]
+            assert generation.text == toy_tokenizer.decode(generation.token_ids[:-1], skip_special_tokens=True)
+        else:
+            assert generation.finish_reason == "length" and len(generation.token_ids) == 6 and eos not in generation.token_ids
+
+
+def test_eos_stops_and_length_cuts(policy, toy_tokenizer):
+    eos = toy_tokenizer.eos_token_id
+    shift = torch.zeros(policy.config.vocab_size)
+    hook = policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + shift)
+    try:
+        shift[eos] = 50.0  # EOS is certain: every answer is just EOS
+        stops = generate(prompts_for(toy_tokenizer), n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=0, model=policy, tokenizer=toy_tokenizer)
+        shift[eos] = -50.0  # EOS is impossible: every answer runs to the limit
+        cuts = generate(prompts_for(toy_tokenizer), n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=0, model=policy, tokenizer=toy_tokenizer)
+    finally:
+        hook.remove()
+    assert all(g == Generation([eos], "", "stop") for r in stops for g in r)
+    assert all(g.finish_reason == "length" and len(g.token_ids) == 5 and eos not in g.token_ids for r in cuts for g in r)
+
+
+def test_deterministic_for_a_seed_and_leaves_the_rng_alone(policy, toy_tokenizer):
+    prompts = prompts_for(toy_tokenizer)
+
+    def run(seed):
+        return [[g.token_ids for g in r] for r in generate(prompts, 4, 1.0, 1.0, 8, seed, model=policy, tokenizer=toy_tokenizer)]
+
+    torch.manual_seed(123)
+    first = run(7)
+    after_generation = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_generation)  # the global RNG is untouched
+    assert run(7) == first and run(8) != first
+
+
+def test_train_mode_is_restored(policy, toy_tokenizer):
+    for mode in (True, False):
+        policy.train(mode)
+        generate(prompts_for(toy_tokenizer)[:1], 1, 1.0, 1.0, 3, 0, model=policy, tokenizer=toy_tokenizer)
+        assert policy.training is mode
+
+
+def test_left_padding_matches_unbatched_greedy(policy, toy_tokenizer):
+    prompts = prompts_for(toy_tokenizer)
+    model = policy.double()
+    together = generate(prompts, 1, 0.0, 1.0, 8, 0, model=model, tokenizer=toy_tokenizer, batch_size=3)
+    alone = [generate([p], 1, 0.0, 1.0, 8, 0, model=model, tokenizer=toy_tokenizer)[0] for p in prompts]
+    assert [r[0].token_ids for r in together] == [r[0].token_ids for r in alone]
+
+
+def test_no_top_k_filter():
+    """transformers' default top_k=50 would cut a flat distribution over 200 tokens to 50."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(200)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w199", pad_token="w198")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         eos_token_id=199, pad_token_id=198))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform next-token distribution
+    results = generate([[1, 2, 3]], n=64, temperature=1.0, top_p=1.0, max_new_tokens=20, seed=0, model=model, tokenizer=tokenizer)
+    distinct = {t for g in results[0] for t in g.token_ids}
+    assert len(distinct) > 100
+
+
+def test_unknown_backend_and_missing_arguments():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        generate([[1]], 1, 1.0, 1.0, 2, 0, backend="tgi")
+    with pytest.raises(ValueError, match="needs the model and its tokenizer"):
+        generate([[1]], 1, 1.0, 1.0, 2, 0)
+    with pytest.raises(ValueError, match="needs model_path"):
+        generate([[1]], 1, 1.0, 1.0, 2, 0, backend="vllm")
+
+
+def test_sample_cli(toy_dir, tmp_path):
+    rows = [{"prompt": "ascending : c a b", "id": "a"}, {"prompt_token_ids": [4, 6, 7, 15, 5]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = subprocess.run([sys.executable, "sample.py", "--model", str(toy_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                             "--output", str(tmp_path / "out.jsonl"), "--n", "2", "--max_new_tokens", "4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert out[0]["id"] == "a" and all(len(r["responses"]) == 2 for r in out)
+    assert {"token_ids", "text", "finish_reason"} == set(out[1]["responses"][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM glue, through a stand-in `vllm` package placed on the child's path
+
+FAKE_VLLM = textwrap.dedent('''
+    """A stand-in for vLLM: records what it is given and returns deterministic outputs."""
+    import json, os
+
+    RECORD_DIR = os.environ["FAKE_VLLM_RECORD"]
+    EOS = 2
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class _Completion:
+        def __init__(self, token_ids, text, finish_reason, stop_reason=None):
+            self.token_ids, self.text, self.finish_reason, self.stop_reason = token_ids, text, finish_reason, stop_reason
+
+    class _RequestOutput:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(kwargs.get("seed")):
+                raise RuntimeError("CUDA out of memory (stand-in failure)")
+            self.kwargs = kwargs
+
+        def generate(self, prompts, sampling_params):
+            env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
+            with open(os.path.join(RECORD_DIR, f"seed{self.kwargs['seed']}.json"), "w") as f:
+                json.dump({"llm": self.kwargs, "sampling": sampling_params.kwargs, "prompts": prompts, "env": env}, f)
+            outputs = []
+            for prompt in prompts:
+                ids = prompt["prompt_token_ids"]
+                completions = []
+                for j in range(sampling_params.kwargs["n"]):
+                    token = 10 + (sum(ids) + j) % 7
+                    if j % 3 == 0:
+                        completions.append(_Completion([token, EOS], f"t{token}", "stop"))  # EOS included
+                    elif j % 3 == 1:
+                        completions.append(_Completion([token], f"t{token}", "stop"))  # EOS left out
+                    else:
+                        completions.append(_Completion([token] * sampling_params.kwargs["max_tokens"], f"t{token}", "length"))
+                outputs.append(_RequestOutput(completions))
+            if os.environ.get("FAKE_VLLM_DROP"):
+                outputs = outputs[:-1]
+            return outputs
+''')
+
+
+def expected_generation(prompt, j, max_tokens):
+    token = 10 + (sum(prompt) + j) % 7
+    if j % 3 == 2:
+        return Generation([token] * max_tokens, f"t{token}", "length")
+    return Generation([token, 2], f"t{token}", "stop")  # EOS appended where the engine left it out
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    package = tmp_path / "fake" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_VLLM)
+    record = tmp_path / "record"
+    record.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
+    return record
+
+
+PROMPTS = [[3, 4, 5], [4, 9], [7, 7, 7, 8], [5], [6, 10, 11]]
+
+
+def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "TORCHELASTIC_RUN_ID": "x",
+                        "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}.items():
+        monkeypatch.setenv(name, value)  # as torchrun would set them (no process group here)
+    results = generate(PROMPTS, n=3, temperature=0.8, top_p=0.95, max_new_tokens=4, seed=11, backend="vllm",
+                       model_path=str(toy_dir), workdir=tmp_path / "work", gpu_memory_utilization=0.4)
+    assert results == [[expected_generation(p, j, 4) for j in range(3)] for p in PROMPTS]
+    record = json.loads((fake_vllm / "seed11.json").read_text())
+    assert record["llm"] == {"model": str(toy_dir), "tensor_parallel_size": 1, "enforce_eager": True, "gpu_memory_utilization": 0.4, "seed": 11}
+    assert record["sampling"] == {"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_tokens": 4, "seed": 11}
+    assert record["prompts"] == [{"prompt_token_ids": p} for p in PROMPTS]
+    assert record["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "LOCAL_RANK": None,
+                             "TORCHELASTIC_RUN_ID": None}
+
+
+def test_child_environment_without_cuda_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    env = vllm_child_environment(3)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and "MASTER_PORT" not in env
+
+
+def test_vllm_worker_failure_is_a_clear_error(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_FAIL_SEED", "11")
+    with pytest.raises(RuntimeError, match="(?s)vLLM generation failed; no result is used.*rank 0: the vLLM worker exited with status 1.*CUDA out of memory"):
+        generate(PROMPTS, 3, 1.0, 1.0, 4, 11, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
+
+
+def test_vllm_incomplete_output_is_an_error(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_DROP", "1")
+    with pytest.raises(RuntimeError, match="incomplete \\(1 prompts missing\\)"):
+        generate(PROMPTS, 3, 1.0, 1.0, 4, 11, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
+
+
+def test_vllm_not_installed(toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    with pytest.raises(RuntimeError, match="needs vLLM installed"):
+        generate(PROMPTS, 1, 1.0, 1.0, 4, 0, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
+
+
+def _vllm_two_ranks(rank, world_size, init_file, toy_dir, workdir, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    os.environ["LOCAL_RANK"] = str(rank)
+    try:
+        try:
+            results = generate(PROMPTS, 3, 1.0, 1.0, 4, 20, backend="vllm", model_path=toy_dir, workdir=workdir)
+            outcome = {"results": [[[g.token_ids, g.text, g.finish_reason] for g in r] for r in results]}
+        except RuntimeError as err:
+            outcome = {"error": str(err)}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(outcome, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vllm_sharded_over_two_ranks(fake_vllm, toy_dir, tmp_path):
+    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)), nprocs=2, join=True)
+    expected = [[[*vars(expected_generation(p, j, 4)).values()] for j in range(3)] for p in PROMPTS]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"results": expected}
+    shares = {rank: json.loads((fake_vllm / f"seed{20 + rank}.json").read_text()) for rank in (0, 1)}
+    assert [p["prompt_token_ids"] for p in shares[0]["prompts"]] == PROMPTS[0::2]  # strided shares
+    assert [p["prompt_token_ids"] for p in shares[1]["prompts"]] == PROMPTS[1::2]
+    assert shares[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and shares[1]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert shares[1]["sampling"]["seed"] == 21
+
+
+def test_vllm_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_FAIL_SEED", "21")  # rank 1's worker fails
+    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "results" not in outcome and "rank 1: the vLLM worker exited" in outcome["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Online pairs
+
+LENGTH_REWARD = RuleReward(lambda prompt, response: float(len(response.split())), "length")
+
+
+def gen(text, finish="stop"):
+    return Generation(list(range(len(text.split()))) + [2], text, finish)
+
+
+def test_best_is_chosen_and_worst_is_rejected():
+    generations = [[gen("a b"), gen("a b c d"), gen("a"), gen("a b c")],
+                   [gen("x y"), gen("x z")],  # all equal rewards: no pair
+                   [gen("p q r s t", "length"), gen("p")]]
+    pairs, stats = make_online_pairs(MESSAGES, generations, LENGTH_REWARD)
+    assert (pairs[0].chosen.text, pairs[0].rejected.text) == ("a b c d", "a")
+    assert (pairs[0].chosen_reward, pairs[0].rejected_reward) == (4.0, 1.0)
+    assert pairs[1] is None and stats.all_equal == 1
+    assert pairs[2].chosen.truncated and pairs[2].chosen.text == "p q r s t"  # cut answers stay candidates
+    assert stats.truncated_candidates == 1 and stats.pairs == 2 and stats.prompts == 3
+    assert len(stats.rewards) == 8 and stats.offline_chosen == 0
+
+
+def test_selm_pool_includes_the_offline_answers():
+    generations = [[gen("a b"), gen("a b c")], [gen("x y z"), gen("x")]]
+    offline = [(("a b c d e", [9, 9, 9, 9, 9, 2]), ("a", [9, 2])),  # both offline answers outrank the generations
+               (("x y", [8, 8, 2]), ("x y", [8, 8, 2]))]  # both between the generations
+    pairs, stats = make_online_pairs(MESSAGES[:2], generations, LENGTH_REWARD, offline=offline)
+    assert pairs[0].chosen.source == "offline" and pairs[0].chosen.token_ids == [9, 9, 9, 9, 9, 2]
+    assert pairs[0].rejected.source == "offline" and pairs[0].rejected.text == "a"
+    assert pairs[1].chosen.source == "online" and (pairs[1].chosen.text, pairs[1].rejected.text) == ("x y z", "x")
+    assert stats.offline_chosen == 1 and stats.offline_rejected == 1
+    assert len(stats.rewards) == 4  # online candidates only
