@@ -3,15 +3,1265 @@ Every optimisation in the project: config and presets, distributed setup, FSDP2 
 reward-model training (Eq. 1), the offline baselines, the MetaAPO loop (Algorithm 1), the online
 baselines, and checkpoint save / resume.
 
-Concern (SPEC sections 2, 4, 5, 6, 10); written in the train.py issue:
-- one config dataclass, `--key=value` overrides, presets by `--model` (tulu8b, qwen7b, toy, or
-  any HF id / local path), `--method` (sft, rm, dpo, ipo, kto, simpo, slic, selective_dpo,
-  metaapo and its ablations, online_dpo, selm, adpo);
-- torchrun or a plain single process; FSDP2 (`fully_shard` per decoder block, then the root);
-- `python train.py` with no arguments runs the whole toy pipeline (SFT -> reward model -> DPO
-  warm-up -> MetaAPO) on the embedded task from data.py and prints a results table.
+Run
+    python train.py                                   # the toy pipeline on CPU: SFT -> reward model
+                                                      # -> DPO warm-up -> MetaAPO -> results table
+    python train.py --method=online_dpo               # one more method on the same toy run
+    python train.py --sampling=random                 # a MetaAPO ablation (stage metaapo-sampling_random)
+    torchrun --nproc_per_node 8 train.py --model tulu8b                   # the paper's Llama-3.1-8B run
+    torchrun --nproc_per_node 8 train.py --model qwen7b --reward_model RM  # with a given reward model
+    python train.py --resume                          # continue an interrupted run where it stopped
+Any config field can be set with --key=value (or --key value); an unknown key is an error that
+lists the valid ones. `--model` picks a preset (toy, tulu8b, qwen7b) or takes any HF id / local
+path as the SFT model. Every stage writes <out_dir>/<stage>/: config.json, metrics.jsonl,
+checkpoints/ (resumable, torch.distributed.checkpoint) and model/ (HF safetensors + tokenizer).
 
-Run (once that issue lands)
-    python train.py                                         # the toy pipeline, CPU, minutes
-    torchrun --nproc_per_node 8 train.py --model tulu8b     # the paper's Llama-3.1-8B run
+Methods (SPEC sections 4-6)
+    pipeline      every stage the run needs, skipping finished ones, then the results table
+    sft rm        supervised fine-tuning (toy only); Bradley-Terry reward model from the SFT model
+    dpo ipo kto simpo slic selective_dpo    offline baselines, one epoch over the offline pairs
+    metaapo       Algorithm 1 (`run_iterative`), with the ablation switches sampling, weighting,
+                  keep_unsampled, meta_depth, meta_inputs and objective
+    online_dpo selm adpo    online and hybrid baselines in the same iteration structure
+
+Deliberate simplifications
+- Every rank loads a full checkpoint before sharding it (fine for 8B models on 80 GB GPUs).
+- Each MetaAPO iteration reloads the policy from the previous iteration's HF export and starts a
+  fresh AdamW and LR schedule (warm-up + cosine over that iteration's steps), as the reference
+  implementation does; the meta-learner and its optimizer persist across iterations.
+- On CPU the model is sharded only when there are several processes; on GPU it is always
+  sharded (FSDP2 also gives single-GPU runs bf16 compute over fp32 master weights).
 """
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from tqdm import tqdm
+
+import data
+import losses
+from meta import SAMPLING_MODES, WEIGHTING_MODES, INPUT_MODES, MetaController, meta_features
+from reward import RewardModel, toy_gold_judge
+from sample import BACKENDS, generate, make_online_pairs
+
+# ==============================================================================================
+# Config
+
+METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo")
+OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
+ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo")
+OBJECTIVES = ("dpo", "ipo", "simpo")
+
+
+@dataclass
+class Config:
+    # --- what to run
+    model: str = "toy"  # preset (toy, tulu8b, qwen7b) or any HF model id / local path: the SFT model
+    method: str = "pipeline"  # one of METHODS; pipeline = every stage the run needs, then the results table
+    out_dir: str = ""  # run directory; "" = out/<model>-seed<seed>; each stage writes <out_dir>/<stage>/
+    seed: int = 0  # data order, initialisation, gating and sampling
+    resume: bool = False  # continue unfinished stages from their latest checkpoint
+    # --- data
+    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # preference pairs: file, directory or hub id
+    train_split: str = "train_prefs"
+    test_split: str = "test_prefs"
+    sft_dataset: str = ""  # SFT demonstrations (method sft); the toy preset sets it
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+    max_train_pairs: int = 0  # use only the first N offline pairs (0 = all); for quick runs
+    max_prompt_len: int = 2048  # prompts longer than this (in tokens) are dropped
+    max_len: int = 4096  # prompt + response; longer responses are truncated
+    # --- models
+    reward_model: str = ""  # reward model path; "" = this run's rm stage
+    policy: str = ""  # starting policy of metaapo and the online methods; "" = this run's dpo stage
+    reference: str = ""  # reference of offline methods and of MetaAPO's first iteration; "" = the SFT model
+    init_from_config: bool = False  # method sft: train from a fresh initialisation of `model`'s config (the toy)
+    # --- optimisation of the preference stages
+    lr: float = 5e-7  # peak learning rate
+    warmup_ratio: float = 0.03  # linear warm-up over this fraction of the steps
+    lr_floor: float = 0.1  # cosine decays to this fraction of lr
+    betas: tuple = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm
+    batch_size: int = 128  # pairs (tuples) per optimizer step, over all ranks
+    micro_batch_size: int = 1  # pairs per rank per forward; gradients accumulate to batch_size
+    epochs: int = 1  # passes over the data per stage (per iteration for the iterative methods)
+    # --- SFT and reward-model stages
+    sft_lr: float = 2e-5
+    sft_epochs: int = 1
+    sft_batch_size: int = 128  # sequences per optimizer step
+    rm_lr: float = 9e-6
+    rm_batch_size: int = 128  # pairs per optimizer step
+    rm_max_len: int = 4096  # reward-model truncation, for training and scoring
+    # --- objectives
+    beta: float = 0.1  # DPO / IPO / KTO beta
+    label_smoothing: float = 0.0  # conservative DPO
+    simpo_beta: float = 2.5
+    simpo_gamma: float = 0.6
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    slic_delta: float = 1.0
+    slic_nll_weight: float = 0.1
+    keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept
+    adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
+    objective: str = "dpo"  # L_pref of metaapo and the online methods: dpo, ipo or simpo
+    # --- MetaAPO and the online methods
+    iterations: int = 3  # T: D_off is split into T chunks, one per iteration
+    num_samples: int = 8  # K responses per selected prompt
+    meta_interval: int = 8  # T_meta: policy steps between meta-learner updates
+    meta_lr: float = 5e-3
+    meta_depth: int = 2  # linear layers of the meta-learner (5 for the ablation)
+    meta_inputs: str = "score"  # score, or multi (score + chosen and rejected log-ratios)
+    sampling: str = "meta"  # meta, random, threshold or all
+    weighting: str = "meta"  # meta, uniform (w = 0.5) or fixed (w = sigmoid(l_off))
+    threshold: float = math.log(0.5)  # sampling=threshold: generate when l_off is below it
+    keep_unsampled: bool = False  # also train on the unselected offline tuples, with weight 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    generator: str = "transformers"  # transformers, or vllm (GPU; one worker process per rank)
+    gen_batch_size: int = 64  # prompts per generate call (transformers)
+    gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU
+    # --- system
+    activation_checkpointing: bool = True  # recompute each decoder block in backward
+    chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
+    export_dtype: str = "auto"  # HF exports: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    save_every: int = 0  # optimizer steps between checkpoints (0 = only at phase boundaries)
+    keep_checkpoints: int = 2  # checkpoints kept per stage
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact reruns
+    eval_samples: int = 4  # results table: samples per held-out prompt
+    eval_prompts: int = 0  # results table: held-out prompts used (0 = all)
+
+
+def toy_preset(seed: int) -> dict:
+    """The embedded toy task (data.py): tiny Llama, CPU, a few minutes end to end."""
+    root = Path("out/toy") / f"seed{seed}"  # built by data.ensure_toy_assets
+    return dict(
+        model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
+        rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
+        lr=3e-4, batch_size=32, micro_batch_size=32, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
+    )
+
+
+PRESETS = {
+    "toy": toy_preset,
+    # Table B.4; the reward model is a path argument (or this run's `rm` stage)
+    "tulu8b": lambda seed: dict(model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1),
+    "qwen7b": lambda seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
+}
+CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
+           "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32")}
+
+
+class ConfigError(ValueError):
+    """A bad command-line argument; the message names it."""
+
+
+def _convert(name: str, text: str, default):
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is tuple:
+            return tuple(float(x) for x in text.split(","))
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected {kind.__name__}, got {text!r}") from None
+
+
+def parse_config(argv: list[str]) -> Config:
+    """Defaults < the preset of --model < the command line."""
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in fields:
+            raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join(sorted(fields))}")
+        if not has_value:
+            if isinstance(fields[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                value = "true"  # a bare flag
+            elif i + 1 < len(argv):
+                i, value = i + 1, argv[i + 1]
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        overrides[key] = _convert(key, value, fields[key])
+        i += 1
+    cfg = Config()
+    preset = overrides.get("model", cfg.model)
+    if preset in PRESETS:
+        for key, value in PRESETS[preset](overrides.get("seed", cfg.seed)).items():
+            setattr(cfg, key, value)
+    for key, value in overrides.items():
+        if not (key == "model" and preset in PRESETS):
+            setattr(cfg, key, value)
+    cfg.preset = preset if preset in PRESETS else ""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"--{key}: must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
+    for key in ("batch_size", "micro_batch_size", "epochs", "sft_batch_size", "rm_batch_size", "iterations", "num_samples",
+                "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key}: must be at least 1, got {getattr(cfg, key)}")
+    if not 0 < cfg.keep_ratio <= 1:
+        raise ConfigError(f"--keep_ratio: must be in (0, 1], got {cfg.keep_ratio}")
+    if cfg.method == "sft" and not cfg.sft_dataset:
+        raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
+    if not cfg.out_dir:
+        cfg.out_dir = str(Path("out") / f"{Path(preset).name}-seed{cfg.seed}")
+    return cfg
+
+
+def config_dict(cfg: Config) -> dict:
+    return {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", "")}
+
+
+# ==============================================================================================
+# Distributed setup
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False  # a process group exists
+    fsdp: bool = False  # models are sharded with fully_shard
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: Config) -> Runtime:
+    """torchrun's environment -> a process group (NCCL on CUDA, gloo on CPU); none without torchrun."""
+    rt = Runtime()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rt.rank, rt.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rt.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(rt.local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rt.distributed = True
+    if torch.cuda.is_available():
+        rt.device = torch.device("cuda", rt.local_rank)
+    rt.fsdp = rt.device.type == "cuda" or rt.world > 1
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return rt
+
+
+def print0(rt: Runtime, *args) -> None:
+    if rt.main:
+        print(*args, flush=True)
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(rt: Runtime, values: torch.Tensor) -> torch.Tensor:
+    if rt.distributed:
+        values = values.to(rt.device)
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(rt: Runtime, obj) -> list:
+    if not rt.distributed:
+        return [obj]
+    gathered = [None] * rt.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ==============================================================================================
+# Models: loading, FSDP2 sharding, HF export
+
+
+MASTER_DTYPE = torch.float32  # weights and optimizer state; bf16 compute comes from FSDP's mixed precision on GPU
+
+
+def _decoder_blocks(lm) -> list:
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    return [m for m in lm.modules() if type(m).__name__ in names]
+
+
+def shard_model(root: torch.nn.Module, lm, cfg: Config, rt: Runtime, trainable: bool) -> torch.nn.Module:
+    """Activation checkpointing per decoder block, fully_shard per block, then the root.
+
+    bf16 parameters and fp32 gradient reductions on GPU, fp32 on CPU. `root` is the module whose
+    forward runs the whole model (the LogprobModel wrapper or a reward model), so the head's
+    gathered weight is what the fused kernel sees.
+    """
+    if trainable and cfg.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    root.to(rt.device)
+    if not trainable:
+        root.requires_grad_(False)
+    if rt.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(rt.device.type, (rt.world,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in _decoder_blocks(lm):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(root, mesh=mesh, mp_policy=policy)
+    return root
+
+
+def load_causal_lm(path: str, cfg: Config, rt: Runtime, from_config: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if from_config:
+        torch.manual_seed(cfg.seed)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=MASTER_DTYPE)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=MASTER_DTYPE)
+    lm.config.use_cache = False
+    return lm, tokenizer
+
+
+def load_logprob_model(path: str, cfg: Config, rt: Runtime, trainable: bool, from_config: bool = False):
+    """(LogprobModel sharded as the FSDP root, tokenizer)."""
+    lm, tokenizer = load_causal_lm(path, cfg, rt, from_config)
+    model = losses.LogprobModel(lm, cfg.chunk_size or None)
+    model = shard_model(model, lm, cfg, rt, trainable)
+    model.train(trainable)
+    return model, tokenizer
+
+
+def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = False, init_head: bool = False):
+    """A sequence-classification model (num_labels = 1), sharded, wrapped as reward.RewardModel."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if init_head:
+        torch.manual_seed(cfg.seed)  # the new score head
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=MASTER_DTYPE)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = shard_model(model, model, cfg, rt, trainable)
+    model.train(trainable)
+    return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
+
+
+def free(*models) -> None:
+    for model in models:
+        del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def full_state_dict(model: torch.nn.Module, rt: Runtime) -> dict:
+    """The whole model's state on CPU on every rank (collective under FSDP)."""
+    if not rt.fsdp:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model: torch.nn.Module, hf_model, tokenizer, path: Path, cfg: Config, rt: Runtime, prefix: str = "") -> None:
+    """An HF safetensors checkpoint + tokenizer at `path`, loadable by from_pretrained and vLLM,
+    written atomically (a temporary directory renamed into place)."""
+    state = full_state_dict(model, rt)
+    if rt.main:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.export_dtype, torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
+        state = {k[len(prefix):]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier(rt)
+
+
+# ==============================================================================================
+# Stages: directories, metrics, checkpoints
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class Stage:
+    """One stage's directory: config.json, metrics.jsonl, checkpoints/, model/, done.json."""
+
+    def __init__(self, cfg: Config, rt: Runtime, name: str):
+        self.cfg, self.rt, self.name = cfg, rt, name
+        self.dir = Path(cfg.out_dir) / name
+        self.checkpoints = self.dir / "checkpoints"
+        self.model_dir = self.dir / "model"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metric_lines = 0
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").exists()
+
+    def start(self) -> Path | None:
+        """Create the directory; return the checkpoint to resume from, if any. An unfinished stage
+        is never overwritten silently: without --resume it is an error."""
+        latest = self.latest_checkpoint()
+        if (latest is not None or self.metrics_path.exists()) and not self.cfg.resume:
+            raise ConfigError(f"{self.dir} holds an unfinished run; pass --resume to continue it, or remove the directory")
+        barrier(self.rt)
+        if self.rt.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.json").write_text(json.dumps({**config_dict(self.cfg), "stage": self.name}, indent=2))
+        barrier(self.rt)
+        if latest is None and self.rt.main:
+            self.metrics_path.unlink(missing_ok=True)
+        return latest
+
+    def log(self, record: dict) -> None:
+        if self.rt.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps({"stage": self.name, **record}) + "\n")
+        self.metric_lines += 1
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if self.checkpoints.exists() else []
+        return found[-1] if found else None
+
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict) -> None:
+        """Model + optimizer through torch.distributed.checkpoint, the rest (position, scheduler,
+        meta-learner, online pairs, RNG states) as pickles; atomically, keeping the last N."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.checkpoints / f"step-{step:08d}"
+        tmp = self.checkpoints / f"step-{step:08d}.tmp"
+        if self.rt.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.rt)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        torch.save(capture_rng(), tmp / f"rng-rank{self.rt.rank}.pt")
+        if self.rt.main:
+            torch.save({**state, "scheduler": scheduler.state_dict() if scheduler else None, "metric_lines": self.metric_lines}, tmp / "state.pt")
+        barrier(self.rt)
+        if self.rt.main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.rt)
+
+    def load_checkpoint(self, path: Path, model, optimizer, scheduler) -> dict:
+        """Restore model, optimizer, scheduler, RNG states and metrics.jsonl from a checkpoint
+        (model=None: everything but model and optimizer) and return its recorded state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if model is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        state = torch.load(path / "state.pt", weights_only=False)
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        rng_path = path / f"rng-rank{self.rt.rank}.pt"
+        restore_rng(torch.load(rng_path if rng_path.exists() else path / "rng-rank0.pt", weights_only=False))
+        # metrics written after this checkpoint belong to the lost part of the run
+        self.metric_lines = state["metric_lines"]
+        if self.rt.main and self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines(keepends=True)[: self.metric_lines]
+            self.metrics_path.write_text("".join(lines))
+        print0(self.rt, f"[{self.name}] resumed from {path}")
+        return state
+
+    def finish(self, summary: dict) -> None:
+        if self.rt.main:
+            (self.dir / "done.json").write_text(json.dumps(summary, indent=2))
+        barrier(self.rt)
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ==============================================================================================
+# The optimisation loop shared by every stage
+
+
+def make_optimizer(model, lr: float, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW, created after sharding so that it holds the shards."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, total_steps: int, cfg: Config):
+    """Linear warm-up over warmup_ratio of the steps, then cosine down to lr_floor * lr."""
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def shuffled(items: list, seed: int) -> list:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order]
+
+
+@dataclass
+class Loop:
+    """Where an optimisation pass is: restored from checkpoints, advanced by `optimize`."""
+    step: int = 0  # optimizer steps of this stage so far
+    batch: int = 0  # global batches done in the current pass
+
+
+def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], loss_fn, loop: Loop, desc: str,
+             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None) -> None:
+    """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
+
+    Each rank takes a strided share of a batch and splits it into micro-batches; a rank with
+    fewer items runs zero-weighted padding so every rank does the same number of forwards.
+    loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
+    batch_size is the global batch's size (pairs, or tokens when `sizes` says so). Gradients are
+    synchronised only on the last micro-batch, clipped, and a non-finite loss or gradient stops
+    the run.
+    """
+    cfg, rt = stage.cfg, stage.rt
+    bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
+    micro = cfg.micro_batch_size
+    while loop.batch < len(batches):
+        batch = batches[loop.batch]
+        share = batch[rt.rank::rt.world]
+        per_rank = math.ceil(len(batch) / rt.world)
+        n_micro = math.ceil(per_rank / micro)
+        sums: dict[str, float] = {}
+        for m in range(n_micro):
+            items = share[m * micro:(m + 1) * micro]
+            weights = [1.0] * len(items)
+            if not items:  # padding: the same computation, weighted 0
+                items, weights = [batch[0]], [0.0]
+            if rt.fsdp:
+                model.set_requires_gradient_sync(m == n_micro - 1)
+            size = sizes[loop.batch] if sizes is not None else len(batch)
+            loss, metrics = loss_fn(items, torch.tensor(weights, device=rt.device), size, rt.world)
+            loss.backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        keys = sorted(sums)
+        totals = all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+        metrics = dict(zip(keys, totals))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        loss_value = metrics.get("loss", 0.0)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            rows = [getattr(item, "index", None) for item in batch[:8]]
+            raise NonFiniteLoss(f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
+                                f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept")
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop.step += 1
+        loop.batch += 1
+        record = {"step": loop.step, **(log_extra or {}), "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+        record.update(normalise_metrics(metrics))
+        if after_step is not None:
+            record.update(after_step() or {})
+        stage.log(record)
+        bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
+        bar.update()
+        if cfg.save_every and loop.step % cfg.save_every == 0 and save_state is not None:
+            stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
+    bar.close()
+
+
+def normalise_metrics(sums: dict) -> dict:
+    """Metric sums -> means: `x_sum` / `x_count` becomes `x`; `loss` is already normalised."""
+    out = {"loss": sums.get("loss", 0.0)}
+    for key, value in sums.items():
+        if key.endswith("_sum"):
+            name = key[:-4]
+            count = sums.get(name + "_count", 0.0)
+            out[name] = value / count if count else float("nan")
+    return out
+
+
+def global_batches(items: list, batch_size: int) -> list[list]:
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+# ==============================================================================================
+# Loss functions. Each gets this rank's micro-batch, per-item weights (0 = padding) and the
+# size of the whole global batch, and returns the loss to backward plus metric sums. The loss is
+# sum(item losses) * world / global size: FSDP averages gradients over ranks, so the gradient is
+# that of the mean over the global batch, whatever the number of ranks.
+
+
+def pair_forward(model, items: list, rt: Runtime, online: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-prob sums and response lengths of one concatenated batch, (n_roles, B) each:
+    rows chosen, rejected (, online chosen, online rejected)."""
+    batch = data.collate_preferences(items, items[0].pad_id, online=online)
+    roles = batch.pop("n_roles")
+    logps = model(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device))
+    lengths = batch["response_mask"][:, 1:].sum(-1).to(rt.device).float()
+    return logps.view(roles, len(items)), lengths.view(roles, len(items))
+
+
+@dataclass
+class PolicyPair(data.TokenizedPair):
+    """A tokenized pair that knows its tokenizer's pad id (for collation) and, for
+    keep_unsampled, a fixed Eq. 5 weight."""
+    pad_id: int = 0
+    weight_override: float | None = None
+
+
+def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor, offset: int = 0):
+    """(L_pref, preference score l) of the pairs in rows offset, offset + 1 of (n_roles, B) log-probs:
+    dpo / ipo with Eq. 4's score, simpo with Eq. A.9's."""
+    chosen, rejected = policy[offset], policy[offset + 1]
+    if cfg.objective == "simpo":
+        chosen_mean, rejected_mean = chosen / lengths[offset].clamp(min=1), rejected / lengths[offset + 1].clamp(min=1)
+        return (losses.simpo_loss(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma),
+                losses.simpo_score(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma))
+    ref_chosen, ref_rejected = ref[offset], ref[offset + 1]
+    if cfg.objective == "ipo":
+        out = losses.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+    else:
+        out = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing)
+    return out, losses.preference_score(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+
+
+def pair_metrics(out: losses.PairLoss, weights: torch.Tensor, prefix: str = "") -> dict:
+    n = weights.sum().item()
+    return {f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * weights).sum().item(),
+            f"{prefix}margin_sum": ((out.chosen_rewards - out.rejected_rewards) * weights).sum().item(),
+            f"{prefix}reward_accuracy_count": n, f"{prefix}margin_count": n}
+
+
+def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime):
+    """The offline objectives on (chosen, rejected) pairs: dpo, ipo, simpo, slic, and kto
+    (unpaired: chosen answers desirable, rejected ones undesirable)."""
+
+    def preference_loss(items, weights, batch_size, world):
+        logps, lengths = pair_forward(policy, items, rt)
+        ref_logps = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logps, _ = pair_forward(ref, items, rt)
+        if method == "slic":
+            out = losses.slic_loss(logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight)
+        elif method == "kto":
+            # KTO's reference point z0: answers paired with the next prompt of the micro-batch
+            mismatched = [dataclasses.replace(item, chosen_ids=items[(i + 1) % len(items)].chosen_ids) for i, item in enumerate(items)]
+            with torch.no_grad():
+                kl_policy = pair_forward(policy, mismatched, rt)[0][0]
+                kl_ref = pair_forward(ref, mismatched, rt)[0][0]
+            kl = all_reduce_sum(rt, torch.stack([((kl_policy - kl_ref) * weights).sum(), weights.sum()]))
+            reference_kl = (kl[0] / kl[1].clamp(min=1)).clamp(min=0).detach()
+            n = len(items)
+            desirable = torch.arange(2 * n, device=rt.device) < n
+            kto = losses.kto_loss(torch.cat([logps[0], logps[1]]), torch.cat([ref_logps[0], ref_logps[1]]), desirable, reference_kl,
+                                  cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+            out = losses.PairLoss(kto.losses[:n] + kto.losses[n:], kto.chosen_rewards[:n], kto.rejected_rewards[n:])
+        elif method == "simpo":
+            out = losses.simpo_loss(logps[0] / lengths[0].clamp(min=1), logps[1] / lengths[1].clamp(min=1), cfg.simpo_beta, cfg.simpo_gamma)
+        elif method == "ipo":
+            out = losses.ipo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], cfg.beta)
+        else:
+            out = losses.dpo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], cfg.beta, cfg.label_smoothing)
+        total = (out.losses * weights).sum()
+        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
+
+    return preference_loss
+
+
+# ==============================================================================================
+# Data helpers
+
+
+def load_pairs(cfg: Config, rt: Runtime, tokenizer, split: str, max_len: int | None = None):
+    """(tokenized pairs, raw pairs) of one split; tokenized[i].index points into raw."""
+    raw, load_stats = data.load_preferences(cfg.dataset, split or None, cfg.skip_bad_rows)
+    tokenized, stats = data.tokenize_preferences(raw, tokenizer, cfg.max_prompt_len, max_len or cfg.max_len)
+    print0(rt, f"data {cfg.dataset} [{split}]: {load_stats.summary()}; tokenized: {stats.summary()}")
+    return [PolicyPair(**dataclasses.asdict(t), pad_id=tokenizer.pad_token_id) for t in tokenized], raw
+
+
+def train_pairs(cfg: Config, rt: Runtime, tokenizer, max_len: int | None = None):
+    tokenized, raw = load_pairs(cfg, rt, tokenizer, cfg.train_split, max_len)
+    return (tokenized[: cfg.max_train_pairs] if cfg.max_train_pairs else tokenized), raw
+
+
+# ==============================================================================================
+# Stage paths
+
+
+def sft_path(cfg: Config) -> str:
+    return str(Path(cfg.out_dir) / "sft" / "model") if cfg.init_from_config else cfg.model
+
+
+def reward_path(cfg: Config) -> str:
+    return cfg.reward_model or str(Path(cfg.out_dir) / "rm" / "model")
+
+
+def warm_policy_path(cfg: Config) -> str:
+    return cfg.policy or str(Path(cfg.out_dir) / "dpo" / "model")
+
+
+def reference_path(cfg: Config) -> str:
+    return cfg.reference or sft_path(cfg)
+
+
+def stage_name(cfg: Config, method: str) -> str:
+    """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
+    metaapo-sampling_random or online_dpo-objective_simpo."""
+    switches = ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "objective") if method == "metaapo" else (
+        ("objective",) if method in ("online_dpo", "selm") else ())
+    defaults = Config()
+    return "-".join([method] + [f"{key}_{getattr(cfg, key)}" for key in switches if getattr(cfg, key) != getattr(defaults, key)])
+
+
+# ==============================================================================================
+# SFT and reward model
+
+
+def run_sft(cfg: Config, rt: Runtime) -> dict:
+    """Supervised fine-tuning: mean NLL of the response tokens of each global batch."""
+    stage = Stage(cfg, rt, "sft")
+    latest = stage.start()
+    started = time.time()
+    model, tokenizer = load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
+    examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
+    tokenized, stats = data.tokenize_sft(examples, tokenizer, cfg.max_prompt_len, cfg.max_len)
+    print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    batches = [b for epoch in range(cfg.sft_epochs) for b in global_batches(shuffled(tokenized, cfg.seed * 1000 + epoch), cfg.sft_batch_size)]
+    optimizer = make_optimizer(model, cfg.sft_lr, cfg)
+    scheduler = make_scheduler(optimizer, len(batches), cfg)
+    loop = Loop()
+    if latest is not None:
+        loop = Loop(**stage.load_checkpoint(latest, model, optimizer, scheduler)["loop"])
+
+    def sft_loss(items, weights, n_tokens, world):
+        batch = data.collate_sft(items, tokenizer.pad_token_id)
+        logps = model(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device))
+        total = -(logps * weights).sum()
+        return total * world / n_tokens, {"loss": total.item() / n_tokens}
+
+    tokens = [sum(len(e.response_ids) for e in b) for b in batches]  # the loss is a mean over a global batch's tokens
+    optimize(stage, model, optimizer, scheduler, batches, sft_loss, loop, f"{cfg.sft_epochs} epochs", lambda: {"loop": vars(loop).copy()}, sizes=tokens)
+    export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    summary = {"train_time_s": time.time() - started, "steps": loop.step}
+    stage.finish(summary)
+    free(model)
+    return summary
+
+
+def run_rm(cfg: Config, rt: Runtime) -> dict:
+    """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
+    stage = Stage(cfg, rt, "rm")
+    latest = stage.start()
+    started = time.time()
+    rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
+    pairs, _ = train_pairs(cfg, rt, rm.tokenizer, max_len=min(cfg.max_len, cfg.rm_max_len))
+    batches = global_batches(shuffled(pairs, cfg.seed), cfg.rm_batch_size)
+    optimizer = make_optimizer(rm.model, cfg.rm_lr, cfg)
+    scheduler = make_scheduler(optimizer, len(batches), cfg)
+    loop = Loop()
+    if latest is not None:
+        loop = Loop(**stage.load_checkpoint(latest, rm.model, optimizer, scheduler)["loop"])
+
+    def rm_loss(items, weights, batch_size, world):
+        batch = data.collate_preferences(items, rm.tokenizer.pad_token_id)
+        rewards = rm.model(input_ids=batch["input_ids"].to(rt.device), attention_mask=batch["attention_mask"].to(rt.device)).logits[:, 0].float()
+        out = losses.bradley_terry_loss(rewards[: len(items)], rewards[len(items):])
+        total = (out.losses * weights).sum()
+        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
+
+    optimize(stage, rm.model, optimizer, scheduler, batches, rm_loss, loop, f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
+    export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
+    _, test = load_pairs(cfg, rt, rm.tokenizer, cfg.test_split)
+    accuracy = reward_accuracy(rm, test)
+    summary = {"train_time_s": time.time() - started, "steps": loop.step, "test_accuracy": accuracy}
+    stage.log({"phase": "eval", "test_accuracy": accuracy})
+    print0(rt, f"[rm] preference accuracy on {cfg.test_split}: {accuracy:.3f}")
+    stage.finish(summary)
+    free(rm.model)
+    return summary
+
+
+def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
+    """Fraction of pairs whose chosen answer gets the higher reward."""
+    chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    return sum(c > r for c, r in zip(chosen, rejected)) / max(1, len(pairs))
+
+
+# ==============================================================================================
+# Offline preference methods
+
+
+def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, keep=None) -> dict:
+    """One pass (per epoch) of an offline objective over the offline pairs, from the SFT model,
+    with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them."""
+    stage = Stage(cfg, rt, name or method)
+    latest = stage.start()
+    started = time.time()
+    policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
+    ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
+    pairs, _ = train_pairs(cfg, rt, tokenizer)
+    if keep is not None:
+        pairs = keep(pairs)
+    batches = [b for epoch in range(cfg.epochs) for b in global_batches(shuffled(pairs, cfg.seed * 1000 + epoch), cfg.batch_size)]
+    optimizer = make_optimizer(policy, cfg.lr, cfg)
+    scheduler = make_scheduler(optimizer, len(batches), cfg)
+    loop = Loop()
+    if latest is not None:
+        loop = Loop(**stage.load_checkpoint(latest, policy, optimizer, scheduler)["loop"])
+    optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt), loop,
+             f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
+    export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    summary = {"train_time_s": time.time() - started, "steps": loop.step, "pairs": len(pairs)}
+    stage.finish(summary)
+    free(policy, ref)
+    return summary
+
+
+@torch.no_grad()
+def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime, chunk: int = 64) -> list[tuple[float, float, float]]:
+    """(l, chosen log-ratio, rejected log-ratio) of every pair, on every rank. Each rank scores a
+    strided share, padded to equal length so that sharded models run the same forwards."""
+    share = list(range(rt.rank, len(items), rt.world))
+    padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
+    results = []
+    for start in range(0, len(padded), chunk):
+        batch = [items[i] for i in padded[start:start + chunk]]
+        logps, lengths = pair_forward(policy, batch, rt)
+        ref_logps = pair_forward(ref, batch, rt)[0] if ref is not None else torch.zeros_like(logps)
+        score = objective_losses(cfg, logps, ref_logps, lengths)[1]
+        ratios = logps - ref_logps
+        results += list(zip(score.tolist(), ratios[0].tolist(), ratios[1].tolist()))
+    merged = {}
+    for part in all_gather_objects(rt, list(zip(share, results))):
+        merged.update(part)
+    return [merged[i] for i in range(len(items))]
+
+
+def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
+    """Selective DPO (Gao et al. 2025): DPO on each half of the pairs; score every pair by its DPO
+    loss under the model trained on the other half; keep the keep_ratio lowest; DPO on those."""
+    started = time.time()
+
+    def half_of(k):
+        def keep(pairs):
+            chosen = set(shuffled(list(range(len(pairs))), cfg.seed + 17)[k::2])
+            return [p for i, p in enumerate(pairs) if i in chosen]
+        return keep
+
+    for k in (0, 1):
+        if not Stage(cfg, rt, f"selective_dpo/half{k}").done:
+            run_offline(cfg, rt, "dpo", f"selective_dpo/half{k}", keep=half_of(k))
+    final = Stage(cfg, rt, "selective_dpo/final")
+    if not final.done:
+        ref, tokenizer = load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)
+        pairs, _ = train_pairs(cfg, rt, tokenizer)
+        order = shuffled(list(range(len(pairs))), cfg.seed + 17)
+        validation_loss = {}
+        for k in (0, 1):  # half k is scored by the model that saw only the other half
+            other, _ = load_logprob_model(str(Path(cfg.out_dir) / f"selective_dpo/half{1 - k}" / "model"), cfg, rt, trainable=False)
+            mine = sorted(order[k::2])
+            scores = pair_scores(other, ref, [pairs[i] for i in mine], dataclasses.replace(cfg, objective="dpo"), rt)
+            validation_loss.update({i: -score[0] for i, score in zip(mine, scores)})
+            free(other)
+        free(ref)
+        kept = set(sorted(validation_loss, key=validation_loss.get)[: max(1, round(cfg.keep_ratio * len(pairs)))])
+        print0(rt, f"[selective_dpo] keeping {len(kept)} of {len(pairs)} pairs (lowest DPO loss under the other half's model)")
+        run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: [p for i, p in enumerate(ps) if i in kept])
+    out = Path(cfg.out_dir) / "selective_dpo"
+    summary = {"train_time_s": time.time() - started}
+    if rt.main:
+        shutil.rmtree(out / "model", ignore_errors=True)
+        shutil.copytree(out / "final" / "model", out / "model")
+        (out / "done.json").write_text(json.dumps(summary))
+    barrier(rt)
+    return summary
+
+
+# ==============================================================================================
+# Algorithm 1 (metaapo) and the online / hybrid baselines in the same iteration structure
+
+
+def iteration_paths(cfg: Config, stage: Stage, method: str, t: int) -> tuple[str, str | None]:
+    """(policy at the start of iteration t, its reference); t counts from 0.
+
+    metaapo, adpo: the reference lags one iteration, as in the reference implementation:
+    iteration 1 uses the SFT model, iteration 2 the warm-up policy, iteration 3 the output of
+    iteration 1. online_dpo, selm: the reference is the policy at the start of the iteration.
+    Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
+    """
+    starts = [warm_policy_path(cfg)] + [str(stage.dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
+    if cfg.objective == "simpo":
+        return starts[t], None
+    if method in ("metaapo", "adpo"):
+        return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
+    return starts[t], starts[t]
+
+
+def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path: str, n: int, cfg: Config, rt: Runtime, seed: int,
+                         workdir: Path, backend: str | None = None):
+    """n responses per prompt, on every rank: vLLM workers on the exported policy, or the
+    sharded policy's own `generate`, each rank its share, in lockstep (synced_gpus)."""
+    backend = backend or cfg.generator
+    if backend == "vllm":
+        return generate(prompts, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, backend="vllm", model_path=model_path,
+                        workdir=workdir / "vllm", gpu_memory_utilization=cfg.gpu_memory_utilization)
+    share = list(range(rt.rank, len(prompts), rt.world))
+    padded = share + [share[0] if share else 0] * (math.ceil(len(prompts) / rt.world) - len(share))
+    if rt.fsdp:
+        policy.unshard()  # the root's own weights (embeddings, final norm, head) are shards outside its forward
+    results = generate([prompts[i] for i in padded], n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed + rt.rank,
+                       model=policy.lm, tokenizer=tokenizer, batch_size=cfg.gen_batch_size, synced_gpus=rt.world > 1) if padded else []
+    if rt.fsdp:
+        policy.reshard()
+    merged = {}
+    for part in all_gather_objects(rt, list(zip(share, results))):
+        merged.update(part)
+    return [merged[i] for i in range(len(prompts))]
+
+
+def select_for_generation(cfg: Config, method: str, meta: MetaController | None, features: torch.Tensor) -> tuple[list[bool], list[float]]:
+    """Algorithm 1 lines 7-12: which offline tuples get online responses, and their weights w."""
+    if method == "metaapo":
+        decision = meta.gate(features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
+        return decision.selected.tolist(), decision.weights.tolist()
+    if method == "adpo":  # the tuples whose DPO loss -l_off is below a fixed threshold
+        return [-score < cfg.adpo_threshold for score in features[:, 0].tolist()], []
+    return [True] * len(features), []  # online_dpo, selm: every prompt
+
+
+def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool]) -> list[PolicyPair]:
+    """D_aug: each selected tuple joined with its online pair (tuples whose K rewards all tied have
+    none and are dropped). adpo instead trains plain DPO on the chunk's offline pairs plus the online
+    pairs; keep_unsampled adds the unselected offline tuples with weight 1."""
+    augmented = []
+    for i, pair in zip(chosen, pairs):
+        if pair is not None:
+            room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
+            augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room]))
+    if method == "adpo":
+        return list(chunk) + [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
+                                                  online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
+    if method == "metaapo" and cfg.keep_unsampled:
+        augmented += [dataclasses.replace(chunk[i], online_chosen_ids=chunk[i].chosen_ids, online_rejected_ids=chunk[i].rejected_ids, weight_override=1.0)
+                      for i, s in enumerate(selected) if not s]
+    return augmented
+
+
+def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaController | None, rt: Runtime):
+    """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer)."""
+    if method == "adpo":
+        return make_preference_loss(cfg, cfg.objective, policy, ref, rt), None
+    step_scores: dict[str, list] = {"offline": [], "online": [], "features": []}
+
+    def iterative_loss(items, weights, batch_size, world):
+        logps, lengths = pair_forward(policy, items, rt, online=True)  # (4, B): chosen, rejected, online chosen, online rejected
+        ref_logps = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logps = pair_forward(ref, items, rt, online=True)[0]
+        online_out, online_score = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
+        if method in ("online_dpo", "selm"):  # online pairs only
+            total = (online_out.losses * weights).sum()
+            return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(online_out, weights, "online_")}
+        offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
+        ratios = (logps - ref_logps) if ref_logps is not None else logps
+        features = meta_features(offline_score, ratios[0], ratios[1], inputs=cfg.meta_inputs)
+        w = meta.loss_weights(features)  # line 16: w = h(l_off) with the current theta, a constant in Eq. 5
+        fixed = torch.tensor([-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device)
+        w = torch.where(fixed >= 0, fixed, w)
+        total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights).sum()  # line 17, Eq. 5
+        buffered = (weights > 0) & (fixed < 0)  # real tuples with a real online pair
+        step_scores["offline"].append(offline_score.detach()[buffered].cpu())
+        step_scores["online"].append(online_score.detach()[buffered].cpu())
+        step_scores["features"].append(features[buffered].cpu())
+        n = weights.sum().item()
+        return total * world / batch_size, {
+            "loss": total.item() / batch_size, **pair_metrics(offline_out, weights), **pair_metrics(online_out, weights, "online_"),
+            "l_off_sum": (offline_score.detach() * weights).sum().item(), "l_off_count": n,
+            "l_on_sum": (online_score.detach() * weights).sum().item(), "l_on_count": n,
+            "w_sum": (w * weights).sum().item(), "w_count": n}
+
+    def after_step():
+        if method != "metaapo":
+            return {}
+        # line 18: this step's detached (l_off, l_on) go to the meta buffer
+        meta.buffer.append(torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"]))
+        for scores in step_scores.values():
+            scores.clear()
+        if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
+            return meta.update()
+        return {}
+
+    return iterative_loss, after_step
+
+
+@dataclass
+class IterationState:
+    """What a checkpoint of an iterative method records besides model and optimizer."""
+    iteration: int = 0  # 0-based iteration in progress
+    loop: dict = field(default_factory=lambda: vars(Loop()))  # position in phase 2
+    augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
+    phase_stats: dict = field(default_factory=dict)
+    meta: dict | None = None  # MetaController.state_dict()
+    times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
+    ratios: list = field(default_factory=list)  # annotation ratio per iteration
+
+
+def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
+    """Algorithm 1 for metaapo; online_dpo, selm and adpo in the same iteration structure."""
+    from transformers import AutoTokenizer
+
+    name = stage_name(cfg, method)
+    stage = Stage(cfg, rt, name)
+    latest = stage.start()
+    started = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(warm_policy_path(cfg))
+    offline, raw = train_pairs(cfg, rt, tokenizer)
+    chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # line 2: D_off shuffled, cut into D_1..D_T
+    meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting,
+                          cfg.threshold, seed=cfg.seed, device=rt.device) if method == "metaapo" else None
+    state = IterationState(**torch.load(latest / "state.pt", weights_only=False)["iteration_state"]) if latest else IterationState()
+    step = state.loop["step"]
+    for t in range(state.iteration, cfg.iterations):  # line 3
+        policy_path, ref_path = iteration_paths(cfg, stage, method, t)
+        policy, _ = load_logprob_model(policy_path, cfg, rt, trainable=True)
+        ref = load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+        optimizer = make_optimizer(policy, cfg.lr, cfg)  # fresh each iteration, as in the reference implementation
+        scheduler = None
+        if latest is not None:  # resuming inside this iteration
+            if meta is not None and state.meta is not None:
+                meta.load_state_dict(state.meta)
+            if state.augmented is not None:
+                scheduler = make_scheduler(optimizer, max(1, math.ceil(len(state.augmented) / cfg.batch_size) * cfg.epochs), cfg)
+            stage.load_checkpoint(latest, policy if state.augmented is not None else None, optimizer, scheduler)
+            latest = None
+        else:
+            state = dataclasses.replace(state, iteration=t, loop=vars(Loop(step=step)), augmented=None, phase_stats={},
+                                        meta=None)
+        save = lambda: {"iteration_state": {**vars(state), "loop": vars(loop).copy(),  # noqa: E731
+                                            "meta": meta.state_dict() if meta is not None else None}}
+        loop = Loop(**state.loop)
+        if state.augmented is None:
+            # ---- phase 1: meta-weighted adaptive online sampling (lines 4-11)
+            tic = time.time()
+            chunk = chunks[t]
+            scores = pair_scores(policy, ref, chunk, cfg, rt)  # line 5: l_off under (pi_theta, pi_ref)
+            features = meta_features(*[torch.tensor(column) for column in zip(*scores)], inputs=cfg.meta_inputs)
+            selected, weights = select_for_generation(cfg, method, meta, features)  # lines 6-8
+            chosen = [i for i, s in enumerate(selected) if s]
+            generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
+                                               cfg, rt, cfg.seed * 1000 + t, stage.dir)  # line 9: K responses
+            rm = load_reward_model(reward_path(cfg), cfg, rt)
+            pool = [((raw[chunk[i].index].chosen, chunk[i].chosen_ids), (raw[chunk[i].index].rejected, chunk[i].rejected_ids)) for i in chosen]
+            pairs, pair_stats = make_online_pairs([raw[chunk[i].index].prompt for i in chosen], generations, rm,
+                                                  offline=pool if method == "selm" else None)  # line 10: best / worst by r
+            free(rm.model)
+            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected)  # line 11: D_aug
+            ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if method == "selm" else 1.0)
+            phase_stats = {"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
+                           "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
+                           "truncated_candidates": pair_stats.truncated_candidates, "augmented": len(augmented),
+                           "mean_l_off": float(np.mean([x[0] for x in scores])) if scores else float("nan"),
+                           "mean_w": float(np.mean(weights)) if weights else float("nan"),
+                           "mean_online_reward": float(np.mean(pair_stats.rewards)) if pair_stats.rewards else float("nan"),
+                           "offline_chosen": pair_stats.offline_chosen, "offline_rejected": pair_stats.offline_rejected,
+                           "time_s": time.time() - tic}
+            stage.log(phase_stats)
+            print0(rt, f"[{name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
+                       f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)")
+            state.times["sampling_s"] += time.time() - tic
+            state.ratios.append(ratio)
+            state.augmented, state.phase_stats = augmented, phase_stats
+            scheduler = make_scheduler(optimizer, max(1, math.ceil(len(augmented) / cfg.batch_size) * cfg.epochs), cfg)
+            stage.save_checkpoint(loop.step, policy, optimizer, scheduler, save())  # phase boundary
+        # ---- phase 2: meta-weighted preference optimisation, one epoch over D_aug (lines 12-21)
+        if state.augmented:
+            tic = time.time()
+            batches = [b for e in range(cfg.epochs) for b in global_batches(shuffled(state.augmented, cfg.seed * 1000 + t * 10 + e), cfg.batch_size)]
+            loss_fn, after_step = make_iterative_loss(cfg, method, policy, ref, meta, rt)
+            optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save, after_step,
+                     log_extra={"iteration": t + 1})
+            state.times["training_s"] += time.time() - tic
+        else:
+            stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
+            print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
+        # line 22: the policy after iteration t, exported; the next iteration starts from it
+        export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.")
+        step = loop.step
+        state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None, phase_stats={})
+        loop = Loop(step=step)
+        stage.save_checkpoint(step, policy, optimizer, scheduler, save())  # phase boundary: iteration t done
+        free(policy, ref)
+    if rt.main:
+        shutil.rmtree(stage.model_dir, ignore_errors=True)
+        shutil.copytree(stage.dir / f"iter{cfg.iterations}" / "model", stage.model_dir)
+        if meta is not None:
+            torch.save(meta.state_dict(), stage.dir / "meta_learner.pt")
+    barrier(rt)
+    summary = {"annotation_ratio": float(np.mean(state.ratios)) if state.ratios else 0.0, **state.times, "total_s": time.time() - started}
+    stage.log({"phase": "done", **summary})
+    stage.finish(summary)
+    return summary
+
+
+# ==============================================================================================
+# The results table (toy: gold judge; real models: reward model)
+
+
+def evaluate_policy_gold(path: str, cfg: Config, rt: Runtime, prompts: list[list[int]], messages: list[list[dict]]) -> list[float]:
+    """Gold-judge scores of eval_samples answers per held-out prompt, sampled as in training."""
+    policy, tokenizer = load_logprob_model(path, cfg, rt, trainable=False)
+    generations = distributed_generate(policy, tokenizer, prompts, path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir),
+                                       backend="transformers")
+    free(policy)
+    return toy_gold_judge().score([m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g])
+
+
+def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
+    """Gold mean score and win rate against the first row (SFT) on held-out prompts, annotation
+    ratio and time per phase."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(rows[0][1])
+    test, _ = data.load_preferences(cfg.dataset, cfg.test_split)
+    test = test[: cfg.eval_prompts or len(test)]
+    prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
+    scores = {label: evaluate_policy_gold(path, cfg, rt, prompts, [p.prompt for p in test]) for label, path in rows}
+    base = scores[rows[0][0]]
+    lines = [f"Toy results: gold judge (0-10) on {len(test)} held-out prompts x {cfg.eval_samples} samples at temperature {cfg.temperature}",
+             "", "| model | gold mean | win rate vs SFT | annotation ratio | time |", "|---|---|---|---|---|"]
+    for label, _ in rows:
+        wins = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[label], base)])
+        summary = summaries.get(label, {})
+        ratio = f"{summary['annotation_ratio']:.1%}" if "annotation_ratio" in summary else "-"
+        timing = (f"sampling {summary['sampling_s']:.0f}s + training {summary['training_s']:.0f}s" if "sampling_s" in summary
+                  else f"{summary['train_time_s']:.0f}s" if "train_time_s" in summary else "-")
+        lines.append(f"| {label} | {np.mean(scores[label]):.3f} | {wins:.1%} | {ratio} | {timing} |")
+    return "\n".join(lines)
+
+
+# ==============================================================================================
+# Orchestration
+
+
+def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
+    if method == "sft":
+        return run_sft(cfg, rt)
+    if method == "rm":
+        return run_rm(cfg, rt)
+    if method in OFFLINE_METHODS:
+        return run_offline(cfg, rt, method)
+    if method == "selective_dpo":
+        return run_selective_dpo(cfg, rt)
+    return run_iterative(cfg, rt, method)
+
+
+def ensure_stage(cfg: Config, rt: Runtime, method: str) -> dict:
+    """Run a stage unless it is done; return its summary."""
+    name = stage_name(cfg, method)
+    done = Path(cfg.out_dir) / name / "done.json"
+    if done.exists():
+        print0(rt, f"[{name}] already done ({done})")
+        return json.loads(done.read_text())
+    return run_method(cfg, rt, method)
+
+
+def run_pipeline(cfg: Config, rt: Runtime) -> None:
+    """Every stage MetaAPO needs, then the results table."""
+    summaries = {}
+    if cfg.init_from_config:
+        summaries["SFT"] = ensure_stage(cfg, rt, "sft")
+    if not cfg.reward_model:
+        summaries["RM"] = ensure_stage(cfg, rt, "rm")
+    if not cfg.policy:
+        summaries["DPO"] = ensure_stage(cfg, rt, "dpo")
+    summaries["MetaAPO"] = ensure_stage(cfg, rt, "metaapo")
+    if cfg.preset == "toy":
+        rows = [("SFT", sft_path(cfg)), ("DPO", warm_policy_path(cfg)), ("MetaAPO", str(Path(cfg.out_dir) / stage_name(cfg, "metaapo") / "model"))]
+        table = results_table(cfg, rt, rows, summaries)
+        if rt.main:
+            (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
+        print0(rt, "\n" + table)
+    else:
+        print0(rt, f"done: {Path(cfg.out_dir) / stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py")
+
+
+def main(argv: list[str] | None = None) -> None:
+    transformers.utils.logging.disable_progress_bar()  # our own bars are enough
+    transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" for the reward model, on purpose
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a single process is intended
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        raise SystemExit(f"train.py: {err}") from None
+    rt = setup_distributed(cfg)
+    try:
+        if cfg.preset == "toy":
+            if rt.main:
+                data.ensure_toy_assets(cfg.seed)
+            barrier(rt)
+        print0(rt, json.dumps(config_dict(cfg), indent=2))
+        started = time.time()
+        if cfg.method == "pipeline":
+            run_pipeline(cfg, rt)
+        else:
+            run_method(cfg, rt, cfg.method)
+        print0(rt, f"total time {time.time() - started:.0f}s")
+    except (ConfigError, NonFiniteLoss, data.DataError) as err:
+        raise SystemExit(f"train.py: {err}") from None
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
