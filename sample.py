@@ -36,6 +36,7 @@ Deliberate simplifications
   process never holds an engine. A colocated sleep-mode engine is not implemented.
 - The transformers backend samples each batch of prompts in one `generate` call with
   num_return_sequences = n; results therefore depend on batch_size as well as on the seed.
+- vLLM seeds each rank's engine with seed + rank, so its samples depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, te
     results: list[list[Generation]] = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
+                torch.manual_seed(seed + start // batch_size)
                 batch = prompts[start: start + batch_size]
                 width = max(len(p) for p in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

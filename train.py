@@ -154,7 +154,7 @@ def toy_preset(seed: int) -> dict:
     return dict(
         model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
         rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
-        lr=3e-4, batch_size=32, micro_batch_size=32, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
+        lr=1e-4, batch_size=32, micro_batch_size=32, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
     )
 
 
@@ -949,23 +949,32 @@ def iteration_paths(cfg: Config, stage: Stage, method: str, t: int) -> tuple[str
 def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path: str, n: int, cfg: Config, rt: Runtime, seed: int,
                          workdir: Path, backend: str | None = None):
     """n responses per prompt, on every rank: vLLM workers on the exported policy, or the
-    sharded policy's own `generate`, each rank its share, in lockstep (synced_gpus)."""
+    sharded policy's own `generate`. There the prompts are cut into batches of gen_batch_size,
+    batch k sampled with seed + k by rank k % world (in lockstep, synced_gpus), so the answers do
+    not depend on the number of ranks."""
     backend = backend or cfg.generator
     if backend == "vllm":
         return generate(prompts, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, backend="vllm", model_path=model_path,
                         workdir=workdir / "vllm", gpu_memory_utilization=cfg.gpu_memory_utilization)
-    share = list(range(rt.rank, len(prompts), rt.world))
-    padded = share + [share[0] if share else 0] * (math.ceil(len(prompts) / rt.world) - len(share))
+    batches = list(range(math.ceil(len(prompts) / cfg.gen_batch_size)))
+    mine = batches[rt.rank::rt.world]
+    rounds = math.ceil(len(batches) / rt.world)  # every rank makes the same number of generate calls
     if rt.fsdp:
         policy.unshard()  # the root's own weights (embeddings, final norm, head) are shards outside its forward
-    results = generate([prompts[i] for i in padded], n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed + rt.rank,
-                       model=policy.lm, tokenizer=tokenizer, batch_size=cfg.gen_batch_size, synced_gpus=rt.world > 1) if padded else []
+    results = {}
+    for r in range(rounds):
+        k = mine[r] if r < len(mine) else batches[0]  # a rank out of batches repeats one (results unused)
+        chunk = prompts[k * cfg.gen_batch_size:(k + 1) * cfg.gen_batch_size]
+        out = generate(chunk, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed + k, model=policy.lm, tokenizer=tokenizer,
+                       batch_size=cfg.gen_batch_size, synced_gpus=rt.world > 1)
+        if r < len(mine):
+            results[k] = out
     if rt.fsdp:
         policy.reshard()
     merged = {}
-    for part in all_gather_objects(rt, list(zip(share, results))):
+    for part in all_gather_objects(rt, results):
         merged.update(part)
-    return [merged[i] for i in range(len(prompts))]
+    return [generation for k in batches for generation in merged[k]]
 
 
 def select_for_generation(cfg: Config, method: str, meta: MetaController | None, features: torch.Tensor) -> tuple[list[bool], list[float]]:

@@ -1,0 +1,246 @@
+"""train.py: config parsing, a 2-process torchrun (gloo) run of dpo and metaapo, equal first-step
+losses on 1 and 2 processes, bit-exact resume after SIGKILL, the non-finite-loss stop, and an
+iteration without any augmented tuple."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import losses
+import train
+from train import Config, ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small toy run: every stage takes seconds (192 offline pairs, 2 iterations of 96 prompts).
+TINY = ["--sft_epochs=1", "--max_train_pairs=192", "--batch_size=16", "--micro_batch_size=8", "--rm_batch_size=16",
+        "--iterations=2", "--gen_batch_size=64", "--eval_prompts=32", "--eval_samples=2"]
+
+
+def run_train(args, cwd=ROOT, timeout=600, torchrun=0, env=None):
+    command = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"] if torchrun
+               else [sys.executable, "train.py"])
+    result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """SFT, reward model and DPO warm-up of a tiny toy run, shared by the tests (copied, not modified)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    for method in ("sft", "rm", "dpo"):
+        run_train([f"--method={method}", f"--out_dir={out}"] + TINY)
+    return out
+
+
+def fresh_run(base_run, tmp_path, name="run"):
+    """A run directory holding copies of the finished base stages."""
+    out = tmp_path / name
+    for stage in ("sft", "rm", "dpo"):
+        shutil.copytree(base_run / stage, out / stage)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def test_defaults_presets_and_overrides():
+    cfg = parse_config([])
+    assert cfg.method == "pipeline" and cfg.preset == "toy" and cfg.batch_size == 32  # the toy preset
+    assert cfg.out_dir == "out/toy-seed0" and cfg.model == "out/toy/seed0/base" and cfg.dataset == "out/toy/seed0"
+    cfg = parse_config(["--model", "tulu8b", "--lr=1e-6", "--betas=0.9,0.99", "--resume", "--seed", "3"])
+    assert cfg.model == "allenai/Llama-3.1-Tulu-3-8B-SFT" and cfg.lr == 1e-6 and cfg.betas == (0.9, 0.99)
+    assert cfg.resume is True and cfg.seed == 3 and cfg.generator == "vllm" and cfg.out_dir == "out/tulu8b-seed3"
+    assert parse_config(["--model=qwen7b"]).top_p == 0.95
+    custom = parse_config(["--model=my-org/my-sft", "--keep_unsampled=false"])
+    assert custom.model == "my-org/my-sft" and custom.preset == "" and custom.batch_size == 128 and custom.keep_unsampled is False
+    assert parse_config(["--sampling=random"]).sampling == "random"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lerning_rate=1"], "unknown config key --lerning_rate; valid keys: .*batch_size.*"),
+    (["--lr=fast"], "--lr: expected float, got 'fast'"),
+    (["--batch_size=1.5"], "--batch_size: expected int"),
+    (["--resume=maybe"], "--resume: expected bool"),
+    (["--method=ppo"], "--method: must be one of pipeline, sft, rm"),
+    (["--sampling=sometimes"], "--sampling: must be one of meta, random, threshold, all"),
+    (["--batch_size=0"], "--batch_size: must be at least 1"),
+    (["--keep_ratio=0"], "--keep_ratio: must be in"),
+    (["lr=1"], "unexpected argument 'lr=1'"),
+    (["--lr"], "--lr needs a value"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(argv)
+
+
+def test_config_error_exits_with_the_message():
+    result = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "train.py: unknown config key --bogus" in result.stderr
+
+
+def test_every_config_field_is_commented():
+    source = (ROOT / "train.py").read_text()
+    block = source[source.index("class Config:"): source.index("def toy_preset")]
+    for name in Config.__dataclass_fields__:
+        line = next(line for line in block.splitlines() if line.strip().startswith(f"{name}:"))
+        assert "#" in line or name in ("train_split", "test_split", "weight_decay", "sft_lr", "sft_epochs", "rm_lr", "simpo_beta", "simpo_gamma",
+                                       "kto_desirable_weight", "kto_undesirable_weight", "slic_delta", "slic_nll_weight", "temperature",
+                                       "top_p", "max_new_tokens", "meta_lr", "label_smoothing"), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_unfinished_stage_needs_resume(base_run, tmp_path):
+    out = fresh_run(base_run, tmp_path)
+    (out / "metaapo").mkdir()
+    (out / "metaapo" / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = subprocess.run([sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}"] + TINY, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "holds an unfinished run; pass --resume" in result.stderr
+    assert (out / "metaapo" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing written over
+
+
+def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
+    out = fresh_run(base_run, tmp_path)
+    run_train(["--method=metaapo", f"--out_dir={out}"] + TINY)
+    stage = out / "metaapo"
+    assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists()
+    assert json.loads((stage / "config.json").read_text())["method"] == "metaapo"
+    assert (stage / "iter1" / "model" / "config.json").exists() and (stage / "meta_learner.pt").exists()
+    records = metrics(stage / "metrics.jsonl")
+    phases = [r for r in records if r.get("phase") == "generate"]
+    assert [p["iteration"] for p in phases] == [1, 2]
+    assert all(0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_dropped_all_equal"] for p in phases)
+    steps = [r for r in records if "step" in r and "phase" not in r]
+    assert steps and all({"loss", "lr", "grad_norm", "l_off", "l_on", "w"} <= set(r) for r in steps)
+    assert any("meta_loss" in r for r in steps) or len(steps) < 8
+    done = json.loads((stage / "done.json").read_text())
+    assert 0 < done["annotation_ratio"] <= 1 and done["sampling_s"] > 0
+
+
+def test_pipeline_skips_finished_stages_and_prints_the_table(base_run, tmp_path):
+    out = fresh_run(base_run, tmp_path)
+    result = run_train([f"--out_dir={out}"] + TINY)
+    assert result.stdout.count("already done") == 3
+    table = (out / "results.md").read_text()
+    for row in ("| SFT |", "| DPO |", "| MetaAPO |"):
+        assert row in table
+    assert "win rate vs SFT" in table
+
+
+def first_step_loss(path):
+    return next(r["loss"] for r in metrics(path) if r.get("step") == 1)
+
+
+@pytest.mark.parametrize("method", ["dpo", "metaapo"])
+def test_two_process_run_matches_one_process_first_step(base_run, tmp_path, method):
+    args = [f"--method={method}", "--save_every=1"] + TINY
+    one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
+    if method == "dpo":
+        shutil.rmtree(one / "dpo")
+        shutil.rmtree(two / "dpo")
+    run_train(args + [f"--out_dir={one}"])
+    run_train(args + [f"--out_dir={two}"], torchrun=2)
+    stage = "dpo" if method == "dpo" else "metaapo"
+    assert (two / stage / "done.json").exists() and (two / stage / "model" / "model.safetensors").exists()
+    assert first_step_loss(two / stage / "metrics.jsonl") == pytest.approx(first_step_loss(one / stage / "metrics.jsonl"), rel=1e-4)
+    if method == "metaapo":  # both processes made the same gating decisions (the generations differ by rank seed)
+        gen = lambda path: [r["selected"] for r in metrics(path) if r.get("phase") == "generate"][:1]  # noqa: E731
+        assert gen(two / stage / "metrics.jsonl") == gen(one / stage / "metrics.jsonl")
+
+
+def test_resume_after_sigkill_is_bit_exact(base_run, tmp_path):
+    args = ["--method=metaapo", "--save_every=1", "--deterministic", "--batch_size=8", "--micro_batch_size=8"] + [a for a in TINY if not a.startswith(("--batch_size", "--micro_batch_size"))]
+    whole, killed = fresh_run(base_run, tmp_path, "whole"), fresh_run(base_run, tmp_path, "killed")
+    run_train(args + [f"--out_dir={whole}"])
+
+    process = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = killed / "metaapo" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and any(r.get("iteration") == 2 and "phase" not in r for r in metrics(log)):
+            break  # a training step of iteration 2 is done
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metaapo" / "done.json").exists()
+    run_train(args + [f"--out_dir={killed}", "--resume"])
+
+    a = load_file(whole / "metaapo" / "model" / "model.safetensors")
+    b = load_file(killed / "metaapo" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = lambda path: [r["step"] for r in metrics(path) if "step" in r and "phase" not in r]  # noqa: E731
+    assert steps(killed / "metaapo" / "metrics.jsonl") == steps(whole / "metaapo" / "metrics.jsonl")  # no step logged twice
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base_run, tmp_path, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    shutil.rmtree(out / "dpo")
+    calls = {"n": 0}
+    real = losses.dpo_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        result = real(*args, **kwargs)
+        if calls["n"] >= 3:  # micro-batches 3+: the second optimizer step
+            return result._replace(losses=result.losses * float("nan"))
+        return result
+
+    monkeypatch.setattr(losses, "dpo_loss", poisoned)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match=r"\[dpo\] step 2 \(.*batch 1, dataset rows \[.*\]...\): loss nan.*last good checkpoint is kept"):
+        train.main(["--method=dpo", f"--out_dir={out}", "--save_every=1"] + TINY)
+    checkpoints = sorted(p.name for p in (out / "dpo" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000001"]
+    assert not (out / "dpo" / "done.json").exists()
+
+
+def test_iteration_without_augmented_tuples_is_skipped(base_run, tmp_path):
+    out = fresh_run(base_run, tmp_path)
+    run_train(["--method=metaapo", f"--out_dir={out}", "--sampling=threshold", "--threshold=-1e9"] + TINY)
+    stage = out / "metaapo-sampling_threshold"
+    records = metrics(stage / "metrics.jsonl")
+    assert [r["skipped"] for r in records if r.get("phase") == "train"] == ["no augmented tuple"] * 2
+    assert json.loads((stage / "done.json").read_text())["annotation_ratio"] == 0.0
+
+
+EVERY_METHOD = [["--method=ipo"], ["--method=kto"], ["--method=simpo"], ["--method=slic"], ["--method=selective_dpo"],
+                ["--method=online_dpo"], ["--method=selm"], ["--method=adpo"],
+                ["--method=metaapo", "--sampling=random"], ["--method=metaapo", "--sampling=all"],
+                ["--method=metaapo", "--weighting=uniform"], ["--method=metaapo", "--weighting=fixed"],
+                ["--method=metaapo", "--keep_unsampled"], ["--method=metaapo", "--meta_depth=5", "--meta_inputs=multi"],
+                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"]]
+
+
+def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
+    out = fresh_run(base_run, tmp_path)
+    monkeypatch.chdir(ROOT)
+    small = [a for a in TINY if not a.startswith("--max_train_pairs")] + ["--max_train_pairs=64", "--batch_size=8", "--micro_batch_size=8"]
+    for args in EVERY_METHOD:
+        argv = args + [f"--out_dir={out}"] + small
+        train.main(argv)
+        cfg = parse_config(argv)
+        stage = out / train.stage_name(cfg, cfg.method)
+        assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
+    assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
+    assert (out / "selective_dpo" / "half0" / "model").exists() and (out / "selective_dpo" / "final" / "model").exists()
+    selm = [r for r in metrics(out / "selm" / "metrics.jsonl") if r.get("phase") == "generate"]
+    assert all(r["annotation_ratio"] == pytest.approx(1.25) for r in selm)  # K + 2 candidates scored per prompt
