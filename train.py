@@ -556,7 +556,7 @@ class Loop:
 
 
 def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], loss_fn, loop: Loop, desc: str,
-             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None) -> None:
+             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None) -> list[dict]:
     """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
 
     Each rank takes a strided share of a batch and splits it into micro-batches; a rank with
@@ -564,10 +564,11 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
     batch_size is the global batch's size (pairs, or tokens when `sizes` says so). Gradients are
     synchronised only on the last micro-batch, clipped, and a non-finite loss or gradient stops
-    the run.
+    the run. Returns the records logged for each step.
     """
     cfg, rt = stage.cfg, stage.rt
     bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
+    records = []
     micro = cfg.micro_batch_size
     while loop.batch < len(batches):
         batch = batches[loop.batch]
@@ -608,11 +609,13 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
         if after_step is not None:
             record.update(after_step() or {})
         stage.log(record)
+        records.append(record)
         bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
         bar.update()
         if cfg.save_every and loop.step % cfg.save_every == 0 and save_state is not None:
             stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
     bar.close()
+    return records
 
 
 def normalise_metrics(sums: dict) -> dict:
@@ -1137,9 +1140,14 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             tic = time.time()
             batches = [b for e in range(cfg.epochs) for b in global_batches(shuffled(state.augmented, cfg.seed * 1000 + t * 10 + e), cfg.batch_size)]
             loss_fn, after_step = make_iterative_loss(cfg, method, policy, ref, meta, rt)
-            optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save, after_step,
-                     log_extra={"iteration": t + 1})
+            records = optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save,
+                               after_step, log_extra={"iteration": t + 1})
             state.times["training_s"] += time.time() - tic
+            if records:  # after a resume, the summary covers the steps run since
+                stage.log({"iteration": t + 1, "phase": "train", "steps": len(records), "time_s": time.time() - tic,
+                           **{f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
+                              for key in ("loss", "l_off", "l_on", "w", "meta_loss") if any(key in r for r in records)},
+                           "meta_updates": sum("meta_loss" in r for r in records)})
         else:
             stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
             print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")

@@ -131,6 +131,8 @@ def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     steps = [r for r in records if "step" in r and "phase" not in r]
     assert steps and all({"loss", "lr", "grad_norm", "l_off", "l_on", "w"} <= set(r) for r in steps)
     assert any("meta_loss" in r for r in steps) or len(steps) < 8
+    summaries = [r for r in records if r.get("phase") == "train"]
+    assert [r["iteration"] for r in summaries] == [1, 2] and all({"mean_loss", "mean_l_off", "mean_l_on", "mean_w"} <= set(r) for r in summaries)
     done = json.loads((stage / "done.json").read_text())
     assert 0 < done["annotation_ratio"] <= 1 and done["sampling_s"] > 0
 
