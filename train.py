@@ -76,6 +76,7 @@ class Config:
     method: str = "pipeline"  # one of METHODS; pipeline = every stage the run needs, then the results table
     out_dir: str = ""  # run directory; "" = out/<model>-seed<seed>; each stage writes <out_dir>/<stage>/
     seed: int = 0  # data order, initialisation, gating and sampling
+    data_seed: int = -1  # the toy task's data (out/toy/seed<N>); -1 = seed
     resume: bool = False  # continue unfinished stages from their latest checkpoint
     # --- data
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # preference pairs: file, directory or hub id
@@ -87,6 +88,7 @@ class Config:
     max_prompt_len: int = 2048  # prompts longer than this (in tokens) are dropped
     max_len: int = 4096  # prompt + response; longer responses are truncated
     # --- models
+    sft_model: str = ""  # the SFT model; "" = this run's sft stage (toy) or `model`
     reward_model: str = ""  # reward model path; "" = this run's rm stage
     policy: str = ""  # starting policy of metaapo and the online methods; "" = this run's dpo stage
     reference: str = ""  # reference of offline methods and of MetaAPO's first iteration; "" = the SFT model
@@ -148,9 +150,9 @@ class Config:
     eval_prompts: int = 0  # results table: held-out prompts used (0 = all)
 
 
-def toy_preset(seed: int) -> dict:
+def toy_preset(data_seed: int) -> dict:
     """The embedded toy task (data.py): tiny Llama, CPU, a few minutes end to end."""
-    root = Path("out/toy") / f"seed{seed}"  # built by data.ensure_toy_assets
+    root = Path("out/toy") / f"seed{data_seed}"  # built by data.ensure_toy_assets
     return dict(
         model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
         rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
@@ -161,8 +163,8 @@ def toy_preset(seed: int) -> dict:
 PRESETS = {
     "toy": toy_preset,
     # Table B.4; the reward model is a path argument (or this run's `rm` stage)
-    "tulu8b": lambda seed: dict(model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1),
-    "qwen7b": lambda seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
+    "tulu8b": lambda data_seed: dict(model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1),
+    "qwen7b": lambda data_seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
 }
 CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
            "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32")}
@@ -210,8 +212,10 @@ def parse_config(argv: list[str]) -> Config:
         i += 1
     cfg = Config()
     preset = overrides.get("model", cfg.model)
+    seed = overrides.get("seed", cfg.seed)
+    data_seed = overrides.get("data_seed", -1)
     if preset in PRESETS:
-        for key, value in PRESETS[preset](overrides.get("seed", cfg.seed)).items():
+        for key, value in PRESETS[preset](seed if data_seed < 0 else data_seed).items():
             setattr(cfg, key, value)
     for key, value in overrides.items():
         if not (key == "model" and preset in PRESETS):
@@ -258,6 +262,7 @@ class Runtime:
 def setup_distributed(cfg: Config) -> Runtime:
     """torchrun's environment -> a process group (NCCL on CUDA, gloo on CPU); none without torchrun."""
     rt = Runtime()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a single process is intended
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rt.rank, rt.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         rt.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -740,7 +745,7 @@ def train_pairs(cfg: Config, rt: Runtime, tokenizer, max_len: int | None = None)
 
 
 def sft_path(cfg: Config) -> str:
-    return str(Path(cfg.out_dir) / "sft" / "model") if cfg.init_from_config else cfg.model
+    return cfg.sft_model or (str(Path(cfg.out_dir) / "sft" / "model") if cfg.init_from_config else cfg.model)
 
 
 def reward_path(cfg: Config) -> str:
@@ -1118,6 +1123,11 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
                                                   offline=pool if method == "selm" else None)  # line 10: best / worst by r
             free(rm.model)
             augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected)  # line 11: D_aug
+            if rt.main:  # per-tuple decisions, for evaluate.py's plots
+                paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
+                data.write_jsonl(stage.dir / f"iter{t + 1}" / "gating.jsonl", [
+                    {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "w": weights[i] if weights else None,
+                     "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
             ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if method == "selm" else 1.0)
             phase_stats = {"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
                            "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
@@ -1153,6 +1163,8 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
         # line 22: the policy after iteration t, exported; the next iteration starts from it
         export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.")
+        if meta is not None and rt.main:
+            torch.save(meta.state_dict(), stage.dir / f"iter{t + 1}" / "meta_learner.pt")
         step = loop.step
         state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None, phase_stats={})
         loop = Loop(step=step)
@@ -1235,7 +1247,7 @@ def ensure_stage(cfg: Config, rt: Runtime, method: str) -> dict:
 def run_pipeline(cfg: Config, rt: Runtime) -> None:
     """Every stage MetaAPO needs, then the results table."""
     summaries = {}
-    if cfg.init_from_config:
+    if cfg.init_from_config and not cfg.sft_model:
         summaries["SFT"] = ensure_stage(cfg, rt, "sft")
     if not cfg.reward_model:
         summaries["RM"] = ensure_stage(cfg, rt, "rm")
@@ -1255,7 +1267,6 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
 def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()  # our own bars are enough
     transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" for the reward model, on purpose
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in a single process is intended
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
@@ -1264,7 +1275,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if cfg.preset == "toy":
             if rt.main:
-                data.ensure_toy_assets(cfg.seed)
+                data.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
             barrier(rt)
         print0(rt, json.dumps(config_dict(cfg), indent=2))
         started = time.time()

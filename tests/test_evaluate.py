@@ -1,0 +1,171 @@
+"""evaluate.py: benchmark answer files (field by field), reward statistics and implicit-reward
+accuracy, the comparison's aggregation and a small end-to-end --compare with plots."""
+
+import builtins
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import data
+import evaluate
+import losses
+from test_train import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATION = ["--max_new_tokens=6", "--max_prompt_len=16", "--max_len=40", "--generator=transformers", "--gen_batch_size=8"]
+
+
+def test_alpaca_eval_answers(toy_dir, tmp_path):
+    questions = [{"instruction": "ascending : c a b", "output": "a b c", "generator": "gpt4_turbo", "dataset": "helpful_base"},
+                 {"instruction": "descending : d b", "output": "d b", "generator": "gpt4_turbo"}]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(questions))
+    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path / 'out'}"] + GENERATION)
+    answers = json.loads((tmp_path / "out" / "alpaca_eval" / "tiny.json").read_text())
+    assert len(answers) == 2
+    for question, answer in zip(questions, answers):
+        assert set(answer) == {"instruction", "output", "generator", "dataset"}
+        assert answer["instruction"] == question["instruction"] and answer["generator"] == "tiny"
+        assert isinstance(answer["output"], str)
+    assert answers[0]["dataset"] == "helpful_base" and answers[1]["dataset"] == ""
+
+
+def test_arena_hard_answers(toy_dir, tmp_path):
+    questions = [{"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1", "cluster": "sorting", "turns": [{"content": "ascending : c a b"}]},
+                 {"question_id": "q2", "category": "arena-hard-v0.1", "cluster": "sorting", "turns": [{"content": "descending : j a"}]}]
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(toy_dir)
+    assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]
+    for row in rows:
+        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert re.fullmatch(r"[0-9a-f]{32}", row["answer_id"]) and row["model_id"] == "tiny" and isinstance(row["tstamp"], float)
+        (choice,) = row["choices"]
+        assert choice["index"] == 0 and len(choice["turns"]) == 1
+        turn = choice["turns"][0]
+        assert isinstance(turn["content"], str) and turn["token_len"] == len(tokenizer(turn["content"], add_special_tokens=False)["input_ids"])
+    # greedy by default: the same answers again
+    evaluate.main([f"--model={toy_dir}", "--name=again", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
+    again = [json.loads(line) for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "again.jsonl").read_text().splitlines()]
+    assert [r["choices"][0]["turns"][0]["content"] for r in again] == [r["choices"][0]["turns"][0]["content"] for r in rows]
+
+
+def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, monkeypatch):
+    questions = [{"question_id": 81, "category": "writing", "turns": ["ascending : c a b", "descending : c a b"]},
+                 {"question_id": 111, "category": "math", "turns": ["ascending : e d", "ascending : f g"]}]
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    calls = []
+    real = evaluate.generate_answers
+
+    def recording(cfg, rt, model_path, conversations, temperature, seed):
+        calls.append(([list(c) for c in conversations], temperature))
+        return real(cfg, rt, model_path, conversations, temperature, seed)
+
+    monkeypatch.setattr(evaluate, "generate_answers", recording)
+    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "mt_bench" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [81, 111]
+    for row in rows:
+        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"} and row["model_id"] == "tiny"
+        assert row["choices"][0]["index"] == 0 and len(row["choices"][0]["turns"]) == 2
+        assert all(isinstance(t, str) for t in row["choices"][0]["turns"])
+    assert sorted(t for _, t in calls) == [0.0, 0.0, 0.7, 0.7]  # math greedy, writing 0.7, both turns
+    second_turn_writing = next(c for c, t in calls if t == 0.7 and len(c[0]) == 3)[0]
+    assert [m["role"] for m in second_turn_writing] == ["user", "assistant", "user"]
+    assert second_turn_writing[1]["content"] == rows[0]["choices"][0]["turns"][0]
+
+
+def test_bad_question_file_names_file_and_line(toy_dir, tmp_path):
+    (tmp_path / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": [{"content": "x"}]}) + "\n" + json.dumps({"turns": []}) + "\n")
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'question.jsonl'}:2: an Arena-Hard question needs"):
+        evaluate.main([f"--model={toy_dir}", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path}"] + GENERATION)
+
+
+def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
+    reference = tmp_path / "reference"
+    torch.manual_seed(5)
+    LlamaForCausalLM(data.toy_model_config(AutoTokenizer.from_pretrained(toy_dir))).save_pretrained(reference)
+    AutoTokenizer.from_pretrained(toy_dir).save_pretrained(reference)
+    rows = data.make_toy_rows(0, {"test_prefs": 12})["test_prefs"]
+    data.write_jsonl(tmp_path / "set" / "test_prefs.jsonl", rows)
+    evaluate.main([f"--model={toy_dir}", f"--reward_model={toy_rm_dir}", f"--reference={reference}", "--reward_stats",
+                   f"--dataset={tmp_path / 'set'}", "--test_split=test_prefs", f"--out={tmp_path / 'out'}", "--temperature=1.0"] + GENERATION)
+    stats = json.loads((tmp_path / "out" / "reward_stats.json").read_text())
+    assert stats["prompts"] == 12 and stats["pairs"] == 12
+    assert np.isfinite(stats["reward_mean"]) and stats["reward_std"] >= 0 and 0 <= stats["win_rate_vs_chosen"] <= 1
+    # the implicit accuracy against a naive computation with the HF models
+    policy, ref = LlamaForCausalLM.from_pretrained(toy_dir), LlamaForCausalLM.from_pretrained(reference)
+    tokenizer = AutoTokenizer.from_pretrained(toy_dir)
+    pairs, _ = data.tokenize_preferences(data.load_preferences(tmp_path / "set", "test_prefs")[0], tokenizer, 16, 40)
+    batch = data.collate_preferences(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = losses.naive_sequence_logprobs(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"], batch["response_mask"])
+        lr = losses.naive_sequence_logprobs(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"], batch["response_mask"])
+    n = len(pairs)
+    expected = ((lp[:n] - lr[:n]) > (lp[n:] - lr[n:])).float().mean().item()
+    assert stats["implicit_reward_accuracy"] == pytest.approx(expected)
+
+
+def test_win_rate_counts_ties_half():
+    assert evaluate.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+
+
+def test_results_markdown_tables():
+    def stat(mean, std):
+        return {"mean": mean, "std": std}
+
+    rows = {label: {"method": method, "args": extra, "gold": stat(8.0 + i / 10, 0.05), "win_rate": stat(0.5 + i / 100, 0.01),
+                    "annotation_ratio": stat(0.5, 0.1) if method in ("metaapo", "online_dpo") else None,
+                    "sampling_s": stat(10.0, 1.0) if method in ("metaapo", "online_dpo") else None, "training_s": stat(5.0, 0.5), "per_seed": []}
+            for i, (label, method, extra) in enumerate(evaluate.COMPARE_ROWS)}
+    text = evaluate.results_markdown({"seeds": [0, 1, 2], "train_args": ["--max_train_pairs=2400"], "minutes": 12.3, "rows": rows}, [], Path("out"))
+    assert "## Methods (the paper's Table 1)" in text and "## MetaAPO ablations (Table 2)" in text and "## Time (Table 8)" in text
+    assert "| DPO | 8.100 ± 0.050 | 51.0 ± 1.0% | - |" in text
+    assert "| MetaAPO | 8.700 ± 0.050 | 57.0 ± 1.0% | 50.0 ± 10.0% |" in text
+    ablations = text[text.index("Table 2"): text.index("Table 8")]
+    assert "w/ random sampling" in ablations and "Online DPO" not in ablations
+    assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
+
+
+def test_missing_matplotlib_is_a_clear_message(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="the plots need matplotlib, an optional dependency: pip install matplotlib"):
+        evaluate._pyplot()
+
+
+def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(evaluate, "COMPARE_TRAIN_ARGS", [])
+    out = tmp_path / "compare"
+    args = ["--compare", "--seeds=0,1", "--methods=DPO,MetaAPO", f"--compare_out={out}", "--scatter_prompts=8", "--eval_prompts=24"] + [
+        a for a in TINY if not a.startswith("--eval_prompts")]
+    evaluate.main(args)
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and list(results["rows"]) == ["SFT", "DPO", "MetaAPO"]
+    for label in ("DPO", "MetaAPO"):
+        row = results["rows"][label]
+        assert len(row["per_seed"]) == 2 and 0 <= row["gold"]["mean"] <= 10 and row["gold"]["std"] >= 0
+        assert row["gold"]["mean"] == pytest.approx(np.mean([r["gold"] for r in row["per_seed"]]))
+    assert 0 < results["rows"]["MetaAPO"]["annotation_ratio"]["mean"] <= 1
+    assert (out / "shared" / "rm" / "done.json").exists() and (out / "seed1" / "metaapo" / "done.json").exists()
+    assert not (out / "seed1" / "sft").exists()  # the SFT model is shared
+    text = (out / "results.md").read_text()
+    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+        assert (out / plot).exists() and (out / plot).stat().st_size > 1000 and f"]({plot})" in text
+    # a second call reads the finished runs instead of training again
+    before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime
+    evaluate.main(args)
+    assert (out / "seed0" / "metaapo" / "done.json").stat().st_mtime == before
