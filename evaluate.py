@@ -91,7 +91,8 @@ def generate_answers(cfg: train.Config, rt: train.Runtime, model_path: str, conv
     prompts = [data.encode_prompt(tokenizer, c) for c in conversations]
     answer_cfg = dataclasses.replace(cfg, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0)
     generations = train.distributed_generate(policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir))
-    train.free(policy)
+    del policy
+    train.release_memory()
     return [g[0].text for g in generations], tokenizer
 
 
@@ -271,7 +272,8 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
     rm = train.load_reward_model(reward_path, cfg, rt)
     generated = rm.score([p.prompt for p in pairs], answers)
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
-    train.free(rm.model)
+    del rm
+    train.release_memory()
     return {"prompts": len(pairs), "reward_mean": float(np.mean(generated)), "reward_std": float(np.std(generated)),
             "win_rate_vs_chosen": win_rate(generated, chosen), "chosen_reward_mean": float(np.mean(chosen))}
 
@@ -282,7 +284,8 @@ def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     ref = train.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
     pairs, _ = train.load_pairs(cfg, rt, tokenizer, cfg.test_split)
     scores = train.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
-    train.free(policy, ref)
+    del policy, ref
+    train.release_memory()
     return {"pairs": len(pairs), "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, chosen, rejected in scores]))}
 
 
@@ -301,6 +304,13 @@ def _pyplot():
     return plt
 
 
+def _save(figure, path: Path, plt) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_meta_curves(stage: Path, plt) -> Path:
     """Fig. 3 right: h(l) at initialisation and after each iteration (the `multi` input is
     plotted with both log-ratios at 0)."""
@@ -317,11 +327,7 @@ def plot_meta_curves(stage: Path, plt) -> Path:
     axis.set_xlabel("offline preference score l_off")
     axis.set_ylabel("meta weight h(l_off)")
     axis.legend()
-    figure.tight_layout()
-    out = stage / "meta_curves.png"
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, stage / "meta_curves.png", plt)
 
 
 def plot_sampling_scatter(cfg, rt, stage: Path, method: str, iteration: int, n: int, plt) -> Path:
@@ -352,17 +358,14 @@ def plot_sampling_scatter(cfg, rt, stage: Path, method: str, iteration: int, n: 
         online_scores = train.pair_scores(policy, ref, online_items, cfg, rt)
         x = np.array([s[0] for s in offline_scores])
         axis.scatter(x, np.array([s[0] for s in online_scores]) - x, s=8, alpha=0.6, color=color, label=f"{label} ({len(kept)})")
-    train.free(policy, ref, rm.model)
+    del policy, ref, rm
+    train.release_memory()
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_xlabel("offline preference score l_off")
     axis.set_ylabel("potential gain l_on - l_off")
     axis.set_title(f"iteration {iteration}")
     axis.legend()
-    figure.tight_layout()
-    out = stage / f"sampling_scatter_iter{iteration}.png"
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, stage / f"sampling_scatter_iter{iteration}.png", plt)
 
 
 def plot_over_iterations(cfg, rt, stage: Path, plt, toy: bool) -> Path:
@@ -385,11 +388,7 @@ def plot_over_iterations(cfg, rt, stage: Path, plt, toy: bool) -> Path:
         axis.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     else:
         axis.legend()
-    figure.tight_layout()
-    out = stage / "over_iterations.png"
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, stage / "over_iterations.png", plt)
 
 
 def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:

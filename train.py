@@ -375,9 +375,9 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
 
 
-def free(*models) -> None:
-    for model in models:
-        del model
+def release_memory() -> None:
+    """Give back the memory of models the caller has just deleted (`del model` first: a model
+    still referenced anywhere stays in memory)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -638,6 +638,20 @@ def global_batches(items: list, batch_size: int) -> list[list]:
     return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
+def epoch_batches(items: list, epochs: int, batch_size: int, seed: int) -> list[list]:
+    """Global batches of `epochs` passes over `items`, pass e shuffled with seed + e."""
+    return [b for epoch in range(epochs) for b in global_batches(shuffled(items, seed + epoch), batch_size)]
+
+
+def prepare_pass(stage: Stage, latest: Path | None, model, lr: float, steps: int, cfg: Config):
+    """AdamW and its schedule over `steps`, restored with the model from `latest` when resuming;
+    returns (optimizer, scheduler, loop)."""
+    optimizer = make_optimizer(model, lr, cfg)
+    scheduler = make_scheduler(optimizer, steps, cfg)
+    loop = Loop(**stage.load_checkpoint(latest, model, optimizer, scheduler)["loop"]) if latest is not None else Loop()
+    return optimizer, scheduler, loop
+
+
 # ==============================================================================================
 # Loss functions. Each gets this rank's micro-batch, per-item weights (0 = padding) and the
 # size of the whole global batch, and returns the loss to backward plus metric sums. The loss is
@@ -782,12 +796,8 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, tokenizer, cfg.max_prompt_len, cfg.max_len)
     print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
-    batches = [b for epoch in range(cfg.sft_epochs) for b in global_batches(shuffled(tokenized, cfg.seed * 1000 + epoch), cfg.sft_batch_size)]
-    optimizer = make_optimizer(model, cfg.sft_lr, cfg)
-    scheduler = make_scheduler(optimizer, len(batches), cfg)
-    loop = Loop()
-    if latest is not None:
-        loop = Loop(**stage.load_checkpoint(latest, model, optimizer, scheduler)["loop"])
+    batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, cfg.seed * 1000)
+    optimizer, scheduler, loop = prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
 
     def sft_loss(items, weights, n_tokens, world):
         batch = data.collate_sft(items, tokenizer.pad_token_id)
@@ -800,7 +810,6 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
     export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": time.time() - started, "steps": loop.step}
     stage.finish(summary)
-    free(model)
     return summary
 
 
@@ -811,12 +820,8 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     started = time.time()
     rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
     pairs, _ = train_pairs(cfg, rt, rm.tokenizer, max_len=min(cfg.max_len, cfg.rm_max_len))
-    batches = global_batches(shuffled(pairs, cfg.seed), cfg.rm_batch_size)
-    optimizer = make_optimizer(rm.model, cfg.rm_lr, cfg)
-    scheduler = make_scheduler(optimizer, len(batches), cfg)
-    loop = Loop()
-    if latest is not None:
-        loop = Loop(**stage.load_checkpoint(latest, rm.model, optimizer, scheduler)["loop"])
+    batches = epoch_batches(pairs, 1, cfg.rm_batch_size, cfg.seed)
+    optimizer, scheduler, loop = prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
 
     def rm_loss(items, weights, batch_size, world):
         batch = data.collate_preferences(items, rm.tokenizer.pad_token_id)
@@ -833,7 +838,6 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     stage.log({"phase": "eval", "test_accuracy": accuracy})
     print0(rt, f"[rm] preference accuracy on {cfg.test_split}: {accuracy:.3f}")
     stage.finish(summary)
-    free(rm.model)
     return summary
 
 
@@ -859,18 +863,13 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
     pairs, _ = train_pairs(cfg, rt, tokenizer)
     if keep is not None:
         pairs = keep(pairs)
-    batches = [b for epoch in range(cfg.epochs) for b in global_batches(shuffled(pairs, cfg.seed * 1000 + epoch), cfg.batch_size)]
-    optimizer = make_optimizer(policy, cfg.lr, cfg)
-    scheduler = make_scheduler(optimizer, len(batches), cfg)
-    loop = Loop()
-    if latest is not None:
-        loop = Loop(**stage.load_checkpoint(latest, policy, optimizer, scheduler)["loop"])
+    batches = epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000)
+    optimizer, scheduler, loop = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
     optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt), loop,
              f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
     export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": time.time() - started, "steps": loop.step, "pairs": len(pairs)}
     stage.finish(summary)
-    free(policy, ref)
     return summary
 
 
@@ -919,8 +918,9 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
             mine = sorted(order[k::2])
             scores = pair_scores(other, ref, [pairs[i] for i in mine], dataclasses.replace(cfg, objective="dpo"), rt)
             validation_loss.update({i: -score[0] for i, score in zip(mine, scores)})
-            free(other)
-        free(ref)
+            del other
+        del ref
+        release_memory()
         kept = set(sorted(validation_loss, key=validation_loss.get)[: max(1, round(cfg.keep_ratio * len(pairs)))])
         print0(rt, f"[selective_dpo] keeping {len(kept)} of {len(pairs)} pairs (lowest DPO loss under the other half's model)")
         run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: [p for i, p in enumerate(ps) if i in kept])
@@ -1032,10 +1032,10 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
         offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
         features = meta_features(offline_score, ratios[0], ratios[1], inputs=cfg.meta_inputs)
-        w = meta.loss_weights(features)  # line 16: w = h(l_off) with the current theta, a constant in Eq. 5
+        w = meta.loss_weights(features)  # Alg. 1 line 16: w = h(l_off) with the current theta, a constant in Eq. 5
         fixed = torch.tensor([-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device)
         w = torch.where(fixed >= 0, fixed, w)
-        total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights).sum()  # line 17, Eq. 5
+        total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights).sum()  # Alg. 1 line 17: Eq. 5
         buffered = (weights > 0) & (fixed < 0)  # real tuples with a real online pair
         step_scores["offline"].append(offline_score.detach()[buffered].cpu())
         step_scores["online"].append(online_score.detach()[buffered].cpu())
@@ -1050,11 +1050,11 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
     def after_step():
         if method != "metaapo":
             return {}
-        # line 18: this step's detached (l_off, l_on) go to the meta buffer
+        # Alg. 1 line 18: this step's detached (l_off, l_on) go to the meta buffer
         meta.buffer.append(torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"]))
         for scores in step_scores.values():
             scores.clear()
-        if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
+        if meta.ready():  # Alg. 1 lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
             return meta.update()
         return {}
 
@@ -1083,17 +1083,17 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(warm_policy_path(cfg))
     offline, raw = train_pairs(cfg, rt, tokenizer)
-    chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # line 2: D_off shuffled, cut into D_1..D_T
+    chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
     meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting,
                           cfg.threshold, seed=cfg.seed, device=rt.device) if method == "metaapo" else None
     state = IterationState(**torch.load(latest / "state.pt", weights_only=False)["iteration_state"]) if latest else IterationState()
     step = state.loop["step"]
-    for t in range(state.iteration, cfg.iterations):  # line 3
+    for t in range(state.iteration, cfg.iterations):  # for t = 1..T
         policy_path, ref_path = iteration_paths(cfg, stage, method, t)
         policy, _ = load_logprob_model(policy_path, cfg, rt, trainable=True)
         ref = load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
         optimizer = make_optimizer(policy, cfg.lr, cfg)  # fresh each iteration, as in the reference implementation
-        scheduler = None
+        scheduler = loss_fn = after_step = None
         if latest is not None:  # resuming inside this iteration
             if meta is not None and state.meta is not None:
                 meta.load_state_dict(state.meta)
@@ -1108,21 +1108,22 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
                                             "meta": meta.state_dict() if meta is not None else None}}
         loop = Loop(**state.loop)
         if state.augmented is None:
-            # ---- phase 1: meta-weighted adaptive online sampling (lines 4-11)
+            # ---- phase 1: meta-weighted adaptive online sampling (Alg. 1 lines 5-13)
             tic = time.time()
             chunk = chunks[t]
-            scores = pair_scores(policy, ref, chunk, cfg, rt)  # line 5: l_off under (pi_theta, pi_ref)
+            scores = pair_scores(policy, ref, chunk, cfg, rt)  # l_off of every tuple under (pi_theta, pi_ref), Eq. 4
             features = meta_features(*[torch.tensor(column) for column in zip(*scores)], inputs=cfg.meta_inputs)
-            selected, weights = select_for_generation(cfg, method, meta, features)  # lines 6-8
+            selected, weights = select_for_generation(cfg, method, meta, features)  # Alg. 1 lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
             chosen = [i for i, s in enumerate(selected) if s]
             generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
-                                               cfg, rt, cfg.seed * 1000 + t, stage.dir)  # line 9: K responses
+                                               cfg, rt, cfg.seed * 1000 + t, stage.dir)  # Alg. 1 line 9: K responses from the current policy
             rm = load_reward_model(reward_path(cfg), cfg, rt)
             pool = [((raw[chunk[i].index].chosen, chunk[i].chosen_ids), (raw[chunk[i].index].rejected, chunk[i].rejected_ids)) for i in chosen]
             pairs, pair_stats = make_online_pairs([raw[chunk[i].index].prompt for i in chosen], generations, rm,
-                                                  offline=pool if method == "selm" else None)  # line 10: best / worst by r
-            free(rm.model)
-            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected)  # line 11: D_aug
+                                                  offline=pool if method == "selm" else None)  # Alg. 1 lines 10-11: ranked by r, best and worst
+            del rm  # phase 2 does not need it
+            release_memory()
+            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected)  # Alg. 1 line 12: D_aug
             if rt.main:  # per-tuple decisions, for evaluate.py's plots
                 paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
                 data.write_jsonl(stage.dir / f"iter{t + 1}" / "gating.jsonl", [
@@ -1145,10 +1146,10 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             state.augmented, state.phase_stats = augmented, phase_stats
             scheduler = make_scheduler(optimizer, max(1, math.ceil(len(augmented) / cfg.batch_size) * cfg.epochs), cfg)
             stage.save_checkpoint(loop.step, policy, optimizer, scheduler, save())  # phase boundary
-        # ---- phase 2: meta-weighted preference optimisation, one epoch over D_aug (lines 12-21)
+        # ---- phase 2: meta-weighted preference optimisation, one epoch over D_aug (Alg. 1 lines 14-22)
         if state.augmented:
             tic = time.time()
-            batches = [b for e in range(cfg.epochs) for b in global_batches(shuffled(state.augmented, cfg.seed * 1000 + t * 10 + e), cfg.batch_size)]
+            batches = epoch_batches(state.augmented, cfg.epochs, cfg.batch_size, cfg.seed * 1000 + t * 10)
             loss_fn, after_step = make_iterative_loss(cfg, method, policy, ref, meta, rt)
             records = optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save,
                                after_step, log_extra={"iteration": t + 1})
@@ -1161,7 +1162,7 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         else:
             stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
             print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
-        # line 22: the policy after iteration t, exported; the next iteration starts from it
+        # the policy after iteration t, exported: the next iteration starts from it (and later uses it as its reference)
         export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.")
         if meta is not None and rt.main:
             torch.save(meta.state_dict(), stage.dir / f"iter{t + 1}" / "meta_learner.pt")
@@ -1169,7 +1170,8 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None, phase_stats={})
         loop = Loop(step=step)
         stage.save_checkpoint(step, policy, optimizer, scheduler, save())  # phase boundary: iteration t done
-        free(policy, ref)
+        del policy, ref, optimizer, scheduler, loss_fn, after_step  # all hold the models: gone before the next iteration loads its own
+        release_memory()
     if rt.main:
         shutil.rmtree(stage.model_dir, ignore_errors=True)
         shutil.copytree(stage.dir / f"iter{cfg.iterations}" / "model", stage.model_dir)
@@ -1191,7 +1193,8 @@ def evaluate_policy_gold(path: str, cfg: Config, rt: Runtime, prompts: list[list
     policy, tokenizer = load_logprob_model(path, cfg, rt, trainable=False)
     generations = distributed_generate(policy, tokenizer, prompts, path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir),
                                        backend="transformers")
-    free(policy)
+    del policy
+    release_memory()
     return toy_gold_judge().score([m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g])
 
 
@@ -1241,7 +1244,9 @@ def ensure_stage(cfg: Config, rt: Runtime, method: str) -> dict:
     if done.exists():
         print0(rt, f"[{name}] already done ({done})")
         return json.loads(done.read_text())
-    return run_method(cfg, rt, method)
+    summary = run_method(cfg, rt, method)
+    release_memory()  # the stage's models died with it
+    return summary
 
 
 def run_pipeline(cfg: Config, rt: Runtime) -> None:
