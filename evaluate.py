@@ -21,7 +21,7 @@ What it does
   unsampled prompts (l_off against l_on - l_off), gold score and online reward over iterations.
 
 Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (~25 minutes on 2 CPU cores)
+    python evaluate.py --compare                         # toy tables, 3 seeds (21 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4
     python evaluate.py --plots=out/toy-seed0/metaapo     # PNGs in that directory
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
@@ -319,11 +319,16 @@ def plot_meta_curves(stage: Path, plt) -> Path:
     scores = torch.linspace(-8, 0.5, 200)
     grid = scores[:, None] if inputs == "score" else torch.stack([scores, torch.zeros_like(scores), torch.zeros_like(scores)], 1)
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(scores, MetaLearner(depth, inputs)(grid).detach(), color="gray", label="initial")
+    previous = MetaLearner(depth, inputs)(grid).detach()
+    axis.plot(scores, previous, color="gray", label="initial")
     for path in sorted(stage.glob("iter*/meta_learner.pt"), key=lambda p: int(p.parent.name[4:])):
         controller = MetaController(depth, inputs)
         controller.load_state_dict(torch.load(path, weights_only=False))
-        axis.plot(scores, controller.learner(grid).detach(), label=f"after {path.parent.name.replace('iter', 'iteration ')}")
+        curve = controller.learner(grid).detach()
+        unchanged = torch.equal(curve, previous)  # fewer than T_meta steps in that iteration: no meta update
+        label = f"after {path.parent.name.replace('iter', 'iteration ')}" + (" (no meta update)" if unchanged else "")
+        axis.plot(scores, curve, linestyle="--" if unchanged else "-", label=label)
+        previous = curve
     axis.set_xlabel("offline preference score l_off")
     axis.set_ylabel("meta weight h(l_off)")
     axis.legend()
