@@ -23,7 +23,7 @@ What it does
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (21 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4
-    python evaluate.py --plots=out/toy-seed0/metaapo     # PNGs in that directory
+    python evaluate.py --plots=out/toy-seed0/metaapo     # PNGs in that directory, with the stage's config.json
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
     python evaluate.py --model=PATH --reward_model=RM --reward_stats --reference=SFT     # on test_prefs
@@ -84,15 +84,28 @@ MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
 # Generation and scores shared by the evaluations
 
 
+def load_generator(cfg: train.Config, rt: train.Runtime, model_path: str) -> tuple[object, object]:
+    """(policy, tokenizer) for generate_answers; the policy is None with the vLLM generator, whose
+    workers load the checkpoint themselves."""
+    if cfg.generator == "vllm":
+        from transformers import AutoTokenizer
+
+        return None, AutoTokenizer.from_pretrained(model_path)
+    return train.load_logprob_model(model_path, cfg, rt, trainable=False)
+
+
 def generate_answers(cfg: train.Config, rt: train.Runtime, model_path: str, conversations: list[list[dict]], temperature: float,
-                     seed: int) -> tuple[list[str], object]:
-    """One answer per conversation (greedy at temperature 0), on every rank; and the tokenizer."""
-    policy, tokenizer = train.load_logprob_model(model_path, cfg, rt, trainable=False)
+                     seed: int, loaded: tuple | None = None) -> tuple[list[str], object]:
+    """One answer per conversation (greedy at temperature 0), on every rank; and the tokenizer.
+    `loaded`: (policy, tokenizer) from load_generator, kept by the caller for further calls;
+    without it they are loaded here and released after."""
+    policy, tokenizer = loaded or load_generator(cfg, rt, model_path)
     prompts = [data.encode_prompt(tokenizer, c) for c in conversations]
     answer_cfg = dataclasses.replace(cfg, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0)
     generations = train.distributed_generate(policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir))
-    del policy
-    train.release_memory()
+    if loaded is None:
+        del policy
+        train.release_memory()
     return [g[0].text for g in generations], tokenizer
 
 
@@ -140,9 +153,8 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
     for seed in seeds:
         args = seed_args(out, seed, train_args)
-        base = train.parse_config(args)
-        eval_cfg = dataclasses.replace(base, seed=seed)
-        baseline = gold_scores(eval_cfg, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
+        base = train.parse_config(args)  # --seed=seed is among args
+        baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
             if method is None:
                 per_seed[label].append({"gold": float(np.mean(baseline)), "win": 0.5, **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"}})
@@ -150,7 +162,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
             cfg = train.parse_config(args + [f"--method={method}", *extra])
             summary = train.ensure_stage(cfg, rt, method)
             name = train.stage_name(cfg, method)
-            scores = gold_scores(eval_cfg, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json")
+            scores = gold_scores(base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json")
             per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
             train.print0(rt, f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT {win_rate(scores, baseline):.1%}")
     results = {"seeds": seeds, "train_args": train_args, "shared": stage_times, "minutes": (time.time() - started) / 60, "rows": {}}
@@ -205,9 +217,8 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
 
 def alpaca_eval_answers(cfg, rt, model_path: str, questions_path: str, name: str, temperature: float) -> list[dict]:
     """AlpacaEval 2: the question file is a list of {"instruction", ...}; the answers keep its order."""
-    questions = json.loads(Path(questions_path).read_text())
-    if not isinstance(questions, list) or not all(isinstance(q, dict) and isinstance(q.get("instruction"), str) for q in questions):
-        raise data.DataError(f"{questions_path}: an AlpacaEval question file is a JSON list of objects with an 'instruction' string")
+    questions = _read_questions(questions_path, lambda q: None if isinstance(q, dict) and isinstance(q.get("instruction"), str)
+                                else "an AlpacaEval question needs an 'instruction' string")
     answers, _ = generate_answers(cfg, rt, model_path, [[{"role": "user", "content": q["instruction"]}] for q in questions], temperature, cfg.seed)
     return [{"instruction": q["instruction"], "output": a, "generator": name, "dataset": q.get("dataset", "")} for q, a in zip(questions, answers)]
 
@@ -245,6 +256,7 @@ def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -
                                 else "an MT-Bench question needs 'question_id' and 'turns': [str, ...]")
     conversations = [[] for _ in questions]
     turns = [[] for _ in questions]
+    loaded = load_generator(cfg, rt, model_path)  # once for every turn and temperature
     for turn in range(max(len(q["turns"]) for q in questions)):
         by_temperature: dict[float, list[int]] = {}
         for i, q in enumerate(questions):
@@ -253,10 +265,12 @@ def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -
         for temperature, indices in sorted(by_temperature.items()):
             for i in indices:
                 conversations[i].append({"role": "user", "content": questions[i]["turns"][turn]})
-            answers, _ = generate_answers(cfg, rt, model_path, [conversations[i] for i in indices], temperature, cfg.seed + turn)
+            answers, _ = generate_answers(cfg, rt, model_path, [conversations[i] for i in indices], temperature, cfg.seed + turn, loaded)
             for i, answer in zip(indices, answers):
                 conversations[i].append({"role": "assistant", "content": answer})
                 turns[i].append(answer)
+    del loaded
+    train.release_memory()
     return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name, "choices": [{"index": 0, "turns": t}],
              "tstamp": time.time()} for q, t in zip(questions, turns)]
 
@@ -304,14 +318,16 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path, plt) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+def _save(figure, path: Path, plt, rt: train.Runtime) -> Path:
+    """Write the figure (the main rank only; every rank computed it, the data may need collectives)."""
+    if rt.main:
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-def plot_meta_curves(stage: Path, plt) -> Path:
+def plot_meta_curves(rt, stage: Path, plt) -> Path:
     """Fig. 3 right: h(l) at initialisation and after each iteration (the `multi` input is
     plotted with both log-ratios at 0)."""
     config = json.loads((stage / "config.json").read_text())
@@ -332,7 +348,7 @@ def plot_meta_curves(stage: Path, plt) -> Path:
     axis.set_xlabel("offline preference score l_off")
     axis.set_ylabel("meta weight h(l_off)")
     axis.legend()
-    return _save(figure, stage / "meta_curves.png", plt)
+    return _save(figure, stage / "meta_curves.png", plt, rt)
 
 
 def plot_sampling_scatter(cfg, rt, stage: Path, method: str, iteration: int, n: int, plt) -> Path:
@@ -370,7 +386,7 @@ def plot_sampling_scatter(cfg, rt, stage: Path, method: str, iteration: int, n: 
     axis.set_ylabel("potential gain l_on - l_off")
     axis.set_title(f"iteration {iteration}")
     axis.legend()
-    return _save(figure, stage / f"sampling_scatter_iter{iteration}.png", plt)
+    return _save(figure, stage / f"sampling_scatter_iter{iteration}.png", plt, rt)
 
 
 def plot_over_iterations(cfg, rt, stage: Path, plt, toy: bool) -> Path:
@@ -393,14 +409,33 @@ def plot_over_iterations(cfg, rt, stage: Path, plt, toy: bool) -> Path:
         axis.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     else:
         axis.legend()
-    return _save(figure, stage / "over_iterations.png", plt)
+    return _save(figure, stage / "over_iterations.png", plt, rt)
+
+
+def stage_config(stage: Path, argv: list[str]) -> train.Config:
+    """The config a stage was trained with (its config.json), with the train.py keys given in
+    `argv` on top. The run directory is the stage's parent, wherever it lies now."""
+    path = stage / "config.json"
+    if not path.exists():
+        raise SystemExit(f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run")
+    recorded = json.loads(path.read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(train.Config)}
+    values = {key: tuple(value) if isinstance(defaults[key], tuple) else value for key, value in recorded.items() if key in defaults}
+    cfg = train.Config(**{**values, "out_dir": str(stage.parent)})
+    cfg.preset = recorded.get("preset", "")
+    given = train.parse_config(argv)
+    for arg in argv:
+        key = arg[2:].partition("=")[0]
+        if arg.startswith("--") and key in defaults:
+            setattr(cfg, key, getattr(given, key))
+    return cfg
 
 
 def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
     plt = _pyplot()
     config = json.loads((stage / "config.json").read_text())
     method = config["method"] if config["method"] != "pipeline" else "metaapo"
-    plots = [plot_meta_curves(stage, plt)] if list(stage.glob("iter*/meta_learner.pt")) else []
+    plots = [plot_meta_curves(rt, stage, plt)] if list(stage.glob("iter*/meta_learner.pt")) else []
     iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/gating.jsonl"))
     if iterations and scatter_prompts > 0:
         plots.append(plot_sampling_scatter(cfg, rt, stage, method, iterations[0], scatter_prompts, plt))
@@ -412,13 +447,21 @@ def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
 # CLI
 
 
+def default_name(model: str) -> str:
+    """The model's name in the answer files: the last part of its path or hub id
+    (allenai/Llama-3.1-Tulu-3-8B-SFT -> Llama-3.1-Tulu-3-8B-SFT), or the stage's name for a
+    train.py export (out/tulu8b-seed0/metaapo/model -> metaapo)."""
+    path = Path(model)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other --key=value options are train.py's config.")
     parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
     parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (default: all)")
     parser.add_argument("--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused")
-    parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot")
+    parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override it")
     parser.add_argument("--scatter_prompts", type=int, default=150, help="prompts of each kind in the sampled / unsampled scatter")
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
     parser.add_argument("--alpaca_eval", default="", help="AlpacaEval 2 question file (JSON list)")
@@ -428,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mt_bench", default="", help="MT-Bench question.jsonl (FastChat)")
     parser.add_argument("--reward_stats", action="store_true", help="reward statistics and implicit-reward accuracy on the test split")
     parser.add_argument("--max_prompts", type=int, default=0, help="--reward_stats: test prompts used (0 = all)")
-    parser.add_argument("--out", default="", help="where answer files and statistics go (default: next to the model)")
+    parser.add_argument("--out", default="", help="where answer files and statistics go (default: <model dir>/../eval, out/eval/<name> for a hub id)")
     args, rest = parser.parse_known_args(argv)
     try:
         cfg = train.parse_config(rest)
@@ -462,12 +505,14 @@ def main(argv: list[str] | None = None) -> None:
             train.print0(rt, (out / "results.md").read_text() if rt.main else "")
             return
         if args.plots:
-            for plot in make_plots(cfg, rt, Path(args.plots), args.scatter_prompts):
+            for plot in make_plots(stage_config(Path(args.plots), rest), rt, Path(args.plots), args.scatter_prompts):
                 train.print0(rt, f"wrote {plot}")
             return
         model = cfg.policy or cfg.model  # the model to evaluate
-        name = args.name or Path(model).parent.name or Path(model).name
+        name = args.name or default_name(model)
         out = Path(args.out) if args.out else Path(model).parent / "eval"
+        if not args.out and not Path(model).exists():  # a hub id: not next to it
+            out = Path("out") / "eval" / name
         written = []
         if args.alpaca_eval:
             answers = alpaca_eval_answers(cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)

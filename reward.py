@@ -8,7 +8,8 @@ What it does
   data.py does for training (prompt + generation prompt + response + EOS), truncates it to
   `max_len` tokens, and scores in right-padded batches sorted by length; results come back in the
   original order. In a distributed run each rank scores a strided share and the scores are
-  gathered, so every rank gets all of them.
+  gathered, so every rank gets all of them. `from_pretrained` refuses a checkpoint without score
+  head weights (a causal LM would get a random head), and the model pools by the tokenizer's pad id.
 - `RuleReward`: a plain function of (prompt text, response text) behind the same `score` API;
   `toy_gold_judge()` wraps the toy task's gold judge (`toy_gold_score`), the stand-in for the
   GPT-4o judge, used to rate the toy's offline answers (with noise, in data.py) and to evaluate.
@@ -100,6 +101,16 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def require_reward_head(path, model, loading_info: dict) -> None:
+    """Stop when from_pretrained(..., output_loading_info=True) had to initialise the score head:
+    the checkpoint is not a reward model (e.g. a causal LM), and its scores would be random."""
+    prefix = model.base_model_prefix + "."
+    head = sorted(key for key in loading_info["missing_keys"] if not key.startswith(prefix))
+    if head:
+        raise ValueError(f"{path}: not a reward model; the checkpoint has no weights for the score head ({', '.join(head)}), "
+                         "which would be randomly initialised. Pass a sequence-classification checkpoint with one label (train.py --method rm)")
+
+
 class RewardModel:
     """A sequence-classification reward model (num_labels = 1) with its tokenizer."""
 
@@ -108,8 +119,8 @@ class RewardModel:
             raise ValueError(f"{model.config.name_or_path or type(model).__name__}: a reward model needs num_labels=1, got {model.config.num_labels}")
         if tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; the reward model cannot batch")
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # HF pools the last token that is not padding
+        # HF pools the last token that is not config.pad_token_id: it must be the pad token the batches use
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer = model, tokenizer
         self.max_len, self.batch_size = max_len, batch_size
         self.truncated = 0  # pairs cut to max_len so far
@@ -119,7 +130,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32), output_loading_info=True)
+        require_reward_head(path, model, loading_info)
         return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(path), max_len, batch_size)
 
     @property

@@ -10,14 +10,20 @@ What it does
     padding, top_k=0 (no top-k filter; transformers' default of 50 differs from vLLM), stop at EOS,
     `synced_gpus` when the model is sharded over several ranks; the global RNG is forked and
     seeded, so a call is deterministic for a seed and leaves the training RNG untouched; the
-    model's train/eval mode is restored.
+    model's train/eval mode is restored. The checkpoint's own generation_config (e.g. Qwen's
+    repetition_penalty 1.05) is set aside during the call, so only the given values and
+    transformers' neutral defaults apply, as with vLLM's explicit SamplingParams. Greedy decoding
+    (temperature 0) generates once per prompt and repeats the answer n times.
   - backend "vllm" (GPU): SPEC section 10. Every rank writes its strided share of the prompts
     to jsonl and runs `python sample.py --backend vllm ...` as a child process with
     CUDA_VISIBLE_DEVICES set to its local GPU and the torchrun variables removed. The child
-    builds `vllm.LLM(tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization, seed)`,
-    samples with `SamplingParams(n, temperature, top_p, top_k=-1, max_tokens, seed)` from
-    token-id prompts, writes jsonl and exits, which frees all of its GPU memory. The ranks agree
-    on success before any result is used, and the results are reassembled in the original order.
+    builds `vllm.LLM(dtype=bfloat16, tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization, seed)`,
+    samples with one `SamplingParams(n, temperature, top_p, top_k=-1, max_tokens, seed)` per
+    token-id prompt, seed = seed + (the prompt's global index) * n, so every prompt has its own
+    random streams and the samples do not depend on the number of ranks; it writes jsonl and
+    exits, which frees all of its GPU memory. The ranks agree on success (a failure on any rank,
+    in the worker or in the glue around it, is an error on every rank) before any result is used,
+    and the results are reassembled in the original order.
 - `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
   the best as chosen and the worst as rejected. Prompts whose candidates all get the same reward
   give no pair and are counted; responses cut at the length limit stay candidates and are
@@ -27,7 +33,8 @@ Run
     python sample.py --model out/toy/sft --prompts F.jsonl --output G.jsonl --n 8
     python sample.py --backend vllm --model PATH --prompts F.jsonl --output G.jsonl --n 8 --max_new_tokens 2048
 Prompt rows hold `prompt_token_ids` (a list of ints; this is how the vLLM worker is fed) or
-`prompt` (a string or a message list, rendered with the model's chat template). Output rows
+`prompt` (a string or a message list, rendered with the model's chat template); an integer
+`index` (default: the row's position) sets the vLLM backend's per-prompt seed. Output rows
 repeat the input row with `responses`: [{token_ids, text, finish_reason}, ...]. The CLI is a
 single process; under torchrun, train.py calls `generate`, which shards the vLLM workers.
 
@@ -36,7 +43,6 @@ Deliberate simplifications
   process never holds an engine. A colocated sleep-mode engine is not implemented.
 - The transformers backend samples each batch of prompts in one `generate` call with
   num_return_sequences = n; results therefore depend on batch_size as well as on the seed.
-- vLLM seeds each rank's engine with seed + rank, so its samples depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -93,14 +99,19 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, te
 
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    per_call = n if temperature > 0 else 1  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
     if temperature > 0:
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                  num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
-    else:  # greedy: n identical answers
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
+    else:
+        config = GenerationConfig(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
+                                  num_return_sequences=1, eos_token_id=eos_ids, pad_token_id=pad_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # generate() fills every field left unset in `config` from model.generation_config (the checkpoint's own
+    # sampling defaults); an empty one in its place leaves only transformers' neutral defaults
+    own_config, model.generation_config = model.generation_config, GenerationConfig()
     results: list[list[Generation]] = []
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -115,10 +126,11 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, te
                     attention_mask[row, width - len(prompt):] = 1
                 output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                         generation_config=config, synced_gpus=synced_gpus)
-                rows = output[:, width:].tolist()  # (len(batch) * n, new tokens), grouped by prompt
+                rows = output[:, width:].tolist()  # (len(batch) * per_call, new tokens), grouped by prompt
                 for i in range(len(batch)):
-                    results.append([_finish(rows[i * n + j], eos_ids, tokenizer) for j in range(n)])
+                    results.append([_finish(rows[i * per_call + j % per_call], eos_ids, tokenizer) for j in range(n)])
     finally:
+        model.generation_config = own_config
         model.train(was_training)
     return results
 
@@ -145,28 +157,33 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
     rank, world = _distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     workdir = Path(workdir) / f"rank{rank}"
-    workdir.mkdir(parents=True, exist_ok=True)
     share = list(range(rank, len(prompts), world))
     prompts_path, output_path, log_path = workdir / "prompts.jsonl", workdir / "generations.jsonl", workdir / "worker.log"
-    output_path.unlink(missing_ok=True)
-    write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])
     error, results = None, {}
-    if share:
-        command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
-                   "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
-                   "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed + rank),
-                   "--gpu_memory_utilization", str(gpu_memory_utilization)]
-        with open(log_path, "w") as log:
-            returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
-        if returncode != 0:
-            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            error = f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}"
-        else:
-            for _, row in iter_rows(output_path):
-                results[row["index"]] = [Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]]
-            missing = sorted(set(share) - set(results))
-            if missing or any(len(results[i]) != n for i in share):
-                error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete ({len(missing)} prompts missing)"
+    try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
+        workdir.mkdir(parents=True, exist_ok=True)
+        output_path.unlink(missing_ok=True)
+        write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])  # the index sets the prompt's seed
+        if share:
+            command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
+                       "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
+                       "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed),
+                       "--gpu_memory_utilization", str(gpu_memory_utilization)]
+            with open(log_path, "w") as log:
+                returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
+            if returncode != 0:
+                tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+                error = f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}"
+            else:
+                for _, row in iter_rows(output_path):
+                    if isinstance(row, DataError):
+                        raise row
+                    results[row["index"]] = [Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]]
+                missing = sorted(set(share) - set(results))
+                if missing or any(len(results[i]) != n for i in share):
+                    error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete ({len(missing)} prompts missing)"
+    except Exception as err:
+        error, results = f"rank {rank}: {type(err).__name__}: {err}", {}
     gathered = [(error, results)]
     if world > 1:  # agree on success before any rank uses a result
         gathered = [None] * world
@@ -276,8 +293,10 @@ def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generati
 # CLI, also the vLLM worker
 
 
-def _vllm_worker(args, rows: list[dict], prompts: list[list[int]]) -> list[list[dict]]:
-    """Runs in the child process: one engine, one generate call, then the process exits."""
+def _vllm_worker(args, prompts: list[list[int]], indices: list[int]) -> list[list[dict]]:
+    """Runs in the child process: one engine, one generate call, then the process exits. Prompt
+    `indices[i]` samples with seed args.seed + indices[i] * n (vLLM seeds the n samples of a
+    request seed, seed + 1, ...), so no two prompts share a random stream."""
     try:
         import vllm
     except ImportError:
@@ -285,8 +304,11 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]]) -> list[list[
     from transformers import AutoTokenizer
 
     eos_id = AutoTokenizer.from_pretrained(args.model).eos_token_id
-    llm = vllm.LLM(model=args.model, tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
-    params = vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens, seed=args.seed)
+    # bf16 whatever the checkpoint's dtype: train.py writes the intermediate iterations' exports in fp32
+    llm = vllm.LLM(model=args.model, dtype="bfloat16", tensor_parallel_size=1, enforce_eager=True,
+                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    params = [vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens,
+                                  seed=args.seed + index * args.n) for index in indices]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
     results = []
     for output in outputs:
@@ -342,7 +364,8 @@ def main() -> None:
 
     rows, prompts = _read_prompt_rows(args.prompts, args.model)
     if args.backend == "vllm":
-        responses = _vllm_worker(args, rows, prompts)
+        indices = [row["index"] if isinstance(row.get("index"), int) else position for position, row in enumerate(rows)]
+        responses = _vllm_worker(args, prompts, indices)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -14,6 +14,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import data
 import evaluate
 import losses
+import train
+from sample import Generation
 from test_train import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +61,19 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
     questions = [{"question_id": 81, "category": "writing", "turns": ["ascending : c a b", "descending : c a b"]},
                  {"question_id": 111, "category": "math", "turns": ["ascending : e d", "ascending : f g"]}]
     (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    calls = []
-    real = evaluate.generate_answers
+    calls, loads = [], []
+    real, real_load = evaluate.generate_answers, train.load_logprob_model
 
-    def recording(cfg, rt, model_path, conversations, temperature, seed):
+    def recording(cfg, rt, model_path, conversations, temperature, seed, loaded=None):
         calls.append(([list(c) for c in conversations], temperature))
-        return real(cfg, rt, model_path, conversations, temperature, seed)
+        return real(cfg, rt, model_path, conversations, temperature, seed, loaded)
+
+    def counting_load(path, *args, **kwargs):
+        loads.append(path)
+        return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate_answers", recording)
+    monkeypatch.setattr(train, "load_logprob_model", counting_load)
     evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
     rows = [json.loads(line) for line in (tmp_path / "out" / "mt_bench" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [81, 111]
@@ -78,6 +85,38 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
     second_turn_writing = next(c for c, t in calls if t == 0.7 and len(c[0]) == 3)[0]
     assert [m["role"] for m in second_turn_writing] == ["user", "assistant", "user"]
     assert second_turn_writing[1]["content"] == rows[0]["choices"][0]["turns"][0]
+    assert loads == [str(toy_dir)]  # the policy is loaded once for the four generate calls
+
+
+def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
+    """The vLLM workers load the checkpoint themselves; the evaluating process needs only the tokenizer."""
+    seen = []
+
+    def no_policy(*args, **kwargs):
+        raise AssertionError("the policy was loaded for the vLLM generator")
+
+    def fake_generate(policy, tokenizer, prompts, model_path, n, cfg, rt, seed, workdir, backend=None):
+        seen.append((policy, model_path, cfg.generator))
+        return [[Generation([2], f"answer {i}", "stop")] for i in range(len(prompts))]
+
+    monkeypatch.setattr(train, "load_logprob_model", no_policy)
+    monkeypatch.setattr(train, "distributed_generate", fake_generate)
+    cfg = train.parse_config([f"--model={toy_dir}", "--generator=vllm"])
+    answers, tokenizer = evaluate.generate_answers(cfg, train.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0)
+    assert answers == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
+    assert seen == [(None, str(toy_dir), "vllm")]
+
+
+def test_bad_alpaca_eval_file_names_file_and_item(toy_dir, tmp_path):
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}, {"output": "no instruction"}]))
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' string"):
+        evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"] + GENERATION)
+
+
+@pytest.mark.parametrize("model, name", [("allenai/Llama-3.1-Tulu-3-8B-SFT", "Llama-3.1-Tulu-3-8B-SFT"), ("out/tulu8b-seed0/metaapo/model", "metaapo"),
+                                         ("/ckpt/qwen-sft/", "qwen-sft"), ("model", "model")])
+def test_default_name(model, name):
+    assert evaluate.default_name(model) == name
 
 
 def test_bad_question_file_names_file_and_line(toy_dir, tmp_path):
@@ -132,6 +171,31 @@ def test_results_markdown_tables():
     assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
 
 
+def test_plots_use_the_stages_own_config(tmp_path):
+    """--plots reads the run's config.json; only keys given on the command line change it."""
+    trained = train.parse_config(["--model=Qwen/Qwen2.5-0.5B-Instruct", "--seed=3", "--num_samples=4", "--beta=0.05", "--betas=0.8,0.9",
+                                  "--objective=ipo", f"--reward_model={tmp_path / 'rm'}", "--out_dir=somewhere/else"])
+    stage = tmp_path / "run" / "metaapo"
+    stage.mkdir(parents=True)
+    (stage / "config.json").write_text(json.dumps({**train.config_dict(trained), "stage": "metaapo"}))
+    cfg = evaluate.stage_config(stage, ["--seed=7", "--eval_prompts", "5"])
+    assert (cfg.model, cfg.num_samples, cfg.beta, cfg.objective, cfg.reward_model) == ("Qwen/Qwen2.5-0.5B-Instruct", 4, 0.05, "ipo", str(tmp_path / "rm"))
+    assert cfg.betas == (0.8, 0.9) and (cfg.seed, cfg.eval_prompts) == (7, 5)
+    assert cfg.out_dir == str(tmp_path / "run") and cfg.preset == ""  # the run directory is where the stage lies
+    with pytest.raises(SystemExit, match="no config.json there"):
+        evaluate.stage_config(tmp_path, [])
+
+
+def test_only_the_main_rank_writes_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    plt = evaluate._pyplot()
+    for rank in (1, 0):
+        figure, axis = plt.subplots()
+        axis.plot([0, 1], [1, 0])
+        evaluate._save(figure, tmp_path / "plot.png", plt, train.Runtime(rank=rank, world=2))
+        assert (tmp_path / "plot.png").exists() is (rank == 0)
+
+
 def test_missing_matplotlib_is_a_clear_message(monkeypatch):
     real_import = builtins.__import__
 
@@ -169,3 +233,10 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime
     evaluate.main(args)
     assert (out / "seed0" / "metaapo" / "done.json").stat().st_mtime == before
+    # --plots alone: the stage's config.json supplies its data, models and seed (the command line has none of them)
+    stage = out / "seed0" / "metaapo"
+    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+        (stage / plot).unlink()
+    evaluate.main([f"--plots={stage}", "--scatter_prompts=4"])
+    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+        assert (stage / plot).stat().st_size > 1000

@@ -107,6 +107,21 @@ def test_reward_model_needs_one_label(toy_rm_dir):
         RewardModel(model, AutoTokenizer.from_pretrained(toy_rm_dir))
 
 
+def test_pad_token_id_is_always_the_tokenizers(toy_rm_dir):
+    """HF pools the last token that is not config.pad_token_id; a stale value would pool the wrong token."""
+    model = LlamaForSequenceClassification.from_pretrained(toy_rm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(toy_rm_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id + 1
+    RewardModel(model, tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_a_checkpoint_without_score_head_is_refused(toy_dir):
+    """A causal LM passed as reward model would silently get a random score head."""
+    with pytest.raises(ValueError, match=f"{toy_dir}: not a reward model; the checkpoint has no weights for the score head \\(score.weight\\)"):
+        RewardModel.from_pretrained(str(toy_dir), device="cpu")
+
+
 def test_gold_judge_has_the_reward_model_api():
     assert toy_gold_judge().score(PROMPTS, RESPONSES) == [10.0, 10.0, 10.0, 10.0]
 

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data import encode_prompt
 from reward import RuleReward
+import sample
 from sample import Generation, generate, make_online_pairs, vllm_child_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,29 @@ def test_left_padding_matches_unbatched_greedy(policy, toy_tokenizer):
     assert [r[0].token_ids for r in together] == [r[0].token_ids for r in alone]
 
 
+def test_greedy_with_several_answers_repeats_one(policy, toy_tokenizer):
+    """transformers refuses num_return_sequences > 1 without sampling; greedy answers are generated once."""
+    prompts = prompts_for(toy_tokenizer)
+    several = generate(prompts, 3, 0.0, 1.0, 8, 0, model=policy, tokenizer=toy_tokenizer)
+    single = generate(prompts, 1, 0.0, 1.0, 8, 0, model=policy, tokenizer=toy_tokenizer)
+    assert [len(r) for r in several] == [3, 3, 3]
+    assert all(g == s[0] for r, s in zip(several, single) for g in r)
+
+
+def test_the_checkpoints_own_generation_config_does_not_leak(policy, toy_tokenizer):
+    """generate() fills unset fields from model.generation_config (e.g. Qwen's repetition_penalty 1.05)."""
+    prompts = prompts_for(toy_tokenizer)
+    for temperature in (1.0, 0.0):
+        plain = generate(prompts, 2, temperature, 1.0, 8, 3, model=policy, tokenizer=toy_tokenizer)
+        own = policy.generation_config
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens, own.suppress_tokens = 100.0, 1, 8, [toy_tokenizer.eos_token_id]
+        try:
+            assert generate(prompts, 2, temperature, 1.0, 8, 3, model=policy, tokenizer=toy_tokenizer) == plain
+            assert policy.generation_config is own  # put back after the call
+        finally:
+            own.repetition_penalty = own.no_repeat_ngram_size = own.min_new_tokens = own.suppress_tokens = None
+
+
 def test_no_top_k_filter():
     """transformers' default top_k=50 would cut a flat distribution over 200 tokens to 50."""
     from transformers import PreTrainedTokenizerFast
@@ -150,26 +174,30 @@ FAKE_VLLM = textwrap.dedent('''
 
     class LLM:
         def __init__(self, **kwargs):
-            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(kwargs.get("seed")):
+            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(kwargs.get("seed")) or os.environ.get("FAKE_VLLM_FAIL_GPU") == os.environ.get("CUDA_VISIBLE_DEVICES"):
                 raise RuntimeError("CUDA out of memory (stand-in failure)")
             self.kwargs = kwargs
 
         def generate(self, prompts, sampling_params):
+            # as vLLM: one SamplingParams for every prompt, or a list with one per prompt
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+            if len(params) != len(prompts):
+                raise ValueError("The lengths of prompts and sampling_params must be the same.")
             env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-            with open(os.path.join(RECORD_DIR, f"seed{self.kwargs['seed']}.json"), "w") as f:
-                json.dump({"llm": self.kwargs, "sampling": sampling_params.kwargs, "prompts": prompts, "env": env}, f)
+            with open(os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.json"), "w") as f:
+                json.dump({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env}, f)
             outputs = []
-            for prompt in prompts:
+            for prompt, p in zip(prompts, params):
                 ids = prompt["prompt_token_ids"]
                 completions = []
-                for j in range(sampling_params.kwargs["n"]):
+                for j in range(p.kwargs["n"]):
                     token = 10 + (sum(ids) + j) % 7
                     if j % 3 == 0:
                         completions.append(_Completion([token, EOS], f"t{token}", "stop"))  # EOS included
                     elif j % 3 == 1:
                         completions.append(_Completion([token], f"t{token}", "stop"))  # EOS left out
                     else:
-                        completions.append(_Completion([token] * sampling_params.kwargs["max_tokens"], f"t{token}", "length"))
+                        completions.append(_Completion([token] * p.kwargs["max_tokens"], f"t{token}", "length"))
                 outputs.append(_RequestOutput(completions))
             if os.environ.get("FAKE_VLLM_DROP"):
                 outputs = outputs[:-1]
@@ -206,9 +234,10 @@ def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeyp
     results = generate(PROMPTS, n=3, temperature=0.8, top_p=0.95, max_new_tokens=4, seed=11, backend="vllm",
                        model_path=str(toy_dir), workdir=tmp_path / "work", gpu_memory_utilization=0.4)
     assert results == [[expected_generation(p, j, 4) for j in range(3)] for p in PROMPTS]
-    record = json.loads((fake_vllm / "seed11.json").read_text())
-    assert record["llm"] == {"model": str(toy_dir), "tensor_parallel_size": 1, "enforce_eager": True, "gpu_memory_utilization": 0.4, "seed": 11}
-    assert record["sampling"] == {"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_tokens": 4, "seed": 11}
+    record = json.loads((fake_vllm / "gpu5.json").read_text())
+    assert record["llm"] == {"model": str(toy_dir), "dtype": "bfloat16", "tensor_parallel_size": 1, "enforce_eager": True, "gpu_memory_utilization": 0.4, "seed": 11}
+    # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's number)
+    assert record["sampling"] == [{"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_tokens": 4, "seed": 11 + 3 * i} for i in range(len(PROMPTS))]
     assert record["prompts"] == [{"prompt_token_ids": p} for p in PROMPTS]
     assert record["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "LOCAL_RANK": None,
                              "TORCHELASTIC_RUN_ID": None}
@@ -239,9 +268,15 @@ def test_vllm_not_installed(toy_dir, tmp_path, monkeypatch):
         generate(PROMPTS, 1, 1.0, 1.0, 4, 0, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
 
 
-def _vllm_two_ranks(rank, world_size, init_file, toy_dir, workdir, out_dir):
+def _vllm_two_ranks(rank, world_size, init_file, toy_dir, workdir, out_dir, broken_rank=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     os.environ["LOCAL_RANK"] = str(rank)
+    if rank == broken_rank:  # the glue itself fails on this rank, before the worker starts
+
+        def unwritable(path, rows):
+            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+
+        sample.write_jsonl = unwritable
     try:
         try:
             results = generate(PROMPTS, 3, 1.0, 1.0, 4, 20, backend="vllm", model_path=toy_dir, workdir=workdir)
@@ -259,19 +294,30 @@ def test_vllm_sharded_over_two_ranks(fake_vllm, toy_dir, tmp_path):
     expected = [[[*vars(expected_generation(p, j, 4)).values()] for j in range(3)] for p in PROMPTS]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"results": expected}
-    shares = {rank: json.loads((fake_vllm / f"seed{20 + rank}.json").read_text()) for rank in (0, 1)}
+    shares = {rank: json.loads((fake_vllm / f"gpu{rank}.json").read_text()) for rank in (0, 1)}
     assert [p["prompt_token_ids"] for p in shares[0]["prompts"]] == PROMPTS[0::2]  # strided shares
     assert [p["prompt_token_ids"] for p in shares[1]["prompts"]] == PROMPTS[1::2]
     assert shares[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and shares[1]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
-    assert shares[1]["sampling"]["seed"] == 21
+    # the seeds follow the prompts' global positions, as in one process: nothing depends on the number of ranks
+    assert [p["seed"] for p in shares[0]["sampling"]] == [20, 26, 32] and [p["seed"] for p in shares[1]["sampling"]] == [23, 29]
+    assert shares[0]["llm"]["seed"] == shares[1]["llm"]["seed"] == 20
 
 
 def test_vllm_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_VLLM_FAIL_SEED", "21")  # rank 1's worker fails
+    monkeypatch.setenv("FAKE_VLLM_FAIL_GPU", "1")  # rank 1's worker fails
     mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "results" not in outcome and "rank 1: the vLLM worker exited" in outcome["error"]
+
+
+def test_vllm_glue_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path):
+    """An exception on one rank before the collective must not leave the other rank waiting in it."""
+    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path), 1), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "results" not in outcome and "no result is used" in outcome["error"]
+        assert "rank 1: PermissionError: [Errno 13] Permission denied" in outcome["error"] and "rank 0" not in outcome["error"]
 
 
 # ---------------------------------------------------------------------------------------------
