@@ -363,6 +363,19 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _encode_prompt_of(tokenizer, messages: list[dict], where: str) -> list[int]:
+    """encode_prompt, with a template failure (roles that must alternate, an unsupported system
+    turn, ...) reported at the row that caused it."""
+    from jinja2 import TemplateError
+
+    try:
+        return encode_prompt(tokenizer, messages)
+    except DataError:
+        raise
+    except (TemplateError, ValueError, TypeError, KeyError) as err:
+        raise DataError(f"{where or 'a row'}: the chat template failed: {err}") from err
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
     """Token ids of a response followed by EOS, as the policy must generate it."""
     if tokenizer.eos_token_id is None:
@@ -417,7 +430,7 @@ def tokenize_preferences(pairs: list[PreferencePair], tokenizer, max_prompt_len:
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, pair in enumerate(pairs):
-        prompt_ids = encode_prompt(tokenizer, pair.prompt)
+        prompt_ids = _encode_prompt_of(tokenizer, pair.prompt, pair.where)
         if len(prompt_ids) > max_prompt_len:
             stats.dropped_long_prompt += 1
             continue
@@ -437,7 +450,7 @@ def tokenize_sft(examples: list[SFTExample], tokenizer, max_prompt_len: int, max
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, example in enumerate(examples):
-        prompt_ids = encode_prompt(tokenizer, example.prompt)
+        prompt_ids = _encode_prompt_of(tokenizer, example.prompt, example.where)
         if len(prompt_ids) > max_prompt_len:
             stats.dropped_long_prompt += 1
             continue
@@ -516,7 +529,6 @@ TOY_LETTERS = tuple("abcdefghij")
 TOY_TASKS = ("ascending", "descending")
 TOY_MIN_LETTERS, TOY_MAX_LETTERS = 3, 6  # distinct letters per prompt
 TOY_LONG_LIST = 5  # lists this long trigger the SFT teacher's habit
-TOY_STYLES = ("plain", "comma", "bracket", "lead")
 TOY_OFFLINE_STYLES = ("comma", "bracket", "lead")  # the SFT teacher alone writes "plain"
 # Tokens a response may use besides letters; the gold judge ignores them.
 TOY_STYLE_TOKENS = (",", "[", "]", "answer", ":")

@@ -5,7 +5,8 @@ What it does (SPEC sections 3, 4, 5)
 - `MetaLearner` h_phi: features -> weight in (0, 1). Linear(1 -> 100) -> tanh -> Linear(100 -> 1)
   -> sigmoid, every weight 0.1 and every bias 0, so h(l) = sigmoid(10 tanh(0.1 l)): h(0) = 0.5,
   increasing, near 0 for strongly negative preference scores. Ablations: depth 5 (three more
-  100 -> 100 tanh layers) and the `multi` input (l_off with the chosen and rejected log-ratios).
+  100 -> 100 tanh layers, weights 1/100 so that it starts near the depth-2 curve) and the `multi`
+  input (l_off with the chosen and rejected log-ratios).
 - `gate`: Algorithm 1 lines 7-12 as an explicit loop. For each offline tuple, w = h(l_off) and
   u ~ U(0, 1) from a seeded generator; the prompt goes to generation when u > w. Ablations:
   `random` (u < 0.5), `threshold` (l_off < tau), `all`.
@@ -68,7 +69,11 @@ class MetaLearner(nn.Module):
         self.net = nn.Sequential(*layers)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
-                nn.init.constant_(layer.weight, 0.1)
+                # SPEC's 0.1 for the input and output layers; a hidden (width x width) layer gets
+                # 1/width, so it maps tanh(a) to tanh(tanh(a)) and the deep ablation starts near the
+                # depth-2 curve instead of a step (0.1 there would multiply by 10 per layer)
+                hidden = layer.in_features == layer.out_features == width
+                nn.init.constant_(layer.weight, 1.0 / width if hidden else 0.1)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

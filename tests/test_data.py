@@ -322,6 +322,18 @@ def test_tokenizer_without_chat_template_is_a_clear_error(tokenizer):
         encode_prompt(bare, [user("ascending : a b")])
 
 
+def test_chat_template_failure_names_the_row(tmp_path):
+    strict = data.build_toy_tokenizer()
+    strict.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn must come first') }}{% endif %}"
+    path = write_lines(tmp_path / "p.jsonl", [uf_row("ascending : b a", "a b", "b a")])
+    pairs, _ = load_preferences(path)
+    with pytest.raises(DataError, match=f"{tmp_path / 'p.jsonl'}:1: the chat template failed: a system turn must come first"):
+        tokenize_preferences(pairs, strict, max_prompt_len=8, max_len=16)
+    examples, _ = load_sft(write_lines(tmp_path / "s.jsonl", [{"messages": [user("ascending : b a"), assistant("a b")]}]))
+    with pytest.raises(DataError, match="s.jsonl:1: the chat template failed"):
+        tokenize_sft(examples, strict, max_prompt_len=8, max_len=16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Collation
 

@@ -273,6 +273,10 @@ def test_kto_loss_and_reference_kl():
     z0 = kto_reference_kl(t([-1.0, -2.0]), t([-1.5, -2.1]))  # mean ratio 0.3
     assert z0.item() == pytest.approx(0.3) and not z0.requires_grad
     assert kto_reference_kl(t([-3.0]), t([-1.0])).item() == 0.0  # clamped at 0
+    padded = kto_reference_kl(t([-1.0, -2.0, 5.0]), t([-1.5, -2.1, 0.0]), weights=t([1.0, 1.0, 0.0]))  # padding excluded
+    assert padded.item() == pytest.approx(0.3)
+    other_rank = t([0.9, 2.0])  # the other rank's (weighted sum, count)
+    assert kto_reference_kl(t([-1.0, -2.0]), t([-1.5, -2.1]), sum_over_ranks=lambda totals: totals + other_rank).item() == pytest.approx(1.5 / 4)
     out = kto_loss(t([-1.0, -1.0]), t([-1.5, -1.5]), t([True, False]), t(0.2), beta=0.1, desirable_weight=1.0, undesirable_weight=2.0)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert out.losses.tolist() == pytest.approx([1 - sigmoid(0.1 * 0.3), 2 * (1 - sigmoid(-0.1 * 0.3))])

@@ -40,8 +40,12 @@ def test_depth_and_multi_input_ablations():
     assert sum(isinstance(m, torch.nn.Linear) for m in deep.modules()) == 5
     with torch.no_grad():
         weights = deep(torch.linspace(-10, 0, 50)[:, None])
-    # the same initialisation saturates faster through five layers: a steep step at 0
     assert deep(torch.zeros(1, 1)).item() == pytest.approx(0.5) and (weights.diff() > -1e-6).all() and weights[0] < 0.01
+    # the hidden layers' 1/width initialisation keeps it near the depth-2 curve, not a saturated step at 0
+    shallow = MetaLearner()
+    for score in (-0.1, -1.0, -3.0):
+        x = torch.tensor([[score]])
+        assert deep(x).item() == pytest.approx(shallow(x).item(), abs=0.05) and deep(x).item() > 1e-3
     multi = MetaLearner(inputs="multi")
     features = meta_features(torch.tensor([-0.3, -2.0]), torch.tensor([0.5, -1.0]), torch.tensor([0.1, 3.0]), inputs="multi")
     assert features.shape == (2, 3) and multi(features).shape == (2,)
