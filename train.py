@@ -26,9 +26,10 @@ Methods (SPEC sections 4-6)
 
 Deliberate simplifications
 - Every rank loads a full checkpoint before sharding it (fine for 8B models on 80 GB GPUs).
-- Each MetaAPO iteration reloads the policy from the previous iteration's HF export and starts a
-  fresh AdamW and LR schedule (warm-up + cosine over that iteration's steps), as the reference
-  implementation does; the meta-learner and its optimizer persist across iterations.
+- Each MetaAPO iteration reloads the policy from the previous iteration's HF export (written in
+  fp32 but for the last, so no progress is rounded away) and starts a fresh AdamW and LR schedule
+  (warm-up + cosine over that iteration's steps), as the reference implementation does; the
+  meta-learner, its optimizer and its buffer persist across iterations.
 - On CPU the model is sharded only when there are several processes; on GPU it is always
   sharded (FSDP2 also gives single-GPU runs bf16 compute over fp32 master weights).
 """
@@ -57,7 +58,7 @@ from tqdm import tqdm
 import data
 import losses
 from meta import SAMPLING_MODES, WEIGHTING_MODES, INPUT_MODES, MetaController, meta_features
-from reward import RewardModel, toy_gold_judge
+from reward import RewardModel, require_reward_head, toy_gold_judge
 from sample import BACKENDS, generate, make_online_pairs
 
 # ==============================================================================================
@@ -230,6 +231,9 @@ def parse_config(argv: list[str]) -> Config:
             raise ConfigError(f"--{key}: must be at least 1, got {getattr(cfg, key)}")
     if not 0 < cfg.keep_ratio <= 1:
         raise ConfigError(f"--keep_ratio: must be in (0, 1], got {cfg.keep_ratio}")
+    if cfg.method == "kto" and cfg.micro_batch_size < 2:
+        raise ConfigError("--method=kto needs --micro_batch_size of at least 2: its reference point pairs each answer "
+                          f"with another prompt of the micro-batch, got {cfg.micro_batch_size}")
     if cfg.method == "sft" and not cfg.sft_dataset:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
     if not cfg.out_dir:
@@ -368,8 +372,9 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     tokenizer = AutoTokenizer.from_pretrained(path)
     if init_head:
         torch.manual_seed(cfg.seed)  # the new score head
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=MASTER_DTYPE)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True)
+    if not init_head:  # the annotator must have a trained score head, not a random one
+        require_reward_head(path, model, loading_info)
     model = shard_model(model, model, cfg, rt, trainable)
     model.train(trainable)
     return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
@@ -392,12 +397,14 @@ def full_state_dict(model: torch.nn.Module, rt: Runtime) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_hf(model: torch.nn.Module, hf_model, tokenizer, path: Path, cfg: Config, rt: Runtime, prefix: str = "") -> None:
+def export_hf(model: torch.nn.Module, hf_model, tokenizer, path: Path, cfg: Config, rt: Runtime, prefix: str = "",
+              dtype: torch.dtype | None = None) -> None:
     """An HF safetensors checkpoint + tokenizer at `path`, loadable by from_pretrained and vLLM,
-    written atomically (a temporary directory renamed into place)."""
+    written atomically (a temporary directory renamed into place), in `dtype` or else export_dtype's."""
     state = full_state_dict(model, rt)
     if rt.main:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.export_dtype, torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
+        if dtype is None:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.export_dtype, torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
         state = {k[len(prefix):]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -457,8 +464,11 @@ class Stage:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict) -> None:
-        """Model + optimizer through torch.distributed.checkpoint, the rest (position, scheduler,
-        meta-learner, online pairs, RNG states) as pickles; atomically, keeping the last N."""
+        """Model + optimizer through torch.distributed.checkpoint (model=None: a state-only
+        checkpoint, for phase boundaries where the model is an HF export already), the rest
+        (position, scheduler, meta-learner, online pairs) as pickles; atomically, keeping the last
+        N. Each rank also writes its RNG states and `state["rank_local"]` (what differs by rank,
+        such as its share of the meta buffer) to rank<r>.pt."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -468,11 +478,14 @@ class Stage:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.rt)
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-        torch.save(capture_rng(), tmp / f"rng-rank{self.rt.rank}.pt")
+        if model is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        state = dict(state)
+        torch.save({"rng": capture_rng(), "local": state.pop("rank_local", None)}, tmp / f"rank{self.rt.rank}.pt")
         if self.rt.main:
-            torch.save({**state, "scheduler": scheduler.state_dict() if scheduler else None, "metric_lines": self.metric_lines}, tmp / "state.pt")
+            torch.save({**state, "has_model": model is not None, "scheduler": scheduler.state_dict() if scheduler else None,
+                        "metric_lines": self.metric_lines}, tmp / "state.pt")
         barrier(self.rt)
         if self.rt.main:
             shutil.rmtree(final, ignore_errors=True)
@@ -483,19 +496,22 @@ class Stage:
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler) -> dict:
         """Restore model, optimizer, scheduler, RNG states and metrics.jsonl from a checkpoint
-        (model=None: everything but model and optimizer) and return its recorded state."""
+        (model=None, or a state-only checkpoint: everything but model and optimizer) and return its
+        recorded state, with this rank's `rank_local`."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if model is not None:
+        state = torch.load(path / "state.pt", weights_only=False)
+        if model is not None and state["has_model"]:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        state = torch.load(path / "state.pt", weights_only=False)
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
-        rng_path = path / f"rng-rank{self.rt.rank}.pt"
-        restore_rng(torch.load(rng_path if rng_path.exists() else path / "rng-rank0.pt", weights_only=False))
+        rank_path = path / f"rank{self.rt.rank}.pt"  # absent when resuming on more ranks than saved
+        rank_state = torch.load(rank_path if rank_path.exists() else path / "rank0.pt", weights_only=False)
+        restore_rng(rank_state["rng"])
+        state["rank_local"] = rank_state["local"] if rank_path.exists() else None
         # metrics written after this checkpoint belong to the lost part of the run
         self.metric_lines = state["metric_lines"]
         if self.rt.main and self.metrics_path.exists():
@@ -710,7 +726,9 @@ def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime):
         if ref is not None:
             with torch.no_grad():
                 ref_logps, _ = pair_forward(ref, items, rt)
-        if method == "slic":
+        if method in OBJECTIVES:  # dpo, ipo, simpo
+            out = objective_losses(dataclasses.replace(cfg, objective=method), logps, ref_logps, lengths)[0]
+        elif method == "slic":
             out = losses.slic_loss(logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight)
         elif method == "kto":
             # KTO's reference point z0: answers paired with the next prompt of the micro-batch
@@ -718,19 +736,12 @@ def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime):
             with torch.no_grad():
                 kl_policy = pair_forward(policy, mismatched, rt)[0][0]
                 kl_ref = pair_forward(ref, mismatched, rt)[0][0]
-            kl = all_reduce_sum(rt, torch.stack([((kl_policy - kl_ref) * weights).sum(), weights.sum()]))
-            reference_kl = (kl[0] / kl[1].clamp(min=1)).clamp(min=0).detach()
+            reference_kl = losses.kto_reference_kl(kl_policy, kl_ref, weights, lambda totals: all_reduce_sum(rt, totals))
             n = len(items)
             desirable = torch.arange(2 * n, device=rt.device) < n
             kto = losses.kto_loss(torch.cat([logps[0], logps[1]]), torch.cat([ref_logps[0], ref_logps[1]]), desirable, reference_kl,
                                   cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
             out = losses.PairLoss(kto.losses[:n] + kto.losses[n:], kto.chosen_rewards[:n], kto.rejected_rewards[n:])
-        elif method == "simpo":
-            out = losses.simpo_loss(logps[0] / lengths[0].clamp(min=1), logps[1] / lengths[1].clamp(min=1), cfg.simpo_beta, cfg.simpo_gamma)
-        elif method == "ipo":
-            out = losses.ipo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], cfg.beta)
-        else:
-            out = losses.dpo_loss(logps[0], logps[1], ref_logps[0], ref_logps[1], cfg.beta, cfg.label_smoothing)
         total = (out.losses * weights).sum()
         return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
 
@@ -874,9 +885,11 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
 
 
 @torch.no_grad()
-def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime, chunk: int = 64) -> list[tuple[float, float, float]]:
+def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tuple[float, float, float]]:
     """(l, chosen log-ratio, rejected log-ratio) of every pair, on every rank. Each rank scores a
-    strided share, padded to equal length so that sharded models run the same forwards."""
+    strided share, padded to equal length so that sharded models run the same forwards, in
+    forwards of 4 micro-batches (no gradients, so no activations kept)."""
+    chunk = max(1, cfg.micro_batch_size) * 4
     share = list(range(rt.rank, len(items), rt.world))
     padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
     results = []
@@ -997,16 +1010,18 @@ def select_for_generation(cfg: Config, method: str, meta: MetaController | None,
 
 def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool]) -> list[PolicyPair]:
     """D_aug: each selected tuple joined with its online pair (tuples whose K rewards all tied have
-    none and are dropped). adpo instead trains plain DPO on the chunk's offline pairs plus the online
-    pairs; keep_unsampled adds the unselected offline tuples with weight 1."""
+    none and are dropped); keep_unsampled adds the unselected offline tuples with weight 1.
+    online_dpo and selm train on the online pairs alone, adpo on the chunk's offline pairs plus the
+    online pairs: for them the online pair takes the place of (chosen, rejected)."""
     augmented = []
     for i, pair in zip(chosen, pairs):
         if pair is not None:
             room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
             augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room]))
-    if method == "adpo":
-        return list(chunk) + [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
-                                                  online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
+    if method in ("online_dpo", "selm", "adpo"):
+        online = [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
+                                      online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
+        return list(chunk) + online if method == "adpo" else online
     if method == "metaapo" and cfg.keep_unsampled:
         augmented += [dataclasses.replace(chunk[i], online_chosen_ids=chunk[i].chosen_ids, online_rejected_ids=chunk[i].rejected_ids, weight_override=1.0)
                       for i, s in enumerate(selected) if not s]
@@ -1014,8 +1029,9 @@ def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: l
 
 
 def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaController | None, rt: Runtime):
-    """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer)."""
-    if method == "adpo":
+    """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer).
+    online_dpo, selm and adpo: the plain objective on the pairs build_augmented made."""
+    if method != "metaapo":
         return make_preference_loss(cfg, cfg.objective, policy, ref, rt), None
     step_scores: dict[str, list] = {"offline": [], "online": [], "features": []}
 
@@ -1026,9 +1042,6 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
             with torch.no_grad():
                 ref_logps = pair_forward(ref, items, rt, online=True)[0]
         online_out, online_score = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
-        if method in ("online_dpo", "selm"):  # online pairs only
-            total = (online_out.losses * weights).sum()
-            return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(online_out, weights, "online_")}
         offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
         features = meta_features(offline_score, ratios[0], ratios[1], inputs=cfg.meta_inputs)
@@ -1048,8 +1061,6 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
             "w_sum": (w * weights).sum().item(), "w_count": n}
 
     def after_step():
-        if method != "metaapo":
-            return {}
         # Alg. 1 line 18: this step's detached (l_off, l_on) go to the meta buffer
         meta.buffer.append(torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"]))
         for scores in step_scores.values():
@@ -1067,10 +1078,17 @@ class IterationState:
     iteration: int = 0  # 0-based iteration in progress
     loop: dict = field(default_factory=lambda: vars(Loop()))  # position in phase 2
     augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
-    phase_stats: dict = field(default_factory=dict)
     meta: dict | None = None  # MetaController.state_dict()
     times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
     ratios: list = field(default_factory=list)  # annotation ratio per iteration
+
+
+def iteration_pass(policy, augmented: list, t: int, cfg: Config):
+    """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
+    the reference implementation: (batches, optimizer, scheduler)."""
+    batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, cfg.seed * 1000 + t * 10)
+    optimizer = make_optimizer(policy, cfg.lr, cfg)
+    return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
 
 
 def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
@@ -1092,20 +1110,21 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         policy_path, ref_path = iteration_paths(cfg, stage, method, t)
         policy, _ = load_logprob_model(policy_path, cfg, rt, trainable=True)
         ref = load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-        optimizer = make_optimizer(policy, cfg.lr, cfg)  # fresh each iteration, as in the reference implementation
-        scheduler = loss_fn = after_step = None
+        optimizer = scheduler = loss_fn = after_step = None
         if latest is not None:  # resuming inside this iteration
+            if state.augmented:  # phase 2 has begun: its optimizer and schedule come back with the policy
+                batches, optimizer, scheduler = iteration_pass(policy, state.augmented, t, cfg)
+            rank_local = stage.load_checkpoint(latest, policy if optimizer is not None else None, optimizer, scheduler)["rank_local"]
             if meta is not None and state.meta is not None:
                 meta.load_state_dict(state.meta)
-            if state.augmented is not None:
-                scheduler = make_scheduler(optimizer, max(1, math.ceil(len(state.augmented) / cfg.batch_size) * cfg.epochs), cfg)
-            stage.load_checkpoint(latest, policy if state.augmented is not None else None, optimizer, scheduler)
+                if rank_local is not None:  # this rank's own share of the meta buffer
+                    meta.buffer.load_state_dict(rank_local["meta_buffer"])
             latest = None
         else:
-            state = dataclasses.replace(state, iteration=t, loop=vars(Loop(step=step)), augmented=None, phase_stats={},
-                                        meta=None)
+            state = dataclasses.replace(state, iteration=t, loop=vars(Loop(step=step)), augmented=None, meta=None)
         save = lambda: {"iteration_state": {**vars(state), "loop": vars(loop).copy(),  # noqa: E731
-                                            "meta": meta.state_dict() if meta is not None else None}}
+                                            "meta": meta.state_dict() if meta is not None else None},
+                        "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None}
         loop = Loop(**state.loop)
         if state.augmented is None:
             # ---- phase 1: meta-weighted adaptive online sampling (Alg. 1 lines 5-13)
@@ -1143,13 +1162,13 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
                        f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)")
             state.times["sampling_s"] += time.time() - tic
             state.ratios.append(ratio)
-            state.augmented, state.phase_stats = augmented, phase_stats
-            scheduler = make_scheduler(optimizer, max(1, math.ceil(len(augmented) / cfg.batch_size) * cfg.epochs), cfg)
-            stage.save_checkpoint(loop.step, policy, optimizer, scheduler, save())  # phase boundary
+            state.augmented = augmented
+            stage.save_checkpoint(loop.step, None, None, None, save())  # phase boundary; the policy is still policy_path's
         # ---- phase 2: meta-weighted preference optimisation, one epoch over D_aug (Alg. 1 lines 14-22)
         if state.augmented:
             tic = time.time()
-            batches = epoch_batches(state.augmented, cfg.epochs, cfg.batch_size, cfg.seed * 1000 + t * 10)
+            if optimizer is None:
+                batches, optimizer, scheduler = iteration_pass(policy, state.augmented, t, cfg)
             loss_fn, after_step = make_iterative_loss(cfg, method, policy, ref, meta, rt)
             records = optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save,
                                after_step, log_extra={"iteration": t + 1})
@@ -1162,14 +1181,16 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         else:
             stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
             print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
-        # the policy after iteration t, exported: the next iteration starts from it (and later uses it as its reference)
-        export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.")
+        # the policy after iteration t, exported: the next iteration starts from it (and later uses it as its reference),
+        # so it keeps the master weights' precision: at lr 5e-7 an iteration's progress is mostly below bf16's resolution
+        export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.",
+                  dtype=MASTER_DTYPE if t + 1 < cfg.iterations else None)
         if meta is not None and rt.main:
             torch.save(meta.state_dict(), stage.dir / f"iter{t + 1}" / "meta_learner.pt")
         step = loop.step
-        state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None, phase_stats={})
+        state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None)
         loop = Loop(step=step)
-        stage.save_checkpoint(step, policy, optimizer, scheduler, save())  # phase boundary: iteration t done
+        stage.save_checkpoint(step, None, None, None, save())  # phase boundary: iteration t done, the policy is exported
         del policy, ref, optimizer, scheduler, loss_fn, after_step  # all hold the models: gone before the next iteration loads its own
         release_memory()
     if rt.main:

@@ -80,6 +80,7 @@ def test_defaults_presets_and_overrides():
     (["--sampling=sometimes"], "--sampling: must be one of meta, random, threshold, all"),
     (["--batch_size=0"], "--batch_size: must be at least 1"),
     (["--keep_ratio=0"], "--keep_ratio: must be in"),
+    (["--method=kto", "--micro_batch_size=1"], "--method=kto needs --micro_batch_size of at least 2"),
     (["lr=1"], "unexpected argument 'lr=1'"),
     (["--lr"], "--lr needs a value"),
 ])
