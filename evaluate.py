@@ -21,7 +21,7 @@ What it does
   unsampled prompts (l_off against l_on - l_off), gold score and online reward over iterations.
 
 Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (21 minutes on 2 CPU cores)
+    python evaluate.py --compare                         # toy tables, 3 seeds (18 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4
     python evaluate.py --plots=out/toy-seed0/metaapo     # PNGs in that directory, with the stage's config.json
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
