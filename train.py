@@ -1117,8 +1117,10 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             rank_local = stage.load_checkpoint(latest, policy if optimizer is not None else None, optimizer, scheduler)["rank_local"]
             if meta is not None and state.meta is not None:
                 meta.load_state_dict(state.meta)
-                if rank_local is not None:  # this rank's own share of the meta buffer
+                if rank_local is not None:  # this rank's own share of the meta buffer, not rank 0's
                     meta.buffer.load_state_dict(rank_local["meta_buffer"])
+                else:  # a rank the checkpoint did not have: no share of its own
+                    meta.buffer.clear()
             latest = None
         else:
             state = dataclasses.replace(state, iteration=t, loop=vars(Loop(step=step)), augmented=None, meta=None)
