@@ -11,19 +11,21 @@ What it does (SPEC sections 3, 4, 5)
   u ~ U(0, 1) from a seeded generator; the prompt goes to generation when u > w. Ablations:
   `random` (u < 0.5), `threshold` (l_off < tau), `all`.
 - `MetaBuffer`: the detached (l_off, l_on, features) of each policy step, appended explicitly.
-- `MetaController.update`: every T_meta policy steps, Eq. 6 on the buffer with Adam (lr 5e-3),
-  one pass in T_meta mini-batches, one step each; then the buffer is cleared. In a distributed run
-  every rank buffers its own share, the meta-learner is replicated, and the gradients are summed
-  across ranks and divided by the global entry count, so every rank keeps the same phi (and gets
-  the phi a single process would get on the union of the shares).
+- `MetaController.update`: every T_meta policy steps, ONE AdamW step (lr 5e-3, weight decay 1e-4,
+  gradient-norm clip 1.0) on the mean Eq. 6 gradient over the whole buffer, then the buffer is
+  cleared: what the reference implementation's DeepSpeed engine does with its 8 accumulated
+  chunks (SPEC section 4). In a distributed run every rank buffers its own share, the
+  meta-learner is replicated, and the gradients are summed across ranks and divided by the
+  global entry count, so every rank keeps the same phi, the phi a single process gets on the
+  union of the shares. After each update, h on a fixed grid (CURVE_GRID) is returned for the log.
 - Loss weights for Eq. 5: `meta` (h), `uniform` (0.5), `fixed` (sigmoid(l_off), no training).
 - `state_dict` / `load_state_dict` cover the meta-learner, its optimizer, the buffer and the
   gating generator, so a resumed run continues exactly.
 
 Run
     python meta.py        # self-check: trains h on a synthetic buffer where online pairs beat
-                          # offline ones below l = -1.5 and not above, prints the learned curve
-                          # beside the initial one
+                          # offline ones below l = -1.5 and not above (one AdamW step per update,
+                          # as in training), prints the learned curve beside the initial one
 Distributed use is through train.py (torchrun); the tests run the update on 2 gloo processes.
 
 Deliberate simplifications
@@ -154,23 +156,32 @@ class MetaBuffer:
         self.steps = state["steps"]
 
 
+# A fixed grid of preference scores on which h is logged after every meta update (metrics.jsonl)
+# and plotted (evaluate.py): the curve of Fig. 3 right, update by update.
+CURVE_GRID = (-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0)
+
+
 class MetaController:
     """The meta-learner with its optimizer, buffer and gating generator."""
 
     def __init__(self, depth: int = 2, inputs: str = "score", lr: float = 5e-3, interval: int = 8,
                  sampling: str = "meta", weighting: str = "meta", threshold: float = math.log(0.5),
-                 random_ratio: float = 0.5, seed: int = 0, device: str | torch.device = "cpu"):
+                 random_ratio: float = 0.5, seed: int = 0, device: str | torch.device = "cpu",
+                 weight_decay: float = 1e-4, grad_clip: float = 1.0):
         if weighting not in WEIGHTING_MODES:
             raise ValueError(f"weighting mode must be one of {WEIGHTING_MODES}, got {weighting!r}")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {sampling!r}")
         self.learner = MetaLearner(depth, inputs).to(device)
-        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=lr)
+        # the reference implementation's meta optimizer: AdamW, lr 5e-3, weight decay 1e-4, clip 1.0
+        self.optimizer = torch.optim.AdamW(self.learner.parameters(), lr=lr, weight_decay=weight_decay)
+        self.grad_clip = grad_clip
         self.buffer = MetaBuffer()
         self.generator = torch.Generator().manual_seed(seed)
         self.interval, self.sampling, self.weighting = interval, sampling, weighting
         self.threshold, self.random_ratio = threshold, random_ratio
         self.device = torch.device(device)
+        self.updates = 0  # optimizer steps of phi so far
 
     @torch.no_grad()
     def weights(self, features: torch.Tensor) -> torch.Tensor:
@@ -185,20 +196,29 @@ class MetaController:
             return torch.full((features.shape[0],), 0.5, device=features.device)
         return self.weights(features).to(features.device)
 
-    def gate(self, features: torch.Tensor) -> GateDecision:
-        """Gating for a list of offline tuples (features[:, 0] is l_off)."""
-        return gate(features[:, 0].cpu(), self.weights(features).cpu(), self.sampling, self.generator, self.threshold, self.random_ratio)
+    def gate(self, offline_scores: torch.Tensor, features: torch.Tensor) -> GateDecision:
+        """Gating for a list of offline tuples: w = h(features), and l_off for the threshold ablation."""
+        return gate(offline_scores.cpu(), self.weights(features).cpu(), self.sampling, self.generator, self.threshold, self.random_ratio)
+
+    @torch.no_grad()
+    def curve(self, grid=CURVE_GRID) -> list[float]:
+        """h on a grid of scores (the `multi` input with both log-ratios at 0)."""
+        scores = torch.tensor(grid, dtype=torch.float32)
+        features = scores[:, None] if self.learner.inputs == "score" else torch.stack([scores, 0 * scores, 0 * scores], 1)
+        return self.weights(features).cpu().tolist()
 
     def ready(self) -> bool:
         return self.buffer.steps >= self.interval
 
     def update(self) -> dict:
-        """Eq. 6 on the buffer: T_meta mini-batches, one Adam step each; then clear the buffer.
+        """Eq. 6 on the buffer: ONE AdamW step on the gradient of the mean meta loss over every
+        rank's entries (clipped to grad_clip), then clear the buffer.
 
-        Collective in a distributed run: every rank must call it at the same policy step.
-        Returns the meta loss and statistics over all ranks' entries.
+        The reference implementation computes this mean in 8 accumulated chunks inside a DeepSpeed
+        engine, which is still one optimizer step per update (SPEC section 4). Collective in a
+        distributed run: every rank must call it at the same policy step. Returns the meta loss
+        and statistics over all ranks' entries, and h on CURVE_GRID after the step.
         """
-        distributed = dist.is_available() and dist.is_initialized()
         if self.weighting == "fixed":  # the heuristic is never trained
             self.buffer.clear()
             return {}
@@ -206,44 +226,37 @@ class MetaController:
         features = torch.tensor(self.buffer.features, dtype=torch.float32, device=self.device).reshape(len(self.buffer), n_inputs)
         offline = torch.tensor(self.buffer.offline_scores, dtype=torch.float32, device=self.device)
         online = torch.tensor(self.buffer.online_scores, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            before = self.learner(features).sum() if len(self.buffer) else torch.zeros((), device=self.device)
-        totals = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, count, l_off, l_on, online better, h before
-        totals[2:6] = torch.stack([offline.sum(), online.sum(), (online > offline).sum(), before]).double()
         parameters = list(self.learner.parameters())
-        for piece in torch.arange(len(self.buffer), device=self.device).tensor_split(self.interval):
-            self.optimizer.zero_grad(set_to_none=False)
-            loss = meta_loss(self.learner(features[piece]), offline[piece], online[piece]).sum()
-            loss.backward()
-            # sum gradients and entry counts over ranks, then divide: the mean over the global mini-batch
-            flat = torch.cat([p.grad.flatten() for p in parameters] + [loss.detach()[None], torch.tensor([float(len(piece))], device=self.device)])
-            if distributed:
-                dist.all_reduce(flat)
-            count = flat[-1].item()
-            totals[0] += flat[-2].double()
-            totals[1] += count
-            if count == 0:
-                continue
+        self.optimizer.zero_grad(set_to_none=False)
+        weights = self.learner(features)
+        loss = meta_loss(weights, offline, online).sum()  # this rank's entries; divided by the global count below
+        loss.backward()
+        # one all-reduce: gradient sums, then loss, count, l_off, l_on, online-better and h sums over the entries
+        sums = torch.stack([loss.detach(), torch.tensor(float(len(offline)), device=self.device), offline.sum(), online.sum(),
+                            (online > offline).float().sum(), weights.detach().sum()])
+        flat = torch.cat([p.grad.flatten() for p in parameters] + [sums])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+        totals = flat[-len(sums):].tolist()
+        count = totals[1]
+        grad_norm = 0.0
+        if count > 0:
             offset = 0
             for p in parameters:
                 p.grad.copy_(flat[offset: offset + p.numel()].view_as(p) / count)
                 offset += p.numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip))
             self.optimizer.step()
-        if distributed:
-            dist.all_reduce(totals[2:])
-        with torch.no_grad():
-            after = self.learner(features).sum() if len(self.buffer) else torch.zeros((), device=self.device)
-        if distributed:
-            dist.all_reduce(after)
+            self.updates += 1
         self.buffer.clear()
-        n = max(totals[1].item(), 1.0)
-        return {"meta_loss": totals[0].item() / n, "meta_entries": int(totals[1].item()), "meta_l_off": totals[2].item() / n,
-                "meta_l_on": totals[3].item() / n, "meta_online_better": totals[4].item() / n,
-                "meta_h_before": totals[5].item() / n, "meta_h_after": after.item() / n}
+        n = max(count, 1.0)
+        return {"meta_loss": totals[0] / n, "meta_entries": int(count), "meta_l_off": totals[2] / n, "meta_l_on": totals[3] / n,
+                "meta_online_better": totals[4] / n, "meta_h_before": totals[5] / n, "meta_grad_norm": grad_norm,
+                "meta_updates": self.updates, "h_curve": self.curve()}
 
     def state_dict(self) -> dict:
         return {"learner": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state()}
+                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         state = copy.deepcopy(state)  # the optimizer would otherwise share state tensors with the source
@@ -251,6 +264,7 @@ class MetaController:
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
         self.generator.set_state(state["generator"])
+        self.updates = state["updates"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,15 +273,14 @@ class MetaController:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train h on a synthetic buffer and print the learned curve.")
-    parser.add_argument("--updates", type=int, default=30, help="meta-learner updates (each T_meta mini-batches)")
+    parser.add_argument("--updates", type=int, default=60, help="meta-learner updates (one AdamW step each, on T_meta policy steps' entries)")
     parser.add_argument("--crossover", type=float, default=-1.5, help="online pairs beat offline ones below this score")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     controller = MetaController(seed=args.seed)
-    grid = torch.tensor([-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.1, 0.0])
-    initial = controller.learner(grid[:, None]).detach()
+    initial = controller.curve()
     batch = 128
     for _ in range(args.updates):
         for _ in range(controller.interval):  # one policy step's scores
@@ -276,11 +289,11 @@ def main() -> None:
             online = torch.clamp(offline + gain, max=0.0)
             controller.buffer.append(offline, online, meta_features(offline))
         stats = controller.update()
-    learned = controller.learner(grid[:, None]).detach()
+    learned = controller.curve()
     print(f"synthetic buffer: l_off ~ U(-6, 0); l_on - l_off ~ +0.5 below l = {args.crossover}, -0.5 above (noise 0.2); "
           f"{args.updates} updates of {controller.interval} x {batch} entries; last meta loss {stats['meta_loss']:.3f}")
     print("   l_off   h initial   h learned")
-    for score, a, b in zip(grid.tolist(), initial.tolist(), learned.tolist()):
+    for score, a, b in zip(CURVE_GRID, initial, learned):
         print(f"  {score:6.2f}   {a:9.3f}   {b:9.3f}")
     print("h is low where online pairs beat offline ones (generate, weight online) and high where they do not.")
 

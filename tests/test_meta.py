@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from meta import GateDecision, MetaBuffer, MetaController, MetaLearner, gate, meta_features
+from meta import CURVE_GRID, GateDecision, MetaBuffer, MetaController, MetaLearner, gate, meta_features
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,8 @@ def test_update_moves_h_the_right_way(online_better):
     assert (after < before).all() if online_better else (after > before).all()
     assert len(controller.buffer) == 0 and controller.buffer.steps == 0
     assert stats["meta_entries"] == 8 * 64 and stats["meta_loss"] >= 0
-    assert (stats["meta_h_after"] < stats["meta_h_before"]) == online_better
+    initial = MetaController().curve()
+    assert (sum(stats["h_curve"]) < sum(initial)) == online_better and stats["meta_updates"] == 1
 
 
 def test_update_on_an_empty_buffer_changes_nothing():
@@ -79,11 +80,51 @@ def test_update_on_an_empty_buffer_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, controller.learner.parameters()))
 
 
-def test_update_takes_one_adam_step_per_mini_batch():
+def test_update_is_one_adamw_step_on_the_clipped_mean_gradient():
+    """SPEC section 4: one AdamW step (lr 5e-3, weight decay 1e-4) on the mean Eq. 6 gradient over
+    the whole buffer, clipped to norm 1.0; not one step per mini-batch."""
     controller = MetaController(interval=4)
     fill(controller, lambda off: off, lambda off: off + 0.1)
-    controller.update()
-    assert controller.optimizer.state[controller.learner.net[0].weight]["step"].item() == 4
+    manual = MetaLearner()
+    manual.load_state_dict(controller.learner.state_dict())
+    features = torch.tensor(controller.buffer.features)
+    offline, online = torch.tensor(controller.buffer.offline_scores), torch.tensor(controller.buffer.online_scores)
+    optimizer = torch.optim.AdamW(manual.parameters(), lr=5e-3, weight_decay=1e-4)
+    (-(manual(features) * offline + (1 - manual(features)) * online)).mean().backward()
+    norm = torch.nn.utils.clip_grad_norm_(manual.parameters(), 1.0)
+    optimizer.step()
+    stats = controller.update()
+    assert controller.optimizer.state[controller.learner.net[0].weight]["step"].item() == 1 and controller.updates == 1
+    assert stats["meta_grad_norm"] == pytest.approx(norm.item(), rel=1e-5) and stats["meta_updates"] == 1
+    for a, b in zip(controller.learner.parameters(), manual.parameters()):
+        torch.testing.assert_close(a, b)
+    assert len(stats["h_curve"]) == len(CURVE_GRID) and stats["h_curve"] == controller.curve()
+
+
+def test_gradient_clipping_bounds_the_step():
+    controller = MetaController(grad_clip=1e-3)
+    fill(controller, lambda off: off, lambda off: off + 3.0)  # a large gradient
+    before = controller.curve()
+    stats = controller.update()
+    assert stats["meta_grad_norm"] > 1e-3  # the norm before clipping is reported
+    assert [p.grad.norm() for p in controller.learner.parameters()]  # clipped in place
+    total = torch.sqrt(sum(p.grad.norm() ** 2 for p in controller.learner.parameters()))
+    assert total.item() == pytest.approx(1e-3, rel=1e-3) and controller.curve() != before
+
+
+def test_meta_steps_after_n_policy_steps_is_n_floor_t_meta():
+    """Algorithm 1's loop: a policy step appends to the buffer, every T_meta steps one update."""
+    for steps, interval in ((8, 8), (23, 8), (7, 8), (40, 16), (5, 1)):
+        controller = MetaController(interval=interval)
+        generator = torch.Generator().manual_seed(steps)
+        for _ in range(steps):
+            offline = -torch.rand(16, generator=generator) * 4
+            controller.buffer.append(offline, offline + 0.3, meta_features(offline))
+            if controller.ready():
+                controller.update()
+        state = controller.optimizer.state[controller.learner.net[0].weight]
+        assert controller.updates == steps // interval == (state["step"].item() if state else 0)
+        assert controller.buffer.steps == steps % interval  # the leftover that train.py drops at the iteration's end
 
 
 def test_gating_frequency_matches_one_minus_h():
@@ -115,7 +156,7 @@ def test_gating_ablation_modes():
 
 def test_gating_is_deterministic_for_a_seed():
     scores = -torch.rand(500, generator=torch.Generator().manual_seed(0)) * 4
-    a, b, c = (MetaController(seed=s).gate(meta_features(scores)) for s in (7, 7, 8))
+    a, b, c = (MetaController(seed=s).gate(scores, meta_features(scores)) for s in (7, 7, 8))
     assert isinstance(a, GateDecision)
     assert torch.equal(a.draws, b.draws) and torch.equal(a.selected, b.selected)
     assert not torch.equal(a.draws, c.draws)
@@ -150,18 +191,19 @@ def test_state_round_trip_continues_exactly():
     a = MetaController(seed=3)
     fill(a, lambda off: off, lambda off: off + 0.3)
     a.update()
-    a.gate(meta_features(-torch.rand(100)))
+    a.gate(-torch.rand(100), meta_features(-torch.rand(100)))
     fill(a, lambda off: off, lambda off: off - 0.2, steps=3, seed=1)  # a half-full buffer
     b = MetaController(seed=99)
     b.load_state_dict(a.state_dict())
     scores = meta_features(-torch.rand(300, generator=torch.Generator().manual_seed(5)) * 5)
-    da, db = a.gate(scores), b.gate(scores)
+    da, db = a.gate(scores[:, 0], scores), b.gate(scores[:, 0], scores)
     assert torch.equal(da.draws, db.draws) and torch.equal(da.selected, db.selected)
     for controller in (a, b):
         fill(controller, lambda off: off, lambda off: off + 0.4, steps=5, seed=2)
         controller.update()
     for pa, pb in zip(a.learner.parameters(), b.learner.parameters()):
         assert torch.equal(pa, pb)
+    assert a.updates == b.updates == 2
 
 
 def _distributed_update(rank, world_size, init_file, out_dir):
@@ -182,18 +224,15 @@ def test_two_process_gloo_update_keeps_phi_identical(tmp_path):
     for a, b in zip(rank0["params"], rank1["params"]):
         assert torch.equal(a, b)
     assert rank0["stats"] == rank1["stats"] and rank0["stats"]["meta_entries"] == 8 * (32 + 33)
-    # ... and equal to one process updating on the union, mini-batch by mini-batch
+    # ... and equal to one process updating on the union of the two shares
     single = MetaController(seed=0)
-    shares = []
     for rank in (0, 1):
         share = MetaController(seed=0)
         fill(share, lambda off: off, lambda off: torch.clamp(off + 0.5 - rank, max=0.0), batch=32 + rank, seed=10 + rank)
-        shares.append(share.buffer)
-    for step in range(8):
-        for share, size in zip(shares, (32, 33)):
-            rows = slice(step * size, (step + 1) * size)
-            single.buffer.append(torch.tensor(share.offline_scores[rows]), torch.tensor(share.online_scores[rows]), torch.tensor(share.features[rows]))
-    single.update()
+        buffer = share.buffer
+        single.buffer.append(torch.tensor(buffer.offline_scores), torch.tensor(buffer.online_scores), torch.tensor(buffer.features))
+    stats = single.update()
+    assert stats["meta_entries"] == rank0["stats"]["meta_entries"] and stats["meta_loss"] == pytest.approx(rank0["stats"]["meta_loss"])
     for a, b in zip(rank0["params"], single.learner.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
