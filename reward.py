@@ -83,7 +83,8 @@ class RuleReward:
     def __init__(self, fn: Callable[[str, str], float], name: str):
         self.fn, self.name = fn, name
 
-    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[list[dict]], responses: list[str], complete: list[bool] | None = None) -> list[float]:
+        """`complete` is accepted for RewardModel's API; a rule judges the text as it is."""
         return [self.fn(prompt[-1]["content"], response) for prompt, response in zip(prompts, responses)]
 
 
@@ -139,11 +140,12 @@ class RewardModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompts: list[list[dict]], responses: list[str]) -> list[list[int]]:
-        """Token ids of each pair through the chat template, cut to max_len."""
+    def encode(self, prompts: list[list[dict]], responses: list[str], complete: list[bool] | None = None) -> list[list[int]]:
+        """Token ids of each pair through the chat template, cut to max_len. A response that is not
+        complete (cut at the generation limit) gets no EOS: it is scored as the unfinished answer it is."""
         sequences = []
-        for prompt, response in zip(prompts, responses):
-            ids = encode_prompt(self.tokenizer, prompt) + encode_response(self.tokenizer, response)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids = encode_prompt(self.tokenizer, prompt) + encode_response(self.tokenizer, response, complete is None or complete[i])
             if len(ids) > self.max_len:
                 self.truncated += 1
                 ids = ids[: self.max_len]
@@ -167,19 +169,21 @@ class RewardModel:
         self.model.train(was_training)
         return scores
 
-    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        """Rewards of (conversation, response) pairs in their order. Collective when distributed:
+    def score(self, prompts: list[list[dict]], responses: list[str], complete: list[bool] | None = None) -> list[float]:
+        """Rewards of (conversation, response) pairs in their order; `complete[i]` False marks a
+        response cut at the length limit (default: all complete). Collective when distributed:
         every rank passes the same full lists, scores a strided share, and gets every score."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if len(prompts) != len(responses) or (complete is not None and len(complete) != len(responses)):
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(complete or responses)} completeness flags")
+        complete = [True] * len(responses) if complete is None else list(complete)
         rank, world = _distributed()
         if world == 1:
-            return self.score_ids(self.encode(prompts, responses))
+            return self.score_ids(self.encode(prompts, responses, complete))
         share = list(range(rank, len(prompts), world))
         # equal share sizes keep the number of forward calls equal on every rank (a sharded model needs it)
         filler = share[0] if share else 0
         padded = share + [filler] * (-(-len(prompts) // world) - len(share))
-        scores = self.score_ids(self.encode([prompts[i] for i in padded], [responses[i] for i in padded]))
+        scores = self.score_ids(self.encode([prompts[i] for i in padded], [responses[i] for i in padded], [complete[i] for i in padded]))
         gathered: list = [None] * world
         dist.all_gather_object(gathered, list(zip(share, scores[: len(share)])))
         result = [0.0] * len(prompts)

@@ -26,8 +26,8 @@ What it does
     and the results are reassembled in the original order.
 - `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
   the best as chosen and the worst as rejected. Prompts whose candidates all get the same reward
-  give no pair and are counted; responses cut at the length limit stay candidates and are
-  counted. The SELM variant adds the offline chosen and rejected answers to the ranking pool.
+  give no pair and are counted; responses cut at the length limit stay candidates, are scored
+  without an end-of-turn token (as unfinished answers) and are counted. The SELM variant adds the offline chosen and rejected answers to the ranking pool.
 
 Run
     python sample.py --model out/toy/sft --prompts F.jsonl --output G.jsonl --n 8
@@ -271,7 +271,8 @@ def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generati
         pools.append(pool)
     flat_prompts = [prompts[i] for i, pool in enumerate(pools) for _ in pool]
     flat_texts = [candidate.text for pool in pools for candidate in pool]
-    flat_rewards = reward_model.score(flat_prompts, flat_texts)
+    # a candidate cut at max_new_tokens is scored without an end of turn, as the unfinished answer it is
+    flat_rewards = reward_model.score(flat_prompts, flat_texts, [not candidate.truncated for pool in pools for candidate in pool])
     pairs, stats, offset = [], PairStats(prompts=len(pools)), 0
     for pool in pools:
         rewards = flat_rewards[offset: offset + len(pool)]

@@ -90,6 +90,18 @@ def test_scores_the_chat_template_rendering(toy_rm_dir):
     assert rm.score(PROMPTS[:1], RESPONSES[:1])[0] == pytest.approx(direct, abs=1e-5)
 
 
+def test_a_response_cut_at_the_length_limit_is_scored_without_eos(toy_rm_dir):
+    """A generation cut at max_new_tokens is not a finished answer: no EOS is appended to it."""
+    rm = RewardModel.from_pretrained(str(toy_rm_dir), device="cpu")
+    complete, cut = rm.encode(PROMPTS[:2], RESPONSES[:2], complete=[True, False])
+    assert complete[-1] == rm.tokenizer.eos_token_id and cut == encode_prompt(rm.tokenizer, PROMPTS[1]) + rm.tokenizer(RESPONSES[1], add_special_tokens=False)["input_ids"]
+    scores = rm.score(PROMPTS[:2] * 2, RESPONSES[:2] * 2, complete=[True, True, False, False])
+    assert scores[:2] != pytest.approx(scores[2:], abs=1e-4)  # the end of turn changes the score
+    assert scores[3] == pytest.approx(rm.model(input_ids=torch.tensor([cut])).logits[0, 0].item(), abs=1e-5)
+    with pytest.raises(ValueError, match="completeness flags"):
+        rm.score(PROMPTS[:2], RESPONSES[:2], complete=[True])
+
+
 def test_truncation_to_max_len(toy_rm_dir):
     rm = RewardModel.from_pretrained(str(toy_rm_dir), max_len=9, device="cpu")
     full = encode_prompt(rm.tokenizer, PROMPTS[2]) + encode_response(rm.tokenizer, RESPONSES[2])

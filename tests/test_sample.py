@@ -343,6 +343,19 @@ def test_best_is_chosen_and_worst_is_rejected():
     assert len(stats.rewards) == 8 and stats.offline_chosen == 0
 
 
+def test_candidates_cut_at_the_length_limit_are_scored_as_unfinished():
+    seen = {}
+
+    class Recording:
+        def score(self, prompts, responses, complete=None):
+            seen.update(zip(responses, complete))
+            return [float(len(r)) for r in responses]
+
+    generations = [[gen("a b"), gen("a b c d", "length")]]
+    make_online_pairs(MESSAGES[:1], generations, Recording(), offline=[(("a b c", [1, 2, 2]), ("c", [3, 2]))])
+    assert seen == {"a b": True, "a b c d": False, "a b c": True, "c": True}
+
+
 def test_selm_pool_includes_the_offline_answers():
     generations = [[gen("a b"), gen("a b c")], [gen("x y z"), gen("x")]]
     offline = [(("a b c d e", [9, 9, 9, 9, 9, 2]), ("a", [9, 2])),  # both offline answers outrank the generations
