@@ -30,25 +30,33 @@ The toy task
     10 * (1 - edit distance to the correct answer / its length), minus a penalty for foreign
     tokens, on UltraFeedback's 0-10 scale. Answers are written by "writers": rule-based noisy
     solvers with their own rates and kinds of mistakes (data.toy_mistake lists them).
-    Why it mimics the real setting (SPEC section 7):
-    - SFT is decent but imperfect, and not only by sampling noise: the SFT demonstrations come from
-      a teacher that answers in the plain style ("c f h"), makes random mistakes (neighbours
-      swapped, stopping early) and has a habit: on lists of 5 or more letters it usually leaves out
-      the last one. A policy that imitates it has a systematic gap that even its most likely
-      answer shows, and room to improve under the gold judge.
+    Why it mimics the real setting (SPEC section 7); the numbers are seed 0's, measured with
+    `python data.py` and the default `python train.py`:
+    - SFT is well below the ceiling, and not only by sampling noise: the SFT demonstrations come
+      from a teacher that answers in the plain style ("c f h"), makes random mistakes (neighbours
+      swapped, stopping early) and has two habits: on lists of 5 or more letters it usually leaves
+      out the last one, and it usually sorts descending prompts ascending. A policy that imitates
+      it has systematic gaps that even its most likely answer shows: the demonstrations score 6.5
+      (8.6 on ascending prompts, 4.4 on descending ones), and so does the SFT model.
     - The offline pairs come from other generators: four offline writers answer every training
-      prompt in one of three other styles ("c , f , h", "[ c f h ]", "answer : c f h"), with every
-      kind of mistake, hallucinated and substituted letters included, like UltraFeedback's
-      completions from a pool of other models. Their style never occurs in the SFT data, so the
-      SFT policy gives them much lower likelihood than its own samples (train.py reports it).
+      prompt in one shared style drawn per prompt, three of the four never used by the SFT
+      teacher ("c , f , h", "[ c f h ]", "answer : c f h"; plain otherwise), with every kind of
+      mistake, sorting the wrong way and hallucinated or substituted letters included, like
+      UltraFeedback's completions from a pool of other models. The SFT model gives them far lower
+      likelihood than its own samples: -5.2 nats per token for offline chosen answers (-6.9 in the
+      other styles, -0.6 in the plain one) against -0.3 for its own samples.
     - The labels are noisy like AI-judge labels: the four answers are rated by the gold judge plus
-      Gaussian noise (std 1.5), rounded to halves; chosen is the best rated, rejected a random one
-      of the lower-rated rest (UltraFeedback's binarization). About 5% of the pairs prefer the
-      worse answer and 8% are gold ties.
-    - The annotating reward model is learned from these pairs (train.py --method rm). It is useful
-      but imperfect: it judges order and length better than hallucinated letters, so online
-      training can over-optimise it (that is measured, not hidden). Evaluation uses the gold judge,
-      the stand-in for the GPT-4o judge.
+      Gaussian noise (std 2), rounded to halves; chosen is the best rated, rejected a random one
+      of the lower-rated rest (UltraFeedback's binarization). About 85% of the pairs agree with the
+      gold judge, 8% are gold ties and 6.5% prefer the worse answer.
+    - The annotating reward model is learned from these pairs (train.py --method rm): 0.75
+      preference accuracy on the held-out pairs. On the DPO warm-up's own answers it agrees with
+      the gold judge on 84% of the pairs the two tell apart, and its favourite of 4 answers scores
+      9.2 where their mean is 8.2 (`evaluate.py --plots`, held-out table); but it barely tells a
+      duplicated or hallucinated letter in the plain style from a correct answer, so online
+      training can over-optimise it (measured, not hidden: that agreement falls to about two
+      thirds as MetaAPO's policy moves). Evaluation uses the gold judge, the stand-in for the
+      GPT-4o judge.
     - The tokenizer is a word-level `tokenizers` model wrapped as a PreTrainedTokenizerFast with a
       chat template and saved with save_pretrained; the model config is a tiny LlamaConfig
       (~0.6M parameters); the data is written as UltraFeedback-binarized jsonl and read back
@@ -56,7 +64,9 @@ The toy task
     - Everything is a function of the seed (Python's `random.Random`, no global state).
     The design was settled by measuring it (SFT, reward model, DPO and online rounds on this
     machine): with repeated letters or variable-length copy/reverse tasks the learned reward model
-    could not tell right from wrong on the policy's own answers, and online training collapsed.
+    could not tell right from wrong on the policy's own answers, and online training collapsed; a
+    reward model trained on offline styles alone, or on pairs that seldom sort the wrong way,
+    misjudged the SFT model's plain-style, wrong-way answers, and online training followed it.
 
 Deliberate simplifications
 - Hub datasets are fetched file by file with huggingface_hub (no `datasets` dependency); parquet
@@ -376,11 +386,12 @@ def _encode_prompt_of(tokenizer, messages: list[dict], where: str) -> list[int]:
         raise DataError(f"{where or 'a row'}: the chat template failed: {err}") from err
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
-    """Token ids of a response followed by EOS, as the policy must generate it."""
+def encode_response(tokenizer, text: str, complete: bool = True) -> list[int]:
+    """Token ids of a response followed by EOS, as the policy must generate it; without EOS when
+    the response is not complete (a generation cut at the length limit)."""
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if complete else [])
 
 
 @dataclass
@@ -529,11 +540,11 @@ TOY_LETTERS = tuple("abcdefghij")
 TOY_TASKS = ("ascending", "descending")
 TOY_MIN_LETTERS, TOY_MAX_LETTERS = 3, 6  # distinct letters per prompt
 TOY_LONG_LIST = 5  # lists this long trigger the SFT teacher's habit
-TOY_OFFLINE_STYLES = ("comma", "bracket", "lead")  # the SFT teacher alone writes "plain"
+TOY_OFFLINE_STYLES = ("plain", "comma", "bracket", "lead")
 # Tokens a response may use besides letters; the gold judge ignores them.
 TOY_STYLE_TOKENS = (",", "[", "]", "answer", ":")
 TOY_SIZES = {"sft": 4000, "train_prefs": 6000, "test_prefs": 512}  # rows per split
-TOY_LABEL_NOISE = 1.5  # std of the Gaussian noise added to gold scores when rating offline answers
+TOY_LABEL_NOISE = 2.0  # std of the Gaussian noise added to gold scores when rating offline answers
 
 
 def toy_prompt(task: str, letters: list[str]) -> str:
@@ -613,9 +624,10 @@ class ToyWriter:
     mistakes: tuple[str, ...]
     second_mistake: float = 0.0  # probability that an erroneous answer holds a second mistake
     forgets_last: float = 0.0  # probability of leaving out the last letter of a long list
+    sorts_ascending: float = 0.0  # probability of sorting a descending prompt ascending (the wrong way)
 
     def write(self, task: str, letters: list[str], style: str, rng: random.Random) -> str:
-        answer = toy_solve(task, letters)
+        answer = toy_solve("ascending" if task == "descending" and rng.random() < self.sorts_ascending else task, letters)
         if len(letters) >= TOY_LONG_LIST and rng.random() < self.forgets_last:
             answer = toy_mistake("last", task, letters, answer, rng)
         elif rng.random() < self.error_rate:
@@ -627,16 +639,18 @@ class ToyWriter:
 
 TOY_ALL_MISTAKES = ("swap", "dup", "drop", "stop", "reverse", "copy", "extra", "extra", "sub", "sub")
 # The SFT teacher always answers in the plain style; its mistakes are the ones the policy inherits.
-# Its habit of forgetting the last letter of long lists is more likely than not, so the SFT
-# policy's most likely answer to a long list is wrong: a systematic gap, not just sampling noise.
-TOY_SFT_TEACHER = ToyWriter("teacher", 0.25, ("swap", "stop"), forgets_last=0.55)
+# Two habits are more likely than not: it leaves out the last letter of long lists, and it sorts
+# descending prompts ascending. So the SFT policy's most likely answer to a long list or a
+# descending prompt is wrong: a systematic gap, not just sampling noise, with room to improve
+# (the teacher scores about 6.6 of 10 under the gold judge: 8.6 on ascending, 4.5 on descending).
+TOY_SFT_TEACHER = ToyWriter("teacher", 0.25, ("swap", "stop"), forgets_last=0.55, sorts_ascending=0.6)
 # The offline writers (UltraFeedback's pool of other models) answer a prompt in one shared style,
 # drawn per prompt, and make every kind of mistake at their own rates.
 TOY_OFFLINE_WRITERS = (
-    ToyWriter("strong", 0.4, TOY_ALL_MISTAKES),
-    ToyWriter("medium", 0.6, TOY_ALL_MISTAKES),
-    ToyWriter("weak", 0.8, TOY_ALL_MISTAKES, second_mistake=0.5),
-    ToyWriter("average", 0.6, TOY_ALL_MISTAKES),
+    ToyWriter("strong", 0.4, TOY_ALL_MISTAKES, sorts_ascending=0.05),
+    ToyWriter("medium", 0.6, TOY_ALL_MISTAKES, sorts_ascending=0.2),
+    ToyWriter("weak", 0.8, TOY_ALL_MISTAKES, second_mistake=0.5, sorts_ascending=0.5),
+    ToyWriter("average", 0.6, TOY_ALL_MISTAKES, sorts_ascending=0.2),
 )
 
 
@@ -839,9 +853,13 @@ def main() -> None:
     print(f"gold mean: SFT demonstrations {sum(toy_gold_score(e.prompt[-1]['content'], e.response) for e in sft) / len(sft):.2f}, "
           f"offline chosen {sum(gold(p, p.chosen) for p in prefs) / len(prefs):.2f}, "
           f"offline rejected {sum(gold(p, p.rejected) for p in prefs) / len(prefs):.2f}  (0-10 scale)")
-    long = [e for e in sft if len(toy_parse_prompt(e.prompt[-1]["content"])[1]) >= TOY_LONG_LIST]
-    forgot = sum(e.response.split() == toy_solve(*toy_parse_prompt(e.prompt[-1]["content"]))[:-1] for e in long)
-    print(f"SFT teacher's habit: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out the last letter")
+    parsed = [(toy_parse_prompt(e.prompt[-1]["content"]), e.response.split()) for e in sft]
+    long = [(letters, answer) for (_, letters), answer in parsed if len(letters) >= TOY_LONG_LIST]
+    forgot = sum(answer in (sorted(letters)[:-1], sorted(letters, reverse=True)[:-1]) for letters, answer in long)
+    descending = [answer for (task, _), answer in parsed if task == "descending"]
+    upward = sum(len(answer) > 1 and answer == sorted(answer) for answer in descending)
+    print(f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out the last letter; "
+          f"{upward / len(descending):.1%} of its answers to descending prompts are sorted ascending")
     offline_plain = sum(all(w in TOY_LETTERS for w in text.split()) for p in prefs for text in (p.chosen, p.rejected))
     print(f"offline answers in the SFT teacher's plain style: {offline_plain / (2 * len(prefs)):.1%} (SFT demonstrations: 100%)")
 

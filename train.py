@@ -126,8 +126,11 @@ class Config:
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
     num_samples: int = 8  # K responses per selected prompt
-    meta_interval: int = 8  # T_meta: policy steps between meta-learner updates
-    meta_lr: float = 5e-3
+    meta_interval: int = 8  # T_meta: policy steps per meta update (16 = the reference code's effective interval)
+    meta_lr: float = 5e-3  # the meta-learner's AdamW: one step per meta update
+    meta_weight_decay: float = 1e-4  # the reference code's meta optimizer
+    meta_grad_clip: float = 1.0  # max gradient norm of a meta update
+    meta_input_beta: float = 0.0  # h's input is log sigmoid(meta_input_beta * Delta); 0 = beta (Eq. 4), 1 = the reference code
     meta_depth: int = 2  # linear layers of the meta-learner (5 for the ablation)
     meta_inputs: str = "score"  # score, or multi (score + chosen and rejected log-ratios)
     sampling: str = "meta"  # meta, random, threshold or all
@@ -157,7 +160,7 @@ def toy_preset(data_seed: int) -> dict:
     return dict(
         model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
         rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
-        lr=1e-4, batch_size=32, micro_batch_size=32, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
+        lr=5e-5, batch_size=16, micro_batch_size=16, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
     )
 
 
@@ -229,6 +232,8 @@ def parse_config(argv: list[str]) -> Config:
                 "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key}: must be at least 1, got {getattr(cfg, key)}")
+    if cfg.meta_input_beta < 0:
+        raise ConfigError(f"--meta_input_beta: must be positive (0 = beta), got {cfg.meta_input_beta}")
     if not 0 < cfg.keep_ratio <= 1:
         raise ConfigError(f"--keep_ratio: must be in (0, 1], got {cfg.keep_ratio}")
     if cfg.method == "kto" and cfg.micro_batch_size < 2:
@@ -709,6 +714,15 @@ def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None
     return out, losses.preference_score(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
 
 
+def meta_input_score(cfg: Config, score: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+    """h's input for the pairs in rows offset, offset + 1 (SPEC section 3): Eq. 4's score with
+    meta_input_beta in place of beta (1.0 = the reference code's unscaled log sigmoid(Delta)).
+    Under the default, and for simpo (Eq. A.9 already holds its beta), the score itself."""
+    if cfg.objective == "simpo" or cfg.meta_input_beta in (0.0, cfg.beta):
+        return score
+    return losses.preference_score(policy[offset], policy[offset + 1], ref[offset], ref[offset + 1], cfg.meta_input_beta)
+
+
 def pair_metrics(out: losses.PairLoss, weights: torch.Tensor, prefix: str = "") -> dict:
     n = weights.sum().item()
     return {f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * weights).sum().item(),
@@ -788,7 +802,7 @@ def reference_path(cfg: Config) -> str:
 def stage_name(cfg: Config, method: str) -> str:
     """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
     metaapo-sampling_random or online_dpo-objective_simpo."""
-    switches = ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "objective") if method == "metaapo" else (
+    switches = ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "meta_input_beta", "objective") if method == "metaapo" else (
         ("objective",) if method in ("online_dpo", "selm") else ())
     defaults = Config()
     return "-".join([method] + [f"{key}_{getattr(cfg, key)}" for key in switches if getattr(cfg, key) != getattr(defaults, key)])
@@ -885,8 +899,8 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
 
 
 @torch.no_grad()
-def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tuple[float, float, float]]:
-    """(l, chosen log-ratio, rejected log-ratio) of every pair, on every rank. Each rank scores a
+def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tuple[float, float, float, float]]:
+    """(l, h's input score, chosen log-ratio, rejected log-ratio) of every pair, on every rank. Each rank scores a
     strided share, padded to equal length so that sharded models run the same forwards, in
     forwards of 4 micro-batches (no gradients, so no activations kept)."""
     chunk = max(1, cfg.micro_batch_size) * 4
@@ -899,7 +913,7 @@ def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tupl
         ref_logps = pair_forward(ref, batch, rt)[0] if ref is not None else torch.zeros_like(logps)
         score = objective_losses(cfg, logps, ref_logps, lengths)[1]
         ratios = logps - ref_logps
-        results += list(zip(score.tolist(), ratios[0].tolist(), ratios[1].tolist()))
+        results += list(zip(score.tolist(), meta_input_score(cfg, score, logps, ref_logps).tolist(), ratios[0].tolist(), ratios[1].tolist()))
     merged = {}
     for part in all_gather_objects(rt, list(zip(share, results))):
         merged.update(part)
@@ -998,13 +1012,14 @@ def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path
     return [generation for k in batches for generation in merged[k]]
 
 
-def select_for_generation(cfg: Config, method: str, meta: MetaController | None, features: torch.Tensor) -> tuple[list[bool], list[float]]:
+def select_for_generation(cfg: Config, method: str, meta: MetaController | None, offline_scores: torch.Tensor,
+                          features: torch.Tensor) -> tuple[list[bool], list[float]]:
     """Algorithm 1 lines 7-12: which offline tuples get online responses, and their weights w."""
     if method == "metaapo":
-        decision = meta.gate(features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
+        decision = meta.gate(offline_scores, features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
         return decision.selected.tolist(), decision.weights.tolist()
     if method == "adpo":  # the tuples whose DPO loss -l_off is below a fixed threshold
-        return [-score < cfg.adpo_threshold for score in features[:, 0].tolist()], []
+        return [-score < cfg.adpo_threshold for score in offline_scores.tolist()], []
     return [True] * len(features), []  # online_dpo, selm: every prompt
 
 
@@ -1044,7 +1059,7 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
         online_out, online_score = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
         offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
-        features = meta_features(offline_score, ratios[0], ratios[1], inputs=cfg.meta_inputs)
+        features = meta_features(meta_input_score(cfg, offline_score, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs)
         w = meta.loss_weights(features)  # Alg. 1 line 16: w = h(l_off) with the current theta, a constant in Eq. 5
         fixed = torch.tensor([-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device)
         w = torch.where(fixed >= 0, fixed, w)
@@ -1102,8 +1117,8 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(warm_policy_path(cfg))
     offline, raw = train_pairs(cfg, rt, tokenizer)
     chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
-    meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting,
-                          cfg.threshold, seed=cfg.seed, device=rt.device) if method == "metaapo" else None
+    meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting, cfg.threshold,
+                          seed=cfg.seed, device=rt.device, weight_decay=cfg.meta_weight_decay, grad_clip=cfg.meta_grad_clip) if method == "metaapo" else None
     state = IterationState(**torch.load(latest / "state.pt", weights_only=False)["iteration_state"]) if latest else IterationState()
     step = state.loop["step"]
     for t in range(state.iteration, cfg.iterations):  # for t = 1..T
@@ -1133,8 +1148,9 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             tic = time.time()
             chunk = chunks[t]
             scores = pair_scores(policy, ref, chunk, cfg, rt)  # l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-            features = meta_features(*[torch.tensor(column) for column in zip(*scores)], inputs=cfg.meta_inputs)
-            selected, weights = select_for_generation(cfg, method, meta, features)  # Alg. 1 lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
+            offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
+            features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
+            selected, weights = select_for_generation(cfg, method, meta, offline_scores, features)  # Alg. 1 lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
             chosen = [i for i, s in enumerate(selected) if s]
             generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
                                                cfg, rt, cfg.seed * 1000 + t, stage.dir)  # Alg. 1 line 9: K responses from the current policy
@@ -1148,7 +1164,7 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             if rt.main:  # per-tuple decisions, for evaluate.py's plots
                 paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
                 data.write_jsonl(stage.dir / f"iter{t + 1}" / "gating.jsonl", [
-                    {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "w": weights[i] if weights else None,
+                    {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "h_input": score[1], "w": weights[i] if weights else None,
                      "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
             ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if method == "selm" else 1.0)
             phase_stats = {"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
@@ -1175,11 +1191,14 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             records = optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save,
                                after_step, log_extra={"iteration": t + 1})
             state.times["training_s"] += time.time() - tic
+            dropped = meta.buffer.steps if meta is not None else 0
+            if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
+                meta.buffer.clear()
             if records:  # after a resume, the summary covers the steps run since
                 stage.log({"iteration": t + 1, "phase": "train", "steps": len(records), "time_s": time.time() - tic,
                            **{f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
                               for key in ("loss", "l_off", "l_on", "w", "meta_loss") if any(key in r for r in records)},
-                           "meta_updates": sum("meta_loss" in r for r in records)})
+                           "meta_updates": sum("meta_loss" in r for r in records), "meta_steps_dropped": dropped})
         else:
             stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
             print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")

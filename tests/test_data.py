@@ -433,21 +433,27 @@ def test_toy_task_has_the_properties_of_the_real_setting():
     def letters(text):
         return [w for w in text.split() if w in data.TOY_LETTERS]
 
-    # SFT demonstrations: plain style only, imperfect, and mostly wrong on long lists (the habit).
+    # SFT demonstrations: plain style only, well below the ceiling, with two habits: mostly wrong on
+    # long lists (the last letter left out) and on descending prompts (sorted ascending).
     sft = [(r["prompt"], r["messages"][1]["content"]) for r in rows["sft"]]
     assert all(all(w in data.TOY_LETTERS for w in answer.split()) for _, answer in sft)
     gold = [toy_gold_score(prompt, answer) for prompt, answer in sft]
-    assert 7.5 < sum(gold) / len(gold) < 9.5
+    assert 5.5 < sum(gold) / len(gold) < 7.5
     long = [(p, a) for p, a in sft if len(data.toy_parse_prompt(p)[1]) >= data.TOY_LONG_LIST]
-    forgot = sum(letters(a) == data.toy_solve(*data.toy_parse_prompt(p))[:-1] for p, a in long)
+    forgot = sum(letters(a) in (sorted(data.toy_parse_prompt(p)[1])[:-1], sorted(data.toy_parse_prompt(p)[1], reverse=True)[:-1]) for p, a in long)
     assert forgot / len(long) > 0.5
+    descending = [letters(a) for p, a in sft if p.startswith("descending")]
+    assert sum(len(a) > 1 and a == sorted(a) for a in descending) / len(descending) > 0.5
 
-    # Offline pairs: other styles than the SFT data, noisy labels that are still mostly right.
+    # Offline pairs: mostly other styles than the SFT data, noisy labels that are still mostly right,
+    # and the wrong sorting direction among the mistakes the pairs teach.
     prefs = rows["train_prefs"]
     styled = sum(any(t in r["chosen"][1]["content"].split() for t in data.TOY_STYLE_TOKENS) for r in prefs)
-    assert styled / len(prefs) > 0.9
+    assert 0.65 < styled / len(prefs) < 0.85
+    wrong_way = [r for r in prefs if r["prompt"].startswith("descending") and (lambda a: len(a) > 1 and a == sorted(a))(letters(r["rejected"][1]["content"]))]
+    assert len(wrong_way) / len(prefs) > 0.05
     better = [toy_gold_score(r["prompt"], r["chosen"][1]["content"]) - toy_gold_score(r["prompt"], r["rejected"][1]["content"]) for r in prefs]
     assert sum(b > 0 for b in better) / len(prefs) > 0.8
-    assert 0.01 < sum(b < 0 for b in better) / len(prefs) < 0.15  # some labels prefer the worse answer
+    assert 0.03 < sum(b < 0 for b in better) / len(prefs) < 0.15  # some labels prefer the worse answer
     assert all(r["score_chosen"] > r["score_rejected"] for r in prefs)
     assert all(r["chosen"][1]["content"] != r["rejected"][1]["content"] for r in prefs)

@@ -3,6 +3,7 @@ losses on 1 and 2 processes, bit-exact resume after SIGKILL, the non-finite-loss
 iteration without any augmented tuple."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import losses
 import train
+from meta import MetaLearner
 from train import Config, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +62,7 @@ def fresh_run(base_run, tmp_path, name="run"):
 
 def test_defaults_presets_and_overrides():
     cfg = parse_config([])
-    assert cfg.method == "pipeline" and cfg.preset == "toy" and cfg.batch_size == 32  # the toy preset
+    assert cfg.method == "pipeline" and cfg.preset == "toy" and cfg.batch_size == 16  # the toy preset
     assert cfg.out_dir == "out/toy-seed0" and cfg.model == "out/toy/seed0/base" and cfg.dataset == "out/toy/seed0"
     cfg = parse_config(["--model", "tulu8b", "--lr=1e-6", "--betas=0.9,0.99", "--resume", "--seed", "3"])
     assert cfg.model == "allenai/Llama-3.1-Tulu-3-8B-SFT" and cfg.lr == 1e-6 and cfg.betas == (0.9, 0.99)
@@ -94,6 +96,21 @@ def test_config_error_exits_with_the_message():
     assert result.returncode != 0 and "train.py: unknown config key --bogus" in result.stderr
 
 
+def test_meta_input_score_scales_only_h_input():
+    policy = torch.tensor([[-3.0, -5.0], [-6.0, -4.0]])  # (roles, B): chosen, rejected
+    ref = torch.tensor([[-4.0, -4.0], [-4.0, -4.0]])
+    score = losses.preference_score(policy[0], policy[1], ref[0], ref[1], 0.1)
+    default = parse_config([])
+    assert train.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
+    reference_code = parse_config(["--meta_input_beta=1"])
+    delta = (policy[0] - ref[0]) - (policy[1] - ref[1])
+    torch.testing.assert_close(train.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta))
+    simpo = parse_config(["--meta_input_beta=1", "--objective=simpo"])
+    assert train.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
+    with pytest.raises(ConfigError, match="meta_input_beta"):
+        parse_config(["--meta_input_beta=-1"])
+
+
 def test_every_config_field_is_commented():
     source = (ROOT / "train.py").read_text()
     block = source[source.index("class Config:"): source.index("def toy_preset")]
@@ -120,7 +137,7 @@ def test_unfinished_stage_needs_resume(base_run, tmp_path):
 
 def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
-    run_train(["--method=metaapo", f"--out_dir={out}"] + TINY)
+    run_train(["--method=metaapo", f"--out_dir={out}", "--meta_interval=2"] + TINY)
     stage = out / "metaapo"
     assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists()
     assert json.loads((stage / "config.json").read_text())["method"] == "metaapo"
@@ -131,9 +148,17 @@ def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     assert all(0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_dropped_all_equal"] for p in phases)
     steps = [r for r in records if "step" in r and "phase" not in r]
     assert steps and all({"loss", "lr", "grad_norm", "l_off", "l_on", "w"} <= set(r) for r in steps)
-    assert any("meta_loss" in r for r in steps) or len(steps) < 8
     summaries = [r for r in records if r.get("phase") == "train"]
     assert [r["iteration"] for r in summaries] == [1, 2] and all({"mean_loss", "mean_l_off", "mean_l_on", "mean_w"} <= set(r) for r in summaries)
+    # one meta update (one AdamW step) every T_meta = 2 policy steps; an iteration's leftover step is dropped
+    for summary in summaries:
+        updates = [r for r in steps if r["iteration"] == summary["iteration"] and "meta_loss" in r]
+        assert summary["meta_updates"] == len(updates) == summary["steps"] // 2 and summary["meta_steps_dropped"] == summary["steps"] % 2
+        assert [r["step"] for r in updates] == [r["step"] for r in steps if r["iteration"] == summary["iteration"]][1::2]
+        assert all(len(r["h_curve"]) == 11 and all(0 < h < 1 for h in r["h_curve"]) for r in updates)
+    meta_state = torch.load(stage / "meta_learner.pt", weights_only=False)
+    assert meta_state["updates"] == sum(s["steps"] // 2 for s in summaries) > 0
+    assert meta_state["optimizer"]["state"][0]["step"].item() == meta_state["updates"]
     done = json.loads((stage / "done.json").read_text())
     assert 0 < done["annotation_ratio"] <= 1 and done["sampling_s"] > 0
 
@@ -230,7 +255,7 @@ EVERY_METHOD = [["--method=ipo"], ["--method=kto"], ["--method=simpo"], ["--meth
                 ["--method=metaapo", "--sampling=random"], ["--method=metaapo", "--sampling=all"],
                 ["--method=metaapo", "--weighting=uniform"], ["--method=metaapo", "--weighting=fixed"],
                 ["--method=metaapo", "--keep_unsampled"], ["--method=metaapo", "--meta_depth=5", "--meta_inputs=multi"],
-                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"]]
+                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"], ["--method=metaapo", "--meta_input_beta=1"]]
 
 
 def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
@@ -245,5 +270,12 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
     assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
     assert (out / "selective_dpo" / "half0" / "model").exists() and (out / "selective_dpo" / "final" / "model").exists()
+    # the reference code's unscaled input: h sees log sigmoid(Delta), the value terms keep beta
+    gating = [json.loads(line) for line in (out / "metaapo-meta_input_beta_1.0" / "iter1" / "gating.jsonl").read_text().splitlines()]
+    h = MetaLearner()
+    for row in gating:
+        delta = torch.logit(torch.tensor(math.exp(row["l_off"]), dtype=torch.float64)) / 0.1  # l_off = log sigmoid(0.1 Delta)
+        assert row["h_input"] == pytest.approx(torch.nn.functional.logsigmoid(delta).item(), abs=1e-4)
+        assert row["w"] == pytest.approx(h(torch.tensor([[row["h_input"]]])).item(), abs=1e-6)
     selm = [r for r in metrics(out / "selm" / "metrics.jsonl") if r.get("phase") == "generate"]
     assert all(r["annotation_ratio"] == pytest.approx(1.25) for r in selm)  # K + 2 candidates scored per prompt
