@@ -17,13 +17,21 @@ What it does
 - Reward statistics on test_prefs prompts (mean and std of the reward of generated answers, win
   rate against the dataset's chosen answers) and the implicit-reward preference accuracy
   (beta-scaled log-ratio margin > 0 on the test pairs).
-- Plots (matplotlib, optional): the meta-learner curve h(l) after each iteration, sampled vs
-  unsampled prompts (l_off against l_on - l_off), gold score and online reward over iterations.
+- Training dynamics of a finished stage (`--plots`; also seed 0's MetaAPO in `--compare`), the
+  paper's Fig. 2 left and middle and Fig. 3 right, written to <stage>/dynamics.json, printed as
+  tables and plotted (matplotlib, optional): the meta-learner curve h(l) after every meta update
+  (logged by train.py); for every tuple of every iteration, l_off against the potential gain
+  l_on - l_off, sampled vs unsampled; and on the held-out prompts before and after each
+  iteration, the reward model's mean and std over generated answers (gold score on the toy) and
+  the mean l_off of the held-out pairs.
+- `--compare` also reports every row's paired difference from MetaAPO with 95% intervals (gold:
+  a bootstrap over seeds and held-out prompts; annotation ratio and time: t-intervals over
+  seeds), marking the differences these seeds resolve.
 
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (18 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4
-    python evaluate.py --plots=out/toy-seed0/metaapo     # PNGs in that directory, with the stage's config.json
+    python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there, with the stage's config.json
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
     python evaluate.py --model=PATH --reward_model=RM --reward_stats --reference=SFT     # on test_prefs
@@ -33,8 +41,9 @@ Options not listed by `python evaluate.py --help` are train.py's config (--model
 
 Deliberate simplifications
 - Arena-Hard's token_len counts the policy tokenizer's tokens (the original uses tiktoken).
-- The sampled / unsampled scatter regenerates online pairs for at most --scatter_prompts prompts
-  of each kind with the iteration's starting policy, since unsampled prompts had none.
+- The sampled / unsampled scatter generates a fresh online pair for every tuple of an iteration
+  (or --scatter_prompts of each kind) with the iteration's starting policy, since unsampled
+  tuples had none; the gains are therefore those of new samples, not of the pairs trained on.
 """
 
 from __future__ import annotations
@@ -52,8 +61,9 @@ import torch
 
 import data
 import train
-from meta import MetaController, MetaLearner
-from sample import make_online_pairs
+from meta import CURVE_GRID, MetaController
+from reward import toy_gold_judge
+from sample import Generation, make_online_pairs
 
 # (label, method, extra train.py arguments): the rows of the comparison
 COMPARE_ROWS = [
@@ -71,11 +81,13 @@ COMPARE_ROWS = [
     ("w/ uniform weighting", "metaapo", ["--weighting=uniform"]),
     ("w/o meta-learner (fixed weights)", "metaapo", ["--weighting=fixed"]),
     ("w/ all offline samples", "metaapo", ["--keep_unsampled"]),
+    ("w/ unscaled meta input (reference code)", "metaapo", ["--meta_input_beta=1"]),
 ]
 ABLATIONS = {"MetaAPO"} | {label for label, _, extra in COMPARE_ROWS if extra}
-# The comparison trains every method on the first 2400 offline pairs (the reward model on all
-# 6000) so that 3 seeds x 13 methods fit in half an hour on 2 cores.
-COMPARE_TRAIN_ARGS = ["--max_train_pairs=2400"]
+# The comparison trains every method on the first 3600 offline pairs (the shared reward model on
+# all 6000, as in the default run): 1200 per iteration, so MetaAPO takes about 35 policy steps and 4 meta updates per
+# iteration, and 3 seeds x 14 methods fit in half an hour on 2 cores.
+COMPARE_TRAIN_ARGS = ["--max_train_pairs=3600"]
 # FastChat's MT-Bench temperatures per category; other categories get 0.7
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 
@@ -95,7 +107,7 @@ def load_generator(cfg: train.Config, rt: train.Runtime, model_path: str) -> tup
 
 
 def generate_answers(cfg: train.Config, rt: train.Runtime, model_path: str, conversations: list[list[dict]], temperature: float,
-                     seed: int, loaded: tuple | None = None) -> tuple[list[str], object]:
+                     seed: int, loaded: tuple | None = None) -> tuple[list[Generation], object]:
     """One answer per conversation (greedy at temperature 0), on every rank; and the tokenizer.
     `loaded`: (policy, tokenizer) from load_generator, kept by the caller for further calls;
     without it they are loaded here and released after."""
@@ -106,7 +118,7 @@ def generate_answers(cfg: train.Config, rt: train.Runtime, model_path: str, conv
     if loaded is None:
         del policy
         train.release_memory()
-    return [g[0].text for g in generations], tokenizer
+    return [g[0] for g in generations], tokenizer
 
 
 def gold_scores(cfg: train.Config, rt: train.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
@@ -130,6 +142,42 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
     return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]))
 
 
+# Student's t quantile t(0.975, df) for df = 1..30 (a normal quantile beyond): the 95% t-interval
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval(mean: float, low: float, high: float) -> dict:
+    """A difference with its 95% interval; resolved when the interval excludes 0."""
+    return {"mean": float(mean), "low": float(low), "high": float(high), "resolved": bool(low > 0 or high < 0)}
+
+
+def paired_bootstrap(scores: list[list[float]], baseline: list[list[float]], samples_per_prompt: int, draws: int = 2000,
+                     seed: int = 0) -> dict:
+    """Mean paired difference (scores - baseline) with a 95% two-level bootstrap interval: seeds
+    resampled with replacement, then held-out prompts within each drawn seed. scores[s] holds one
+    seed's gold scores, prompt-major with samples_per_prompt answers per prompt, as is baseline[s]."""
+    per_prompt = np.stack([(np.asarray(a) - np.asarray(b)).reshape(-1, samples_per_prompt).mean(1) for a, b in zip(scores, baseline)])
+    n_seeds, n_prompts = per_prompt.shape  # (S, P) differences of per-prompt means
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    for k in range(draws):
+        seeds = rng.integers(n_seeds, size=n_seeds)
+        prompts = rng.integers(n_prompts, size=(n_seeds, n_prompts))
+        means[k] = per_prompt[seeds[:, None], prompts].mean()
+    return interval(per_prompt.mean(), *np.percentile(means, [2.5, 97.5]))
+
+
+def paired_t_interval(values: list[float], baseline: list[float]) -> dict | None:
+    """Mean paired difference over seeds with a 95% t-interval (None with fewer than 2 seeds)."""
+    differences = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    if len(differences) < 2:
+        return None
+    t = T_975[len(differences) - 2] if len(differences) <= len(T_975) + 1 else 1.960
+    half = t * differences.std(ddof=1) / np.sqrt(len(differences))
+    return interval(differences.mean(), differences.mean() - half, differences.mean() + half)
+
+
 # ==============================================================================================
 # The toy comparison
 
@@ -143,7 +191,8 @@ def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
 def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: train.Runtime) -> dict:
     """Run or read every row's run for every seed, score the models, aggregate over seeds."""
     started = time.time()
-    shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *train_args]
+    # the shared SFT and reward model are the default run's (COMPARE_TRAIN_ARGS' data cut is for the methods only)
+    shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
     shared = train.parse_config(shared_args)
     if rt.main:
         data.ensure_toy_assets(0)
@@ -151,6 +200,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     stage_times = {"SFT": train.ensure_stage(shared, rt, "sft"), "RM": train.ensure_stage(shared, rt, "rm")}
     sft = str(out / "shared" / "sft" / "model")
     per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
+    gold: dict[str, list[list[float]]] = {label: [] for label, _, _ in rows}  # per seed, every answer's gold score
     for seed in seeds:
         args = seed_args(out, seed, train_args)
         base = train.parse_config(args)  # --seed=seed is among args
@@ -158,12 +208,14 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
         for label, method, extra in rows:
             if method is None:
                 per_seed[label].append({"gold": float(np.mean(baseline)), "win": 0.5, **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"}})
+                gold[label].append(baseline)
                 continue
             cfg = train.parse_config(args + [f"--method={method}", *extra])
             summary = train.ensure_stage(cfg, rt, method)
             name = train.stage_name(cfg, method)
             scores = gold_scores(base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json")
             per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
+            gold[label].append(scores)
             train.print0(rt, f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT {win_rate(scores, baseline):.1%}")
     results = {"seeds": seeds, "train_args": train_args, "shared": stage_times, "minutes": (time.time() - started) / 60, "rows": {}}
     for label, method, extra in rows:
@@ -176,7 +228,27 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
         results["rows"][label] = {"method": method, "args": extra, "gold": stat("gold"), "win_rate": stat("win"),
                                   "annotation_ratio": stat("annotation_ratio"), "sampling_s": stat("sampling_s"),
                                   "training_s": stat("training_s") or stat("train_time_s"), "per_seed": runs}
+    if "MetaAPO" in per_seed:
+        eval_samples = train.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
+        for label, _, _ in rows:
+            if label != "MetaAPO":
+                results["rows"][label]["vs_metaapo"] = differences(per_seed[label], per_seed["MetaAPO"], gold[label], gold["MetaAPO"], eval_samples)
     return results
+
+
+def overall_time(run: dict) -> float:
+    """A run's sampling plus training seconds (an offline method's train_time_s)."""
+    return run.get("sampling_s", 0.0) + run.get("training_s", run.get("train_time_s", 0.0))
+
+
+def differences(runs: list[dict], reference: list[dict], scores: list[list[float]], reference_scores: list[list[float]],
+                samples_per_prompt: int) -> dict:
+    """A row minus MetaAPO, paired by seed (and by held-out prompt for the gold score): gold with a
+    prompts x seeds bootstrap interval; annotation ratio and overall time with t-intervals over seeds."""
+    ratio = [r.get("annotation_ratio", 0.0) for r in runs]
+    return {"gold": paired_bootstrap(scores, reference_scores, samples_per_prompt),
+            "annotation_ratio": paired_t_interval(ratio, [r["annotation_ratio"] for r in reference]),
+            "time_s": paired_t_interval([overall_time(r) for r in runs], [overall_time(r) for r in reference])}
 
 
 def _fmt(stat, percent: bool = False, digits: int = 3) -> str:
@@ -185,6 +257,13 @@ def _fmt(stat, percent: bool = False, digits: int = 3) -> str:
     if percent:
         return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _fmt_interval(diff: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    if diff is None:
+        return "-"
+    text = f"{scale * diff['mean']:+.{digits}f} [{scale * diff['low']:+.{digits}f}, {scale * diff['high']:+.{digits}f}]"
+    return f"**{text}**" if diff["resolved"] else text
 
 
 def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
@@ -206,6 +285,17 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
         sampling, training = rows[label]["sampling_s"], rows[label]["training_s"]
         overall = (sampling["mean"] if sampling else 0.0) + (training["mean"] if training else 0.0)
         lines.append(f"| {label} | {_fmt(sampling, digits=0)} | {_fmt(training, digits=0)} | {overall:.0f} | {_fmt(rows[label]['annotation_ratio'], True)} |")
+    compared = [label for label in rows if "vs_metaapo" in rows[label]]
+    if compared:
+        lines += ["", "## Differences from MetaAPO, paired by seed", "",
+                  "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out prompts "
+                  "within each seed), the annotation ratio and the overall time (sampling + training) by t-intervals over the "
+                  "seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise these seeds cannot tell the two apart.",
+                  "", "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |", "|---|---|---|---|"]
+        for label in compared:
+            vs = rows[label]["vs_metaapo"]
+            lines.append(f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | "
+                         f"{_fmt_interval(vs['time_s'], digits=0)} |")
     if plots:
         lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -220,7 +310,7 @@ def alpaca_eval_answers(cfg, rt, model_path: str, questions_path: str, name: str
     questions = _read_questions(questions_path, lambda q: None if isinstance(q, dict) and isinstance(q.get("instruction"), str)
                                 else "an AlpacaEval question needs an 'instruction' string")
     answers, _ = generate_answers(cfg, rt, model_path, [[{"role": "user", "content": q["instruction"]}] for q in questions], temperature, cfg.seed)
-    return [{"instruction": q["instruction"], "output": a, "generator": name, "dataset": q.get("dataset", "")} for q, a in zip(questions, answers)]
+    return [{"instruction": q["instruction"], "output": a.text, "generator": name, "dataset": q.get("dataset", "")} for q, a in zip(questions, answers)]
 
 
 def _read_questions(path: str, check) -> list[dict]:
@@ -244,7 +334,7 @@ def arena_hard_answers(cfg, rt, model_path: str, questions_path: str, name: str,
     conversations = [[{"role": "user", "content": q["turns"][0]["content"]}] for q in questions]
     answers, tokenizer = generate_answers(cfg, rt, model_path, conversations, temperature, cfg.seed)
     return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
-             "choices": [{"index": 0, "turns": [{"content": a, "token_len": len(tokenizer(a, add_special_tokens=False)["input_ids"])}]}],
+             "choices": [{"index": 0, "turns": [{"content": a.text, "token_len": len(tokenizer(a.text, add_special_tokens=False)["input_ids"])}]}],
              "tstamp": time.time()} for q, a in zip(questions, answers)]
 
 
@@ -267,8 +357,8 @@ def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -
                 conversations[i].append({"role": "user", "content": questions[i]["turns"][turn]})
             answers, _ = generate_answers(cfg, rt, model_path, [conversations[i] for i in indices], temperature, cfg.seed + turn, loaded)
             for i, answer in zip(indices, answers):
-                conversations[i].append({"role": "assistant", "content": answer})
-                turns[i].append(answer)
+                conversations[i].append({"role": "assistant", "content": answer.text})
+                turns[i].append(answer.text)
     del loaded
     train.release_memory()
     return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name, "choices": [{"index": 0, "turns": t}],
@@ -284,7 +374,7 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
     dataset's chosen answer."""
     answers, _ = generate_answers(cfg, rt, model_path, [p.prompt for p in pairs], cfg.temperature, cfg.seed)
     rm = train.load_reward_model(reward_path, cfg, rt)
-    generated = rm.score([p.prompt for p in pairs], answers)
+    generated = rm.score([p.prompt for p in pairs], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     del rm
     train.release_memory()
@@ -300,11 +390,13 @@ def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     scores = train.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
     del policy, ref
     train.release_memory()
-    return {"pairs": len(pairs), "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, chosen, rejected in scores]))}
+    return {"pairs": len(pairs), "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, _, chosen, rejected in scores]))}
 
 
 # ==============================================================================================
-# Plots
+# Training dynamics: the paper's Fig. 2 left and middle and Fig. 3 right, measured on a finished
+# stage (computed on every rank, since generation and scoring may be collective; cached in the
+# stage's directory), then plotted and summarised in dynamics.json
 
 
 def _pyplot():
@@ -327,89 +419,195 @@ def _save(figure, path: Path, plt, rt: train.Runtime) -> Path:
     return path
 
 
-def plot_meta_curves(rt, stage: Path, plt) -> Path:
-    """Fig. 3 right: h(l) at initialisation and after each iteration (the `multi` input is
-    plotted with both log-ratios at 0)."""
-    config = json.loads((stage / "config.json").read_text())
-    depth, inputs = config.get("meta_depth", 2), config.get("meta_inputs", "score")
-    scores = torch.linspace(-8, 0.5, 200)
-    grid = scores[:, None] if inputs == "score" else torch.stack([scores, torch.zeros_like(scores), torch.zeros_like(scores)], 1)
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    previous = MetaLearner(depth, inputs)(grid).detach()
-    axis.plot(scores, previous, color="gray", label="initial")
-    for path in sorted(stage.glob("iter*/meta_learner.pt"), key=lambda p: int(p.parent.name[4:])):
-        controller = MetaController(depth, inputs)
-        controller.load_state_dict(torch.load(path, weights_only=False))
-        curve = controller.learner(grid).detach()
-        unchanged = torch.equal(curve, previous)  # fewer than T_meta steps in that iteration: no meta update
-        label = f"after {path.parent.name.replace('iter', 'iteration ')}" + (" (no meta update)" if unchanged else "")
-        axis.plot(scores, curve, linestyle="--" if unchanged else "-", label=label)
-        previous = curve
-    axis.set_xlabel("offline preference score l_off")
-    axis.set_ylabel("meta weight h(l_off)")
-    axis.legend()
-    return _save(figure, stage / "meta_curves.png", plt, rt)
+def read_metrics(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def plot_sampling_scatter(cfg, rt, stage: Path, method: str, iteration: int, n: int, plt) -> Path:
-    """Fig. 2 middle: l_off against l_on - l_off for sampled and unsampled prompts of one
-    iteration, with online pairs regenerated from that iteration's starting policy."""
-    records = [json.loads(line) for line in (stage / f"iter{iteration}" / "gating.jsonl").read_text().splitlines()]
-    rng = np.random.default_rng(cfg.seed)
-    picks = {kind: [r for r in records if r["selected"] == kind] for kind in (True, False)}
-    picks = {kind: [rows[i] for i in rng.permutation(len(rows))[:n]] for kind, rows in picks.items()}
+def meta_curve_history(stage: Path) -> list[dict]:
+    """Fig. 3 right as a sequence: h on meta.CURVE_GRID after every meta update, as logged by train.py."""
+    return [{"iteration": r["iteration"], "step": r["step"], "h": r["h_curve"]} for r in read_metrics(stage) if "h_curve" in r]
+
+
+def _stage_paths(cfg, rt, stage: Path, method: str, t: int) -> tuple[str, str | None]:
+    """(policy at the start of iteration t + 1, its reference), t counting from 0."""
     stage_obj = train.Stage(cfg, rt, stage.name)
     stage_obj.dir = stage
-    policy_path, ref_path = train.iteration_paths(cfg, stage_obj, method, iteration - 1)
+    return train.iteration_paths(cfg, stage_obj, method, t)
+
+
+def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: int = 0) -> list[dict]:
+    """Fig. 2 middle's points for one iteration: for every offline tuple of its chunk (or per_kind
+    sampled and per_kind unsampled ones), l_off at gating time, whether the gate sent it to
+    generation, and its potential gain l_on - l_off. The online pair is generated afresh for every
+    tuple, sampled or not, with the iteration's starting policy, the reward model and the same
+    reference as l_off (unsampled tuples had none). Cached in iter<t>/gains.json."""
+    cache = stage / f"iter{iteration}" / "gains.json"
+    if cache.exists() and json.loads(cache.read_text())["per_kind"] == per_kind:
+        return json.loads(cache.read_text())["rows"]
+    records = [json.loads(line) for line in (stage / f"iter{iteration}" / "gating.jsonl").read_text().splitlines()]
+    if per_kind > 0:
+        rng = np.random.default_rng(cfg.seed)
+        kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
+        records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
+    policy_path, ref_path = _stage_paths(cfg, rt, stage, method, iteration - 1)
     policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
     ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
     pairs, raw = train.load_pairs(cfg, rt, tokenizer, cfg.train_split)
     by_index = {p.index: p for p in pairs}
+    items = [by_index[r["index"]] for r in records]
+    generations = train.distributed_generate(policy, tokenizer, [p.prompt_ids for p in items], policy_path, cfg.num_samples, cfg, rt,
+                                             cfg.seed + 777 + iteration, stage)
     rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for kind, color, label in ((False, "tab:orange", "unsampled"), (True, "tab:blue", "sampled")):
-        items = [by_index[r["index"]] for r in picks[kind] if r["index"] in by_index]
-        generations = train.distributed_generate(policy, tokenizer, [p.prompt_ids for p in items], policy_path, cfg.num_samples, cfg, rt,
-                                                 cfg.seed + 777, stage, backend="transformers")
-        online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
-        kept = [(p, o) for p, o in zip(items, online) if o is not None]
-        offline_scores = train.pair_scores(policy, ref, [p for p, _ in kept], cfg, rt)
-        online_items = [dataclasses.replace(p, chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
-                                                  rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)]) for p, o in kept]
-        online_scores = train.pair_scores(policy, ref, online_items, cfg, rt)
-        x = np.array([s[0] for s in offline_scores])
-        axis.scatter(x, np.array([s[0] for s in online_scores]) - x, s=8, alpha=0.6, color=color, label=f"{label} ({len(kept)})")
-    del policy, ref, rm
+    online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
+    del rm
+    kept = [(r, dataclasses.replace(p, chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
+                                    rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)]))
+            for r, p, o in zip(records, items, online) if o is not None]  # a prompt whose K rewards all tie has no pair
+    online_scores = train.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
+    del policy, ref
     train.release_memory()
-    axis.axhline(0, color="gray", linewidth=0.8)
-    axis.set_xlabel("offline preference score l_off")
-    axis.set_ylabel("potential gain l_on - l_off")
-    axis.set_title(f"iteration {iteration}")
-    axis.legend()
-    return _save(figure, stage / f"sampling_scatter_iter{iteration}.png", plt, rt)
+    rows = [{"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
+            for (r, _), s in zip(kept, online_scores)]
+    if rt.main:
+        cache.write_text(json.dumps({"per_kind": per_kind, "rows": rows}))
+    return rows
 
 
-def plot_over_iterations(cfg, rt, stage: Path, plt, toy: bool) -> Path:
-    """Gold score (toy) and mean online reward per iteration."""
-    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    rewards = {r["iteration"]: r["mean_online_reward"] for r in records if r.get("phase") == "generate"}
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    iterations = sorted(rewards)
-    axis.plot(iterations, [rewards[i] for i in iterations], marker="o", color="tab:green", label="mean reward of online answers")
-    axis.set_xlabel("iteration")
-    axis.set_xticks(iterations)
-    axis.set_ylabel("reward-model score")
-    if toy:
-        exports = sorted(stage.glob("iter*/model"), key=lambda p: int(p.parent.name[4:]))
-        gold = [float(np.mean(gold_scores(cfg, rt, str(p), p.parent / "gold_scores.json"))) for p in exports]
-        twin = axis.twinx()
-        twin.plot([int(p.parent.name[4:]) for p in exports], gold, marker="s", color="tab:purple", label="gold score after the iteration")
-        twin.set_ylabel("gold score (0-10)")
-        handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        axis.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
-    else:
-        axis.legend()
-    return _save(figure, stage / "over_iterations.png", plt, rt)
+def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) -> dict:
+    """Fig. 2 left's measurements for one policy on the held-out split: the reward model's score of
+    eval_samples answers per prompt (mean, std), the gold judge's on the toy, and the mean
+    preference score l_off of the held-out pairs under (policy, ref). Cached in `cache`."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    test, _ = data.load_preferences(cfg.dataset, cfg.test_split, cfg.skip_bad_rows)
+    test = test[: cfg.eval_prompts or len(test)]
+    policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
+    generations = train.distributed_generate(policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242,
+                                             Path(cfg.out_dir))
+    conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
+    answers = [a for per_prompt in generations for a in per_prompt]
+    rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
+    rewards = rm.score(conversations, [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+    del rm
+    ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    pairs, _ = train.load_pairs(cfg, rt, tokenizer, cfg.test_split)
+    scores = train.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
+    del policy, ref
+    train.release_memory()
+    point = {"prompts": len(test), "answers": len(answers), "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
+             "l_off_mean": float(np.mean([s[0] for s in scores]))}
+    if cfg.preset == "toy":
+        gold = toy_gold_judge().score(conversations, [a.text for a in answers])
+        point.update(gold_mean=float(np.mean(gold)), **reward_model_fidelity(rewards, gold, cfg.eval_samples))
+    if rt.main:
+        cache.write_text(json.dumps(point))
+    return point
+
+
+def reward_model_fidelity(rewards: list[float], gold: list[float], per_prompt: int) -> dict:
+    """How far the reward model can be trusted on the policy's own answers (toy): among answers
+    to the same prompt that the gold judge and the reward model both tell apart, the share they
+    order alike; and the gold score of the reward model's favourite answer of each prompt."""
+    rewards, gold = np.asarray(rewards).reshape(-1, per_prompt), np.asarray(gold).reshape(-1, per_prompt)
+    agree = total = 0
+    for r, g in zip(rewards, gold):
+        for i in range(per_prompt):
+            for j in range(i + 1, per_prompt):
+                if r[i] != r[j] and g[i] != g[j]:
+                    total += 1
+                    agree += (r[i] > r[j]) == (g[i] > g[j])
+    return {"rm_gold_agreement": agree / total if total else float("nan"), "rm_pairs": total,
+            "gold_of_rm_best": float(gold[np.arange(len(gold)), rewards.argmax(1)].mean())}
+
+
+def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
+    """heldout_point for the starting policy (with iteration 1's reference) and the policy after
+    each iteration (with the reference that iteration trained against)."""
+    iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/model"))
+    points = [{"iteration": 0, **heldout_point(cfg, rt, *_stage_paths(cfg, rt, stage, method, 0), stage / "heldout_start.json")}]
+    for t in iterations:
+        ref_path = _stage_paths(cfg, rt, stage, method, t - 1)[1]
+        points.append({"iteration": t, **heldout_point(cfg, rt, str(stage / f"iter{t}" / "model"), ref_path, stage / f"iter{t}" / "heldout.json")})
+    return points
+
+
+def summarise_gains(rows: list[dict]) -> dict:
+    """Fig. 2 middle in numbers: where sampled and unsampled tuples lie."""
+    summary = {}
+    for kind, name in ((True, "sampled"), (False, "unsampled")):
+        chosen = [r for r in rows if r["selected"] == kind]
+        summary[name] = {"tuples": len(chosen), "mean_l_off": float(np.mean([r["l_off"] for r in chosen])) if chosen else None,
+                         "mean_gain": float(np.mean([r["gain"] for r in chosen])) if chosen else None,
+                         "positive_gain": float(np.mean([r["gain"] > 0 for r in chosen])) if chosen else None}
+    if len(rows) > 2:
+        summary["corr_l_off_gain"] = float(np.corrcoef([r["l_off"] for r in rows], [r["gain"] for r in rows])[0, 1])
+    return summary
+
+
+def plot_meta_curves(history: list[dict], initial: list[float], path: Path, plt, rt) -> Path:
+    """Fig. 3 right, update by update: left, h over the score grid after each meta update (colour =
+    update number, the last of each iteration drawn thick); right, h at a few scores against the
+    update number, iteration boundaries dashed."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.get_cmap("viridis")
+    left.plot(CURVE_GRID, initial, color="gray", linewidth=2, label="initial")
+    last_of_iteration = {r["iteration"]: k for k, r in enumerate(history)}
+    for k, record in enumerate(history):
+        final = last_of_iteration[record["iteration"]] == k
+        left.plot(CURVE_GRID, record["h"], color=colours(k / max(1, len(history) - 1)), linewidth=2 if final else 0.7,
+                  label=f"after iteration {record['iteration']} ({k + 1} updates)" if final else None)
+    left.set_xlabel("offline preference score l_off")
+    left.set_ylabel("meta weight h(l_off)")
+    left.legend(fontsize=7)
+    steps = list(range(len(history) + 1))
+    for score in (-2.0, -1.0, -0.75, -0.5, -0.25, 0.0):
+        column = CURVE_GRID.index(score)
+        right.plot(steps, [initial[column]] + [r["h"][column] for r in history], marker=".", label=f"h({score:g})")
+    for k in list(last_of_iteration.values())[:-1]:
+        right.axvline(k + 1.5, color="gray", linestyle="--", linewidth=0.8)
+    right.set_xlabel("meta update")
+    right.set_ylabel("meta weight")
+    right.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def plot_sampling_scatter(gains: dict[int, list[dict]], path: Path, plt, rt) -> Path:
+    """Fig. 2 middle for every iteration: l_off against the potential gain l_on - l_off."""
+    figure, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.6), squeeze=False)
+    for axis, (iteration, rows) in zip(axes[0], sorted(gains.items())):
+        for kind, colour, label in ((False, "tab:orange", "unsampled"), (True, "tab:blue", "sampled")):
+            chosen = [r for r in rows if r["selected"] == kind]
+            axis.scatter([r["l_off"] for r in chosen], [r["gain"] for r in chosen], s=4, alpha=0.4, color=colour, label=f"{label} ({len(chosen)})")
+        axis.axhline(0, color="gray", linewidth=0.8)
+        axis.set_xlabel("offline preference score l_off")
+        axis.set_ylabel("potential gain l_on - l_off")
+        axis.set_title(f"iteration {iteration}")
+        axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def plot_heldout(points: list[dict], path: Path, plt, rt) -> Path:
+    """Fig. 2 left: on held-out prompts, the reward of generated answers (mean +- std; gold on the
+    toy) and the mean offline preference score, before iteration 1 and after each iteration."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    iterations = [p["iteration"] for p in points]
+    left.errorbar(iterations, [p["reward_mean"] for p in points], yerr=[p["reward_std"] for p in points], marker="o", capsize=3,
+                  color="tab:green", label="reward-model score of answers (mean +- std)")
+    left.set_xlabel("iteration (0 = starting policy)")
+    left.set_xticks(iterations)
+    left.set_ylabel("reward-model score")
+    handles = [left.get_legend_handles_labels()[0][0]]
+    if all("gold_mean" in p for p in points):
+        twin = left.twinx()
+        handles += twin.plot(iterations, [p["gold_mean"] for p in points], marker="s", color="tab:purple", label="gold score (0-10)")
+        twin.set_ylabel("gold score")
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+    right.plot(iterations, [p["l_off_mean"] for p in points], marker="o", color="tab:red")
+    right.set_xlabel("iteration (0 = starting policy)")
+    right.set_xticks(iterations)
+    right.set_ylabel("mean l_off of held-out pairs")
+    return _save(figure, path, plt, rt)
 
 
 def stage_config(stage: Path, argv: list[str]) -> train.Config:
@@ -431,15 +629,59 @@ def stage_config(stage: Path, argv: list[str]) -> train.Config:
     return cfg
 
 
+def dynamics_markdown(summary: dict) -> str:
+    """dynamics.json as tables: the numbers behind the paper's Fig. 2 left and middle and Fig. 3 right."""
+    grid = summary["curve_grid"]
+    shown = [-2.0, -1.0, -0.75, -0.5, -0.25, 0.0]  # where the toy's scores lie
+    lines = ["### Meta-learner curve (Fig. 3 right): h at a few scores", "",
+             "| after | meta updates | " + " | ".join(f"h({x:g})" for x in shown) + " |", "|---" * (len(shown) + 2) + "|",
+             "| initialisation | - | " + " | ".join(f"{summary['h_initial'][grid.index(x)]:.3f}" for x in shown) + " |"]
+    curve = summary["h_initial"]
+    for t, updates in summary["meta_updates"].items():
+        curve = summary["h_after_iteration"].get(t, curve)  # an iteration without a meta update leaves h as it was
+        lines.append(f"| iteration {t} | {updates} | " + " | ".join(f"{curve[grid.index(x)]:.3f}" for x in shown) + " |")
+    lines += ["", "### Sampled and unsampled tuples (Fig. 2 middle)", "",
+              "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | "
+              "gain > 0: sampled / unsampled | corr(l_off, gain) |", "|---|---|---|---|---|---|"]
+    for t, part in summary["sampling"].items():
+        a, b = part["sampled"], part["unsampled"]
+
+        def pair(key, fmt):
+            return " / ".join("-" if x[key] is None else format(x[key], fmt) for x in (a, b))
+
+        lines.append(f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | {pair('mean_gain', '+.3f')} | "
+                     f"{pair('positive_gain', '.0%')} | {part.get('corr_l_off_gain', float('nan')):+.2f} |")
+    lines += ["", "### Held-out prompts over iterations (Fig. 2 left)", "",
+              "| policy | reward mean | reward std | mean l_off | gold mean | RM-gold agreement | gold of RM's best answer |",
+              "|---|---|---|---|---|---|---|"]
+    for p in summary["heldout"]:
+        name = "start (DPO warm-up)" if p["iteration"] == 0 else f"after iteration {p['iteration']}"
+        toy = [f"{p['gold_mean']:.3f}", f"{p['rm_gold_agreement']:.1%}", f"{p['gold_of_rm_best']:.3f}"] if "gold_mean" in p else ["-"] * 3
+        lines.append(f"| {name} | {p['reward_mean']:.3f} | {p['reward_std']:.3f} | {p['l_off_mean']:.3f} | " + " | ".join(toy) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
-    plt = _pyplot()
+    """Measure the stage's dynamics, write them to <stage>/dynamics.json, and plot them (needs
+    matplotlib). scatter_prompts: tuples of each kind per iteration in the scatter (0 = all)."""
     config = json.loads((stage / "config.json").read_text())
     method = config["method"] if config["method"] != "pipeline" else "metaapo"
-    plots = [plot_meta_curves(rt, stage, plt)] if list(stage.glob("iter*/meta_learner.pt")) else []
+    history = meta_curve_history(stage)
+    initial = MetaController(config.get("meta_depth", 2), config.get("meta_inputs", "score"), weighting=config.get("weighting", "meta")).curve()
     iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/gating.jsonl"))
-    if iterations and scatter_prompts > 0:
-        plots.append(plot_sampling_scatter(cfg, rt, stage, method, iterations[0], scatter_prompts, plt))
-    plots.append(plot_over_iterations(cfg, rt, stage, plt, toy=config.get("preset") == "toy"))
+    gains = {t: sampling_gains(cfg, rt, stage, method, t, scatter_prompts) for t in iterations}
+    points = heldout_dynamics(cfg, rt, stage, method)
+    after = {r["iteration"]: r["h"] for r in history}  # the last update of each iteration
+    summary = {"curve_grid": list(CURVE_GRID), "h_initial": initial,
+               "meta_updates": {t: sum(r["iteration"] == t for r in history) for t in iterations},
+               "h_after_iteration": after, "sampling": {t: summarise_gains(rows) for t, rows in gains.items()}, "heldout": points}
+    if rt.main:
+        (stage / "dynamics.json").write_text(json.dumps(summary, indent=2))
+    plt = _pyplot()
+    plots = [plot_meta_curves(history, initial, stage / "meta_curves.png", plt, rt)] if history else []
+    if gains:
+        plots.append(plot_sampling_scatter(gains, stage / "sampling_scatter.png", plt, rt))
+    plots.append(plot_heldout(points, stage / "heldout_dynamics.png", plt, rt))
     return plots
 
 
@@ -462,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (default: all)")
     parser.add_argument("--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused")
     parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override it")
-    parser.add_argument("--scatter_prompts", type=int, default=150, help="prompts of each kind in the sampled / unsampled scatter")
+    parser.add_argument("--scatter_prompts", type=int, default=0, help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all")
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
     parser.add_argument("--alpaca_eval", default="", help="AlpacaEval 2 question file (JSON list)")
     parser.add_argument("--alpaca_temperature", type=float, default=0.7)
@@ -487,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(args.compare_out)
             rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
             results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt)
-            plots = []
+            plots, dynamics = [], None
             seed = results["seeds"][0]
             metaapo = out / f"seed{seed}" / "metaapo"
             if (metaapo / "done.json").exists():
@@ -499,13 +741,20 @@ def main(argv: list[str] | None = None) -> None:
                         plots.append(out / plot.name)
                 except SystemExit as err:  # no matplotlib: the tables stand without the plots
                     train.print0(rt, str(err))
+                dynamics = json.loads((metaapo / "dynamics.json").read_text())
             if rt.main:
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-                (out / "results.md").write_text(results_markdown(results, plots, out))
+                (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
+                text = results_markdown(results, plots, out)
+                if dynamics:
+                    text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
+                (out / "results.md").write_text(text)
             train.print0(rt, (out / "results.md").read_text() if rt.main else "")
             return
         if args.plots:
-            for plot in make_plots(stage_config(Path(args.plots), rest), rt, Path(args.plots), args.scatter_prompts):
+            stage = Path(args.plots)
+            plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)
+            train.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
+            for plot in plots:
                 train.print0(rt, f"wrote {plot}")
             return
         model = cfg.policy or cfg.model  # the model to evaluate

@@ -103,7 +103,7 @@ def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
     monkeypatch.setattr(train, "distributed_generate", fake_generate)
     cfg = train.parse_config([f"--model={toy_dir}", "--generator=vllm"])
     answers, tokenizer = evaluate.generate_answers(cfg, train.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0)
-    assert answers == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
+    assert [a.text for a in answers] == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
     assert seen == [(None, str(toy_dir), "vllm")]
 
 
@@ -154,6 +154,31 @@ def test_win_rate_counts_ties_half():
     assert evaluate.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
+def test_paired_t_interval_by_hand():
+    diff = evaluate.paired_t_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
+    assert diff["mean"] == pytest.approx(2.0) and diff["low"] == pytest.approx(2 - 4.303 / 3 ** 0.5, abs=1e-3)
+    assert diff["high"] == pytest.approx(2 + 4.303 / 3 ** 0.5, abs=1e-3) and not diff["resolved"]
+    assert evaluate.paired_t_interval([3.0, 3.1, 2.9, 3.05, 2.95], [1.0] * 5)["resolved"]  # df 4: t = 2.776
+    assert evaluate.paired_t_interval([0.9, 1.1], [1.0, 1.0])["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert evaluate.paired_t_interval([1.0], [0.0]) is None  # one seed: no interval
+
+
+def test_paired_bootstrap_over_seeds_and_prompts():
+    rng = np.random.default_rng(0)
+    base = [rng.uniform(0, 10, 400 * 2).tolist() for _ in range(3)]  # 3 seeds, 400 prompts x 2 samples
+    same = evaluate.paired_bootstrap(base, base, 2)
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0, "resolved": False}
+    shifted = evaluate.paired_bootstrap([[x + 1.0 for x in b] for b in base], base, 2)
+    assert shifted["mean"] == pytest.approx(1.0) and shifted["low"] == pytest.approx(1.0) and shifted["resolved"]
+    # a real effect of 0.3 under per-answer noise of std 2: resolved, and the interval covers it
+    noisy = [[x + 0.3 + rng.normal(0, 2) for x in b] for b in base]
+    effect = evaluate.paired_bootstrap(noisy, base, 2)
+    assert effect["low"] < 0.3 < effect["high"] and effect["resolved"]
+    # seeds that disagree (one +1, one -1, one 0) leave the difference unresolved however many prompts
+    split = evaluate.paired_bootstrap([[x + d for x in b] for b, d in zip(base, (1.0, -1.0, 0.0))], base, 2)
+    assert split["low"] < 0 < split["high"] and not split["resolved"]
+
+
 def test_results_markdown_tables():
     def stat(mean, std):
         return {"mean": mean, "std": std}
@@ -162,6 +187,8 @@ def test_results_markdown_tables():
                     "annotation_ratio": stat(0.5, 0.1) if method in ("metaapo", "online_dpo") else None,
                     "sampling_s": stat(10.0, 1.0) if method in ("metaapo", "online_dpo") else None, "training_s": stat(5.0, 0.5), "per_seed": []}
             for i, (label, method, extra) in enumerate(evaluate.COMPARE_ROWS)}
+    rows["DPO"]["vs_metaapo"] = {"gold": evaluate.interval(-0.6, -0.8, -0.4), "annotation_ratio": evaluate.interval(-0.5, -0.6, -0.4),
+                                 "time_s": evaluate.interval(-5.0, -12.0, 2.0)}
     text = evaluate.results_markdown({"seeds": [0, 1, 2], "train_args": ["--max_train_pairs=2400"], "minutes": 12.3, "rows": rows}, [], Path("out"))
     assert "## Methods (the paper's Table 1)" in text and "## MetaAPO ablations (Table 2)" in text and "## Time (Table 8)" in text
     assert "| DPO | 8.100 ± 0.050 | 51.0 ± 1.0% | - |" in text
@@ -169,6 +196,7 @@ def test_results_markdown_tables():
     ablations = text[text.index("Table 2"): text.index("Table 8")]
     assert "w/ random sampling" in ablations and "Online DPO" not in ablations
     assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
+    assert "| DPO | **-0.600 [-0.800, -0.400]** | **-50.0 [-60.0, -40.0]** | -5 [-12, +2] |" in text  # bold: resolved
 
 
 def test_plots_use_the_stages_own_config(tmp_path):
@@ -214,7 +242,7 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(evaluate, "COMPARE_TRAIN_ARGS", [])
     out = tmp_path / "compare"
-    args = ["--compare", "--seeds=0,1", "--methods=DPO,MetaAPO", f"--compare_out={out}", "--scatter_prompts=8", "--eval_prompts=24"] + [
+    args = ["--compare", "--seeds=0,1", "--methods=DPO,MetaAPO", f"--compare_out={out}", "--scatter_prompts=8", "--eval_prompts=24", "--meta_interval=2"] + [
         a for a in TINY if not a.startswith("--eval_prompts")]
     evaluate.main(args)
     results = json.loads((out / "results.json").read_text())
@@ -227,16 +255,33 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     assert (out / "shared" / "rm" / "done.json").exists() and (out / "seed1" / "metaapo" / "done.json").exists()
     assert not (out / "seed1" / "sft").exists()  # the SFT model is shared
     text = (out / "results.md").read_text()
-    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+    for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         assert (out / plot).exists() and (out / plot).stat().st_size > 1000 and f"]({plot})" in text
+    # DPO against MetaAPO, paired over the two seeds; MetaAPO is not compared with itself
+    vs = results["rows"]["DPO"]["vs_metaapo"]
+    assert vs["gold"]["low"] <= vs["gold"]["mean"] <= vs["gold"]["high"] and "vs_metaapo" not in results["rows"]["MetaAPO"]
+    gold = lambda label, seed: json.loads((out / f"seed{seed}" / "eval" / f"{label}.json").read_text())  # noqa: E731
+    assert vs["gold"]["mean"] == pytest.approx(np.mean([np.mean(gold("dpo", s)) - np.mean(gold("metaapo", s)) for s in (0, 1)]))
+    assert vs["annotation_ratio"]["mean"] == pytest.approx(-results["rows"]["MetaAPO"]["annotation_ratio"]["mean"])
+    assert "## Differences from MetaAPO, paired by seed" in text and "| DPO |" in text.split("Differences from MetaAPO")[1]
+    # the dynamics of seed 0's MetaAPO: one h curve per meta update, every tuple of every iteration placed, held-out points
+    dynamics = results["dynamics"]
+    records = [json.loads(line) for line in (out / "seed0" / "metaapo" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(dynamics["meta_updates"].values()) == sum("h_curve" in r for r in records) > 0
+    gating = [json.loads(line) for line in (out / "seed0" / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()]
+    sampling = dynamics["sampling"]["1"]
+    assert sampling["sampled"]["tuples"] <= min(8, sum(r["selected"] for r in gating))  # --scatter_prompts=8 of each kind
+    assert [p["iteration"] for p in dynamics["heldout"]] == [0, 1, 2]
+    assert all({"reward_mean", "reward_std", "l_off_mean", "gold_mean", "rm_gold_agreement"} <= set(p) for p in dynamics["heldout"])
+    assert "### Held-out prompts over iterations (Fig. 2 left)" in text
     # a second call reads the finished runs instead of training again
     before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime
     evaluate.main(args)
     assert (out / "seed0" / "metaapo" / "done.json").stat().st_mtime == before
     # --plots alone: the stage's config.json supplies its data, models and seed (the command line has none of them)
     stage = out / "seed0" / "metaapo"
-    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+    for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         (stage / plot).unlink()
     evaluate.main([f"--plots={stage}", "--scatter_prompts=4"])
-    for plot in ("meta_curves.png", "sampling_scatter_iter1.png", "over_iterations.png"):
+    for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         assert (stage / plot).stat().st_size > 1000
