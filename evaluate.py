@@ -29,7 +29,7 @@ What it does
   seeds), marking the differences these seeds resolve.
 
 Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (18 minutes on 2 CPU cores)
+    python evaluate.py --compare                         # toy tables, 3 seeds (24 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4
     python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there, with the stage's config.json
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
