@@ -52,6 +52,8 @@ import argparse
 import dataclasses
 import json
 import shutil
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -127,7 +129,7 @@ def gold_scores(cfg: train.Config, rt: train.Runtime, model_path: str, cache: Pa
         return json.loads(cache.read_text())
     from transformers import AutoTokenizer
 
-    test, _ = data.load_preferences(cfg.dataset, cfg.test_split)
+    test, _ = train.load_heldout(cfg, "the gold evaluation")
     test = test[: cfg.eval_prompts or len(test)]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     scores = train.evaluate_policy_gold(model_path, cfg, rt, [data.encode_prompt(tokenizer, p.prompt) for p in test], [p.prompt for p in test])
@@ -204,6 +206,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     for seed in seeds:
         args = seed_args(out, seed, train_args)
         base = train.parse_config(args)  # --seed=seed is among args
+        train.ensure_stage(train.parse_config(args + ["--method=dpo"]), rt, "dpo")  # the warm-up every generating method starts from
         baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
             if method is None:
@@ -322,6 +325,8 @@ def _read_questions(path: str, check) -> list[dict]:
         if problem:
             raise data.DataError(f"{where}: {problem}")
         questions.append(row)
+    if not questions:
+        raise data.DataError(f"{path}: no questions in the file")
     return questions
 
 
@@ -386,7 +391,7 @@ def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     """Share of test pairs with beta * [log pi/pi_ref(y_w) - log pi/pi_ref(y_l)] > 0."""
     policy, tokenizer = train.load_logprob_model(model_path, cfg, rt, trainable=False)
     ref = train.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
-    pairs, _ = train.load_pairs(cfg, rt, tokenizer, cfg.test_split)
+    pairs, _ = train.load_pairs(cfg, rt, tokenizer, train.require_test_source(cfg, "--reward_stats' implicit-reward accuracy"))
     scores = train.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
     del policy, ref
     train.release_memory()
@@ -452,7 +457,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     policy_path, ref_path = _stage_paths(cfg, rt, stage, method, iteration - 1)
     policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
     ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-    pairs, raw = train.load_pairs(cfg, rt, tokenizer, cfg.train_split)
+    pairs, raw = train.load_pairs(cfg, rt, tokenizer, train.train_source(cfg))
     by_index = {p.index: p for p in pairs}
     items = [by_index[r["index"]] for r in records]
     generations = train.distributed_generate(policy, tokenizer, [p.prompt_ids for p in items], policy_path, cfg.num_samples, cfg, rt,
@@ -479,7 +484,7 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     preference score l_off of the held-out pairs under (policy, ref). Cached in `cache`."""
     if cache.exists():
         return json.loads(cache.read_text())
-    test, _ = data.load_preferences(cfg.dataset, cfg.test_split, cfg.skip_bad_rows)
+    test, _ = train.load_heldout(cfg, "the held-out dynamics")
     test = test[: cfg.eval_prompts or len(test)]
     policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
@@ -491,7 +496,7 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     rewards = rm.score(conversations, [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
     del rm
     ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-    pairs, _ = train.load_pairs(cfg, rt, tokenizer, cfg.test_split)
+    pairs, _ = train.load_pairs(cfg, rt, tokenizer, train.require_test_source(cfg, "the held-out dynamics"))
     scores = train.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
     del policy, ref
     train.release_memory()
@@ -723,6 +728,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    handlers = {signum: signal.signal(signum, train.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     rt = train.setup_distributed(cfg)
     try:
         if args.compare:
@@ -758,6 +764,13 @@ def main(argv: list[str] | None = None) -> None:
                 train.print0(rt, f"wrote {plot}")
             return
         model = cfg.policy or cfg.model  # the model to evaluate
+        if args.reward_stats and not cfg.reward_model:
+            raise train.ConfigError("--reward_stats needs --reward_model")
+        if args.alpaca_eval or args.arena_hard or args.mt_bench or args.reward_stats:
+            train.check_model("--policy" if cfg.policy else "--model", model)
+            for flag, path in (("--reward_model", cfg.reward_model if args.reward_stats else ""), ("--reference", cfg.reference)):
+                if path:
+                    train.check_model(flag, path, reward=flag == "--reward_model")
         name = args.name or default_name(model)
         out = Path(args.out) if args.out else Path(model).parent / "eval"
         if not args.out and not Path(model).exists():  # a hub id: not next to it
@@ -781,9 +794,7 @@ def main(argv: list[str] | None = None) -> None:
                 data.write_jsonl(out / "mt_bench" / "model_answer" / f"{name}.jsonl", answers)
                 written.append(out / "mt_bench" / "model_answer" / f"{name}.jsonl")
         if args.reward_stats:
-            test, _ = data.load_preferences(cfg.dataset, cfg.test_split, cfg.skip_bad_rows)
-            if not cfg.reward_model:
-                raise SystemExit("evaluate.py: --reward_stats needs --reward_model")
+            test, _ = train.load_heldout(cfg, "--reward_stats")
             stats = reward_statistics(cfg, rt, model, cfg.reward_model, test[: args.max_prompts or len(test)])
             if cfg.reference:  # the implicit reward is a log-ratio against the reference the model was trained with
                 stats.update(implicit_accuracy(cfg, rt, model, cfg.reference))
@@ -796,9 +807,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats")
         for path in written:
             train.print0(rt, f"wrote {path}")
+    except train.Stopped as err:
+        print(f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on", file=sys.stderr, flush=True)
+        raise SystemExit(128 + train.STOP_SIGNAL[0]) from None
+    except (train.ConfigError, train.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
     finally:
         if rt.distributed:
             torch.distributed.destroy_process_group()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ What it does
     builds `vllm.LLM(dtype=bfloat16, tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization, seed)`,
     samples with one `SamplingParams(n, temperature, top_p, top_k=-1, max_tokens, seed)` per
     token-id prompt, seed = seed + (the prompt's global index) * n, so every prompt has its own
-    random streams and the samples do not depend on the number of ranks; it writes jsonl and
-    exits, which frees all of its GPU memory. The ranks agree on success (a failure on any rank,
+    random streams and the samples depend neither on the number of ranks nor on the chunks; it
+    appends each of 4 chunks to its jsonl output as the chunk ends and exits, which frees all of
+    its GPU memory. A rerun of the same request (same weights, prompts, sampling, seed) keeps
+    the finished chunks: a kill during a long generation phase loses at most one chunk. The ranks agree on success (a failure on any rank,
     in the worker or in the glue around it, is an error on every rank) before any result is used,
     and the results are reassembled in the original order.
 - `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
@@ -48,6 +50,8 @@ Deliberate simplifications
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -150,26 +154,41 @@ def vllm_child_environment(local_rank: int) -> dict[str, str]:
     return env
 
 
+def _weights_stamp(model_path: str) -> list:
+    """What identifies the weights at a path: its weight files' names, sizes and times (a hub id by itself)."""
+    files = sorted(p for p in Path(model_path).glob("*") if p.suffix in (".safetensors", ".bin")) if Path(model_path).is_dir() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files] or [str(model_path)]
+
+
 def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5) -> list[list[Generation]]:
+                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5, chunks: int = 4) -> list[list[Generation]]:
     """Sample with one vLLM child process per rank (see the module docstring). Collective when
-    distributed: every rank passes the same prompts and gets every result."""
+    distributed: every rank passes the same prompts and gets every result.
+
+    Resumable: the worker writes its share in `chunks` pieces; a call that finds the finished
+    pieces of the same request (same weights, prompts, sampling and seed) in `workdir` keeps them
+    and generates only the rest. A kill loses at most one piece."""
     rank, world = _distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     workdir = Path(workdir) / f"rank{rank}"
     share = list(range(rank, len(prompts), world))
     prompts_path, output_path, log_path = workdir / "prompts.jsonl", workdir / "generations.jsonl", workdir / "worker.log"
+    request = {"model": str(model_path), "weights": _weights_stamp(str(model_path)), "n": n, "temperature": temperature, "top_p": top_p,
+               "max_new_tokens": max_new_tokens, "seed": seed, "prompts": [[i, prompts[i]] for i in share]}
+    key = hashlib.sha1(json.dumps(request).encode()).hexdigest()
     error, results = None, {}
     try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
         workdir.mkdir(parents=True, exist_ok=True)
-        output_path.unlink(missing_ok=True)
-        write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])  # the index sets the prompt's seed
+        if not (workdir / "request.sha1").exists() or (workdir / "request.sha1").read_text() != key:  # another request: start afresh
+            output_path.unlink(missing_ok=True)
+            write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])  # the index sets the prompt's seed
+            (workdir / "request.sha1").write_text(key)
         if share:
             command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
                        "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
                        "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed),
-                       "--gpu_memory_utilization", str(gpu_memory_utilization)]
-            with open(log_path, "w") as log:
+                       "--gpu_memory_utilization", str(gpu_memory_utilization), "--chunks", str(chunks)]
+            with open(log_path, "a") as log:
                 returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
             if returncode != 0:
                 tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
@@ -294,10 +313,32 @@ def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generati
 # CLI, also the vLLM worker
 
 
-def _vllm_worker(args, prompts: list[list[int]], indices: list[int]) -> list[list[dict]]:
-    """Runs in the child process: one engine, one generate call, then the process exits. Prompt
-    `indices[i]` samples with seed args.seed + indices[i] * n (vLLM seeds the n samples of a
-    request seed, seed + 1, ...), so no two prompts share a random stream."""
+def _finished_rows(path: Path) -> list[dict]:
+    """The complete rows of a worker's output; a row cut by a kill is dropped and the file rewritten without it."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    write_jsonl(path, rows)
+    return rows
+
+
+def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list[int]) -> None:
+    """Runs in the child process: one engine, then the prompts not yet in args.output in
+    args.chunks generate calls, each appended to args.output (and flushed to disk) as it ends.
+    Prompt `indices[i]` samples with seed args.seed + indices[i] * n (vLLM seeds the n samples of
+    a request seed, seed + 1, ...), so no two prompts share a random stream and the results do
+    not depend on the chunks."""
+    done = {row["index"] for row in _finished_rows(Path(args.output))}
+    todo = [i for i, index in enumerate(indices) if index not in done]
+    if not todo:
+        return
     try:
         import vllm
     except ImportError:
@@ -308,22 +349,26 @@ def _vllm_worker(args, prompts: list[list[int]], indices: list[int]) -> list[lis
     # bf16 whatever the checkpoint's dtype: train.py writes the intermediate iterations' exports in fp32
     llm = vllm.LLM(model=args.model, dtype="bfloat16", tensor_parallel_size=1, enforce_eager=True,
                    gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
-    params = [vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens,
-                                  seed=args.seed + index * args.n) for index in indices]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
-    results = []
-    for output in outputs:
-        responses = []
-        for completion in output.outputs:
-            token_ids = list(completion.token_ids)
-            finish = "stop" if completion.finish_reason == "stop" else "length"
-            # the stopping token (EOS, or a model's extra stop token) closes the response, as in training
-            stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else eos_id
-            if finish == "stop" and (not token_ids or token_ids[-1] != stop_token):
-                token_ids.append(stop_token)
-            responses.append({"token_ids": token_ids, "text": completion.text, "finish_reason": finish})
-        results.append(responses)
-    return results
+    size = -(-len(todo) // max(1, args.chunks))
+    for start in range(0, len(todo), size):
+        chunk = todo[start:start + size]
+        params = [vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens,
+                                      seed=args.seed + indices[i] * args.n) for i in chunk]
+        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params)
+        with open(args.output, "a") as f:
+            for i, output in zip(chunk, outputs):
+                responses = []
+                for completion in output.outputs:
+                    token_ids = list(completion.token_ids)
+                    finish = "stop" if completion.finish_reason == "stop" else "length"
+                    # the stopping token (EOS, or a model's extra stop token) closes the response, as in training
+                    stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else eos_id
+                    if finish == "stop" and (not token_ids or token_ids[-1] != stop_token):
+                        token_ids.append(stop_token)
+                    responses.append({"token_ids": token_ids, "text": completion.text, "finish_reason": finish})
+                f.write(json.dumps({**rows[i], "responses": responses}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], list[list[int]]]:
@@ -361,12 +406,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (transformers backend)")
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.5, help="vLLM's share of the GPU memory")
+    parser.add_argument("--chunks", type=int, default=4, help="vllm: pieces written to --output as they finish; a rerun keeps them")
     args = parser.parse_args()
 
     rows, prompts = _read_prompt_rows(args.prompts, args.model)
     if args.backend == "vllm":
         indices = [row["index"] if isinstance(row.get("index"), int) else position for position, row in enumerate(rows)]
-        responses = _vllm_worker(args, prompts, indices)
+        rows = [{**row, "index": index} for row, index in zip(rows, indices)]
+        _vllm_worker(args, rows, prompts, indices)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -375,7 +422,7 @@ def main() -> None:
         generations = transformers_generate(model, AutoTokenizer.from_pretrained(args.model), prompts, args.n, args.temperature,
                                             args.top_p, args.max_new_tokens, args.seed, args.batch_size)
         responses = [[{"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason} for g in per_prompt] for per_prompt in generations]
-    write_jsonl(args.output, [{**row, "responses": r} for row, r in zip(rows, responses)])
+        write_jsonl(args.output, [{**row, "responses": r} for row, r in zip(rows, responses)])
     print(f"generated {args.n} responses for each of {len(rows)} prompts with {args.backend} -> {args.output}")
 
 

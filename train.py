@@ -16,6 +16,19 @@ lists the valid ones. `--model` picks a preset (toy, tulu8b, qwen7b) or takes an
 path as the SFT model. Every stage writes <out_dir>/<stage>/: config.json, metrics.jsonl,
 checkpoints/ (resumable, torch.distributed.checkpoint) and model/ (HF safetensors + tokenizer).
 
+Stopping and resuming
+- Every optimisation pass writes a checkpoint every tenth of its steps (--save_every to choose),
+  every --save_minutes, and at phase boundaries; the vLLM generation phase keeps its finished
+  chunks. `--resume` continues from the latest, bit-exact with --deterministic.
+- SIGTERM or SIGINT: the current step finishes, a checkpoint is written, and the run exits with
+  a one-line message and status 128 + the signal; a second signal exits at once.
+- `--resume` checks the config against the stage's config.json: a key that changes the result
+  (optimisation, data, method, seeds, iterations, ...) must be the same, or the run stops and
+  lists the differences; the harmless ones (RESUME_HARMLESS) are taken and recorded there.
+- A finished stage (done.json) is never entered again, with or without --resume.
+- What cannot train is refused before any work: bad numbers and length limits in the config, a
+  model, tokenizer or reward-model path that does not load (named by its flag), no usable pair.
+
 Methods (SPEC sections 4-6)
     pipeline      every stage the run needs, skipping finished ones, then the results table
     sft rm        supervised fine-tuning (toy only); Bradley-Terry reward model from the SFT model
@@ -42,7 +55,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -81,8 +96,9 @@ class Config:
     resume: bool = False  # continue unfinished stages from their latest checkpoint
     # --- data
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # preference pairs: file, directory or hub id
-    train_split: str = "train_prefs"
+    train_split: str = "train_prefs"  # a directory's or hub dataset's split; a single file is all training data
     test_split: str = "test_prefs"
+    test_dataset: str = ""  # held-out pairs: file, directory or hub id; "" = dataset's test_split (none for a single file)
     sft_dataset: str = ""  # SFT demonstrations (method sft); the toy preset sets it
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
     max_train_pairs: int = 0  # use only the first N offline pairs (0 = all); for quick runs
@@ -147,7 +163,8 @@ class Config:
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
     export_dtype: str = "auto"  # HF exports: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
-    save_every: int = 0  # optimizer steps between checkpoints (0 = only at phase boundaries)
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = every tenth of a pass (and at phase boundaries)
+    save_minutes: float = 30.0  # also a checkpoint once this many minutes passed since the last (0 = off)
     keep_checkpoints: int = 2  # checkpoints kept per stage
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact reruns
     eval_samples: int = 4  # results table: samples per held-out prompt
@@ -187,11 +204,50 @@ def _convert(name: str, text: str, default):
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if kind is tuple:
-            return tuple(float(x) for x in text.split(","))
-        return kind(text)
+        value = tuple(float(x) for x in text.split(",")) if kind is tuple else kind(text)
     except ValueError:
         raise ConfigError(f"--{name}: expected {kind.__name__}, got {text!r}") from None
+    if kind in (float, tuple) and not all(math.isfinite(x) for x in (value if kind is tuple else (value,))):
+        raise ConfigError(f"--{name}: must be finite, got {text!r}")
+    return value
+
+
+# What each number may be: a value failing its test is refused before anything runs.
+LIMITS = [
+    (("batch_size", "micro_batch_size", "epochs", "sft_epochs", "sft_batch_size", "rm_batch_size", "rm_max_len", "iterations",
+      "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints"), lambda v: v >= 1, "at least 1"),
+    (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
+    (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
+    (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "weight_decay", "meta_weight_decay", "temperature",
+      "meta_input_beta", "slic_delta", "slic_nll_weight", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"),
+     lambda v: v >= 0, "at least 0"),
+    (("lr", "sft_lr", "rm_lr", "meta_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"), lambda v: v > 0, "positive"),
+    (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("lr_floor",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("label_smoothing",), lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    (("top_p", "gpu_memory_utilization", "keep_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse a config that cannot train, naming the flag, before any work is done."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"--{key}: must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
+    for keys, test, what in LIMITS:
+        for key in keys:
+            if not test(getattr(cfg, key)):
+                raise ConfigError(f"--{key}: must be {what}, got {getattr(cfg, key)}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"--betas: must be two numbers in [0, 1), as --betas=0.9,0.95; got {','.join(map(str, cfg.betas))}")
+    if not 0 < cfg.max_prompt_len < cfg.max_len:
+        raise ConfigError(f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): "
+                          "the response needs room")
+    if cfg.method == "kto" and cfg.micro_batch_size < 2:
+        raise ConfigError("--method=kto needs --micro_batch_size of at least 2: its reference point pairs each answer "
+                          f"with another prompt of the micro-batch, got {cfg.micro_batch_size}")
+    if cfg.method == "sft" and not cfg.sft_dataset:
+        raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -225,22 +281,7 @@ def parse_config(argv: list[str]) -> Config:
         if not (key == "model" and preset in PRESETS):
             setattr(cfg, key, value)
     cfg.preset = preset if preset in PRESETS else ""
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ConfigError(f"--{key}: must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
-    for key in ("batch_size", "micro_batch_size", "epochs", "sft_batch_size", "rm_batch_size", "iterations", "num_samples",
-                "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"--{key}: must be at least 1, got {getattr(cfg, key)}")
-    if cfg.meta_input_beta < 0:
-        raise ConfigError(f"--meta_input_beta: must be positive (0 = beta), got {cfg.meta_input_beta}")
-    if not 0 < cfg.keep_ratio <= 1:
-        raise ConfigError(f"--keep_ratio: must be in (0, 1], got {cfg.keep_ratio}")
-    if cfg.method == "kto" and cfg.micro_batch_size < 2:
-        raise ConfigError("--method=kto needs --micro_batch_size of at least 2: its reference point pairs each answer "
-                          f"with another prompt of the micro-batch, got {cfg.micro_batch_size}")
-    if cfg.method == "sft" and not cfg.sft_dataset:
-        raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
+    check_config(cfg)
     if not cfg.out_dir:
         cfg.out_dir = str(Path("out") / f"{Path(preset).name}-seed{cfg.seed}")
     return cfg
@@ -385,6 +426,16 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
 
 
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy a model directory atomically (a temporary copy renamed into place). Only for a stage's
+    own unfinished output: a finished stage is never entered again."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def release_memory() -> None:
     """Give back the memory of models the caller has just deleted (`del model` first: a model
     still referenced anywhere stays in memory)."""
@@ -428,6 +479,59 @@ class NonFiniteLoss(RuntimeError):
     """A non-finite loss or gradient; the last good checkpoint is kept."""
 
 
+class NothingTrained(RuntimeError):
+    """A stage that would end without a single optimizer step; nothing is marked done."""
+
+
+# Keys a stage may be resumed with other values of: they change how it is saved, logged, evaluated
+# or laid out in memory, not what it computes. Every other key must match the stage's config.json.
+RESUME_HARMLESS = ("method", "save_every", "save_minutes", "keep_checkpoints", "micro_batch_size", "activation_checkpointing",
+                   "chunk_size", "deterministic", "gpu_memory_utilization", "eval_samples", "eval_prompts")
+PATH_KEYS = ("model", "out_dir", "dataset", "test_dataset", "sft_dataset", "sft_model", "reward_model", "policy", "reference")
+
+
+def same_path(a: str, b: str) -> bool:
+    """Two spellings of one file or directory (relative / absolute, links); hub ids by their text."""
+    if a == b:
+        return True
+    try:
+        return bool(a) and bool(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
+    """The keys whose value differs between a stage's saved config and `cfg`, as {key: (saved, now)}:
+    (those that change the result, the harmless ones). A key the saved config lacks had its default."""
+    defaults = config_dict(Config())
+    result, harmless = {}, {}
+    for key, now in config_dict(cfg).items():
+        if key in ("preset", "resume"):
+            continue
+        before = saved.get(key, defaults[key])
+        now = list(now) if isinstance(now, tuple) else now
+        if before == now or (key in PATH_KEYS and same_path(str(before), str(now))):
+            continue
+        kto_batch = key == "micro_batch_size" and cfg.method == "kto"  # KTO's reference point comes from the micro-batch
+        (harmless if (key in RESUME_HARMLESS and not kto_batch) or key == "out_dir" else result)[key] = (before, now)
+    return result, harmless
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record this program wrote (config.json, done.json); a damaged one is a clear error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); remove {path.parent} to run that stage again") from None
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
 class Stage:
     """One stage's directory: config.json, metrics.jsonl, checkpoints/, model/, done.json."""
 
@@ -438,6 +542,7 @@ class Stage:
         self.model_dir = self.dir / "model"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metric_lines = 0
+        self.last_save = time.time()  # for the save_minutes cadence
 
     @property
     def done(self) -> bool:
@@ -445,14 +550,30 @@ class Stage:
 
     def start(self) -> Path | None:
         """Create the directory; return the checkpoint to resume from, if any. An unfinished stage
-        is never overwritten silently: without --resume it is an error."""
+        is never overwritten silently: without --resume it is an error. With --resume, every key
+        that changes the result must equal the stage's config.json; harmless changes are recorded
+        there under "resumes", the values the stage started with stay."""
         latest = self.latest_checkpoint()
-        if (latest is not None or self.metrics_path.exists()) and not self.cfg.resume:
+        begun = latest is not None or self.metrics_path.exists()
+        if begun and not self.cfg.resume:
             raise ConfigError(f"{self.dir} holds an unfinished run; pass --resume to continue it, or remove the directory")
+        record = {**config_dict(self.cfg), "stage": self.name}
+        if begun and (self.dir / "config.json").exists():
+            saved = read_json(self.dir / "config.json")
+            changed, harmless = resume_changes(saved, self.cfg)
+            if changed:
+                lines = "\n".join(f"  --{key}: {before} when it started, {now} now" for key, (before, now) in changed.items())
+                raise ConfigError(f"--resume: {self.dir} started with other settings that change its result:\n{lines}\n"
+                                  f"Resume with the values it started with (in {self.dir / 'config.json'}), or remove {self.dir} "
+                                  "to start the stage afresh with the new ones.")
+            record = saved
+            if harmless:
+                record["resumes"] = saved.get("resumes", []) + [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": harmless}]
+                print0(self.rt, f"[{self.name}] resuming with " + ", ".join(f"--{k}={now} (was {before})" for k, (before, now) in harmless.items()))
         barrier(self.rt)
         if self.rt.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.json").write_text(json.dumps({**config_dict(self.cfg), "stage": self.name}, indent=2))
+            write_json(self.dir / "config.json", record)
         barrier(self.rt)
         if latest is None and self.rt.main:
             self.metrics_path.unlink(missing_ok=True)
@@ -477,6 +598,7 @@ class Stage:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        self.last_save = time.time()
         final = self.checkpoints / f"step-{step:08d}"
         tmp = self.checkpoints / f"step-{step:08d}.tmp"
         if self.rt.main:
@@ -527,7 +649,7 @@ class Stage:
 
     def finish(self, summary: dict) -> None:
         if self.rt.main:
-            (self.dir / "done.json").write_text(json.dumps(summary, indent=2))
+            write_json(self.dir / "done.json", summary)
         barrier(self.rt)
 
 
@@ -590,12 +712,16 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
     batch_size is the global batch's size (pairs, or tokens when `sizes` says so). Gradients are
     synchronised only on the last micro-batch, clipped, and a non-finite loss or gradient stops
-    the run. Returns the records logged for each step.
+    the run. A checkpoint (save_state() with model and optimizer) is written every save_every
+    steps of the pass (default: every tenth of it), once save_minutes have passed since the last,
+    and after the step during which a stop signal came (then Stopped is raised). Returns the
+    records logged for each step.
     """
     cfg, rt = stage.cfg, stage.rt
     bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
     records = []
     micro = cfg.micro_batch_size
+    every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
     while loop.batch < len(batches):
         batch = batches[loop.batch]
         share = batch[rt.rank::rt.world]
@@ -614,9 +740,13 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
             loss.backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+        # two flags ride on the metrics' all-reduce: a stop signal on any rank, and rank 0's clock for save_minutes
+        sums["_stop"] = float(bool(STOP_SIGNAL))
+        sums["_save"] = float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes)
         keys = sorted(sums)
         totals = all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
         metrics = dict(zip(keys, totals))
+        stop, save_due = metrics.pop("_stop") > 0, metrics.pop("_save") > 0
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         loss_value = metrics.get("loss", 0.0)
@@ -638,10 +768,41 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
         records.append(record)
         bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
         bar.update()
-        if cfg.save_every and loop.step % cfg.save_every == 0 and save_state is not None:
+        if save_state is not None and (stop or save_due or (loop.batch % every == 0 and loop.batch < len(batches))):
             stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
+        if stop:
+            bar.close()
+            raise Stopped(f"[{stage.name}] stopped after step {loop.step} ({desc}, {loop.batch} of {len(batches)} batches)"
+                          + (f"; checkpoint {stage.latest_checkpoint()}" if save_state is not None else "; no checkpoint (none is kept here)"))
     bar.close()
     return records
+
+
+# ==============================================================================================
+# Stopping on SIGTERM / SIGINT: the current step finishes, a checkpoint is written, the run exits
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop; the message says where and what was saved."""
+
+
+STOP_SIGNAL: list[int] = []  # the signal that asked for a stop, once one came
+
+
+def request_stop(signum, frame) -> None:
+    """Signal handler: the first signal asks for a stop at the next safe point; a second one exits at once."""
+    if STOP_SIGNAL:
+        os._exit(128 + signum)
+    STOP_SIGNAL.append(signum)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+def check_stop(rt: Runtime, where: str) -> None:
+    """Collective: raise Stopped when any rank got a stop signal. `where` says what a resume redoes."""
+    if all_reduce_sum(rt, torch.tensor([float(bool(STOP_SIGNAL))])).item() > 0:
+        raise Stopped(where)
 
 
 def normalise_metrics(sums: dict) -> dict:
@@ -766,16 +927,59 @@ def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime):
 # Data helpers
 
 
-def load_pairs(cfg: Config, rt: Runtime, tokenizer, split: str, max_len: int | None = None):
-    """(tokenized pairs, raw pairs) of one split; tokenized[i].index points into raw."""
-    raw, load_stats = data.load_preferences(cfg.dataset, split or None, cfg.skip_bad_rows)
+def train_source(cfg: Config) -> tuple[str, str | None]:
+    """(source, split) of the training pairs: a single file is all training data."""
+    return cfg.dataset, None if Path(cfg.dataset).is_file() else cfg.train_split
+
+
+def test_source(cfg: Config) -> tuple[str, str | None] | None:
+    """(source, split) of the held-out pairs: --test_dataset, else --dataset's test_split; None
+    when --dataset is a single file, or a directory without that split, and no --test_dataset is
+    given: then there are no held-out pairs (never the training rows)."""
+    if cfg.test_dataset:
+        return cfg.test_dataset, None if Path(cfg.test_dataset).is_file() else cfg.test_split
+    if Path(cfg.dataset).is_file():
+        return None
+    if Path(cfg.dataset).is_dir():
+        try:
+            data.split_files(Path(cfg.dataset), cfg.test_split)
+        except data.DataError:
+            return None
+    return cfg.dataset, cfg.test_split
+
+
+def describe(source: tuple[str, str | None]) -> str:
+    return f"{source[0]} [{source[1]}]" if source[1] else source[0]
+
+
+def require_test_source(cfg: Config, purpose: str) -> tuple[str, str | None]:
+    """test_source, or an error saying that `purpose` needs held-out pairs and how to give them."""
+    source = test_source(cfg)
+    if source is None:
+        raise ConfigError(f"{purpose} needs held-out pairs, and --dataset={cfg.dataset} has no {cfg.test_split} split (a single file "
+                          "is training data only); pass --test_dataset (a file, a directory with that split, or a hub id)")
+    return source
+
+
+def load_heldout(cfg: Config, purpose: str) -> tuple[list[data.PreferencePair], tuple[str, str | None]]:
+    """The held-out pairs (skip_bad_rows applies) and where they came from."""
+    source = require_test_source(cfg, purpose)
+    return data.load_preferences(*source, cfg.skip_bad_rows)[0], source
+
+
+def load_pairs(cfg: Config, rt: Runtime, tokenizer, source: tuple[str, str | None], max_len: int | None = None):
+    """(tokenized pairs, raw pairs) of one (source, split); tokenized[i].index points into raw.
+    No usable pair at all is an error: a stage would train nothing."""
+    raw, load_stats = data.load_preferences(*source, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_preferences(raw, tokenizer, cfg.max_prompt_len, max_len or cfg.max_len)
-    print0(rt, f"data {cfg.dataset} [{split}]: {load_stats.summary()}; tokenized: {stats.summary()}")
+    print0(rt, f"data {describe(source)}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    if not tokenized:
+        raise data.DataError(f"{describe(source)}: no usable preference pair after tokenization ({stats.summary()})")
     return [PolicyPair(**dataclasses.asdict(t), pad_id=tokenizer.pad_token_id) for t in tokenized], raw
 
 
 def train_pairs(cfg: Config, rt: Runtime, tokenizer, max_len: int | None = None):
-    tokenized, raw = load_pairs(cfg, rt, tokenizer, cfg.train_split, max_len)
+    tokenized, raw = load_pairs(cfg, rt, tokenizer, train_source(cfg), max_len)
     return (tokenized[: cfg.max_train_pairs] if cfg.max_train_pairs else tokenized), raw
 
 
@@ -799,6 +1003,81 @@ def reference_path(cfg: Config) -> str:
     return cfg.reference or sft_path(cfg)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _short(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def check_model(flag: str, path: str, produced_by: str = "", reward: bool = False) -> None:
+    """Refuse, naming the flag, a model that cannot be loaded: a missing path, a directory without
+    config.json or tokenizer, a hub id that does not resolve, a causal LM given as reward model.
+    Reads only the config and the tokenizer, so it costs seconds even for an 8B model.
+    `produced_by`: the stage whose output `path` is when the flag is unset."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not Path(path).expanduser().exists():
+        if produced_by:
+            raise ConfigError(f"{flag} is not set and this run's {produced_by} stage has no model at {path}: run that stage first "
+                              f"(--method={produced_by}, or the default pipeline) or pass {flag}")
+        if not HUB_ID.fullmatch(path):
+            raise ConfigError(f"{flag}: {path} does not exist (neither a local directory nor a hub id of the form owner/name)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, ... for the many ways a path is wrong
+        raise ConfigError(f"{flag}: {path} is not a model transformers can load: {_short(err)}") from None
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise ConfigError(f"{flag}: {path} has no tokenizer that loads (save it with the model): {_short(err)}") from None
+    if reward and any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
+        raise ConfigError(f"{flag}: {path} is a causal LM ({', '.join(config.architectures)}), not a reward model; pass a "
+                          "sequence-classification checkpoint with one label (train.py --method rm)")
+
+
+def check_data(flag: str, source: str, split: str | None = None) -> None:
+    """A data path exists (a local one holds the split's files; a hub id is fetched when loaded)."""
+    if not source:
+        return
+    if not Path(source).exists() and (not HUB_ID.fullmatch(source) or Path(source).suffix in data.DATA_EXTENSIONS):
+        raise ConfigError(f"{flag}: {source} does not exist (neither a local file or directory nor a hub dataset id of the form owner/name)")
+    if Path(source).exists():
+        try:
+            data.resolve_files(source, split)
+        except data.DataError as err:
+            raise ConfigError(f"{flag}: {err}") from None
+
+
+def check_inputs(cfg: Config, method: str) -> None:
+    """Before any expensive work: every model and data path `method` reads can be loaded. For the
+    pipeline, the models given by flag (the others are made by its stages, and checked then)."""
+    sft = ("--sft_model", sft_path(cfg), "" if cfg.sft_model else "sft") if cfg.sft_model or cfg.init_from_config else ("--model", cfg.model, "")
+    reference = ("--reference", cfg.reference, "") if cfg.reference else sft
+    policy = ("--policy", warm_policy_path(cfg), "" if cfg.policy else "dpo")
+    reward = ("--reward_model", reward_path(cfg), "" if cfg.reward_model else "rm")
+    if method == "sft":
+        models = [("--model", cfg.model, "")]
+    elif method == "rm":
+        models = [sft]
+    elif method in ("simpo", "slic"):
+        models = [sft]
+    elif method in OFFLINE_METHODS or method == "selective_dpo":
+        models = [sft, reference]
+    elif method in ITERATIVE_METHODS:
+        models = [policy, reward] + ([] if cfg.objective == "simpo" else [reference])
+    else:  # pipeline
+        models = [m for m in (sft, reference, policy, reward) if not m[2]]
+    for flag, path, produced_by in dict.fromkeys(models):
+        check_model(flag, path, produced_by, reward=flag == "--reward_model")
+    if method != "sft":
+        check_data("--dataset", *train_source(cfg))
+    if cfg.test_dataset:
+        check_data("--test_dataset", *test_source(cfg))
+    if method in ("sft", "pipeline") and cfg.init_from_config:
+        check_data("--sft_dataset", cfg.sft_dataset)
+
+
 def stage_name(cfg: Config, method: str) -> str:
     """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
     metaapo-sampling_random or online_dpo-objective_simpo."""
@@ -814,13 +1093,15 @@ def stage_name(cfg: Config, method: str) -> str:
 
 def run_sft(cfg: Config, rt: Runtime) -> dict:
     """Supervised fine-tuning: mean NLL of the response tokens of each global batch."""
+    started = time.time()
+    examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
+    tokenized, stats = data.tokenize_sft(examples, transformers.AutoTokenizer.from_pretrained(cfg.model), cfg.max_prompt_len, cfg.max_len)
+    print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    if not tokenized:
+        raise data.DataError(f"{cfg.sft_dataset}: no usable SFT example after tokenization ({stats.summary()})")
     stage = Stage(cfg, rt, "sft")
     latest = stage.start()
-    started = time.time()
     model, tokenizer = load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
-    examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
-    tokenized, stats = data.tokenize_sft(examples, tokenizer, cfg.max_prompt_len, cfg.max_len)
-    print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
     batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, cfg.seed * 1000)
     optimizer, scheduler, loop = prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
 
@@ -840,11 +1121,11 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
 
 def run_rm(cfg: Config, rt: Runtime) -> dict:
     """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
+    started = time.time()
+    pairs, _ = train_pairs(cfg, rt, transformers.AutoTokenizer.from_pretrained(sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len))
     stage = Stage(cfg, rt, "rm")
     latest = stage.start()
-    started = time.time()
     rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
-    pairs, _ = train_pairs(cfg, rt, rm.tokenizer, max_len=min(cfg.max_len, cfg.rm_max_len))
     batches = epoch_batches(pairs, 1, cfg.rm_batch_size, cfg.seed)
     optimizer, scheduler, loop = prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
 
@@ -857,11 +1138,15 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
 
     optimize(stage, rm.model, optimizer, scheduler, batches, rm_loss, loop, f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
     export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
-    _, test = load_pairs(cfg, rt, rm.tokenizer, cfg.test_split)
-    accuracy = reward_accuracy(rm, test)
-    summary = {"train_time_s": time.time() - started, "steps": loop.step, "test_accuracy": accuracy}
-    stage.log({"phase": "eval", "test_accuracy": accuracy})
-    print0(rt, f"[rm] preference accuracy on {cfg.test_split}: {accuracy:.3f}")
+    summary = {"train_time_s": time.time() - started, "steps": loop.step, "test_accuracy": None}
+    if test_source(cfg) is None:
+        print0(rt, f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is training data "
+                   "only): no accuracy measured; pass --test_dataset for one")
+    else:
+        test, source = load_heldout(cfg, "the reward model's accuracy")
+        summary.update(test_accuracy=reward_accuracy(rm, test), test_pairs=len(test), test_source=describe(source))
+        stage.log({"phase": "eval", **{k: summary[k] for k in ("test_accuracy", "test_pairs", "test_source")}})
+        print0(rt, f"[rm] preference accuracy on the {len(test)} held-out pairs of {describe(source)}: {summary['test_accuracy']:.3f}")
     stage.finish(summary)
     return summary
 
@@ -880,14 +1165,14 @@ def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
 def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, keep=None) -> dict:
     """One pass (per epoch) of an offline objective over the offline pairs, from the SFT model,
     with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them."""
-    stage = Stage(cfg, rt, name or method)
-    latest = stage.start()
     started = time.time()
-    policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
-    ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
-    pairs, _ = train_pairs(cfg, rt, tokenizer)
+    pairs, _ = train_pairs(cfg, rt, transformers.AutoTokenizer.from_pretrained(sft_path(cfg)))
     if keep is not None:
         pairs = keep(pairs)
+    stage = Stage(cfg, rt, name or method)
+    latest = stage.start()
+    policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
+    ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
     batches = epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000)
     optimizer, scheduler, loop = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
     optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt), loop,
@@ -954,9 +1239,8 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
     out = Path(cfg.out_dir) / "selective_dpo"
     summary = {"train_time_s": time.time() - started}
     if rt.main:
-        shutil.rmtree(out / "model", ignore_errors=True)
-        shutil.copytree(out / "final" / "model", out / "model")
-        (out / "done.json").write_text(json.dumps(summary))
+        copy_tree(out / "final" / "model", out / "model")
+        write_json(out / "done.json", summary)
     barrier(rt)
     return summary
 
@@ -1111,11 +1395,13 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     from transformers import AutoTokenizer
 
     name = stage_name(cfg, method)
-    stage = Stage(cfg, rt, name)
-    latest = stage.start()
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(warm_policy_path(cfg))
     offline, raw = train_pairs(cfg, rt, tokenizer)
+    if cfg.iterations > len(offline):
+        raise ConfigError(f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration")
+    stage = Stage(cfg, rt, name)
+    latest = stage.start()
     chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
     meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting, cfg.threshold,
                           seed=cfg.seed, device=rt.device, weight_decay=cfg.meta_weight_decay, grad_clip=cfg.meta_grad_clip) if method == "metaapo" else None
@@ -1154,6 +1440,7 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             chosen = [i for i, s in enumerate(selected) if s]
             generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
                                                cfg, rt, cfg.seed * 1000 + t, stage.dir)  # Alg. 1 line 9: K responses from the current policy
+            check_stop(rt, f"[{name}] stopped during iteration {t + 1}'s generation phase; --resume generates it again")
             rm = load_reward_model(reward_path(cfg), cfg, rt)
             pool = [((raw[chunk[i].index].chosen, chunk[i].chosen_ids), (raw[chunk[i].index].rejected, chunk[i].rejected_ids)) for i in chosen]
             pairs, pair_stats = make_online_pairs([raw[chunk[i].index].prompt for i in chosen], generations, rm,
@@ -1214,9 +1501,11 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         stage.save_checkpoint(step, None, None, None, save())  # phase boundary: iteration t done, the policy is exported
         del policy, ref, optimizer, scheduler, loss_fn, after_step  # all hold the models: gone before the next iteration loads its own
         release_memory()
+    if step == 0:
+        raise NothingTrained(f"[{name}] trained no step in {cfg.iterations} iterations: no offline tuple gave an augmented one "
+                             f"(selected and with an online pair whose rewards differ; see {stage.metrics_path}); the stage is not marked done")
     if rt.main:
-        shutil.rmtree(stage.model_dir, ignore_errors=True)
-        shutil.copytree(stage.dir / f"iter{cfg.iterations}" / "model", stage.model_dir)
+        copy_tree(stage.dir / f"iter{cfg.iterations}" / "model", stage.model_dir)
         if meta is not None:
             torch.save(meta.state_dict(), stage.dir / "meta_learner.pt")
     barrier(rt)
@@ -1246,12 +1535,13 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(rows[0][1])
-    test, _ = data.load_preferences(cfg.dataset, cfg.test_split)
+    test, source = load_heldout(cfg, "the results table")
     test = test[: cfg.eval_prompts or len(test)]
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
     scores = {label: evaluate_policy_gold(path, cfg, rt, prompts, [p.prompt for p in test]) for label, path in rows}
     base = scores[rows[0][0]]
-    lines = [f"Toy results: gold judge (0-10) on {len(test)} held-out prompts x {cfg.eval_samples} samples at temperature {cfg.temperature}",
+    lines = [f"Toy results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} samples "
+             f"at temperature {cfg.temperature}",
              "", "| model | gold mean | win rate vs SFT | annotation ratio | time |", "|---|---|---|---|---|"]
     for label, _ in rows:
         wins = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[label], base)])
@@ -1268,6 +1558,13 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
 
 
 def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
+    """Run one stage, after checking its inputs; a finished stage is left as it is (its summary is
+    returned): nothing here ever deletes or rewrites a finished model."""
+    done = Path(cfg.out_dir) / stage_name(cfg, method) / "done.json"
+    if done.exists():
+        print0(rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)")
+        return read_json(done)
+    check_inputs(cfg, method)
     if method == "sft":
         return run_sft(cfg, rt)
     if method == "rm":
@@ -1280,19 +1577,16 @@ def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
 
 
 def ensure_stage(cfg: Config, rt: Runtime, method: str) -> dict:
-    """Run a stage unless it is done; return its summary."""
-    name = stage_name(cfg, method)
-    done = Path(cfg.out_dir) / name / "done.json"
-    if done.exists():
-        print0(rt, f"[{name}] already done ({done})")
-        return json.loads(done.read_text())
+    """Run a stage unless it is done, then give a stop signal its chance; return its summary."""
     summary = run_method(cfg, rt, method)
     release_memory()  # the stage's models died with it
+    check_stop(rt, f"stopped after the {stage_name(cfg, method)} stage; --resume goes on with the next")
     return summary
 
 
 def run_pipeline(cfg: Config, rt: Runtime) -> None:
     """Every stage MetaAPO needs, then the results table."""
+    check_inputs(cfg, "pipeline")
     summaries = {}
     if cfg.init_from_config and not cfg.sft_model:
         summaries["SFT"] = ensure_stage(cfg, rt, "sft")
@@ -1311,6 +1605,12 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
         print0(rt, f"done: {Path(cfg.out_dir) / stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py")
 
 
+def stop_exit(message: str) -> None:
+    """The one-line end of a run stopped by a signal: exit status 128 + the signal, as shells report it."""
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(128 + STOP_SIGNAL[0])
+
+
 def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()  # our own bars are enough
     transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" for the reward model, on purpose
@@ -1318,6 +1618,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         raise SystemExit(f"train.py: {err}") from None
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     rt = setup_distributed(cfg)
     try:
         if cfg.preset == "toy":
@@ -1331,11 +1632,20 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_method(cfg, rt, cfg.method)
         print0(rt, f"total time {time.time() - started:.0f}s")
-    except (ConfigError, NonFiniteLoss, data.DataError) as err:
+    except Stopped as err:
+        stop_exit(f"{err}; continue with the same command and --resume")
+    except (ConfigError, NonFiniteLoss, NothingTrained, data.DataError) as err:
         raise SystemExit(f"train.py: {err}") from None
+    except Exception as err:
+        if not STOP_SIGNAL:
+            raise
+        stop_exit(f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: {_short(err)}); "
+                  "continue with the same command and --resume")
     finally:
         if rt.distributed:
             dist.destroy_process_group()
+        for signum, handler in handlers.items():  # main() may run inside another program (the tests)
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Shared fixtures: the toy tokenizer and tiny random Llama models saved the HF way."""
+"""Shared fixtures: the toy tokenizer and tiny random Llama models saved the HF way, and the
+finished SFT, reward-model and DPO stages of a tiny toy run that the training tests copy."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +41,38 @@ def toy_rm_dir(tmp_path_factory):
 @pytest.fixture
 def toy_tokenizer(toy_dir):
     return AutoTokenizer.from_pretrained(toy_dir)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small toy run: every stage takes seconds (192 offline pairs, 2 iterations of 96 prompts).
+TINY = ["--sft_epochs=1", "--max_train_pairs=192", "--batch_size=16", "--micro_batch_size=8", "--rm_batch_size=16",
+        "--iterations=2", "--gen_batch_size=64", "--eval_prompts=32", "--eval_samples=2"]
+
+
+def run_train(args, cwd=ROOT, timeout=600, torchrun=0, env=None):
+    command = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"] if torchrun
+               else [sys.executable, "train.py"])
+    result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+    """SFT, reward model and DPO warm-up of a tiny toy run, shared by the tests (copied, not modified)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    for method in ("sft", "rm", "dpo"):
+        run_train([f"--method={method}", f"--out_dir={out}"] + TINY)
+    return out
+
+
+def fresh_run(base_run, tmp_path, name="run"):
+    """A run directory holding copies of the finished base stages."""
+    out = tmp_path / name
+    for stage in ("sft", "rm", "dpo"):
+        shutil.copytree(base_run / stage, out / stage)
+    return out

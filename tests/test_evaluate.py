@@ -16,7 +16,7 @@ import evaluate
 import losses
 import train
 from sample import Generation
-from test_train import TINY
+from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATION = ["--max_new_tokens=6", "--max_prompt_len=16", "--max_len=40", "--generator=transformers", "--gen_batch_size=8"]
@@ -109,7 +109,7 @@ def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
 
 def test_bad_alpaca_eval_file_names_file_and_item(toy_dir, tmp_path):
     (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}, {"output": "no instruction"}]))
-    with pytest.raises(data.DataError, match=f"{tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' string"):
+    with pytest.raises(SystemExit, match=f"evaluate.py: {tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' string"):
         evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"] + GENERATION)
 
 
@@ -121,7 +121,7 @@ def test_default_name(model, name):
 
 def test_bad_question_file_names_file_and_line(toy_dir, tmp_path):
     (tmp_path / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": [{"content": "x"}]}) + "\n" + json.dumps({"turns": []}) + "\n")
-    with pytest.raises(data.DataError, match=f"{tmp_path / 'question.jsonl'}:2: an Arena-Hard question needs"):
+    with pytest.raises(SystemExit, match=f"evaluate.py: {tmp_path / 'question.jsonl'}:2: an Arena-Hard question needs"):
         evaluate.main([f"--model={toy_dir}", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path}"] + GENERATION)
 
 

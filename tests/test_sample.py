@@ -176,16 +176,19 @@ FAKE_VLLM = textwrap.dedent('''
         def __init__(self, **kwargs):
             if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(kwargs.get("seed")) or os.environ.get("FAKE_VLLM_FAIL_GPU") == os.environ.get("CUDA_VISIBLE_DEVICES"):
                 raise RuntimeError("CUDA out of memory (stand-in failure)")
-            self.kwargs = kwargs
+            self.kwargs, self.calls = kwargs, 0
 
         def generate(self, prompts, sampling_params):
             # as vLLM: one SamplingParams for every prompt, or a list with one per prompt
             params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
             if len(params) != len(prompts):
                 raise ValueError("The lengths of prompts and sampling_params must be the same.")
+            self.calls += 1
+            if os.environ.get("FAKE_VLLM_DIE_AT_CALL") == str(self.calls):  # a kill in the middle of the work
+                os._exit(137)
             env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-            with open(os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.json"), "w") as f:
-                json.dump({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env}, f)
+            with open(os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.jsonl"), "a") as f:  # one line per generate call
+                f.write(json.dumps({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env}) + "\\n")
             outputs = []
             for prompt, p in zip(prompts, params):
                 ids = prompt["prompt_token_ids"]
@@ -227,6 +230,13 @@ def fake_vllm(tmp_path, monkeypatch):
 PROMPTS = [[3, 4, 5], [4, 9], [7, 7, 7, 8], [5], [6, 10, 11]]
 
 
+def recorded(record_dir, gpu):
+    """What the stand-in engine on one GPU was given, its generate calls joined: (llm kwargs, sampling, prompts, env, calls)."""
+    calls = [json.loads(line) for line in (record_dir / f"gpu{gpu}.jsonl").read_text().splitlines()]
+    return {"llm": calls[0]["llm"], "sampling": [s for c in calls for s in c["sampling"]], "prompts": [p for c in calls for p in c["prompts"]],
+            "env": calls[0]["env"], "calls": len(calls)}
+
+
 def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeypatch):
     for name, value in {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "TORCHELASTIC_RUN_ID": "x",
                         "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}.items():
@@ -234,13 +244,31 @@ def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeyp
     results = generate(PROMPTS, n=3, temperature=0.8, top_p=0.95, max_new_tokens=4, seed=11, backend="vllm",
                        model_path=str(toy_dir), workdir=tmp_path / "work", gpu_memory_utilization=0.4)
     assert results == [[expected_generation(p, j, 4) for j in range(3)] for p in PROMPTS]
-    record = json.loads((fake_vllm / "gpu5.json").read_text())
+    record = recorded(fake_vllm, 5)
     assert record["llm"] == {"model": str(toy_dir), "dtype": "bfloat16", "tensor_parallel_size": 1, "enforce_eager": True, "gpu_memory_utilization": 0.4, "seed": 11}
     # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's number)
     assert record["sampling"] == [{"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_tokens": 4, "seed": 11 + 3 * i} for i in range(len(PROMPTS))]
     assert record["prompts"] == [{"prompt_token_ids": p} for p in PROMPTS]
     assert record["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "LOCAL_RANK": None,
                              "TORCHELASTIC_RUN_ID": None}
+
+
+def test_vllm_generation_killed_mid_way_keeps_its_finished_chunks(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    prompts = [[i, i + 1] for i in range(10)]
+    args = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=7, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
+    monkeypatch.setenv("FAKE_VLLM_DIE_AT_CALL", "3")  # killed during its third chunk (of 4: 3, 3, 3, 1 prompts)
+    with pytest.raises(RuntimeError, match="the vLLM worker exited with status 137"):
+        generate(prompts, **args)
+    assert recorded(fake_vllm, 0)["calls"] == 2
+    monkeypatch.delenv("FAKE_VLLM_DIE_AT_CALL")
+    (fake_vllm / "gpu0.jsonl").unlink()
+    results = generate(prompts, **args)
+    assert recorded(fake_vllm, 0)["prompts"] == [{"prompt_token_ids": p} for p in prompts[6:]]  # only what was lost
+    assert results == [[expected_generation(p, j, 4) for j in range(2)] for p in prompts]  # as one uninterrupted call
+    # another request (another seed) in the same directory starts afresh
+    (fake_vllm / "gpu0.jsonl").unlink()
+    generate(prompts, **{**args, "seed": 8})
+    assert len(recorded(fake_vllm, 0)["prompts"]) == 10
 
 
 def test_child_environment_without_cuda_visible_devices(monkeypatch):
@@ -258,7 +286,7 @@ def test_vllm_worker_failure_is_a_clear_error(fake_vllm, toy_dir, tmp_path, monk
 
 def test_vllm_incomplete_output_is_an_error(fake_vllm, toy_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_VLLM_DROP", "1")
-    with pytest.raises(RuntimeError, match="incomplete \\(1 prompts missing\\)"):
+    with pytest.raises(RuntimeError, match="incomplete \\(3 prompts missing\\)"):  # the last of each of 3 chunks
         generate(PROMPTS, 3, 1.0, 1.0, 4, 11, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
 
 
@@ -294,7 +322,7 @@ def test_vllm_sharded_over_two_ranks(fake_vllm, toy_dir, tmp_path):
     expected = [[[*vars(expected_generation(p, j, 4)).values()] for j in range(3)] for p in PROMPTS]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"results": expected}
-    shares = {rank: json.loads((fake_vllm / f"gpu{rank}.json").read_text()) for rank in (0, 1)}
+    shares = {rank: recorded(fake_vllm, rank) for rank in (0, 1)}
     assert [p["prompt_token_ids"] for p in shares[0]["prompts"]] == PROMPTS[0::2]  # strided shares
     assert [p["prompt_token_ids"] for p in shares[1]["prompts"]] == PROMPTS[1::2]
     assert shares[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and shares[1]["env"]["CUDA_VISIBLE_DEVICES"] == "1"

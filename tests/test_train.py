@@ -18,42 +18,11 @@ from safetensors.torch import load_file
 
 import losses
 import train
+from conftest import TINY, fresh_run, metrics, run_train
 from meta import MetaLearner
 from train import Config, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
-# A small toy run: every stage takes seconds (192 offline pairs, 2 iterations of 96 prompts).
-TINY = ["--sft_epochs=1", "--max_train_pairs=192", "--batch_size=16", "--micro_batch_size=8", "--rm_batch_size=16",
-        "--iterations=2", "--gen_batch_size=64", "--eval_prompts=32", "--eval_samples=2"]
-
-
-def run_train(args, cwd=ROOT, timeout=600, torchrun=0, env=None):
-    command = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"] if torchrun
-               else [sys.executable, "train.py"])
-    result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def metrics(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def base_run(tmp_path_factory):
-    """SFT, reward model and DPO warm-up of a tiny toy run, shared by the tests (copied, not modified)."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    for method in ("sft", "rm", "dpo"):
-        run_train([f"--method={method}", f"--out_dir={out}"] + TINY)
-    return out
-
-
-def fresh_run(base_run, tmp_path, name="run"):
-    """A run directory holding copies of the finished base stages."""
-    out = tmp_path / name
-    for stage in ("sft", "rm", "dpo"):
-        shutil.copytree(base_run / stage, out / stage)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +54,21 @@ def test_defaults_presets_and_overrides():
     (["--method=kto", "--micro_batch_size=1"], "--method=kto needs --micro_batch_size of at least 2"),
     (["lr=1"], "unexpected argument 'lr=1'"),
     (["--lr"], "--lr needs a value"),
+    # runs that could not train, refused before anything runs
+    (["--num_samples=1"], "--num_samples: must be at least 2"),
+    (["--max_train_pairs=-60"], "--max_train_pairs: must be at least 0, got -60"),
+    (["--max_prompt_len=40", "--max_len=40"], r"--max_prompt_len \(40\) must be positive and below --max_len \(40\)"),
+    (["--keep_checkpoints=0"], "--keep_checkpoints: must be at least 1"),
+    (["--save_every=-1"], "--save_every: must be at least 0"),
+    (["--betas=0.9"], "--betas: must be two numbers in \\[0, 1\\)"),
+    (["--betas=0.9,1.5"], "--betas: must be two numbers"),
+    (["--lr=nan"], "--lr: must be finite, got 'nan'"),
+    (["--lr=inf"], "--lr: must be finite"),
+    (["--lr=-1"], "--lr: must be positive, got -1.0"),
+    (["--meta_lr=0"], "--meta_lr: must be positive"),
+    (["--top_p=0"], "--top_p: must be in \\(0, 1\\]"),
+    (["--warmup_ratio=1"], "--warmup_ratio: must be in \\[0, 1\\)"),
+    (["--temperature=-0.5"], "--temperature: must be at least 0"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -166,7 +150,7 @@ def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
 def test_pipeline_skips_finished_stages_and_prints_the_table(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
     result = run_train([f"--out_dir={out}"] + TINY)
-    assert result.stdout.count("already done") == 3
+    assert result.stdout.count("already finished") == 3
     table = (out / "results.md").read_text()
     for row in ("| SFT |", "| DPO |", "| MetaAPO |"):
         assert row in table
@@ -241,13 +225,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base_run, tmp_path,
     assert not (out / "dpo" / "done.json").exists()
 
 
-def test_iteration_without_augmented_tuples_is_skipped(base_run, tmp_path):
+def test_a_run_that_trains_no_step_fails_instead_of_exporting_its_start(base_run, tmp_path):
+    """No tuple selected in any iteration: each iteration is skipped, and the stage is an error, not a
+    "MetaAPO" model identical to the DPO warm-up."""
     out = fresh_run(base_run, tmp_path)
-    run_train(["--method=metaapo", f"--out_dir={out}", "--sampling=threshold", "--threshold=-1e9"] + TINY)
+    result = subprocess.run([sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}", "--sampling=threshold", "--threshold=-1e9"] + TINY,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "trained no step in 2 iterations" in result.stderr and "Traceback" not in result.stderr
     stage = out / "metaapo-sampling_threshold"
     records = metrics(stage / "metrics.jsonl")
     assert [r["skipped"] for r in records if r.get("phase") == "train"] == ["no augmented tuple"] * 2
-    assert json.loads((stage / "done.json").read_text())["annotation_ratio"] == 0.0
+    assert not (stage / "done.json").exists() and not (stage / "model").exists()
 
 
 EVERY_METHOD = [["--method=ipo"], ["--method=kto"], ["--method=simpo"], ["--method=slic"], ["--method=selective_dpo"],
