@@ -7,9 +7,13 @@ What it does
   UltraFeedback-binarized schema (`chosen` / `rejected` as [{role, content}] message lists, with
   `score_chosen` / `score_rejected`) or the plain schema (`prompt`, `chosen`, `rejected` strings).
   Earlier turns of a multi-turn conversation stay in the prompt.
-- Tokenizes with the tokenizer's own chat template: prompt + generation prompt, then the response
-  and EOS. Only response tokens are marked for the loss. Over-long prompts are dropped, over-long
-  responses truncated, and both are counted.
+- Tokenizes through the model's own chat template as TRL's DPO trainer does: prompt ids = the
+  template with its generation prompt; response ids = the template's rendering of the whole
+  conversation minus the prompt's ids (checked to be a prefix), so a response ends with what the
+  template writes after an assistant turn; BOS exactly once (the template's, else the
+  tokenizer's). Only response tokens are marked for the loss. Over-long prompts are dropped,
+  over-long responses truncated, and both are counted. `end_of_turn_id` is the token generation
+  stops on.
 - Collates the sequences of a batch of prompts (offline chosen / rejected, and online chosen /
   rejected when present) into one right-padded batch with per-sequence response masks, so a single
   forward pass scores all of them.
@@ -71,9 +75,11 @@ The toy task
 Deliberate simplifications
 - Hub datasets are fetched file by file with huggingface_hub (no `datasets` dependency); parquet
   files need pyarrow, imported only when a parquet file is read.
-- The response is tokenized separately from the prompt (as TRL does). For the chat templates we
-  use, prompt + response + EOS equals the template's rendering of the whole conversation; the
-  tests check this for the toy tokenizer.
+- A response keeps everything the template writes after the turn (ChatML's newline after
+  <|im_end|> included), as TRL does, while an online answer ends where generation stopped, at the
+  end-of-turn token; the tests check prompt + response against the template's rendering of the
+  whole conversation, token by token, for the toy tokenizer and for tokenizers carrying the real
+  special tokens and templates of Llama-3.1-Tulu-3-8B-SFT, Qwen2.5 and Llama-3.1-Instruct.
 """
 
 from __future__ import annotations
@@ -364,40 +370,92 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 # Tokenization through the chat template
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation so far, ending with the assistant's generation prompt."""
+# Tokens a vocabulary may hold for padding, tried in order when the tokenizer names no pad token
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """AutoTokenizer.from_pretrained with a pad token to batch with: its own, else a padding token
+    its vocabulary reserves (Llama-3.1-Instruct has <|finetune_right_pad_id|> and no pad token),
+    else EOS (then a reward model pools the token before a final EOS: give such a tokenizer a pad)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = next((t for t in PAD_CANDIDATES if t in vocab), tokenizer.eos_token)
+    return tokenizer
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no chat template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the rendered text already holds the template's special tokens (BOS, role markers)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _encode_prompt_of(tokenizer, messages: list[dict], where: str) -> list[int]:
-    """encode_prompt, with a template failure (roles that must alternate, an unsupported system
-    turn, ...) reported at the row that caused it."""
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered text, with BOS exactly once: the template's own when it writes one,
+    else prepended when the tokenizer has one (Tulu 3's template does not write it), never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the rendering holds the template's special tokens
+    bos = tokenizer.bos_token_id
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation so far through the model's chat template, ending with the
+    assistant's generation prompt: what the policy, the reference, the reward model and the
+    generator all read."""
+    return _ids(tokenizer, _render(tokenizer, messages, True))
+
+
+def encode_response(tokenizer, messages: list[dict], response: str, complete: bool = True, prompt_ids: list[int] | None = None) -> list[int]:
+    """Token ids of an assistant answer to `messages`, as TRL's DPO trainer takes them: the
+    template's rendering of the conversation with the answer, minus the prompt's ids (checked to
+    be a prefix), so the answer ends with whatever the template writes after a turn (EOS for
+    Tulu, <|im_end|> and a newline for ChatML, <|eot_id|> for Llama-3 Instruct). An answer that
+    is not complete (a generation cut at the length limit) gets no end of turn."""
+    prompt_ids = encode_prompt(tokenizer, messages) if prompt_ids is None else prompt_ids
+    if complete:
+        full = _ids(tokenizer, _render(tokenizer, messages + [{"role": "assistant", "content": response}], False))
+    else:
+        full = _ids(tokenizer, _render(tokenizer, messages, True) + response)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise DataError("the chat template's prompt with its generation prompt is not, token by token, a prefix of the conversation "
+                        "with the answer, so the answer's tokens cannot be cut off it")
+    return full[len(prompt_ids):]
+
+
+def _encode_pair_of(tokenizer, messages: list[dict], responses: list[str], where: str) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, each response's ids), a template failure (roles that must alternate, an
+    unsupported system turn, a prompt that is not a prefix, ...) reported at the row that caused it."""
     from jinja2 import TemplateError
 
     try:
-        return encode_prompt(tokenizer, messages)
-    except DataError:
-        raise
-    except (TemplateError, ValueError, TypeError, KeyError) as err:
+        prompt_ids = encode_prompt(tokenizer, messages)
+        return prompt_ids, [encode_response(tokenizer, messages, r, prompt_ids=prompt_ids) for r in responses]
+    except (TemplateError, ValueError, TypeError, KeyError) as err:  # DataError is a ValueError
+        if isinstance(err, DataError) and "has no chat template" in str(err):
+            raise
         raise DataError(f"{where or 'a row'}: the chat template failed: {err}") from err
 
 
-def encode_response(tokenizer, text: str, complete: bool = True) -> list[int]:
-    """Token ids of a response followed by EOS, as the policy must generate it; without EOS when
-    the response is not complete (a generation cut at the length limit)."""
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn in the chat template (<|im_end|> for ChatML,
+    <|eot_id|> for Llama-3 Instruct, EOS for Tulu 3 and the toy): generation stops on it."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special -= {tokenizer.unk_token_id, tokenizer.pad_token_id}  # the probe's words may be unknown to a small vocabulary
+    for token in encode_response(tokenizer, [{"role": "user", "content": "x"}], "y"):
+        if token in special:
+            return token
     if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if complete else [])
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r}: its chat template ends a turn with no special token and it has no EOS")
+    return tokenizer.eos_token_id
 
 
 @dataclass
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]  # response tokens (+ EOS unless truncated)
+    chosen_ids: list[int]  # response tokens, ending with the template's end of turn unless truncated
     rejected_ids: list[int]
     index: int  # position in the loaded dataset, to join online pairs and meta-learner scores back
     prompt_id: str = ""
@@ -441,13 +499,12 @@ def tokenize_preferences(pairs: list[PreferencePair], tokenizer, max_prompt_len:
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, pair in enumerate(pairs):
-        prompt_ids = _encode_prompt_of(tokenizer, pair.prompt, pair.where)
+        prompt_ids, (chosen, rejected) = _encode_pair_of(tokenizer, pair.prompt, [pair.chosen, pair.rejected], pair.where)
         if len(prompt_ids) > max_prompt_len:
             stats.dropped_long_prompt += 1
             continue
         room = max_len - len(prompt_ids)
-        chosen = _fit(encode_response(tokenizer, pair.chosen), room, stats)
-        rejected = _fit(encode_response(tokenizer, pair.rejected), room, stats)
+        chosen, rejected = _fit(chosen, room, stats), _fit(rejected, room, stats)
         if chosen == rejected:
             stats.dropped_identical += 1
             continue
@@ -461,11 +518,11 @@ def tokenize_sft(examples: list[SFTExample], tokenizer, max_prompt_len: int, max
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, example in enumerate(examples):
-        prompt_ids = _encode_prompt_of(tokenizer, example.prompt, example.where)
+        prompt_ids, (response,) = _encode_pair_of(tokenizer, example.prompt, [example.response], example.where)
         if len(prompt_ids) > max_prompt_len:
             stats.dropped_long_prompt += 1
             continue
-        out.append(TokenizedExample(prompt_ids, _fit(encode_response(tokenizer, example.response), max_len - len(prompt_ids), stats), index))
+        out.append(TokenizedExample(prompt_ids, _fit(response, max_len - len(prompt_ids), stats), index))
     stats.kept = len(out)
     return out, stats
 

@@ -102,9 +102,7 @@ def load_generator(cfg: train.Config, rt: train.Runtime, model_path: str) -> tup
     """(policy, tokenizer) for generate_answers; the policy is None with the vLLM generator, whose
     workers load the checkpoint themselves."""
     if cfg.generator == "vllm":
-        from transformers import AutoTokenizer
-
-        return None, AutoTokenizer.from_pretrained(model_path)
+        return None, data.load_tokenizer(model_path)
     return train.load_logprob_model(model_path, cfg, rt, trainable=False)
 
 
@@ -127,11 +125,9 @@ def gold_scores(cfg: train.Config, rt: train.Runtime, model_path: str, cache: Pa
     """Gold-judge scores of eval_samples answers per held-out toy prompt, cached in `cache`."""
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
-    from transformers import AutoTokenizer
-
     test, _ = train.load_heldout(cfg, "the gold evaluation")
     test = test[: cfg.eval_prompts or len(test)]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = data.load_tokenizer(model_path)
     scores = train.evaluate_policy_gold(model_path, cfg, rt, [data.encode_prompt(tokenizer, p.prompt) for p in test], [p.prompt for p in test])
     if cache is not None and rt.main:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ What it does
 - `RewardModel`: an HF AutoModelForSequenceClassification checkpoint with one label (the output
   of `train.py --method rm`, or any such hub model) and its tokenizer. `score(prompts, responses)`
   renders each (conversation, response) pair through the tokenizer's chat template exactly as
-  data.py does for training (prompt + generation prompt + response + EOS), truncates it to
+  data.py does for training (prompt with its generation prompt, then the answer ending with the
+  template's end of turn, none for an answer cut at the length limit), truncates it to
   `max_len` tokens, and scores in right-padded batches sorted by length; results come back in the
   original order. In a distributed run each rank scores a strided share and the scores are
   gathered, so every rank gets all of them. `from_pretrained` refuses a checkpoint without score
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from data import (
-    TOY_LETTERS, TOY_STYLE_TOKENS, DataError, collate_sequences, encode_prompt, encode_response, iter_rows,
+    TOY_LETTERS, TOY_STYLE_TOKENS, DataError, collate_sequences, encode_prompt, encode_response, iter_rows, load_tokenizer,
     toy_parse_prompt, toy_solve, write_jsonl,
 )
 
@@ -128,13 +129,13 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str, max_len: int = 4096, batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None) -> "RewardModel":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32), output_loading_info=True)
         require_reward_head(path, model, loading_info)
-        return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(path), max_len, batch_size)
+        return cls(model.to(device).eval(), load_tokenizer(path), max_len, batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +146,8 @@ class RewardModel:
         complete (cut at the generation limit) gets no EOS: it is scored as the unfinished answer it is."""
         sequences = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            ids = encode_prompt(self.tokenizer, prompt) + encode_response(self.tokenizer, response, complete is None or complete[i])
+            prompt_ids = encode_prompt(self.tokenizer, prompt)
+            ids = prompt_ids + encode_response(self.tokenizer, prompt, response, complete is None or complete[i], prompt_ids)
             if len(ids) > self.max_len:
                 self.truncated += 1
                 ids = ids[: self.max_len]

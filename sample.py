@@ -4,26 +4,35 @@ On-policy generation and online pair construction.
 What it does
 - `generate(prompts, ...)`: one API for both backends. Prompts are token-id lists (already
   rendered through the chat template by data.encode_prompt); each gets `n` responses as
-  `Generation(token_ids, text, finish_reason)`, token_ids ending with EOS when the model stopped
-  ("stop") and cut at `max_new_tokens` otherwise ("length").
+  `Generation(token_ids, text, finish_reason)`, token_ids ending with the stop token when the
+  model stopped ("stop") and cut at `max_new_tokens` otherwise ("length"). An answer stops on the
+  chat template's end-of-turn token (data.end_of_turn_id) or on the generation config's and the
+  tokenizer's EOS ids (`stop_token_ids`).
   - backend "transformers" (CPU, tests, GPU fallback): `model.generate` in batches with left
-    padding, top_k=0 (no top-k filter; transformers' default of 50 differs from vLLM), stop at EOS,
+    padding, top_k=0 (no top-k filter; transformers' default of 50 differs from vLLM), stop ids as above,
     `synced_gpus` when the model is sharded over several ranks; the global RNG is forked and
     seeded, so a call is deterministic for a seed and leaves the training RNG untouched; the
     model's train/eval mode is restored. The checkpoint's own generation_config (e.g. Qwen's
     repetition_penalty 1.05) is set aside during the call, so only the given values and
     transformers' neutral defaults apply, as with vLLM's explicit SamplingParams. Greedy decoding
     (temperature 0) generates once per prompt and repeats the answer n times.
-  - backend "vllm" (GPU): SPEC section 10. Every rank writes its strided share of the prompts
-    to jsonl and runs `python sample.py --backend vllm ...` as a child process with
-    CUDA_VISIBLE_DEVICES set to its local GPU and the torchrun variables removed. The child
-    builds `vllm.LLM(dtype=bfloat16, tensor_parallel_size=1, enforce_eager=True, gpu_memory_utilization, seed)`,
-    samples with one `SamplingParams(n, temperature, top_p, top_k=-1, max_tokens, seed)` per
-    token-id prompt, seed = seed + (the prompt's global index) * n, so every prompt has its own
-    random streams and the samples depend neither on the number of ranks nor on the chunks; it
-    appends each of 4 chunks to its jsonl output as the chunk ends and exits, which frees all of
-    its GPU memory. A rerun of the same request (same weights, prompts, sampling, seed) keeps
-    the finished chunks: a kill during a long generation phase loses at most one chunk. The ranks agree on success (a failure on any rank,
+  - backend "vllm" (GPU): SPEC section 10, written against vLLM 0.33.0 (its LLM, SamplingParams,
+    RequestOutput / CompletionOutput as read in its source; the tests' stand-in has the same
+    signatures). Every rank writes its strided share of the prompts to jsonl and runs
+    `python sample.py --backend vllm ...` as a child process with CUDA_VISIBLE_DEVICES set to its
+    local GPU and the torchrun variables removed. The child builds `vllm.LLM(model, dtype=bfloat16,
+    tensor_parallel_size=1, enforce_eager (default off: CUDA graphs), gpu_memory_utilization, seed,
+    max_model_len)`, max_model_len being the longest prompt + max_new_tokens unless set (without it
+    vLLM sizes the KV cache for the model's whole context, 131k for Llama-3.1). It samples with one
+    `SamplingParams(n, temperature, top_p, top_k=0 (no top-k filter), max_tokens, seed,
+    stop_token_ids=[the template's end of turn])` per token-id prompt (vLLM adds the generation
+    config's EOS ids itself, and ends token_ids with the stop token); seed = seed + (the prompt's
+    global index) * n, so every prompt has its own random streams and the samples depend neither
+    on the number of ranks nor on the chunks. Greedy decoding (which vLLM refuses with n > 1)
+    samples once and repeats. It appends each of 4 chunks to its jsonl output as the chunk ends
+    and exits, which frees all of its GPU memory. A rerun of the same request (same weights,
+    prompts, sampling, seed) keeps the finished chunks: a kill during a long generation phase
+    loses at most one chunk. The ranks agree on success (a failure on any rank,
     in the worker or in the glue around it, is an error on every rank) before any result is used,
     and the results are reassembled in the original order.
 - `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
@@ -61,7 +70,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import DataError, encode_prompt, iter_rows, write_jsonl
+from data import DataError, encode_prompt, end_of_turn_id, iter_rows, load_tokenizer, write_jsonl
 
 BACKENDS = ("transformers", "vllm")
 # Variables torchrun sets for its workers; a vLLM child must not see them, or it would try to
@@ -72,18 +81,20 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 
 @dataclass
 class Generation:
-    token_ids: list[int]  # generated tokens; ends with EOS when finish_reason == "stop"
+    token_ids: list[int]  # generated tokens; ends with the stop token when finish_reason == "stop"
     text: str  # decoded without special tokens
-    finish_reason: str  # "stop" (EOS) or "length" (cut at max_new_tokens)
+    finish_reason: str  # "stop" (a stop token) or "length" (cut at max_new_tokens)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"neither the model's generation config nor tokenizer {tokenizer.name_or_path!r} defines an EOS token")
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Where an answer ends: the chat template's end-of-turn token first, then the generation
+    config's EOS ids (e.g. Llama-3.1-Instruct's [128001, 128008, 128009]) and the tokenizer's EOS."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    turn = [end_of_turn_id(tokenizer)] if getattr(tokenizer, "chat_template", None) else []  # prompts rendered without a template have none
+    ids = turn + (list(eos) if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]
+    if not any(i is not None for i in ids):
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no end-of-turn or EOS token to stop generation on")
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _finish(token_ids: list[int], eos_ids: list[int], tokenizer) -> Generation:
@@ -101,7 +112,7 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, te
     """Sample n responses per prompt with `model.generate` (see the module docstring)."""
     from transformers import GenerationConfig
 
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     per_call = n if temperature > 0 else 1  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
     if temperature > 0:
@@ -161,7 +172,8 @@ def _weights_stamp(model_path: str) -> list:
 
 
 def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5, chunks: int = 4) -> list[list[Generation]]:
+                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5, chunks: int = 4, max_model_len: int = 0,
+                  enforce_eager: bool = False) -> list[list[Generation]]:
     """Sample with one vLLM child process per rank (see the module docstring). Collective when
     distributed: every rank passes the same prompts and gets every result.
 
@@ -187,7 +199,9 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
             command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
                        "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
                        "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed),
-                       "--gpu_memory_utilization", str(gpu_memory_utilization), "--chunks", str(chunks)]
+                       "--gpu_memory_utilization", str(gpu_memory_utilization), "--chunks", str(chunks),
+                       # the same context on every rank: the longest prompt of all + max_new_tokens, unless given
+                       "--max_model_len", str(max_model_len or max(map(len, prompts)) + max_new_tokens)] + ["--enforce_eager"] * enforce_eager
             with open(log_path, "a") as log:
                 returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
             if returncode != 0:
@@ -216,7 +230,8 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
 
 def generate(prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
              backend: str = "transformers", model=None, tokenizer=None, model_path: str | None = None, batch_size: int = 64,
-             synced_gpus: bool = False, workdir: str | os.PathLike = "out/vllm", gpu_memory_utilization: float = 0.5) -> list[list[Generation]]:
+             synced_gpus: bool = False, workdir: str | os.PathLike = "out/vllm", gpu_memory_utilization: float = 0.5, max_model_len: int = 0,
+             enforce_eager: bool = False) -> list[list[Generation]]:
     """n responses for each token-id prompt, in the prompts' order.
 
     transformers needs `model` and `tokenizer`; vllm needs `model_path`, an HF checkpoint
@@ -229,7 +244,8 @@ def generate(prompts: list[list[int]], n: int, temperature: float, top_p: float,
     if backend == "vllm":
         if model_path is None:
             raise ValueError("the vllm backend needs model_path, an exported HF checkpoint of the policy")
-        return vllm_generate(model_path, prompts, n, temperature, top_p, max_new_tokens, seed, workdir, gpu_memory_utilization)
+        return vllm_generate(model_path, prompts, n, temperature, top_p, max_new_tokens, seed, workdir, gpu_memory_utilization,
+                             max_model_len=max_model_len, enforce_eager=enforce_eager)
     raise ValueError(f"generator backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -343,26 +359,27 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list
         import vllm
     except ImportError:
         raise SystemExit("the vllm backend needs vLLM installed (pip install vllm); it is an optional GPU extra") from None
-    from transformers import AutoTokenizer
-
-    eos_id = AutoTokenizer.from_pretrained(args.model).eos_token_id
-    # bf16 whatever the checkpoint's dtype: train.py writes the intermediate iterations' exports in fp32
-    llm = vllm.LLM(model=args.model, dtype="bfloat16", tensor_parallel_size=1, enforce_eager=True,
-                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    tokenizer = load_tokenizer(args.model)
+    # bf16 whatever the checkpoint's dtype (train.py writes the intermediate iterations' exports in fp32); max_model_len
+    # bounds the KV cache to what the prompts need (Llama-3.1's own 131k would ask for ~16 GiB at 0.5 utilisation)
+    llm = vllm.LLM(model=args.model, dtype="bfloat16", tensor_parallel_size=1, enforce_eager=args.enforce_eager,
+                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, max_model_len=args.max_model_len)
+    per_call = args.n if args.temperature > 0 else 1  # vLLM refuses greedy with n > 1: one answer, repeated
     size = -(-len(todo) // max(1, args.chunks))
     for start in range(0, len(todo), size):
         chunk = todo[start:start + size]
-        params = [vllm.SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=-1, max_tokens=args.max_new_tokens,
-                                      seed=args.seed + indices[i] * args.n) for i in chunk]
-        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params)
+        # top_k=0: no top-k filter; the end-of-turn token stops like the EOS ids vLLM takes from the generation config
+        params = [vllm.SamplingParams(n=per_call, temperature=args.temperature, top_p=args.top_p, top_k=0, max_tokens=args.max_new_tokens,
+                                      seed=args.seed + indices[i] * args.n, stop_token_ids=[end_of_turn_id(tokenizer)]) for i in chunk]
+        outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params, use_tqdm=False)
         with open(args.output, "a") as f:
             for i, output in zip(chunk, outputs):
                 responses = []
-                for completion in output.outputs:
+                for completion in [output.outputs[j % per_call] for j in range(args.n)]:
                     token_ids = list(completion.token_ids)
                     finish = "stop" if completion.finish_reason == "stop" else "length"
                     # the stopping token (EOS, or a model's extra stop token) closes the response, as in training
-                    stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else eos_id
+                    stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else tokenizer.eos_token_id
                     if finish == "stop" and (not token_ids or token_ids[-1] != stop_token):
                         token_ids.append(stop_token)
                     responses.append({"token_ids": token_ids, "text": completion.text, "finish_reason": finish})
@@ -380,8 +397,7 @@ def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], lis
             ids = row["prompt_token_ids"]
         elif isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)):
             if tokenizer is None:
-                from transformers import AutoTokenizer
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+                tokenizer = load_tokenizer(tokenizer_source)
             messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
             ids = encode_prompt(tokenizer, messages)
         else:
@@ -407,19 +423,22 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (transformers backend)")
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.5, help="vLLM's share of the GPU memory")
     parser.add_argument("--chunks", type=int, default=4, help="vllm: pieces written to --output as they finish; a rerun keeps them")
+    parser.add_argument("--max_model_len", type=int, default=0, help="vllm: the engine's context; 0 = the longest prompt + --max_new_tokens")
+    parser.add_argument("--enforce_eager", action="store_true", help="vllm: no CUDA graphs (starts faster, decodes slower)")
     args = parser.parse_args()
 
     rows, prompts = _read_prompt_rows(args.prompts, args.model)
+    args.max_model_len = args.max_model_len or max(map(len, prompts), default=0) + args.max_new_tokens
     if args.backend == "vllm":
         indices = [row["index"] if isinstance(row.get("index"), int) else position for position, row in enumerate(rows)]
         rows = [{**row, "index": index} for row, index in zip(rows, indices)]
         _vllm_worker(args, rows, prompts, indices)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
-        generations = transformers_generate(model, AutoTokenizer.from_pretrained(args.model), prompts, args.n, args.temperature,
+        generations = transformers_generate(model, load_tokenizer(args.model), prompts, args.n, args.temperature,
                                             args.top_p, args.max_new_tokens, args.seed, args.batch_size)
         responses = [[{"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason} for g in per_prompt] for per_prompt in generations]
         write_jsonl(args.output, [{**row, "responses": r} for row, r in zip(rows, responses)])

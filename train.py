@@ -159,6 +159,8 @@ class Config:
     generator: str = "transformers"  # transformers, or vllm (GPU; one worker process per rank)
     gen_batch_size: int = 64  # prompts per generate call (transformers)
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU
+    vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
+    vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
@@ -390,9 +392,9 @@ def shard_model(root: torch.nn.Module, lm, cfg: Config, rt: Runtime, trainable: 
 
 
 def load_causal_lm(path: str, cfg: Config, rt: Runtime, from_config: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = data.load_tokenizer(path)
     if from_config:
         torch.manual_seed(cfg.seed)
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=MASTER_DTYPE)
@@ -413,9 +415,9 @@ def load_logprob_model(path: str, cfg: Config, rt: Runtime, trainable: bool, fro
 
 def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = False, init_head: bool = False):
     """A sequence-classification model (num_labels = 1), sharded, wrapped as reward.RewardModel."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = data.load_tokenizer(path)
     if init_head:
         torch.manual_seed(cfg.seed)  # the new score head
     model, loading_info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True)
@@ -486,7 +488,8 @@ class NothingTrained(RuntimeError):
 # Keys a stage may be resumed with other values of: they change how it is saved, logged, evaluated
 # or laid out in memory, not what it computes. Every other key must match the stage's config.json.
 RESUME_HARMLESS = ("method", "save_every", "save_minutes", "keep_checkpoints", "micro_batch_size", "activation_checkpointing",
-                   "chunk_size", "deterministic", "gpu_memory_utilization", "eval_samples", "eval_prompts")
+                   "chunk_size", "deterministic", "gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager", "eval_samples",
+                   "eval_prompts")
 PATH_KEYS = ("model", "out_dir", "dataset", "test_dataset", "sft_dataset", "sft_model", "reward_model", "policy", "reference")
 
 
@@ -1015,7 +1018,7 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
     config.json or tokenizer, a hub id that does not resolve, a causal LM given as reward model.
     Reads only the config and the tokenizer, so it costs seconds even for an 8B model.
     `produced_by`: the stage whose output `path` is when the flag is unset."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     if not Path(path).expanduser().exists():
         if produced_by:
@@ -1028,7 +1031,7 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
     except Exception as err:  # transformers raises OSError, ValueError, ... for the many ways a path is wrong
         raise ConfigError(f"{flag}: {path} is not a model transformers can load: {_short(err)}") from None
     try:
-        AutoTokenizer.from_pretrained(path)
+        data.load_tokenizer(path)
     except Exception as err:
         raise ConfigError(f"{flag}: {path} has no tokenizer that loads (save it with the model): {_short(err)}") from None
     if reward and any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
@@ -1095,7 +1098,7 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
     """Supervised fine-tuning: mean NLL of the response tokens of each global batch."""
     started = time.time()
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
-    tokenized, stats = data.tokenize_sft(examples, transformers.AutoTokenizer.from_pretrained(cfg.model), cfg.max_prompt_len, cfg.max_len)
+    tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
     print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
     if not tokenized:
         raise data.DataError(f"{cfg.sft_dataset}: no usable SFT example after tokenization ({stats.summary()})")
@@ -1122,7 +1125,7 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
 def run_rm(cfg: Config, rt: Runtime) -> dict:
     """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
     started = time.time()
-    pairs, _ = train_pairs(cfg, rt, transformers.AutoTokenizer.from_pretrained(sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len))
+    pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len))
     stage = Stage(cfg, rt, "rm")
     latest = stage.start()
     rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
@@ -1166,7 +1169,7 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
     """One pass (per epoch) of an offline objective over the offline pairs, from the SFT model,
     with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them."""
     started = time.time()
-    pairs, _ = train_pairs(cfg, rt, transformers.AutoTokenizer.from_pretrained(sft_path(cfg)))
+    pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
     if keep is not None:
         pairs = keep(pairs)
     stage = Stage(cfg, rt, name or method)
@@ -1274,7 +1277,8 @@ def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path
     backend = backend or cfg.generator
     if backend == "vllm":
         return generate(prompts, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, backend="vllm", model_path=model_path,
-                        workdir=workdir / "vllm", gpu_memory_utilization=cfg.gpu_memory_utilization)
+                        workdir=workdir / "vllm", gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager)
     batches = list(range(math.ceil(len(prompts) / cfg.gen_batch_size)))
     mine = batches[rt.rank::rt.world]
     rounds = math.ceil(len(batches) / rt.world)  # every rank makes the same number of generate calls
@@ -1392,11 +1396,9 @@ def iteration_pass(policy, augmented: list, t: int, cfg: Config):
 
 def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     """Algorithm 1 for metaapo; online_dpo, selm and adpo in the same iteration structure."""
-    from transformers import AutoTokenizer
-
     name = stage_name(cfg, method)
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(warm_policy_path(cfg))
+    tokenizer = data.load_tokenizer(warm_policy_path(cfg))
     offline, raw = train_pairs(cfg, rt, tokenizer)
     if cfg.iterations > len(offline):
         raise ConfigError(f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration")
@@ -1532,9 +1534,7 @@ def evaluate_policy_gold(path: str, cfg: Config, rt: Runtime, prompts: list[list
 def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
     """Gold mean score and win rate against the first row (SFT) on held-out prompts, annotation
     ratio and time per phase."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(rows[0][1])
+    tokenizer = data.load_tokenizer(rows[0][1])
     test, source = load_heldout(cfg, "the results table")
     test = test[: cfg.eval_prompts or len(test)]
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]

@@ -257,7 +257,7 @@ def test_tokenizer_round_trip(tokenizer):
 def test_prompt_and_response_match_the_chat_template(tokenizer):
     conversation = [user("ascending : c a b"), assistant("a b"), user("descending : c a b")]
     prompt_ids = encode_prompt(tokenizer, conversation)
-    response_ids = encode_response(tokenizer, "c b a")
+    response_ids = encode_response(tokenizer, conversation, "c b a")
     full = tokenizer.apply_chat_template(conversation + [assistant("c b a")], tokenize=False)
     assert prompt_ids + response_ids == tokenizer(full, add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(prompt_ids)[-1] == "<|assistant|>"

@@ -84,7 +84,7 @@ def test_same_scores_at_batch_sizes_1_and_8(toy_rm_dir):
 def test_scores_the_chat_template_rendering(toy_rm_dir):
     rm = RewardModel.from_pretrained(str(toy_rm_dir), device="cpu")
     ids = rm.encode(PROMPTS[:1], RESPONSES[:1])[0]
-    assert ids == encode_prompt(rm.tokenizer, PROMPTS[0]) + encode_response(rm.tokenizer, RESPONSES[0])
+    assert ids == encode_prompt(rm.tokenizer, PROMPTS[0]) + encode_response(rm.tokenizer, PROMPTS[0], RESPONSES[0])
     assert rm.tokenizer.convert_ids_to_tokens(ids)[-1] == "<eos>"
     direct = rm.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert rm.score(PROMPTS[:1], RESPONSES[:1])[0] == pytest.approx(direct, abs=1e-5)
@@ -104,7 +104,7 @@ def test_a_response_cut_at_the_length_limit_is_scored_without_eos(toy_rm_dir):
 
 def test_truncation_to_max_len(toy_rm_dir):
     rm = RewardModel.from_pretrained(str(toy_rm_dir), max_len=9, device="cpu")
-    full = encode_prompt(rm.tokenizer, PROMPTS[2]) + encode_response(rm.tokenizer, RESPONSES[2])
+    full = encode_prompt(rm.tokenizer, PROMPTS[2]) + encode_response(rm.tokenizer, PROMPTS[2], RESPONSES[2])
     assert len(full) > 9
     score = rm.score(PROMPTS[2:3], RESPONSES[2:3])[0]
     assert rm.truncated == 1

@@ -154,31 +154,49 @@ def test_sample_cli(toy_dir, tmp_path):
 # The vLLM glue, through a stand-in `vllm` package placed on the child's path
 
 FAKE_VLLM = textwrap.dedent('''
-    """A stand-in for vLLM: records what it is given and returns deterministic outputs."""
+    """A stand-in for vLLM 0.33.0 with its signatures (LLM, LLM.generate, SamplingParams,
+    RequestOutput / CompletionOutput): records what it is given and returns deterministic outputs,
+    ending token_ids with the stop token as vLLM does (stop_reason None for the tokenizer's EOS,
+    the token id for a stop_token_ids stop)."""
     import json, os
 
     RECORD_DIR = os.environ["FAKE_VLLM_RECORD"]
-    EOS = 2
+    EOS = 2  # the toy tokenizer's
+    ENGINE_ARGS = {"max_model_len"}  # what LLM(**kwargs) may pass on to EngineArgs here
 
     class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
+        def __init__(self, *, n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, temperature=1.0, top_p=1.0,
+                     top_k=0, min_p=0.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False, max_tokens=16, min_tokens=0,
+                     logprobs=None, skip_special_tokens=True, include_stop_str_in_output=False, detokenize=True):
+            if temperature == 0 and n > 1:
+                raise ValueError("n must be 1 when using greedy sampling")
+            if top_k < -1:
+                raise ValueError(f"top_k must be 0 (disable), or at least 1, got {top_k}")
+            self.kwargs = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed,
+                           "stop_token_ids": stop_token_ids}
 
-    class _Completion:
-        def __init__(self, token_ids, text, finish_reason, stop_reason=None):
-            self.token_ids, self.text, self.finish_reason, self.stop_reason = token_ids, text, finish_reason, stop_reason
+    class CompletionOutput:
+        def __init__(self, index, text, token_ids, cumulative_logprob=None, logprobs=None, finish_reason=None, stop_reason=None):
+            self.index, self.text, self.token_ids = index, text, token_ids
+            self.cumulative_logprob, self.logprobs, self.finish_reason, self.stop_reason = cumulative_logprob, logprobs, finish_reason, stop_reason
 
-    class _RequestOutput:
-        def __init__(self, outputs):
-            self.outputs = outputs
+    class RequestOutput:
+        def __init__(self, request_id, prompt, prompt_token_ids, outputs, finished=True):
+            self.request_id, self.prompt, self.prompt_token_ids, self.outputs, self.finished = request_id, prompt, prompt_token_ids, outputs, finished
 
     class LLM:
-        def __init__(self, **kwargs):
-            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(kwargs.get("seed")) or os.environ.get("FAKE_VLLM_FAIL_GPU") == os.environ.get("CUDA_VISIBLE_DEVICES"):
+        def __init__(self, model, *, tensor_parallel_size=1, dtype="auto", seed=0, gpu_memory_utilization=0.92, enforce_eager=False, **kwargs):
+            unknown = set(kwargs) - ENGINE_ARGS
+            if unknown:
+                raise TypeError(f"EngineArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
+            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(seed) or os.environ.get("FAKE_VLLM_FAIL_GPU") == os.environ.get("CUDA_VISIBLE_DEVICES"):
                 raise RuntimeError("CUDA out of memory (stand-in failure)")
-            self.kwargs, self.calls = kwargs, 0
+            self.kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype, "seed": seed,
+                           "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager, **kwargs}
+            self.calls = 0
 
-        def generate(self, prompts, sampling_params):
+        def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None, tokenization_kwargs=None,
+                     mm_processor_kwargs=None):
             # as vLLM: one SamplingParams for every prompt, or a list with one per prompt
             params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
             if len(params) != len(prompts):
@@ -188,20 +206,22 @@ FAKE_VLLM = textwrap.dedent('''
                 os._exit(137)
             env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
             with open(os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.jsonl"), "a") as f:  # one line per generate call
-                f.write(json.dumps({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env}) + "\\n")
+                f.write(json.dumps({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env,
+                                    "use_tqdm": use_tqdm}) + "\\n")
             outputs = []
-            for prompt, p in zip(prompts, params):
+            for k, (prompt, p) in enumerate(zip(prompts, params)):
                 ids = prompt["prompt_token_ids"]
                 completions = []
                 for j in range(p.kwargs["n"]):
                     token = 10 + (sum(ids) + j) % 7
-                    if j % 3 == 0:
-                        completions.append(_Completion([token, EOS], f"t{token}", "stop"))  # EOS included
-                    elif j % 3 == 1:
-                        completions.append(_Completion([token], f"t{token}", "stop"))  # EOS left out
+                    if j % 3 == 0:  # stopped by the tokenizer's EOS
+                        completions.append(CompletionOutput(j, f"t{token}", [token, EOS], finish_reason="stop", stop_reason=None))
+                    elif j % 3 == 1:  # stopped by a stop_token_ids token
+                        stop = p.kwargs["stop_token_ids"][0]
+                        completions.append(CompletionOutput(j, f"t{token}", [token, stop], finish_reason="stop", stop_reason=stop))
                     else:
-                        completions.append(_Completion([token] * p.kwargs["max_tokens"], f"t{token}", "length"))
-                outputs.append(_RequestOutput(completions))
+                        completions.append(CompletionOutput(j, f"t{token}", [token] * p.kwargs["max_tokens"], finish_reason="length"))
+                outputs.append(RequestOutput(str(k), None, ids, completions))
             if os.environ.get("FAKE_VLLM_DROP"):
                 outputs = outputs[:-1]
             return outputs
@@ -212,7 +232,7 @@ def expected_generation(prompt, j, max_tokens):
     token = 10 + (sum(prompt) + j) % 7
     if j % 3 == 2:
         return Generation([token] * max_tokens, f"t{token}", "length")
-    return Generation([token, 2], f"t{token}", "stop")  # EOS appended where the engine left it out
+    return Generation([token, 2], f"t{token}", "stop")  # ends with its stop token
 
 
 @pytest.fixture
@@ -245,9 +265,13 @@ def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeyp
                        model_path=str(toy_dir), workdir=tmp_path / "work", gpu_memory_utilization=0.4)
     assert results == [[expected_generation(p, j, 4) for j in range(3)] for p in PROMPTS]
     record = recorded(fake_vllm, 5)
-    assert record["llm"] == {"model": str(toy_dir), "dtype": "bfloat16", "tensor_parallel_size": 1, "enforce_eager": True, "gpu_memory_utilization": 0.4, "seed": 11}
-    # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's number)
-    assert record["sampling"] == [{"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_tokens": 4, "seed": 11 + 3 * i} for i in range(len(PROMPTS))]
+    # CUDA graphs on, and a context of the longest prompt (4 tokens) + max_new_tokens
+    assert record["llm"] == {"model": str(toy_dir), "dtype": "bfloat16", "tensor_parallel_size": 1, "enforce_eager": False,
+                             "gpu_memory_utilization": 0.4, "seed": 11, "max_model_len": 4 + 4}
+    # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's number);
+    # no top-k filter (0 in vLLM 0.33), the template's end of turn (the toy's <eos>, id 2) as a stop token
+    assert record["sampling"] == [{"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 4, "seed": 11 + 3 * i, "stop_token_ids": [2]}
+                                  for i in range(len(PROMPTS))]
     assert record["prompts"] == [{"prompt_token_ids": p} for p in PROMPTS]
     assert record["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "LOCAL_RANK": None,
                              "TORCHELASTIC_RUN_ID": None}
