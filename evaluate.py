@@ -36,8 +36,9 @@ Run
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
     python evaluate.py --model=PATH --reward_model=RM --reward_stats --reference=SFT     # on test_prefs
     torchrun --nproc_per_node 8 evaluate.py ...          # the same, generation and scoring sharded
-Options not listed by `python evaluate.py --help` are train.py's config (--model, --generator,
---max_new_tokens, --dataset, --test_split, --reward_model, --reference, --beta, ...).
+`python evaluate.py --help` lists its own options and, after them, train.py's config, whose keys it
+takes too (--model, --generator, --dataset, --test_split, --reward_model, --reference, ...).
+Benchmark answers get up to 4096 new tokens (the paper's B.5) unless --max_new_tokens is given.
 
 Deliberate simplifications
 - Arena-Hard's token_len counts the policy tokenizer's tokens (the original uses tiktoken).
@@ -90,6 +91,7 @@ ABLATIONS = {"MetaAPO"} | {label for label, _, extra in COMPARE_ROWS if extra}
 # all 6000, as in the default run): 1200 per iteration, so MetaAPO takes about 35 policy steps and 4 meta updates per
 # iteration, and 3 seeds x 14 methods fit in half an hour on 2 cores.
 COMPARE_TRAIN_ARGS = ["--max_train_pairs=3600"]
+ANSWER_MAX_NEW_TOKENS = 4096  # benchmark answers, as in the paper's B.5 (--max_new_tokens overrides it)
 # FastChat's MT-Bench temperatures per category; other categories get 0.7
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 
@@ -699,18 +701,22 @@ def default_name(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other --key=value options are train.py's config.")
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
+                                     epilog="Every other --key=value is train.py's config:\n\n" + train.config_help().split("\n\n", 2)[2])
     parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
-    parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (default: all)")
+    parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (empty: all)")
     parser.add_argument("--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused")
     parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override it")
     parser.add_argument("--scatter_prompts", type=int, default=0, help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all")
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
     parser.add_argument("--alpaca_eval", default="", help="AlpacaEval 2 question file (JSON list)")
-    parser.add_argument("--alpaca_temperature", type=float, default=0.7)
+    parser.add_argument("--alpaca_temperature", type=float, default=0.7, help="AlpacaEval 2 sampling temperature")
     parser.add_argument("--arena_hard", default="", help="Arena-Hard v0.1 question.jsonl")
-    parser.add_argument("--arena_temperature", type=float, default=0.0)
+    parser.add_argument("--arena_temperature", type=float, default=0.0, help="Arena-Hard sampling temperature (0 = greedy)")
     parser.add_argument("--mt_bench", default="", help="MT-Bench question.jsonl (FastChat)")
     parser.add_argument("--reward_stats", action="store_true", help="reward statistics and implicit-reward accuracy on the test split")
     parser.add_argument("--max_prompts", type=int, default=0, help="--reward_stats: test prompts used (0 = all)")
@@ -727,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {signum: signal.signal(signum, train.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     rt = train.setup_distributed(cfg)
     try:
+        train.start_wandb(cfg, rt)
         if args.compare:
             out = Path(args.compare_out)
             rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
@@ -768,24 +775,26 @@ def main(argv: list[str] | None = None) -> None:
                 if path:
                     train.check_model(flag, path, reward=flag == "--reward_model")
         name = args.name or default_name(model)
+        given = any(arg.split("=")[0] == "--max_new_tokens" for arg in rest)  # answers get the paper's 4096 (B.5) unless told
+        answer_cfg = cfg if given else dataclasses.replace(cfg, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
         out = Path(args.out) if args.out else Path(model).parent / "eval"
         if not args.out and not Path(model).exists():  # a hub id: not next to it
             out = Path("out") / "eval" / name
         written = []
         if args.alpaca_eval:
-            answers = alpaca_eval_answers(cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)
+            answers = alpaca_eval_answers(answer_cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)
             if rt.main:
                 path = out / "alpaca_eval" / f"{name}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(answers, indent=2, ensure_ascii=False))
                 written.append(path)
         if args.arena_hard:
-            answers = arena_hard_answers(cfg, rt, model, args.arena_hard, name, args.arena_temperature)
+            answers = arena_hard_answers(answer_cfg, rt, model, args.arena_hard, name, args.arena_temperature)
             if rt.main:
                 data.write_jsonl(out / "arena-hard" / "model_answer" / f"{name}.jsonl", answers)
                 written.append(out / "arena-hard" / "model_answer" / f"{name}.jsonl")
         if args.mt_bench:
-            answers = mt_bench_answers(cfg, rt, model, args.mt_bench, name)
+            answers = mt_bench_answers(answer_cfg, rt, model, args.mt_bench, name)
             if rt.main:
                 data.write_jsonl(out / "mt_bench" / "model_answer" / f"{name}.jsonl", answers)
                 written.append(out / "mt_bench" / "model_answer" / f"{name}.jsonl")
@@ -809,6 +818,8 @@ def main(argv: list[str] | None = None) -> None:
     except (train.ConfigError, train.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     finally:
+        if train.WANDB:
+            train.WANDB.pop().finish()
         if rt.distributed:
             torch.distributed.destroy_process_group()
         for signum, handler in handlers.items():

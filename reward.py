@@ -225,7 +225,7 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Score a jsonl file of responses with a reward model.")
+    parser = argparse.ArgumentParser(description="Score a jsonl file of responses with a reward model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="reward model path or hub id, or 'toy-gold' for the toy's gold judge")
     parser.add_argument("--input", required=True, help="jsonl/json rows with 'prompt' and 'response' or 'responses'")
     parser.add_argument("--output", required=True, help="jsonl written with 'reward' / 'rewards' added")

@@ -410,7 +410,7 @@ def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate n responses per prompt of a jsonl file.")
+    parser = argparse.ArgumentParser(description="Generate n responses per prompt of a jsonl file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="HF checkpoint directory or hub id of the policy")
     parser.add_argument("--prompts", required=True, help="jsonl/json rows with 'prompt_token_ids' or 'prompt'")
     parser.add_argument("--output", required=True, help="jsonl written with 'responses' added to each row")

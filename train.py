@@ -50,6 +50,7 @@ Deliberate simplifications
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import gc
 import json
 import math
@@ -171,6 +172,7 @@ class Config:
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact reruns
     eval_samples: int = 4  # results table: samples per held-out prompt
     eval_prompts: int = 0  # results table: held-out prompts used (0 = all)
+    wandb_project: str = ""  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no network)
 
 
 def toy_preset(data_seed: int) -> dict:
@@ -191,6 +193,16 @@ PRESETS = {
 }
 CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
            "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32")}
+
+
+# Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
+# unknown key close to one of them is answered with ours.
+OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch_size", "micro_train_batch_size": "micro_batch_size",
+               "per_device_train_batch_size": "micro_batch_size", "max_epochs": "epochs", "num_train_epochs": "epochs",
+               "pretrain": "model", "model_name_or_path": "model", "ref_pretrain": "reference", "reward_pretrain": "reward_model",
+               "prompt_max_len": "max_prompt_len", "max_length": "max_len", "generate_max_len": "max_new_tokens",
+               "n_samples_per_prompt": "num_samples", "save_path": "out_dir", "output_dir": "out_dir", "meta_k": "meta_interval",
+               "max_grad_norm": "grad_clip", "adam_betas": "betas"}
 
 
 class ConfigError(ValueError):
@@ -262,7 +274,9 @@ def parse_config(argv: list[str]) -> Config:
             raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         key, has_value, value = arg[2:].partition("=")
         if key not in fields:
-            raise ConfigError(f"unknown config key --{key}; valid keys: {', '.join(sorted(fields))}")
+            names = {**{name: name for name in fields}, **OTHER_NAMES}
+            closest = names[difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]]
+            raise ConfigError(f"unknown config key --{key}; the closest valid one is --{closest} (python train.py --help lists them all)")
         if not has_value:
             if isinstance(fields[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"  # a bare flag
@@ -287,6 +301,27 @@ def parse_config(argv: list[str]) -> Config:
     if not cfg.out_dir:
         cfg.out_dir = str(Path("out") / f"{Path(preset).name}-seed{cfg.seed}")
     return cfg
+
+
+def config_help() -> str:
+    """`python train.py --help`: every key with its default and comment, grouped as in Config
+    (read from its source, so the two cannot drift apart), then the presets."""
+    import inspect
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    lines = [__doc__.strip().split("\n\n")[0], "", "usage: python train.py [--key=value ...]  (or torchrun --nproc_per_node N train.py ...)"]
+    for line in inspect.getsource(Config).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("# ---"):
+            lines += ["", text[5:].strip() + ":"]
+        elif match := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", text):
+            name, comment = match.groups()
+            default = defaults[name]
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            lines.append(f"  --{name}={shown}" + (f"  {comment}" if comment else ""))
+    lines += ["", "presets (--model=NAME; any other value is a hub id or a local path of the SFT model):"]
+    lines += [f"  {name}: {', '.join(f'{k}={v}' for k, v in preset(0).items())}" for name, preset in PRESETS.items()]
+    return "\n".join(lines)
 
 
 def config_dict(cfg: Config) -> dict:
@@ -477,6 +512,21 @@ def export_hf(model: torch.nn.Module, hf_model, tokenizer, path: Path, cfg: Conf
 # Stages: directories, metrics, checkpoints
 
 
+WANDB: list = []  # the Weights & Biases run (rank 0, --wandb_project), once started
+
+
+def start_wandb(cfg: Config, rt: Runtime) -> None:
+    """Optional experiment tracking: wandb is an extra, imported only when asked for; with
+    WANDB_MODE=offline it writes locally and needs no network."""
+    if not cfg.wandb_project or not rt.main:
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb_project needs wandb, an optional extra: pip install wandb") from None
+    WANDB.append(wandb.init(project=cfg.wandb_project, name=Path(cfg.out_dir).name, config=config_dict(cfg), dir=cfg.out_dir))
+
+
 class NonFiniteLoss(RuntimeError):
     """A non-finite loss or gradient; the last good checkpoint is kept."""
 
@@ -489,7 +539,7 @@ class NothingTrained(RuntimeError):
 # or laid out in memory, not what it computes. Every other key must match the stage's config.json.
 RESUME_HARMLESS = ("method", "save_every", "save_minutes", "keep_checkpoints", "micro_batch_size", "activation_checkpointing",
                    "chunk_size", "deterministic", "gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager", "eval_samples",
-                   "eval_prompts")
+                   "eval_prompts", "wandb_project")
 PATH_KEYS = ("model", "out_dir", "dataset", "test_dataset", "sft_dataset", "sft_model", "reward_model", "policy", "reference")
 
 
@@ -586,6 +636,8 @@ class Stage:
         if self.rt.main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"stage": self.name, **record}) + "\n")
+            if WANDB:  # a copy of the numbers; metrics.jsonl stays the record
+                WANDB[0].log({f"{self.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         self.metric_lines += 1
 
     def latest_checkpoint(self) -> Path | None:
@@ -1614,8 +1666,12 @@ def stop_exit(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()  # our own bars are enough
     transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" for the reward model, on purpose
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(config_help())
+        return
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = parse_config(argv)
     except ConfigError as err:
         raise SystemExit(f"train.py: {err}") from None
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -1626,6 +1682,7 @@ def main(argv: list[str] | None = None) -> None:
                 data.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
             barrier(rt)
         print0(rt, json.dumps(config_dict(cfg), indent=2))
+        start_wandb(cfg, rt)
         started = time.time()
         if cfg.method == "pipeline":
             run_pipeline(cfg, rt)
@@ -1642,6 +1699,8 @@ def main(argv: list[str] | None = None) -> None:
         stop_exit(f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: {_short(err)}); "
                   "continue with the same command and --resume")
     finally:
+        if WANDB:
+            WANDB.pop().finish()
         if rt.distributed:
             dist.destroy_process_group()
         for signum, handler in handlers.items():  # main() may run inside another program (the tests)

@@ -107,6 +107,20 @@ def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
     assert seen == [(None, str(toy_dir), "vllm")]
 
 
+def test_benchmark_answers_get_4096_new_tokens_unless_told(toy_dir, tmp_path, monkeypatch):
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}]))
+    seen = []
+
+    def recording(cfg, rt, model_path, conversations, temperature, seed, loaded=None):
+        seen.append(cfg.max_new_tokens)
+        return [Generation([2], "a b", "stop") for _ in conversations], None
+
+    monkeypatch.setattr(evaluate, "generate_answers", recording)
+    evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"])
+    evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}", "--max_new_tokens=64"])
+    assert seen == [4096, 64]
+
+
 def test_bad_alpaca_eval_file_names_file_and_item(toy_dir, tmp_path):
     (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}, {"output": "no instruction"}]))
     with pytest.raises(SystemExit, match=f"evaluate.py: {tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' string"):

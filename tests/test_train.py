@@ -2,6 +2,7 @@
 losses on 1 and 2 processes, bit-exact resume after SIGKILL, the non-finite-loss stop, and an
 iteration without any augmented tuple."""
 
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,9 @@ def test_defaults_presets_and_overrides():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lerning_rate=1"], "unknown config key --lerning_rate; valid keys: .*batch_size.*"),
+    (["--lerning_rate=1"], r"unknown config key --lerning_rate; the closest valid one is --lr \(python train.py --help lists them all\)"),
+    (["--batchsize=1"], "the closest valid one is --batch_size"),
+    (["--micro_train_batch_size=2"], "the closest valid one is --micro_batch_size"),  # OpenRLHF's name
     (["--lr=fast"], "--lr: expected float, got 'fast'"),
     (["--batch_size=1.5"], "--batch_size: expected int"),
     (["--resume=maybe"], "--resume: expected bool"),
@@ -73,6 +76,52 @@ def test_defaults_presets_and_overrides():
 def test_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
+
+
+def test_help_lists_every_key_with_its_default_and_comment():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "unknown config key" not in result.stderr
+    text = result.stdout
+    for field in dataclasses.fields(Config):
+        default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        assert f"  --{field.name}={default}" in text, field.name
+    assert "  --lr=5e-07  peak learning rate" in text and "  --betas=0.9,0.95  AdamW betas" in text
+    groups = ["what to run:", "data:", "models:", "optimisation of the preference stages:", "MetaAPO and the online methods:", "system:"]
+    assert all(g in text for g in groups) and [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
+    assert text.index("  --seed=") < text.index("data:") < text.index("  --dataset=")  # each key under its own group
+    assert "presets" in text and "tulu8b: model=allenai/Llama-3.1-Tulu-3-8B-SFT" in text
+    for script, option in (("evaluate.py", "--compare"), ("sample.py", "--max_new_tokens"), ("reward.py", "--max_len")):
+        shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0 and option in shown.stdout and "(default: " in shown.stdout, script
+    evaluate_help = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert "  --reward_model=" in evaluate_help and "  --generator=transformers" in evaluate_help  # train.py's keys too
+
+
+def test_wandb_gets_a_copy_of_the_metrics(base_run, tmp_path, monkeypatch):
+    """wandb is optional: a stand-in module records what train.py sends it."""
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, values):
+            calls["log"].append(values)
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(ROOT)
+    out = fresh_run(base_run, tmp_path)
+    shutil.rmtree(out / "dpo")
+    train.main(["--method=dpo", f"--out_dir={out}", "--wandb_project=metaapo-tests"] + TINY)
+    (init,) = calls["init"]
+    assert init["project"] == "metaapo-tests" and init["config"]["method"] == "dpo" and calls["finish"] == 1
+    logged = [v for v in calls["log"] if "dpo/loss" in v]
+    assert len(logged) == len(metrics(out / "dpo" / "metrics.jsonl")) and all(isinstance(x, (int, float)) for v in logged for x in v.values())
+    assert [v["dpo/step"] for v in logged] == list(range(1, len(logged) + 1))
 
 
 def test_config_error_exits_with_the_message():
