@@ -164,6 +164,7 @@ class Config:
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
+    grad_accumulation: str = "auto"  # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if unsharded would not fit)
     chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
     export_dtype: str = "auto"  # HF exports: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     save_every: int = 0  # optimizer steps between checkpoints; 0 = every tenth of a pass (and at phase boundaries)
@@ -173,6 +174,9 @@ class Config:
     eval_samples: int = 4  # results table: samples per held-out prompt
     eval_prompts: int = 0  # results table: held-out prompts used (0 = all)
     wandb_project: str = ""  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no network)
+    dry_run: bool = False  # print each stage's steps and tokens and a per-GPU memory plan, refuse one that cannot fit; run nothing
+    gpus: int = 0  # --dry_run: GPUs to plan for (0 = this launch's world size)
+    gpu_memory_gb: float = 0.0  # --dry_run: memory per GPU in GiB (0 = this GPU's, 80 without one)
 
 
 def toy_preset(data_seed: int) -> dict:
@@ -192,7 +196,8 @@ PRESETS = {
     "qwen7b": lambda data_seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
 }
 CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
-           "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32")}
+           "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32"),
+           "grad_accumulation": ("auto", "unsharded", "sharded")}
 
 
 # Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
@@ -232,7 +237,7 @@ LIMITS = [
       "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints"), lambda v: v >= 1, "at least 1"),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
-    (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "weight_decay", "meta_weight_decay", "temperature",
+    (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "gpus", "gpu_memory_gb", "weight_decay", "meta_weight_decay", "temperature",
       "meta_input_beta", "slic_delta", "slic_nll_weight", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"),
      lambda v: v >= 0, "at least 0"),
     (("lr", "sft_lr", "rm_lr", "meta_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"), lambda v: v > 0, "positive"),
@@ -426,22 +431,28 @@ def shard_model(root: torch.nn.Module, lm, cfg: Config, rt: Runtime, trainable: 
     return root
 
 
-def load_causal_lm(path: str, cfg: Config, rt: Runtime, from_config: bool = False):
+def weights_dtype(rt: Runtime, trainable: bool) -> torch.dtype:
+    """fp32 master weights for a model that trains; a frozen one (reference, reward model) is held
+    in bf16 on GPU, which is what it computes in anyway, so it needs no fp32 copy."""
+    return MASTER_DTYPE if trainable or rt.device.type != "cuda" else torch.bfloat16
+
+
+def load_causal_lm(path: str, cfg: Config, rt: Runtime, from_config: bool = False, trainable: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = data.load_tokenizer(path)
     if from_config:
         torch.manual_seed(cfg.seed)
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=MASTER_DTYPE)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=weights_dtype(rt, trainable))
     else:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=MASTER_DTYPE)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype(rt, trainable))
     lm.config.use_cache = False
     return lm, tokenizer
 
 
 def load_logprob_model(path: str, cfg: Config, rt: Runtime, trainable: bool, from_config: bool = False):
     """(LogprobModel sharded as the FSDP root, tokenizer)."""
-    lm, tokenizer = load_causal_lm(path, cfg, rt, from_config)
+    lm, tokenizer = load_causal_lm(path, cfg, rt, from_config, trainable)
     model = losses.LogprobModel(lm, cfg.chunk_size or None)
     model = shard_model(model, lm, cfg, rt, trainable)
     model.train(trainable)
@@ -455,7 +466,8 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     tokenizer = data.load_tokenizer(path)
     if init_head:
         torch.manual_seed(cfg.seed)  # the new score head
-    model, loading_info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True)
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=weights_dtype(rt, trainable),
+                                                                             output_loading_info=True)
     if not init_head:  # the annotator must have a trained score head, not a random one
         require_reward_head(path, model, loading_info)
     model = shard_model(model, model, cfg, rt, trainable)
@@ -777,6 +789,7 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     records = []
     micro = cfg.micro_batch_size
     every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
+    sync_every_micro_batch = gradients_stay_sharded(cfg, rt, model)
     while loop.batch < len(batches):
         batch = batches[loop.batch]
         share = batch[rt.rank::rt.world]
@@ -789,7 +802,9 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
             if not items:  # padding: the same computation, weighted 0
                 items, weights = [batch[0]], [0.0]
             if rt.fsdp:
-                model.set_requires_gradient_sync(m == n_micro - 1)
+                # reduce-scatter on the last micro-batch only (unsharded fp32 gradients kept until then), or on every
+                # one (gradients stay sharded, at the cost of more communication): grad_accumulation decides
+                model.set_requires_gradient_sync(sync_every_micro_batch or m == n_micro - 1)
             size = sizes[loop.batch] if sizes is not None else len(batch)
             loss, metrics = loss_fn(items, torch.tensor(weights, device=rt.device), size, rt.world)
             loss.backward()
@@ -1606,6 +1621,154 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
 
 
 # ==============================================================================================
+# The memory plan: --dry_run prints each stage's steps and tokens and a per-GPU memory estimate,
+# and refuses a plan that cannot fit; grad_accumulation=auto reads the same estimate
+
+GIB = 2 ** 30
+OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation: a fixed allowance per GPU
+# The dataset card's size, for planning where the data cannot be read (no network)
+KNOWN_PAIRS = {("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61135}
+
+
+@dataclass
+class Shapes:
+    """What the memory estimate needs of an architecture, read from its config alone."""
+    params: int  # every parameter, tied ones once
+    outside_blocks: int  # embeddings, final norm, head: the FSDP root's own parameters
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_width: int  # key/value heads x head dim: the KV cache per token and layer is 2 x this
+
+
+def model_shapes(path: str) -> Shapes:
+    """Shapes of a model directory or hub id, counting its parameters on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in lm.parameters())
+    inside = sum(p.numel() for block in _decoder_blocks(lm) for p in block.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return Shapes(params, params - inside, config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
+                  kv_heads * head_dim)
+
+
+def activation_bytes(s: Shapes, tokens: int, checkpointing: bool, grad: bool = True) -> float:
+    """bf16 activations of one micro-batch of `tokens` on one GPU: a block keeps about
+    10 x hidden + 4 x intermediate values per token (attention projections, norms, residuals; the
+    MLP's gate, up, activation and product); with checkpointing only each block's input stays and
+    one block is recomputed at a time; without gradients only the block running."""
+    block = tokens * (10 * s.hidden + 4 * s.intermediate) * 2
+    if not grad:
+        return block
+    return s.layers * tokens * s.hidden * 2 + block if checkpointing else s.layers * block
+
+
+def memory_plan(cfg: Config, world: int, gpu_gib: float, policy: Shapes, annotator: Shapes, sharded_gradients: bool) -> dict:
+    """GiB per GPU in each phase of a run: {phase: {component: GiB}}."""
+    w, p, r = world, policy.params, annotator.params
+    gathered = lambda s: 2 * (s.outside_blocks + 2 * (s.params - s.outside_blocks) / s.layers)  # noqa: E731 (bf16 root + 2 prefetched blocks)
+    tuple_tokens = cfg.micro_batch_size * 4 * cfg.max_len  # MetaAPO's micro-batch: offline and online chosen and rejected
+    resident = {"policy weights (fp32 shards)": 4 * p / w, "reference (bf16 shards)": 2 * p / w}
+    plan = {
+        "training (phase 2)": {
+            **resident,
+            "gradients (fp32, sharded)" if sharded_gradients else "gradients (fp32, unsharded while accumulating)": 4 * p / (w if sharded_gradients else 1),
+            "AdamW state (fp32 shards)": 8 * p / w,
+            "gathered bf16 weights and gradients (root + 2 blocks)": 2 * gathered(policy),
+            f"activations ({tuple_tokens} tokens per micro-batch)": activation_bytes(policy, tuple_tokens, cfg.activation_checkpointing),
+            "log-prob kernel chunk (fp32 logits + bf16 gradient)": (cfg.chunk_size or 256) * policy.vocab * 6,
+        },
+        "generation (phase 1)": {**resident, "vLLM's share (gpu_memory_utilization)": cfg.gpu_memory_utilization * gpu_gib * GIB},
+        "reward scoring (phase 1)": {
+            **resident, "reward model (bf16 shards)": 2 * r / w, "gathered bf16 reward-model weights": gathered(annotator),
+            f"activations, no gradient ({cfg.micro_batch_size * 4 * cfg.rm_max_len} tokens)": activation_bytes(
+                annotator, cfg.micro_batch_size * 4 * cfg.rm_max_len, True, grad=False),
+        },
+    }
+    for parts in plan.values():
+        parts["CUDA context, NCCL, fragmentation"] = OVERHEAD_GIB * GIB
+    return {phase: {k: v / GIB for k, v in parts.items()} for phase, parts in plan.items()}
+
+
+def vllm_need_gib(cfg: Config, s: Shapes) -> float:
+    """What one vLLM engine (tensor_parallel_size=1) needs in its share: the bf16 weights, the KV
+    cache of one longest request, and about 1 GiB of activations."""
+    context = cfg.vllm_max_model_len or cfg.max_prompt_len + cfg.max_new_tokens
+    return (2 * s.params + context * s.layers * 2 * s.kv_width * 2) / GIB + 1.0
+
+
+def plan_shapes(cfg: Config) -> tuple[Shapes, Shapes]:
+    """(the policy's shapes, the annotating reward model's): the latter is the policy's architecture
+    when this run trains it (the rm stage starts from the SFT model)."""
+    policy = model_shapes(sft_path(cfg) if Path(sft_path(cfg)).exists() or not cfg.init_from_config else cfg.model)
+    given = cfg.reward_model and (Path(cfg.reward_model).exists() or HUB_ID.fullmatch(cfg.reward_model))
+    return policy, model_shapes(cfg.reward_model) if given else policy
+
+
+def gradients_stay_sharded(cfg: Config, rt: Runtime, model) -> bool:
+    """grad_accumulation: sharded, unsharded, or auto, which keeps gradients sharded on GPU when
+    the unsharded ones would not fit beside the rest of the training phase (memory_plan)."""
+    if cfg.grad_accumulation != "auto" or rt.device.type != "cuda" or not rt.fsdp:
+        return cfg.grad_accumulation == "sharded"
+    gpu_gib = torch.cuda.get_device_properties(rt.device).total_memory / GIB
+    policy, annotator = plan_shapes(cfg)
+    return sum(memory_plan(cfg, rt.world, gpu_gib, policy, annotator, False)["training (phase 2)"].values()) > 0.9 * gpu_gib
+
+
+def count_pairs(cfg: Config) -> int | None:
+    """Offline pairs a run trains on (rows of the data; the dataset card's count when it cannot be read here)."""
+    source = train_source(cfg)
+    count = len(data.load_preferences(*source, cfg.skip_bad_rows)[0]) if Path(source[0]).exists() else KNOWN_PAIRS.get(source)
+    return min(count, cfg.max_train_pairs) if count is not None and cfg.max_train_pairs else count
+
+
+def dry_run(cfg: Config, world: int) -> None:
+    """Print the plan of `cfg` on `world` GPUs of gpu_memory_gb each; refuse (ConfigError, with the
+    numbers) one whose phases cannot fit."""
+    gpu_gib = cfg.gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0)
+    policy, annotator = plan_shapes(cfg)
+    pairs = count_pairs(cfg)
+    lines = [f"plan for {world} GPU(s) of {gpu_gib:.0f} GiB: policy {sft_path(cfg)} ({policy.params / 1e9:.2f}B parameters), "
+             f"reward model {annotator.params / 1e9:.2f}B, {pairs if pairs is not None else 'an unknown number of'} offline pairs", ""]
+    if pairs is not None:
+        rows = []
+        if not cfg.reward_model:
+            rows.append(("rm", math.ceil(pairs / cfg.rm_batch_size), pairs * 2 * cfg.rm_max_len))
+        if not cfg.policy:
+            rows.append(("dpo", math.ceil(pairs * cfg.epochs / cfg.batch_size), pairs * cfg.epochs * 2 * cfg.max_len))
+        chunk = math.ceil(pairs / cfg.iterations)
+        rows.append(("metaapo, per iteration (all tuples sampled)", math.ceil(chunk * cfg.epochs / cfg.batch_size), chunk * cfg.epochs * 4 * cfg.max_len))
+        lines += ["| stage | optimizer steps | tokens (at most) |", "|---|---|---|"] + [f"| {n} | {s:,} | {t:,} |" for n, s, t in rows] + [
+            f"MetaAPO: {cfg.iterations} iterations of {chunk:,} tuples, K = {cfg.num_samples} generations per sampled prompt "
+            f"(at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} policy steps and "
+            f"{math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per iteration)", ""]
+    unsharded = memory_plan(cfg, world, gpu_gib, policy, annotator, False)
+    sharded_gradients = cfg.grad_accumulation == "sharded" or (
+        cfg.grad_accumulation == "auto" and sum(unsharded["training (phase 2)"].values()) > 0.9 * gpu_gib)
+    plan = memory_plan(cfg, world, gpu_gib, policy, annotator, sharded_gradients)
+    too_big = []
+    for phase, parts in plan.items():
+        total = sum(parts.values())
+        lines += [f"{phase}: {total:.1f} GiB of {gpu_gib:.0f}"] + [f"  {v:7.2f} GiB  {k}" for k, v in parts.items()]
+        if total > gpu_gib:
+            too_big.append(f"{phase} needs {total:.1f} GiB per GPU, more than the {gpu_gib:.0f} GiB there are")
+    need, share = vllm_need_gib(cfg, policy), cfg.gpu_memory_utilization * gpu_gib
+    lines.append(f"vLLM engine per GPU: {need:.1f} GiB needed (bf16 weights, one request's KV cache) of its {share:.1f} GiB share")
+    if cfg.generator == "vllm" and need > share:
+        too_big.append(f"vLLM needs {need:.1f} GiB per GPU but gets {share:.1f} (gpu_memory_utilization {cfg.gpu_memory_utilization})")
+    print("\n".join(lines))
+    if too_big:
+        raise ConfigError(f"the plan does not fit on {world} x {gpu_gib:.0f} GiB: " + "; ".join(too_big)
+                          + ". More GPUs, --grad_accumulation=sharded, a smaller --micro_batch_size or --max_len would help.")
+    print(f"the plan fits ({'sharded' if sharded_gradients else 'unsharded'} gradient accumulation)")
+
+
+# ==============================================================================================
 # Orchestration
 
 
@@ -1674,6 +1837,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_config(argv)
     except ConfigError as err:
         raise SystemExit(f"train.py: {err}") from None
+    if cfg.dry_run:
+        try:
+            return dry_run(cfg, cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)))
+        except ConfigError as err:
+            raise SystemExit(f"train.py: {err}") from None
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     rt = setup_distributed(cfg)
     try:
