@@ -295,6 +295,15 @@ def test_vllm_generation_killed_mid_way_keeps_its_finished_chunks(fake_vllm, toy
     assert len(recorded(fake_vllm, 0)["prompts"]) == 10
 
 
+def test_vllm_greedy_with_several_answers_and_eager_mode(fake_vllm, toy_dir, tmp_path):
+    """vLLM 0.33 refuses greedy sampling with n > 1: the worker asks for one answer and repeats it."""
+    results = generate(PROMPTS[:2], n=3, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=5, backend="vllm", model_path=str(toy_dir),
+                       workdir=tmp_path / "work", enforce_eager=True, max_model_len=64)
+    record = recorded(fake_vllm, 0)
+    assert [s["n"] for s in record["sampling"]] == [1, 1] and record["llm"]["enforce_eager"] is True and record["llm"]["max_model_len"] == 64
+    assert all(r == [expected_generation(p, 0, 4)] * 3 for r, p in zip(results, PROMPTS[:2]))
+
+
 def test_child_environment_without_cuda_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("MASTER_PORT", "29500")
