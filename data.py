@@ -554,12 +554,13 @@ def collate_sft(examples: list[TokenizedExample], pad_id: int) -> dict[str, torc
     return collate_sequences([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id)
 
 
-def collate_preferences(pairs: list[TokenizedPair], pad_id: int, online: bool = False) -> dict[str, torch.Tensor]:
+def collate_preferences(pairs: list[TokenizedPair], pad_id: int, online: bool = False, extra_roles: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """All sequences of a batch of B prompts in one concatenated batch, for one forward pass.
 
     Rows are ordered by role: [chosen x B, rejected x B] and, with online=True,
-    [..., online chosen x B, online rejected x B]; so per-sequence log-probs of shape (n_roles * B,)
-    reshape to (n_roles, B). `n_roles` is returned alongside the tensors.
+    [..., online chosen x B, online rejected x B], then each of `extra_roles` (attribute names of
+    the pairs, e.g. SELM's own answer); so per-sequence log-probs of shape (n_roles * B,) reshape
+    to (n_roles, B). `n_roles` is returned alongside the tensors.
     """
     roles = ["chosen_ids", "rejected_ids"]
     if online:
@@ -567,6 +568,7 @@ def collate_preferences(pairs: list[TokenizedPair], pad_id: int, online: bool = 
         if missing:
             raise ValueError(f"online=True but pairs {missing[:5]} have no online pair")
         roles += ["online_chosen_ids", "online_rejected_ids"]
+    roles += list(extra_roles)
     prompts = [p.prompt_ids for _ in roles for p in pairs]
     responses = [getattr(p, role) for role in roles for p in pairs]
     batch = collate_sequences(prompts, responses, pad_id)

@@ -3,7 +3,7 @@ Evaluation: the toy reproduction tables, reward statistics, benchmark answer fil
 
 What it does
 - `--compare`: the toy counterparts of the paper's Tables 1, 2 and 8. Runs (or reads the finished
-  runs of) SFT, DPO, IPO, SimPO, Online DPO, SELM, ADPO, MetaAPO and its ablations (random,
+  runs of) SFT, DPO, IPO, KTO, SimPO, Selective DPO, PPO, Online DPO, SELM, ADPO, MetaAPO and its ablations (random,
   threshold and all sampling; uniform and fixed weighting; all offline samples) on the toy for
   several seeds, scores every model with the gold judge on the held-out prompts, and writes
   results.md and results.json: gold mean +- std over seeds, win rate against SFT, annotation
@@ -73,7 +73,10 @@ COMPARE_ROWS = [
     ("SFT", None, []),
     ("DPO", "dpo", []),
     ("IPO", "ipo", []),
+    ("KTO", "kto", []),
     ("SimPO", "simpo", []),
+    ("Selective DPO", "selective_dpo", []),
+    ("PPO", "ppo", []),
     ("Online DPO", "online_dpo", []),
     ("SELM", "selm", []),
     ("ADPO", "adpo", []),

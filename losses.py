@@ -152,6 +152,17 @@ def sequence_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
     return total
 
 
+def token_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Each response token's log-prob in place, (B, T) fp32 (0 elsewhere), by the same fused
+    kernel: what PPO's per-token ratios and KL penalty need."""
+    rows, targets, _ = select_response_rows(hidden_states, input_ids, response_mask)
+    values = FusedTokenLogprobs.apply(rows, lm_head_weight, targets, chunk_size or default_chunk_size(rows.device))
+    out = values.new_zeros(input_ids.shape)
+    out[:, 1:][response_mask[:, 1:].bool()] = values
+    return out
+
+
 def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
     """The reference: full fp32 log_softmax over (B, T, V) logits, gather, masked sum (or mean)."""
     logits = logits[:, :-1].to(_compute_dtype(logits.dtype))
@@ -194,8 +205,11 @@ class LogprobModel(nn.Module):
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, response_mask, average: bool = False) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, response_mask, average: bool = False, per_token: bool = False) -> torch.Tensor:
+        """(B,) per-sequence sums (means with average=True); (B, T) per-token log-probs with per_token=True."""
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if per_token:
+            return token_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size)
         return sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size, average)
 
 
@@ -234,8 +248,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
 
 
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> PairLoss:
-    """IPO (Azar et al. 2024): (Delta - 1/(2 beta))^2, with Delta the summed log-ratio margin."""
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, chosen_len=None, rejected_len=None) -> PairLoss:
+    """IPO (Azar et al. 2024): (Delta - 1/(2 beta))^2. Delta is the margin of SUMMED log-ratios, as
+    in IPO's Eq. 17 and the MetaAPO reference code; TRL divides each log-ratio by its response's
+    token count first, which passing the lengths (`chosen_len`, `rejected_len`, (B,)) reproduces."""
+    if chosen_len is not None:
+        policy_chosen, ref_chosen = policy_chosen / chosen_len.clamp(min=1), ref_chosen / chosen_len.clamp(min=1)
+        policy_rejected, ref_rejected = policy_rejected / rejected_len.clamp(min=1), ref_rejected / rejected_len.clamp(min=1)
     losses = (dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
     return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
 
@@ -246,11 +265,13 @@ def simpo_loss(policy_chosen_mean, policy_rejected_mean, beta: float = 2.5, gamm
     return PairLoss(losses, (beta * policy_chosen_mean).detach(), (beta * policy_rejected_mean).detach())
 
 
-def slic_loss(policy_chosen, policy_rejected, delta: float = 1.0, nll_weight: float = 0.1) -> PairLoss:
-    """SLiC-HF (Zhao et al. 2023): max(0, delta - (log pi(y_w|x) - log pi(y_l|x))) + lambda * NLL(y_w),
-    with NLL(y_w) = -log pi(y_w|x) summed over its tokens. No reference model; the rewards are the
-    log-probs."""
-    losses = torch.relu(delta - (policy_chosen - policy_rejected)) - nll_weight * policy_chosen
+def slic_loss(policy_chosen, policy_rejected, delta: float = 1.0, nll_weight: float = 0.1, chosen_len=None) -> PairLoss:
+    """SLiC-HF (Zhao et al. 2023): max(0, delta - (log pi(y_w|x) - log pi(y_l|x))) + lambda * NLL(y_w).
+    NLL(y_w) = -log pi(y_w|x) summed over its tokens, as in SLiC-HF; with `chosen_len` (B,) it is
+    the per-token mean instead, as TRL's CPO trainer takes it (there pooled over the micro-batch's
+    tokens; here per sequence). No reference model; the rewards are the log-probs."""
+    nll = -policy_chosen if chosen_len is None else -policy_chosen / chosen_len.clamp(min=1)
+    losses = torch.relu(delta - (policy_chosen - policy_rejected)) + nll_weight * nll
     return PairLoss(losses, policy_chosen.detach(), policy_rejected.detach())
 
 
@@ -279,6 +300,14 @@ def kto_loss(policy, ref, desirable, reference_kl, beta: float = 0.1, desirable_
     rewards = (beta * ratio).detach()
     nan = torch.full_like(rewards, float("nan"))
     return PairLoss(losses, torch.where(desirable, rewards, nan), torch.where(desirable, nan, rewards))
+
+
+def selm_optimism(policy_own, ref_own, alpha: float = 0.001, beta: float = 0.1) -> torch.Tensor:
+    """SELM's optimism term (Zhang et al. 2024), added per pair to the DPO loss:
+    alpha * beta * (log pi(y|x) - log pi_ref(y|x)) on an answer y the policy itself gave (summed
+    log-probs); minimising it lowers the likelihood of the policy's own answer, which pushes
+    exploration."""
+    return alpha * beta * (policy_own - ref_own)
 
 
 def bradley_terry_loss(reward_chosen, reward_rejected) -> PairLoss:

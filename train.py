@@ -34,8 +34,14 @@ Methods (SPEC sections 4-6)
     sft rm        supervised fine-tuning (toy only); Bradley-Terry reward model from the SFT model
     dpo ipo kto simpo slic selective_dpo    offline baselines, one epoch over the offline pairs
     metaapo       Algorithm 1 (`run_iterative`), with the ablation switches sampling, weighting,
-                  keep_unsampled, meta_depth, meta_inputs and objective
+                  keep_unsampled, meta_depth, meta_inputs, meta_input_beta and objective
     online_dpo selm adpo    online and hybrid baselines in the same iteration structure
+    ppo           OpenRLHF-style PPO from the SFT model, its critic from the reward model (`run_ppo`)
+The baselines follow their authors' code (SPEC section 5): Selective DPO's reference runs over
+seeds and halves with losses averaged over checkpoints and an easy-to-hard final run, SELM's
+optimism term, KTO's reference point from mismatched pairs of the whole batch with TRL's scaling;
+IPO sums log-ratios (--ipo_length_normalized: TRL's per-token form), SLiC-HF sums its NLL
+(--slic_nll=mean: TRL's CPO form).
 
 Deliberate simplifications
 - Every rank loads a full checkpoint before sharding it (fine for 8B models on 80 GB GPUs).
@@ -68,6 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import transformers
 from tqdm import tqdm
 
@@ -80,7 +87,7 @@ from sample import BACKENDS, generate, make_online_pairs
 # ==============================================================================================
 # Config
 
-METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo")
+METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo", "ppo")
 OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
 ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo")
 OBJECTIVES = ("dpo", "ipo", "simpo")
@@ -137,7 +144,12 @@ class Config:
     kto_undesirable_weight: float = 1.0
     slic_delta: float = 1.0
     slic_nll_weight: float = 0.1
-    keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept
+    slic_nll: str = "sum"  # the NLL term: sum over the answer's tokens (SLiC-HF) or mean (TRL's CPO)
+    ipo_length_normalized: bool = False  # IPO on per-token log-ratios (TRL) instead of summed ones (IPO's Eq. 17, the reference code)
+    selm_alpha: float = 0.001  # selm: weight of the optimism term alpha*beta*(log pi - log pi_ref) on the policy's own answer
+    selective_seeds: int = 3  # selective_dpo: reference runs per half (seeds x 2 halves), as the original
+    selective_checkpoints: int = 5  # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
+    keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
     adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
     objective: str = "dpo"  # L_pref of metaapo and the online methods: dpo, ipo or simpo
     # --- MetaAPO and the online methods
@@ -162,6 +174,14 @@ class Config:
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU
     vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
+    # --- PPO (OpenRLHF's defaults): actor = the SFT model, critic = the reward model with per-token values
+    critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
+    kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    ppo_clip: float = 0.2  # clip of the policy ratio
+    value_clip: float = 0.2  # clip of the value change
+    rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     grad_accumulation: str = "auto"  # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if unsharded would not fit)
@@ -186,6 +206,8 @@ def toy_preset(data_seed: int) -> dict:
         model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
         rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
         lr=5e-5, batch_size=16, micro_batch_size=16, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
+        critic_lr=3e-4, rollout_batch_size=128,  # the critic learns at the reward model's rate; 8 PPO steps per rollout as OpenRLHF's 1024 / 128
+        selective_seeds=2, selective_checkpoints=2,  # Selective DPO's reference runs, cut to fit the comparison's time (the original: 3 x 5)
     )
 
 
@@ -197,7 +219,7 @@ PRESETS = {
 }
 CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
            "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32"),
-           "grad_accumulation": ("auto", "unsharded", "sharded")}
+           "grad_accumulation": ("auto", "unsharded", "sharded"), "slic_nll": ("sum", "mean")}
 
 
 # Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
@@ -233,14 +255,17 @@ def _convert(name: str, text: str, default):
 
 # What each number may be: a value failing its test is refused before anything runs.
 LIMITS = [
-    (("batch_size", "micro_batch_size", "epochs", "sft_epochs", "sft_batch_size", "rm_batch_size", "rm_max_len", "iterations",
-      "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints"), lambda v: v >= 1, "at least 1"),
+    (("batch_size", "micro_batch_size", "epochs", "sft_epochs", "sft_batch_size", "rm_batch_size", "rm_max_len", "iterations", "rollout_batch_size",
+      "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints", "selective_seeds", "selective_checkpoints"),
+     lambda v: v >= 1, "at least 1"),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
     (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "gpus", "gpu_memory_gb", "weight_decay", "meta_weight_decay", "temperature",
       "meta_input_beta", "slic_delta", "slic_nll_weight", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"),
      lambda v: v >= 0, "at least 0"),
-    (("lr", "sft_lr", "rm_lr", "meta_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"), lambda v: v > 0, "positive"),
+    (("lr", "sft_lr", "rm_lr", "meta_lr", "critic_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"), lambda v: v > 0, "positive"),
+    (("kl_coef", "ppo_clip", "value_clip", "selm_alpha"), lambda v: v >= 0, "at least 0"),
+    (("gae_gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("lr_floor",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("label_smoothing",), lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
@@ -262,9 +287,9 @@ def check_config(cfg: Config) -> None:
     if not 0 < cfg.max_prompt_len < cfg.max_len:
         raise ConfigError(f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): "
                           "the response needs room")
-    if cfg.method == "kto" and cfg.micro_batch_size < 2:
-        raise ConfigError("--method=kto needs --micro_batch_size of at least 2: its reference point pairs each answer "
-                          f"with another prompt of the micro-batch, got {cfg.micro_batch_size}")
+    if cfg.method == "kto" and cfg.batch_size < 2:
+        raise ConfigError("--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another "
+                          f"prompt of the batch, got {cfg.batch_size}")
     if cfg.method == "sft" and not cfg.sft_dataset:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
@@ -455,6 +480,10 @@ def load_logprob_model(path: str, cfg: Config, rt: Runtime, trainable: bool, fro
     lm, tokenizer = load_causal_lm(path, cfg, rt, from_config, trainable)
     model = losses.LogprobModel(lm, cfg.chunk_size or None)
     model = shard_model(model, lm, cfg, rt, trainable)
+    if rt.fsdp:  # FSDP2 sets up its root at the first forward: run one now (2 tokens), or a generate() that calls
+        with torch.no_grad():  # the blocks without the root first would make a block a root of its own
+            ids = torch.zeros(1, 2, dtype=torch.long, device=rt.device)
+            model(ids, torch.ones_like(ids), torch.tensor([[False, True]], device=rt.device))
     model.train(trainable)
     return model, tokenizer
 
@@ -739,9 +768,22 @@ def restore_rng(state: dict) -> None:
 # The optimisation loop shared by every stage
 
 
+def trainable_parameters(model: nn.Module) -> list:
+    """The parameters an optimizer must hold: under FSDP2 the shards. A root's forward without
+    gradients leaves its own parameters (embeddings, final norm, head) unsharded and registers the
+    unsharded tensors on the module until the next backward; an optimizer built then would hold
+    tensors that never get a gradient, so every FSDP module is resharded first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(model, lr: float, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW, created after sharding so that it holds the shards."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    """AdamW over the shards (trainable_parameters), created after sharding."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(optimizer, total_steps: int, cfg: Config):
@@ -771,7 +813,8 @@ class Loop:
 
 
 def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], loss_fn, loop: Loop, desc: str,
-             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None) -> list[dict]:
+             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None,
+             save_period: int = 0, before_batch=None) -> list[dict]:
     """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
 
     Each rank takes a strided share of a batch and splits it into micro-batches; a rank with
@@ -780,9 +823,11 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     batch_size is the global batch's size (pairs, or tokens when `sizes` says so). Gradients are
     synchronised only on the last micro-batch, clipped, and a non-finite loss or gradient stops
     the run. A checkpoint (save_state() with model and optimizer) is written every save_every
-    steps of the pass (default: every tenth of it), once save_minutes have passed since the last,
-    and after the step during which a stop signal came (then Stopped is raised). Returns the
-    records logged for each step.
+    steps of the pass (default: every tenth of it; `save_period`: every that many steps of the
+    stage instead, for stages made of many short passes), once save_minutes have passed since the last,
+    and after the step during which a stop signal came (then Stopped is raised).
+    before_batch(batch), if given, runs on every rank before a global batch's micro-batches (KTO's
+    reference point over the whole batch). Returns the records logged for each step.
     """
     cfg, rt = stage.cfg, stage.rt
     bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
@@ -792,6 +837,8 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     sync_every_micro_batch = gradients_stay_sharded(cfg, rt, model)
     while loop.batch < len(batches):
         batch = batches[loop.batch]
+        if before_batch is not None:
+            before_batch(batch)
         share = batch[rt.rank::rt.world]
         per_rank = math.ceil(len(batch) / rt.world)
         n_micro = math.ceil(per_rank / micro)
@@ -838,7 +885,8 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
         records.append(record)
         bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
         bar.update()
-        if save_state is not None and (stop or save_due or (loop.batch % every == 0 and loop.batch < len(batches))):
+        cadence = loop.step % save_period == 0 if save_period else loop.batch % every == 0 and loop.batch < len(batches)
+        if save_state is not None and (stop or save_due or cadence):
             stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
         if stop:
             bar.close()
@@ -911,10 +959,10 @@ def prepare_pass(stage: Stage, latest: Path | None, model, lr: float, steps: int
 # that of the mean over the global batch, whatever the number of ranks.
 
 
-def pair_forward(model, items: list, rt: Runtime, online: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_forward(model, items: list, rt: Runtime, online: bool = False, extra_roles: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-prob sums and response lengths of one concatenated batch, (n_roles, B) each:
-    rows chosen, rejected (, online chosen, online rejected)."""
-    batch = data.collate_preferences(items, items[0].pad_id, online=online)
+    rows chosen, rejected (, online chosen, online rejected) (, extra roles)."""
+    batch = data.collate_preferences(items, items[0].pad_id, online=online, extra_roles=extra_roles)
     roles = batch.pop("n_roles")
     logps = model(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device))
     lengths = batch["response_mask"][:, 1:].sum(-1).to(rt.device).float()
@@ -923,10 +971,11 @@ def pair_forward(model, items: list, rt: Runtime, online: bool = False) -> tuple
 
 @dataclass
 class PolicyPair(data.TokenizedPair):
-    """A tokenized pair that knows its tokenizer's pad id (for collation) and, for
-    keep_unsampled, a fixed Eq. 5 weight."""
+    """A tokenized pair that knows its tokenizer's pad id (for collation), for keep_unsampled a
+    fixed Eq. 5 weight, and for SELM an answer the policy gave itself."""
     pad_id: int = 0
     weight_override: float | None = None
+    own_ids: list[int] | None = None
 
 
 def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor, offset: int = 0):
@@ -939,7 +988,8 @@ def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None
                 losses.simpo_score(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma))
     ref_chosen, ref_rejected = ref[offset], ref[offset + 1]
     if cfg.objective == "ipo":
-        out = losses.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
+        per_token = (lengths[offset], lengths[offset + 1]) if cfg.ipo_length_normalized else (None, None)
+        out = losses.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, *per_token)
     else:
         out = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing)
     return out, losses.preference_score(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
@@ -961,36 +1011,59 @@ def pair_metrics(out: losses.PairLoss, weights: torch.Tensor, prefix: str = "") 
             f"{prefix}reward_accuracy_count": n, f"{prefix}margin_count": n}
 
 
-def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime):
+def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime, kto_reference: dict | None = None, optimism: float = 0.0):
     """The offline objectives on (chosen, rejected) pairs: dpo, ipo, simpo, slic, and kto
-    (unpaired: chosen answers desirable, rejected ones undesirable)."""
+    (unpaired: chosen answers desirable, rejected ones undesirable; its reference point z0 is
+    kto_reference["z0"], set per global batch by kto_reference_point). `optimism` > 0 adds SELM's
+    term on each pair's own_ids."""
+    extra = ("own_ids",) if optimism and ref is not None else ()
 
     def preference_loss(items, weights, batch_size, world):
-        logps, lengths = pair_forward(policy, items, rt)
+        logps, lengths = pair_forward(policy, items, rt, extra_roles=extra)
         ref_logps = None
         if ref is not None:
             with torch.no_grad():
-                ref_logps, _ = pair_forward(ref, items, rt)
+                ref_logps, _ = pair_forward(ref, items, rt, extra_roles=extra)
         if method in OBJECTIVES:  # dpo, ipo, simpo
             out = objective_losses(dataclasses.replace(cfg, objective=method), logps, ref_logps, lengths)[0]
         elif method == "slic":
-            out = losses.slic_loss(logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight)
-        elif method == "kto":
-            # KTO's reference point z0: answers paired with the next prompt of the micro-batch
-            mismatched = [dataclasses.replace(item, chosen_ids=items[(i + 1) % len(items)].chosen_ids) for i, item in enumerate(items)]
-            with torch.no_grad():
-                kl_policy = pair_forward(policy, mismatched, rt)[0][0]
-                kl_ref = pair_forward(ref, mismatched, rt)[0][0]
-            reference_kl = losses.kto_reference_kl(kl_policy, kl_ref, weights, lambda totals: all_reduce_sum(rt, totals))
+            out = losses.slic_loss(logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight, lengths[0] if cfg.slic_nll == "mean" else None)
+        else:  # kto: every answer is one example, and the loss their mean (TRL's scaling)
             n = len(items)
-            desirable = torch.arange(2 * n, device=rt.device) < n
-            kto = losses.kto_loss(torch.cat([logps[0], logps[1]]), torch.cat([ref_logps[0], ref_logps[1]]), desirable, reference_kl,
-                                  cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-            out = losses.PairLoss(kto.losses[:n] + kto.losses[n:], kto.chosen_rewards[:n], kto.rejected_rewards[n:])
+            kto = losses.kto_loss(torch.cat([logps[0], logps[1]]), torch.cat([ref_logps[0], ref_logps[1]]), torch.arange(2 * n, device=rt.device) < n,
+                                  kto_reference["z0"], cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+            out = losses.PairLoss((kto.losses[:n] + kto.losses[n:]) / 2, kto.chosen_rewards[:n], kto.rejected_rewards[n:])
+        if extra:
+            out = out._replace(losses=out.losses + losses.selm_optimism(logps[2], ref_logps[2], optimism, cfg.beta))
         total = (out.losses * weights).sum()
         return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
 
     return preference_loss
+
+
+@torch.no_grad()
+def kto_reference_point(batch: list, policy, ref, cfg: Config, rt: Runtime) -> torch.Tensor:
+    """KTO's z0 for one global batch (collective): the mean of log pi(y|x) - log pi_ref(y|x) over
+    every answer of the batch paired with another example's prompt, TRL's (x_i, y_(i-1)) over the
+    examples [chosen..., rejected...], so never with its own prompt; clamped at 0. A batch of one
+    pair has no other prompt: z0 = 0 there."""
+    examples = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
+    if len(batch) < 2:
+        return torch.zeros((), device=rt.device)
+    mismatched = [(examples[j][0], examples[j - 1][1]) for j in range(len(examples))]
+    share = mismatched[rt.rank::rt.world]
+    rounds = math.ceil(len(mismatched) / rt.world)
+    chunk = max(1, cfg.micro_batch_size) * 2
+    policy_logps, ref_logps, weights = [], [], []
+    for start in range(0, rounds, chunk):  # the same number of forwards on every rank (padding weighted 0)
+        part = share[start:start + chunk]
+        weights.append(torch.tensor([1.0] * len(part) + [0.0] * (min(chunk, rounds - start) - len(part)), device=rt.device))
+        part = part + [mismatched[0]] * (len(weights[-1]) - len(part))
+        tensors = data.collate_sequences([x for x, _ in part], [y for _, y in part], batch[0].pad_id)
+        inputs = [tensors[k].to(rt.device) for k in ("input_ids", "attention_mask", "response_mask")]
+        policy_logps.append(policy(*inputs))
+        ref_logps.append(ref(*inputs))
+    return losses.kto_reference_kl(torch.cat(policy_logps), torch.cat(ref_logps), torch.cat(weights), lambda totals: all_reduce_sum(rt, totals))
 
 
 # ==============================================================================================
@@ -1136,6 +1209,8 @@ def check_inputs(cfg: Config, method: str) -> None:
         models = [sft, reference]
     elif method in ITERATIVE_METHODS:
         models = [policy, reward] + ([] if cfg.objective == "simpo" else [reference])
+    elif method == "ppo":
+        models = [sft, reward]
     else:  # pipeline
         models = [m for m in (sft, reference, policy, reward) if not m[2]]
     for flag, path, produced_by in dict.fromkeys(models):
@@ -1232,9 +1307,12 @@ def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
 # Offline preference methods
 
 
-def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, keep=None) -> dict:
+def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, keep=None, shuffle: bool = True, validate: list | None = None) -> dict:
     """One pass (per epoch) of an offline objective over the offline pairs, from the SFT model,
-    with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them."""
+    with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them;
+    shuffle=False keeps their order (Selective DPO's easy-to-hard curriculum). `validate`: held-out
+    pairs whose DPO losses are written to <stage>/validation.json at selective_checkpoints evenly
+    spaced steps (Selective DPO's reference runs)."""
     started = time.time()
     pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
     if keep is not None:
@@ -1243,10 +1321,26 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
     latest = stage.start()
     policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
     ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
-    batches = epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000)
+    batches = epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000) if shuffle else global_batches(pairs * cfg.epochs, cfg.batch_size)
     optimizer, scheduler, loop = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
-    optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt), loop,
-             f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
+    kto = {"z0": None}  # KTO's reference point, set per global batch
+    before_batch = (lambda batch: kto.update(z0=kto_reference_point(batch, policy, ref, cfg, rt))) if method == "kto" else None
+    after_step = None
+    if validate:
+        checkpoints = {math.ceil(len(batches) * (j + 1) / cfg.selective_checkpoints) for j in range(cfg.selective_checkpoints)}
+        path = stage.dir / "validation.json"
+
+        def after_step():  # collective: every rank scores, rank 0 writes; a step written before a resume is not scored again
+            done = json.loads(path.read_text()) if path.exists() else {}
+            if loop.step in checkpoints and str(loop.step) not in done:
+                scores = pair_scores(policy, ref, validate, dataclasses.replace(cfg, objective="dpo"), rt)
+                if rt.main:
+                    write_json(path, {**done, str(loop.step): {str(p.index): -score[0] for p, score in zip(validate, scores)}})
+                barrier(rt)
+            return {}
+
+    optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt, kto), loop,
+             f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()}, after_step, before_batch=before_batch)
     export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": time.time() - started, "steps": loop.step, "pairs": len(pairs)}
     stage.finish(summary)
@@ -1276,38 +1370,36 @@ def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tupl
 
 
 def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
-    """Selective DPO (Gao et al. 2025): DPO on each half of the pairs; score every pair by its DPO
-    loss under the model trained on the other half; keep the keep_ratio lowest; DPO on those."""
+    """Selective DPO (Gao et al. 2025, as `glorgao/SelectiveDPO` runs it): for each of
+    selective_seeds random halvings of the pairs, a DPO run from the SFT model on each half whose
+    model scores the other half's DPO loss at selective_checkpoints evenly spaced steps; each
+    pair's difficulty is its mean over seeds and checkpoints; the keep_ratio easiest pairs are
+    kept, and the final DPO run trains on them from the SFT model in ascending order of
+    difficulty, easy to hard, without shuffling. (The original's reference runs are LoRA runs;
+    here they are full ones, like every stage of this project.)"""
     started = time.time()
-
-    def half_of(k):
-        def keep(pairs):
-            chosen = set(shuffled(list(range(len(pairs))), cfg.seed + 17)[k::2])
-            return [p for i, p in enumerate(pairs) if i in chosen]
-        return keep
-
-    for k in (0, 1):
-        if not Stage(cfg, rt, f"selective_dpo/half{k}").done:
-            run_offline(cfg, rt, "dpo", f"selective_dpo/half{k}", keep=half_of(k))
-    final = Stage(cfg, rt, "selective_dpo/final")
-    if not final.done:
-        ref, tokenizer = load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)
-        pairs, _ = train_pairs(cfg, rt, tokenizer)
-        order = shuffled(list(range(len(pairs))), cfg.seed + 17)
-        validation_loss = {}
-        for k in (0, 1):  # half k is scored by the model that saw only the other half
-            other, _ = load_logprob_model(str(Path(cfg.out_dir) / f"selective_dpo/half{1 - k}" / "model"), cfg, rt, trainable=False)
-            mine = sorted(order[k::2])
-            scores = pair_scores(other, ref, [pairs[i] for i in mine], dataclasses.replace(cfg, objective="dpo"), rt)
-            validation_loss.update({i: -score[0] for i, score in zip(mine, scores)})
-            del other
-        del ref
-        release_memory()
-        kept = set(sorted(validation_loss, key=validation_loss.get)[: max(1, round(cfg.keep_ratio * len(pairs)))])
-        print0(rt, f"[selective_dpo] keeping {len(kept)} of {len(pairs)} pairs (lowest DPO loss under the other half's model)")
-        run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: [p for i, p in enumerate(ps) if i in kept])
+    pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
+    difficulty: dict[int, list[float]] = {p.index: [] for p in pairs}
+    for s in range(cfg.selective_seeds):
+        order = shuffled(list(range(len(pairs))), cfg.seed + 17 + s)
+        halves = [sorted(order[0::2]), sorted(order[1::2])]
+        for k in (0, 1):  # half k trains, the other half is scored
+            name = f"selective_dpo/seed{s}-half{k}"
+            if not Stage(cfg, rt, name).done:
+                run_offline(cfg, rt, "dpo", name, keep=lambda ps, mine=halves[k]: [ps[i] for i in mine],
+                            validate=[pairs[i] for i in halves[1 - k]])
+                release_memory()
+            for losses_at_step in read_json(Path(cfg.out_dir) / name / "validation.json").values():
+                for index, value in losses_at_step.items():
+                    difficulty[int(index)].append(value)
+    mean = {index: float(np.mean(values)) for index, values in difficulty.items()}
+    easiest = sorted(pairs, key=lambda p: mean[p.index])[: max(1, round(cfg.keep_ratio * len(pairs)))]  # ascending: easy to hard
+    print0(rt, f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models that did not "
+               f"see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy to hard")
+    if not Stage(cfg, rt, "selective_dpo/final").done:
+        run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: easiest, shuffle=False)
     out = Path(cfg.out_dir) / "selective_dpo"
-    summary = {"train_time_s": time.time() - started}
+    summary = {"train_time_s": time.time() - started, "kept": len(easiest)}
     if rt.main:
         copy_tree(out / "final" / "model", out / "model")
         write_json(out / "done.json", summary)
@@ -1378,16 +1470,19 @@ def select_for_generation(cfg: Config, method: str, meta: MetaController | None,
     return [True] * len(features), []  # online_dpo, selm: every prompt
 
 
-def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool]) -> list[PolicyPair]:
+def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool],
+                    own: list[list[int]] | None = None) -> list[PolicyPair]:
     """D_aug: each selected tuple joined with its online pair (tuples whose K rewards all tied have
     none and are dropped); keep_unsampled adds the unselected offline tuples with weight 1.
     online_dpo and selm train on the online pairs alone, adpo on the chunk's offline pairs plus the
-    online pairs: for them the online pair takes the place of (chosen, rejected)."""
+    online pairs: for them the online pair takes the place of (chosen, rejected). `own`: per
+    selected tuple an answer of the policy's own, for SELM's optimism term."""
     augmented = []
-    for i, pair in zip(chosen, pairs):
+    for j, (i, pair) in enumerate(zip(chosen, pairs)):
         if pair is not None:
             room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
-            augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room]))
+            augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room],
+                                                 own_ids=own[j][:room] if own else None))
     if method in ("online_dpo", "selm", "adpo"):
         online = [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
                                       online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
@@ -1402,7 +1497,7 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
     """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer).
     online_dpo, selm and adpo: the plain objective on the pairs build_augmented made."""
     if method != "metaapo":
-        return make_preference_loss(cfg, cfg.objective, policy, ref, rt), None
+        return make_preference_loss(cfg, cfg.objective, policy, ref, rt, optimism=cfg.selm_alpha if method == "selm" else 0.0), None
     step_scores: dict[str, list] = {"offline": [], "online": [], "features": []}
 
     def iterative_loss(items, weights, batch_size, world):
@@ -1516,7 +1611,9 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
                                                   offline=pool if method == "selm" else None)  # Alg. 1 lines 10-11: ranked by r, best and worst
             del rm  # phase 2 does not need it
             release_memory()
-            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected)  # Alg. 1 line 12: D_aug
+            # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code takes a greedy one)
+            own = [g[0].token_ids for g in generations] if method == "selm" else None
+            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # Alg. 1 line 12: D_aug
             if rt.main:  # per-tuple decisions, for evaluate.py's plots
                 paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
                 data.write_jsonl(stage.dir / f"iter{t + 1}" / "gating.jsonl", [
@@ -1579,6 +1676,206 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             torch.save(meta.state_dict(), stage.dir / "meta_learner.pt")
     barrier(rt)
     summary = {"annotation_ratio": float(np.mean(state.ratios)) if state.ratios else 0.0, **state.times, "total_s": time.time() - started}
+    stage.log({"phase": "done", **summary})
+    stage.finish(summary)
+    return summary
+
+
+# ==============================================================================================
+# PPO, OpenRLHF-style (the paper's Table 1 and 8 row): the actor starts from the SFT model, the
+# critic from the reward model (its score head read at every position), the reward is the reward
+# model's score of the whole response minus a per-token KL penalty to the SFT model, advantages
+# come from GAE, and the losses are PPO's clipped policy and value losses. Each rollout samples
+# one response for rollout_batch_size prompts, then trains one pass over them.
+
+
+class ValueModel(nn.Module):
+    """V(s_t) at every position: a sequence-classification model's trunk and score head, run in
+    one forward so that under FSDP2 it is the root and the head's weight is gathered there."""
+
+    def __init__(self, rm: nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.rm.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+class ActorCritic(nn.Module):
+    """Actor and critic (each its own FSDP root) under one AdamW with two parameter groups, so the
+    shared optimisation loop drives both; their parameters are disjoint, so are their gradients."""
+
+    def __init__(self, actor: nn.Module, critic: nn.Module):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def set_requires_gradient_sync(self, sync: bool) -> None:
+        self.actor.set_requires_gradient_sync(sync)
+        self.critic.set_requires_gradient_sync(sync)
+
+
+@dataclass
+class Rollout:
+    """One sampled response with what PPO needs of it, per response token."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    index: int  # the offline pair whose prompt it answers
+    pad_id: int
+    score: float = 0.0  # the reward model's
+    old_logps: list[float] = field(default_factory=list)  # the actor's when it sampled
+    values: list[float] = field(default_factory=list)  # the critic's then
+    advantages: list[float] = field(default_factory=list)
+    returns: list[float] = field(default_factory=list)
+    kl: float = 0.0  # sum over its tokens of log pi - log pi_sft
+
+
+def gae(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
+    """Generalised advantage estimation over one response, from its last token back:
+    delta_t = r_t + gamma V_{t+1} - V_t (V after the end = 0), A_t = delta_t + gamma lam A_{t+1};
+    returns R_t = A_t + V_t."""
+    advantages, running, next_value = [0.0] * len(rewards), 0.0, 0.0
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        advantages[t], next_value = running, values[t]
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def per_token(items: list[Rollout], attribute: str, shape, device) -> torch.Tensor:
+    """A per-response-token list of each rollout, placed at its tokens' positions in a (B, T) batch."""
+    out = torch.zeros(shape, device=device)
+    for row, item in enumerate(items):
+        start = len(item.prompt_ids)
+        out[row, start:start + len(item.response_ids)] = torch.tensor(getattr(item, attribute), device=device)
+    return out
+
+
+def shifted_values(critic, batch: dict, device) -> torch.Tensor:
+    """V of the state before each token, at that token's position (B, T): the value read where the actor reads its log-prob."""
+    values = critic(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1)
+
+
+@torch.no_grad()
+def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: Config, rt: Runtime) -> None:
+    """Fill in each rollout's old log-probs, values, KL, advantages and returns (every rank gets all
+    of them; strided shares as in pair_scores), then whiten the advantages over the rollout."""
+    chunk = max(1, cfg.micro_batch_size) * 4
+    share = list(range(rt.rank, len(items), rt.world))
+    padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
+    results = []
+    for start in range(0, len(padded), chunk):
+        batch_items = [items[i] for i in padded[start:start + chunk]]
+        batch = data.collate_sequences([r.prompt_ids for r in batch_items], [r.response_ids for r in batch_items], batch_items[0].pad_id)
+        inputs = [batch[k].to(rt.device) for k in ("input_ids", "attention_mask", "response_mask")]
+        logps, ref_logps, values = actor(*inputs, per_token=True), ref(*inputs, per_token=True), shifted_values(critic, batch, rt.device)
+        for row, item in enumerate(batch_items):
+            span = slice(len(item.prompt_ids), len(item.prompt_ids) + len(item.response_ids))
+            results.append((logps[row, span].tolist(), ref_logps[row, span].tolist(), values[row, span].tolist()))
+    merged = {}
+    for part in all_gather_objects(rt, list(zip(share, results))):
+        merged.update(part)
+    for i, item in enumerate(items):
+        item.old_logps, ref_logps, item.values = merged[i]
+        kl = [a - b for a, b in zip(item.old_logps, ref_logps)]
+        rewards = [-cfg.kl_coef * k for k in kl]  # the KL penalty on every token, the reward model's score on the last
+        rewards[-1] += min(10.0, max(-10.0, item.score))  # OpenRLHF's reward clip
+        item.advantages, item.returns = gae(rewards, item.values, cfg.gae_gamma, cfg.gae_lambda)
+        item.kl = sum(kl)
+    flat = torch.tensor([a for item in items for a in item.advantages])
+    mean, std = flat.mean().item(), flat.std().item() if len(flat) > 1 else 1.0
+    for item in items:
+        item.advantages = [(a - mean) / (std + 1e-8) for a in item.advantages]
+
+
+def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
+    """PPO's clipped policy loss plus its clipped value loss, each a token mean per response."""
+
+    def ppo_loss(items, weights, batch_size, world):
+        batch = data.collate_sequences([r.prompt_ids for r in items], [r.response_ids for r in items], items[0].pad_id)
+        mask = batch["response_mask"].to(rt.device).float()
+        logps = model.actor(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device),
+                            per_token=True)
+        values = shifted_values(model.critic, batch, rt.device)
+        old, old_values, advantages, returns = (per_token(items, a, mask.shape, rt.device) for a in ("old_logps", "values", "advantages", "returns"))
+        ratio = torch.exp(logps - old) * mask
+        policy = -torch.min(ratio * advantages, ratio.clamp(1 - cfg.ppo_clip, 1 + cfg.ppo_clip) * advantages)
+        clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
+        value = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+        tokens = mask.sum(-1).clamp(min=1)
+        policy_loss, value_loss = (policy * mask).sum(-1) / tokens, (value * mask).sum(-1) / tokens  # (B,)
+        total = ((policy_loss + value_loss) * weights).sum()
+        n = weights.sum().item()
+        clipped_share = (((ratio - 1).abs() > cfg.ppo_clip).float() * mask).sum(-1) / tokens
+        return total * world / batch_size, {
+            "loss": total.item() / batch_size, "policy_loss_sum": (policy_loss * weights).sum().item(), "policy_loss_count": n,
+            "value_loss_sum": (value_loss * weights).sum().item(), "value_loss_count": n,
+            "clip_fraction_sum": (clipped_share * weights).sum().item(), "clip_fraction_count": n,
+            "score_sum": sum(r.score * w for r, w in zip(items, weights.tolist())), "score_count": n,
+            "kl_sum": sum(r.kl * w for r, w in zip(items, weights.tolist())), "kl_count": n}
+
+    return ppo_loss
+
+
+def run_ppo(cfg: Config, rt: Runtime) -> dict:
+    """PPO over the offline prompts: rollouts of rollout_batch_size prompts, each one response
+    from the actor scored by the reward model, then one pass of PPO steps over them."""
+    from transformers import AutoModelForSequenceClassification
+
+    started = time.time()
+    tokenizer = data.load_tokenizer(sft_path(cfg))
+    pairs, raw = train_pairs(cfg, rt, tokenizer)
+    prompts = shuffled(pairs, cfg.seed)
+    rollouts = [prompts[i:i + cfg.rollout_batch_size] for i in range(0, len(prompts), cfg.rollout_batch_size)]
+    stage = Stage(cfg, rt, "ppo")
+    latest = stage.start()
+    actor, _ = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
+    ref = load_logprob_model(sft_path(cfg), cfg, rt, trainable=False)[0]
+    critic_lm, info = AutoModelForSequenceClassification.from_pretrained(reward_path(cfg), num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True)
+    require_reward_head(reward_path(cfg), critic_lm, info)  # the critic starts from the trained score head
+    critic = shard_model(ValueModel(critic_lm), critic_lm, cfg, rt, trainable=True)
+    rm = load_reward_model(reward_path(cfg), cfg, rt)
+    model = ActorCritic(actor, critic)
+    optimizer = torch.optim.AdamW([{"params": trainable_parameters(actor), "lr": cfg.lr}, {"params": trainable_parameters(critic), "lr": cfg.critic_lr}],
+                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+    steps = sum(math.ceil(len(r) * cfg.epochs / cfg.batch_size) for r in rollouts)
+    scheduler = make_scheduler(optimizer, steps, cfg)
+    state = {"rollout": 0, "samples": None, "loop": vars(Loop()), "times": {"sampling_s": 0.0, "training_s": 0.0}, "annotations": 0}
+    if latest is not None:
+        state = stage.load_checkpoint(latest, model, optimizer, scheduler)["ppo"]
+    loop = Loop(**state["loop"])
+    save = lambda: {"ppo": {**state, "loop": vars(loop).copy()}}  # noqa: E731
+    loss_fn = make_ppo_loss(cfg, model, rt)
+    for r in range(state["rollout"], len(rollouts)):
+        if state["samples"] is None:  # sample, score, and estimate advantages
+            tic = time.time()
+            chunk = rollouts[r]
+            policy_path = sft_path(cfg)
+            if cfg.generator == "vllm":  # the worker reads the current actor from disk
+                policy_path = str(stage.dir / "rollout_actor")
+                export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
+            generations = distributed_generate(actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir)
+            check_stop(rt, f"[ppo] stopped during rollout {r + 1}'s generation; --resume generates it again")
+            answers = [g[0] for g in generations]
+            scores = rm.score([raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+            room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
+            samples = [Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
+                       for p, a, s, n in zip(chunk, answers, scores, room)]
+            score_rollouts(samples, actor, ref, critic, cfg, rt)
+            state.update(samples=samples, annotations=state["annotations"] + len(samples))
+            state["times"]["sampling_s"] += time.time() - tic
+            stage.log({"rollout": r + 1, "phase": "generate", "prompts": len(samples), "mean_score": float(np.mean(scores)),
+                       "mean_kl": float(np.mean([s.kl for s in samples])), "time_s": time.time() - tic})
+        tic = time.time()
+        batches = epoch_batches(state["samples"], cfg.epochs, cfg.batch_size, cfg.seed * 1000 + r)
+        optimize(stage, model, optimizer, scheduler, batches, loss_fn, loop, f"rollout {r + 1}/{len(rollouts)}", save,
+                 log_extra={"rollout": r + 1}, save_period=cfg.save_every or max(1, math.ceil(steps / 10)))
+        state["times"]["training_s"] += time.time() - tic
+        state.update(rollout=r + 1, samples=None)
+        loop.batch = 0
+    export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    summary = {"annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples, **state["times"],
+               "steps": loop.step, "rollouts": len(rollouts), "total_s": time.time() - started}
     stage.log({"phase": "done", **summary})
     stage.finish(summary)
     return summary
@@ -1788,6 +2085,8 @@ def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
         return run_offline(cfg, rt, method)
     if method == "selective_dpo":
         return run_selective_dpo(cfg, rt)
+    if method == "ppo":
+        return run_ppo(cfg, rt)
     return run_iterative(cfg, rt, method)
 
 

@@ -84,6 +84,11 @@ def test_dpo_and_a_metaapo_iteration_on_one_and_two_processes(model_dirs, tmp_pa
     assert any(not torch.equal(weights[k], start[k]) for k in weights)
     reward = AutoModelForSequenceClassification.from_pretrained(model_dirs[1])
     assert type(reward) is ARCHITECTURES[model_dirs[3]][2]
+    # every parameter trained under FSDP2 too, the root's own (embeddings, final norm) included: the MetaAPO iteration
+    # builds its optimizer after no-grad forwards, which leave those unsharded (trainable_parameters reshards them)
+    before = AutoModelForCausalLM.from_pretrained(two / "dpo" / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(two / "metaapo" / "model").state_dict()
+    assert [k for k in after if torch.equal(after[k], before[k])] == []
 
 
 # ---------------------------------------------------------------------------------------------

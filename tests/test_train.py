@@ -50,11 +50,11 @@ def test_defaults_presets_and_overrides():
     (["--lr=fast"], "--lr: expected float, got 'fast'"),
     (["--batch_size=1.5"], "--batch_size: expected int"),
     (["--resume=maybe"], "--resume: expected bool"),
-    (["--method=ppo"], "--method: must be one of pipeline, sft, rm"),
+    (["--method=rlhf"], "--method: must be one of pipeline, sft, rm"),
+    (["--method=kto", "--batch_size=1"], "--method=kto needs --batch_size of at least 2"),
     (["--sampling=sometimes"], "--sampling: must be one of meta, random, threshold, all"),
     (["--batch_size=0"], "--batch_size: must be at least 1"),
     (["--keep_ratio=0"], "--keep_ratio: must be in"),
-    (["--method=kto", "--micro_batch_size=1"], "--method=kto needs --micro_batch_size of at least 2"),
     (["lr=1"], "unexpected argument 'lr=1'"),
     (["--lr"], "--lr needs a value"),
     # runs that could not train, refused before anything runs
@@ -292,7 +292,9 @@ EVERY_METHOD = [["--method=ipo"], ["--method=kto"], ["--method=simpo"], ["--meth
                 ["--method=metaapo", "--sampling=random"], ["--method=metaapo", "--sampling=all"],
                 ["--method=metaapo", "--weighting=uniform"], ["--method=metaapo", "--weighting=fixed"],
                 ["--method=metaapo", "--keep_unsampled"], ["--method=metaapo", "--meta_depth=5", "--meta_inputs=multi"],
-                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"], ["--method=metaapo", "--meta_input_beta=1"]]
+                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"], ["--method=metaapo", "--meta_input_beta=1"],
+                ["--method=ppo", "--rollout_batch_size=32"], ["--method=kto", "--micro_batch_size=1"], ["--method=ipo", "--ipo_length_normalized"],
+                ["--method=slic", "--slic_nll=mean"]]
 
 
 def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
@@ -306,7 +308,7 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         stage = out / train.stage_name(cfg, cfg.method)
         assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
     assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
-    assert (out / "selective_dpo" / "half0" / "model").exists() and (out / "selective_dpo" / "final" / "model").exists()
+    assert (out / "selective_dpo" / "seed0-half0" / "model").exists() and (out / "selective_dpo" / "final" / "model").exists()
     # the reference code's unscaled input: h sees log sigmoid(Delta), the value terms keep beta
     gating = [json.loads(line) for line in (out / "metaapo-meta_input_beta_1.0" / "iter1" / "gating.jsonl").read_text().splitlines()]
     h = MetaLearner()
