@@ -177,8 +177,8 @@ class Config:
     # --- PPO (OpenRLHF's defaults): actor = the SFT model, critic = the reward model with per-token values
     critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
     kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
-    gae_gamma: float = 1.0
-    gae_lambda: float = 0.95
+    gae_gamma: float = 1.0  # GAE's discount
+    gae_lambda: float = 0.95  # GAE's lambda
     ppo_clip: float = 0.2  # clip of the policy ratio
     value_clip: float = 0.2  # clip of the value change
     rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
