@@ -14,6 +14,11 @@ What it does
   (`model_answer/<name>.jsonl` with question_id / answer_id / model_id / choices / tstamp) and
   MT-Bench (FastChat's `model_answer/<name>.jsonl`, two turns, FastChat's temperatures per
   category). The judging itself (GPT-4o) is the benchmarks' own tools.
+- `--stage_grid`: seed 004's experiment on the toy (train.py --method=stage): starting policies of
+  three strengths x {DPO, SLiC-HF} x {the four fixed schedules off/on x off/on, the stage method};
+  gold after each iteration, the boundary score before each, the on-policy / static gains at each
+  decision and whether the boundary score pointed at the better source, the stage method against
+  the best fixed schedule; results.md, results.json and a plot of the boundary scores.
 - Reward statistics on test_prefs prompts (mean and std of the reward of generated answers, win
   rate against the dataset's chosen answers) and the implicit-reward preference accuracy
   (beta-scaled log-ratio margin > 0 on the test pairs).
@@ -30,6 +35,7 @@ What it does
 
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (24 minutes on 2 CPU cores)
+    python evaluate.py --stage_grid                      # seed 004's grid: static or on-policy data per iteration
     python evaluate.py --compare --seeds=0,1,2,3,4
     python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there, with the stage's config.json
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
@@ -303,6 +309,119 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
     if plots:
         lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+# ==============================================================================================
+# Seed 004's grid: static or on-policy data per iteration, from starting policies of three strengths
+
+# (label, directory, how the starting policy is made): train.py arguments of its stage and the stage
+STAGE_STARTS = [("weak SFT (2 epochs)", "weak", "sft", ["--sft_epochs=2"]),
+                ("SFT (10 epochs, the default)", "sft", "sft", []),
+                ("strong: SFT + DPO warm-up", "strong", "dpo", [])]
+STAGE_SCHEDULES = ["off,off", "off,on", "on,off", "on,on", ""]  # "" = the stage method's own choice
+STAGE_OBJECTIVES = ["dpo", "slic"]
+# Two iterations as in the seed's experiments, over the first 2400 offline pairs (1200 per iteration)
+STAGE_TRAIN_ARGS = ["--method=stage", "--iterations=2", "--max_train_pairs=2400"]
+
+
+def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
+    """Run (or read) every start x objective x schedule of the grid; return its results."""
+    started = time.time()
+    if rt.main:
+        data.ensure_toy_assets(0)
+    train.barrier(rt)
+    shared = train.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
+    train.ensure_stage(shared, rt, "sft")
+    reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
+    starts = {}
+    for label, key, method, extra in STAGE_STARTS:
+        cfg = train.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *rest] + (["--sft_model=" + str(out / "sft" / "sft" / "model")] if method == "dpo" else []))
+        train.ensure_stage(cfg, rt, method)
+        starts[label] = str(out / key / method / "model")
+    base = train.parse_config([f"--out_dir={out}", "--seed=0", *rest])
+    gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
+    runs = []
+    for (label, key, _, _), objective in [(s, o) for s in STAGE_STARTS for o in STAGE_OBJECTIVES]:
+        for schedule in STAGE_SCHEDULES:
+            cfg = train.parse_config([*STAGE_TRAIN_ARGS, f"--out_dir={out / key}", "--seed=0", f"--policy={starts[label]}", f"--objective={objective}",
+                                      f"--reward_model={out / 'sft' / 'rm' / 'model'}", f"--schedule={schedule}", *rest])
+            summary = train.ensure_stage(cfg, rt, "stage")
+            stage = out / key / train.stage_name(cfg, "stage")
+            boundary = [r for r in read_metrics(stage) if r.get("phase") == "boundary"]
+            runs.append({"start": label, "objective": objective, "schedule": schedule or "stage", "time_s": summary["sampling_s"] + summary["training_s"],
+                         "annotation_ratio": summary["annotation_ratio"], "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
+                         "boundary_score": [r["boundary_score"] for r in boundary], "choice": [r["choice"] for r in boundary],
+                         "probe_s": sum(r["time_s"] for r in boundary)})
+            train.print0(rt, f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold {' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, "
+                             f"BS {', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}")
+    return {"runs": runs, "reward_model_accuracy": reward.get("test_accuracy"), "minutes": (time.time() - started) / 60,
+            "findings": stage_findings(runs)}
+
+
+def stage_findings(runs: list[dict]) -> list[dict]:
+    """Per start and objective, at each decision (iteration 1; iteration 2 after static or after
+    on-policy data): the gold gains of on-policy and of static data, their ratio, the boundary
+    score measured there and whether it pointed at the better source; and the stage method's final
+    score against the best fixed schedule's."""
+    findings = []
+    by = {(r["start"], r["objective"], r["schedule"]): r for r in runs}
+    for start, objective in dict.fromkeys((r["start"], r["objective"]) for r in runs):
+        run = lambda schedule: by[(start, objective, schedule)]  # noqa: E731
+        points = [("iteration 1", run("on,on")["gold"][1] - run("on,on")["gold"][0], run("off,off")["gold"][1] - run("off,off")["gold"][0],
+                   run("off,off")["boundary_score"][0])]
+        for first in ("off", "on"):
+            on, off = run(f"{first},on"), run(f"{first},off")
+            points.append((f"iteration 2 after {'static' if first == 'off' else 'on-policy'} data", on["gold"][2] - on["gold"][1],
+                           off["gold"][2] - off["gold"][1], off["boundary_score"][1]))
+        fixed = [run(s) for s in STAGE_SCHEDULES if s]
+        best = max(fixed, key=lambda r: r["gold"][2])
+        findings.append({"start": start, "objective": objective,
+                         "points": [{"at": at, "on_gain": on_gain, "static_gain": off_gain, "ratio": on_gain / off_gain if off_gain else float("nan"),
+                                     "better": "on-policy" if on_gain > off_gain else "static", "boundary_score": bs,
+                                     "predicted": "on-policy" if bs >= 0.5 else "static"} for at, on_gain, off_gain, bs in points],
+                         "stage_gold": run("stage")["gold"][2], "stage_choices": run("stage")["choice"], "best_fixed": best["schedule"],
+                         "best_fixed_gold": best["gold"][2], "stage_extra_s": run("stage")["probe_s"]})
+    return findings
+
+
+def stage_grid_markdown(results: dict, plot: Path | None) -> str:
+    lines = [f"# Seed 004's grid on the toy: static or on-policy data per iteration", "",
+             f"Made by `python evaluate.py --stage_grid` in {results['minutes']:.1f} minutes: DPO and SLiC-HF, two iterations of 1200 "
+             "offline pairs each, from three starting policies; on-policy pairs are the reward model's best and worst of K = 8 answers, "
+             "static pairs the offline ones; the boundary score BS is measured before every iteration on 3% of its prompts (4 answers each "
+             "against the 2 static answers). Gold judge (0-10) on the held-out prompts; one seed.", "",
+             "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | time (s) |", "|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['start']} | {r['objective']} | {r['schedule']} | {' -> '.join(f'{g:.3f}' for g in r['gold'])} | "
+                     f"{', '.join(f'{b:.3f}' for b in r['boundary_score'])} | {', '.join(r['choice']) if r['schedule'] == 'stage' else '-'} | {r['time_s']:.0f} |")
+    lines += ["", "## At each decision: which data helped more, and what BS said", "",
+              "| start | objective | decision | gain on-policy | gain static | on / static | better | BS | BS says |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in results["findings"]:
+        for p in f["points"]:
+            lines.append(f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | {p['ratio']:.2f} | "
+                         f"{p['better']} | {p['boundary_score']:.3f} | {p['predicted']}{'' if p['predicted'] == p['better'] else ' (wrong)'} |")
+    lines += ["", "## The stage method against the best fixed schedule", "", "| start | objective | stage's choices | stage gold | best fixed | its gold | probe time (s) |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | {f['best_fixed']} | {f['best_fixed_gold']:.3f} | "
+              f"{f['stage_extra_s']:.1f} |" for f in results["findings"]]
+    if plot:
+        lines += ["", f"![boundary scores]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
+    """BS before each iteration: every run, coloured by its start, dashed for SLiC-HF."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    colours = dict(zip([s[0] for s in STAGE_STARTS], ["tab:red", "tab:blue", "tab:green"]))
+    for r in results["runs"]:
+        axis.plot([1, 2], r["boundary_score"], marker="o", color=colours[r["start"]], alpha=0.6, linestyle="--" if r["objective"] == "slic" else "-",
+                  label=r["start"] if r["schedule"] == "stage" and r["objective"] == "dpo" else None)
+    axis.axhline(0.5, color="gray", linewidth=0.8)
+    axis.set_xticks([1, 2])
+    axis.set_xlabel("before iteration")
+    axis.set_ylabel("boundary score (on-policy win share)")
+    axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
 
 
 # ==============================================================================================
@@ -713,6 +832,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
     parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (empty: all)")
     parser.add_argument("--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused")
+    parser.add_argument("--stage_grid", action="store_true", help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, stage}")
+    parser.add_argument("--stage_out", default="out/stage_grid", help="--stage_grid: run directory; finished runs in it are reused")
     parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override it")
     parser.add_argument("--scatter_prompts", type=int, default=0, help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all")
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
@@ -760,6 +881,19 @@ def main(argv: list[str] | None = None) -> None:
                 if dynamics:
                     text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
                 (out / "results.md").write_text(text)
+            train.print0(rt, (out / "results.md").read_text() if rt.main else "")
+            return
+        if args.stage_grid:
+            out = Path(args.stage_out)
+            results = stage_grid(out, rest, rt)
+            plot = None
+            try:
+                plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
+            except SystemExit as err:  # no matplotlib: the tables stand without the plot
+                train.print0(rt, str(err))
+            if rt.main:
+                (out / "results.json").write_text(json.dumps(results, indent=2))
+                (out / "results.md").write_text(stage_grid_markdown(results, plot))
             train.print0(rt, (out / "results.md").read_text() if rt.main else "")
             return
         if args.plots:

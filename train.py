@@ -87,9 +87,10 @@ from sample import BACKENDS, generate, make_online_pairs
 # ==============================================================================================
 # Config
 
-METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo", "ppo")
+METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo", "ppo",
+           "stage")
 OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
-ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo")
+ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo", "stage")
 OBJECTIVES = ("dpo", "ipo", "simpo")
 
 
@@ -151,7 +152,7 @@ class Config:
     selective_checkpoints: int = 5  # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
     keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
     adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
-    objective: str = "dpo"  # L_pref of metaapo and the online methods: dpo, ipo or simpo
+    objective: str = "dpo"  # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and stage)
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
     num_samples: int = 8  # K responses per selected prompt
@@ -174,6 +175,11 @@ class Config:
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU
     vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
+    # --- the alignment-stage method (seed 004): static or on-policy data per iteration
+    schedule: str = ""  # stage: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
+    probe_ratio: float = 0.03  # stage: share of an iteration's prompts in its boundary measurement
+    probe_samples: int = 4  # stage: on-policy answers per probe prompt, each compared with the 2 static ones
+    stage_threshold: float = 0.5  # stage: a boundary score at or above it means the fine-tuning stage: on-policy data
     # --- PPO (OpenRLHF's defaults): actor = the SFT model, critic = the reward model with per-token values
     critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
     kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
@@ -217,7 +223,7 @@ PRESETS = {
     "tulu8b": lambda data_seed: dict(model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1),
     "qwen7b": lambda data_seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
 }
-CHOICES = {"method": METHODS, "objective": OBJECTIVES, "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
+CHOICES = {"method": METHODS, "objective": OBJECTIVES + ("slic",), "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
            "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32"),
            "grad_accumulation": ("auto", "unsharded", "sharded"), "slic_nll": ("sum", "mean")}
 
@@ -259,6 +265,7 @@ LIMITS = [
       "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints", "selective_seeds", "selective_checkpoints"),
      lambda v: v >= 1, "at least 1"),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
+    (("probe_samples",), lambda v: v >= 1, "at least 1"),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
     (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "gpus", "gpu_memory_gb", "weight_decay", "meta_weight_decay", "temperature",
       "meta_input_beta", "slic_delta", "slic_nll_weight", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"),
@@ -269,7 +276,8 @@ LIMITS = [
     (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("lr_floor",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("label_smoothing",), lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    (("top_p", "gpu_memory_utilization", "keep_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("top_p", "gpu_memory_utilization", "keep_ratio", "probe_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("stage_threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
 
@@ -290,6 +298,10 @@ def check_config(cfg: Config) -> None:
     if cfg.method == "kto" and cfg.batch_size < 2:
         raise ConfigError("--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another "
                           f"prompt of the batch, got {cfg.batch_size}")
+    if cfg.objective == "slic" and cfg.method not in ("online_dpo", "stage"):
+        raise ConfigError(f"--objective=slic: only --method=online_dpo or stage train on it (SLiC-HF has no preference score), got {cfg.method}")
+    if cfg.schedule and (len(cfg.schedule.split(",")) != cfg.iterations or set(cfg.schedule.split(",")) - {"on", "off"}):
+        raise ConfigError(f"--schedule: one of on or off per iteration, comma-separated ({cfg.iterations} iterations), got {cfg.schedule!r}")
     if cfg.method == "sft" and not cfg.sft_dataset:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
@@ -1208,7 +1220,7 @@ def check_inputs(cfg: Config, method: str) -> None:
     elif method in OFFLINE_METHODS or method == "selective_dpo":
         models = [sft, reference]
     elif method in ITERATIVE_METHODS:
-        models = [policy, reward] + ([] if cfg.objective == "simpo" else [reference])
+        models = [policy, reward] + ([] if cfg.objective in ("simpo", "slic") else [reference])
     elif method == "ppo":
         models = [sft, reward]
     else:  # pipeline
@@ -1225,11 +1237,11 @@ def check_inputs(cfg: Config, method: str) -> None:
 
 def stage_name(cfg: Config, method: str) -> str:
     """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
-    metaapo-sampling_random or online_dpo-objective_simpo."""
-    switches = ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "meta_input_beta", "objective") if method == "metaapo" else (
-        ("objective",) if method in ("online_dpo", "selm") else ())
+    metaapo-sampling_random, online_dpo-objective_simpo or stage-objective_slic-schedule_off-on."""
+    switches = {"metaapo": ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "meta_input_beta", "objective"),
+                "online_dpo": ("objective",), "selm": ("objective",), "stage": ("objective", "schedule")}.get(method, ())
     defaults = Config()
-    return "-".join([method] + [f"{key}_{getattr(cfg, key)}" for key in switches if getattr(cfg, key) != getattr(defaults, key)])
+    return "-".join([method] + [f"{key}_{str(getattr(cfg, key)).replace(',', '-')}" for key in switches if getattr(cfg, key) != getattr(defaults, key)])
 
 
 # ==============================================================================================
@@ -1420,7 +1432,7 @@ def iteration_paths(cfg: Config, stage: Stage, method: str, t: int) -> tuple[str
     Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
     """
     starts = [warm_policy_path(cfg)] + [str(stage.dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
-    if cfg.objective == "simpo":
+    if cfg.objective in ("simpo", "slic"):  # objectives without a reference model
         return starts[t], None
     if method in ("metaapo", "adpo"):
         return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
@@ -1459,15 +1471,61 @@ def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path
     return [generation for k in batches for generation in merged[k]]
 
 
-def select_for_generation(cfg: Config, method: str, meta: MetaController | None, offline_scores: torch.Tensor,
-                          features: torch.Tensor) -> tuple[list[bool], list[float]]:
-    """Algorithm 1 lines 7-12: which offline tuples get online responses, and their weights w."""
+def select_for_generation(cfg: Config, method: str, meta: MetaController | None, offline_scores: torch.Tensor | None,
+                          features: torch.Tensor | None, n: int, boundary: dict | None = None) -> tuple[list[bool], list[float]]:
+    """Algorithm 1 lines 7-12: which of the n offline tuples get online responses, and their weights w."""
     if method == "metaapo":
         decision = meta.gate(offline_scores, features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
         return decision.selected.tolist(), decision.weights.tolist()
     if method == "adpo":  # the tuples whose DPO loss -l_off is below a fixed threshold
         return [-score < cfg.adpo_threshold for score in offline_scores.tolist()], []
-    return [True] * len(features), []  # online_dpo, selm: every prompt
+    if method == "stage":  # every prompt in a fine-tuning (on-policy) iteration, none in an injection (static) one
+        return [boundary["choice"] == "on-policy"] * n, []
+    return [True] * n, []  # online_dpo, selm: every prompt
+
+
+def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[float, int, int, int]:
+    """Seed 004's boundary score from reward-model scores, per prompt its on-policy answers' and its
+    static answers': every on-policy answer is compared with every static answer of its prompt,
+    P(a > b) = sigmoid(r(a) - r(b)) read as a vote for the higher reward; BS = the share of votes
+    the on-policy answers win, a tie counting half. Returns (BS, wins, ties, comparisons)."""
+    wins = ties = comparisons = 0
+    for mine, theirs in zip(own, static):
+        for a in mine:
+            for b in theirs:
+                wins, ties, comparisons = wins + (a > b), ties + (a == b), comparisons + 1
+    return (wins + 0.5 * ties) / max(1, comparisons), wins, ties, comparisons
+
+
+def boundary_measurement(cfg: Config, rt: Runtime, policy, tokenizer, policy_path: str, chunk: list, raw: list, stage: Stage, t: int) -> dict:
+    """Seed 004's alignment-stage boundary, measured before iteration t on the first probe_ratio of
+    its (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
+    with each static answer (the pair's chosen and rejected) by the reward model; the boundary
+    score BS is the share of comparisons the on-policy answers win (ties count half). BS >=
+    stage_threshold: the fine-tuning stage, train on on-policy pairs; below: the injection stage,
+    train on the static pairs. --schedule overrides the choice (BS is still measured and logged)."""
+    tic = time.time()
+    probe = chunk[: max(1, math.ceil(cfg.probe_ratio * len(chunk)))]
+    generations = distributed_generate(policy, tokenizer, [p.prompt_ids for p in probe], policy_path, cfg.probe_samples, cfg, rt,
+                                       cfg.seed * 1000 + 500 + t, stage.dir)
+    rm = load_reward_model(reward_path(cfg), cfg, rt)
+    statics = [(raw[p.index].chosen, raw[p.index].rejected) for p in probe]
+    rewards = rm.score([raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
+                       [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
+                       [done for answers in generations for done in [a.finish_reason == "stop" for a in answers] + [True, True]])
+    del rm
+    group = cfg.probe_samples + 2  # each prompt's on-policy answers, then its 2 static ones
+    score, wins, ties, comparisons = boundary_score([rewards[i: i + cfg.probe_samples] for i in range(0, len(rewards), group)],
+                                                    [rewards[i + cfg.probe_samples: i + group] for i in range(0, len(rewards), group)])
+    schedule = cfg.schedule.split(",") if cfg.schedule else None
+    on_policy = schedule[t] == "on" if schedule else score >= cfg.stage_threshold
+    record = {"boundary_score": score, "wins": wins, "ties": ties, "losses": comparisons - wins - ties, "probe_prompts": len(probe),
+              "annotations": len(rewards), "choice": "on-policy" if on_policy else "static", "by": "schedule" if schedule else "boundary score",
+              "time_s": time.time() - tic}
+    stage.log({"iteration": t + 1, "phase": "boundary", **record})
+    print0(rt, f"[{stage.name}] iteration {t + 1}: boundary score {score:.3f} ({wins} wins, {ties} ties in {comparisons}) -> "
+               f"{record['choice']} data ({record['by']})")
+    return record
 
 
 def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool],
@@ -1483,9 +1541,11 @@ def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: l
             room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
             augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room],
                                                  own_ids=own[j][:room] if own else None))
-    if method in ("online_dpo", "selm", "adpo"):
+    if method in ("online_dpo", "selm", "adpo", "stage"):
         online = [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
                                       online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
+        if method == "stage":  # on-policy pairs in a fine-tuning iteration, the chunk's static pairs in an injection one
+            return online if any(selected) else list(chunk)
         return list(chunk) + online if method == "adpo" else online
     if method == "metaapo" and cfg.keep_unsampled:
         augmented += [dataclasses.replace(chunk[i], online_chosen_ids=chunk[i].chosen_ids, online_rejected_ids=chunk[i].rejected_ids, weight_override=1.0)
@@ -1597,10 +1657,16 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
             # ---- phase 1: meta-weighted adaptive online sampling (Alg. 1 lines 5-13)
             tic = time.time()
             chunk = chunks[t]
-            scores = pair_scores(policy, ref, chunk, cfg, rt)  # l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-            offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
-            features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
-            selected, weights = select_for_generation(cfg, method, meta, offline_scores, features)  # Alg. 1 lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
+            offline_scores = features = boundary = None
+            if method in ("metaapo", "adpo"):
+                scores = pair_scores(policy, ref, chunk, cfg, rt)  # l_off of every tuple under (pi_theta, pi_ref), Eq. 4
+                offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
+                features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
+            else:  # online_dpo, selm, stage: no score decides anything
+                scores = [(None, None)] * len(chunk)
+            if method == "stage":  # the boundary measurement decides the iteration's data
+                boundary = boundary_measurement(cfg, rt, policy, tokenizer, policy_path, chunk, raw, stage, t)
+            selected, weights = select_for_generation(cfg, method, meta, offline_scores, features, len(chunk), boundary)  # Alg. 1 lines 7-8
             chosen = [i for i, s in enumerate(selected) if s]
             generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
                                                cfg, rt, cfg.seed * 1000 + t, stage.dir)  # Alg. 1 line 9: K responses from the current policy
@@ -1620,10 +1686,12 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
                     {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "h_input": score[1], "w": weights[i] if weights else None,
                      "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
             ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if method == "selm" else 1.0)
+            if boundary:  # the probe's reward-model calls count too
+                ratio += boundary["annotations"] / (len(chunk) * cfg.num_samples)
             phase_stats = {"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
                            "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
                            "truncated_candidates": pair_stats.truncated_candidates, "augmented": len(augmented),
-                           "mean_l_off": float(np.mean([x[0] for x in scores])) if scores else float("nan"),
+                           "mean_l_off": float(np.mean([x[0] for x in scores])) if offline_scores is not None else float("nan"),
                            "mean_w": float(np.mean(weights)) if weights else float("nan"),
                            "mean_online_reward": float(np.mean(pair_stats.rewards)) if pair_stats.rewards else float("nan"),
                            "offline_chosen": pair_stats.offline_chosen, "offline_rejected": pair_stats.offline_rejected,
