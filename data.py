@@ -29,7 +29,7 @@ builds the toy assets first; see train.py) and takes its own share of each batch
 
 The toy task
     A prompt asks to sort 3-6 distinct letters from a-j: "ascending : f c h" -> "c f h",
-    "descending : b e a d" -> "e d b a". The gold judge (reward.toy_gold_score) reads the letters
+    "descending : b e a d" -> "e d b a". The gold judge (toy_gold_score, below) reads the letters
     of a response in order, ignores punctuation and phrasing, and scores
     10 * (1 - edit distance to the correct answer / its length), minus a penalty for foreign
     tokens, on UltraFeedback's 0-10 scale. Answers are written by "writers": rule-based noisy
@@ -592,8 +592,11 @@ def split_into_chunks(items: list, n_chunks: int, seed: int) -> list[list]:
     return chunks
 
 
-# ----------------------------------------------------------------------------------------------
-# The embedded toy task (see the module docstring)
+# ==============================================================================================
+# THE EMBEDDED TOY TASK (SPEC section 7; the module docstring describes it). Everything from here to
+# the self-check defines it: prompts, the writers of its answers, its gold judge, the dataset, the
+# tokenizer and the model config. The real-data code above never depends on it.
+# ==============================================================================================
 
 TOY_LETTERS = tuple("abcdefghij")
 TOY_TASKS = ("ascending", "descending")
@@ -713,6 +716,39 @@ TOY_OFFLINE_WRITERS = (
 )
 
 
+# The gold judge: the stand-in for the paper's GPT-4o judge, rating offline answers (with noise) and evaluating
+TOY_FOREIGN_TOKEN_PENALTY = 2.0  # gold points lost per token that is neither a letter nor punctuation
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two sequences (insertions, deletions, substitutions)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def toy_gold_score(prompt: str, response: str) -> float:
+    """The toy task's gold judge, on UltraFeedback's 0-10 scale.
+
+    Reads the letters of the response in order, ignoring the punctuation and phrasing of the
+    writers' styles (",", "[", "]", "answer", ":"), and scores
+        10 * max(0, 1 - edit_distance(letters, correct answer) / len(correct answer))
+    minus 2 points per foreign token (a task word or anything else that is not part of an answer),
+    floored at 0. A correct answer in any style scores 10; an empty answer scores 0.
+    """
+    task, letters = toy_parse_prompt(prompt)
+    target = toy_solve(task, letters)
+    words = response.split()
+    answer = [w for w in words if w in TOY_LETTERS]
+    foreign = sum(w not in TOY_LETTERS and w not in TOY_STYLE_TOKENS for w in words)
+    score = 10.0 * max(0.0, 1.0 - edit_distance(answer, target) / len(target)) - TOY_FOREIGN_TOKEN_PENALTY * foreign
+    return max(0.0, score)
+
+
 def toy_random_prompt(rng: random.Random) -> tuple[str, list[str]]:
     task = rng.choice(TOY_TASKS)
     return task, rng.sample(TOY_LETTERS, rng.randint(TOY_MIN_LETTERS, TOY_MAX_LETTERS))
@@ -721,8 +757,6 @@ def toy_random_prompt(rng: random.Random) -> tuple[str, list[str]]:
 def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]:
     """The toy dataset as rows: `sft` (messages schema) and `train_prefs` / `test_prefs`
     (UltraFeedback-binarized schema). Prompts are unique across all splits."""
-    from reward import toy_gold_score  # reward.py imports this file; importing here keeps import time acyclic
-
     sizes = dict(TOY_SIZES if sizes is None else sizes)
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -817,12 +851,12 @@ def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", siz
     """Build the toy dataset, tokenizer and config for `seed` unless already cached.
 
     The cache lives in `<out_dir>/seed<seed>/`; its manifest records the seed, the sizes and a hash
-    of the code that generated it (this file and reward.py's gold judge), so an edit to either
-    rebuilds the cache instead of silently reusing stale data. The build goes to a temporary directory that is renamed into place,
+    of the code that generated it (this file, gold judge included), so an edit rebuilds the cache
+    instead of silently reusing stale data. The build goes to a temporary directory that is renamed into place,
     so an interrupted build never leaves a half-written cache.
     """
     root = Path(out_dir) / f"seed{seed}"
-    code = hashlib.sha1(b"".join(Path(__file__).with_name(name).read_bytes() for name in ("data.py", "reward.py"))).hexdigest()
+    code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
     manifest = {"seed": seed, "sizes": dict(TOY_SIZES if sizes is None else sizes), "code_sha1": code}
     assets = toy_asset_paths(root)
     manifest_path = root / "manifest.json"
@@ -870,7 +904,6 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from reward import toy_gold_score
 
     assets = ensure_toy_assets(args.seed, args.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(assets.base)

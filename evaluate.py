@@ -231,7 +231,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     for label, method, extra in rows:
         runs = per_seed[label]
 
-        def stat(key):
+        def stat(key, runs=runs):
             values = [r[key] for r in runs if key in r]
             return {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
 
@@ -366,7 +366,7 @@ def stage_findings(runs: list[dict]) -> list[dict]:
     findings = []
     by = {(r["start"], r["objective"], r["schedule"]): r for r in runs}
     for start, objective in dict.fromkeys((r["start"], r["objective"]) for r in runs):
-        run = lambda schedule: by[(start, objective, schedule)]  # noqa: E731
+        run = lambda schedule, start=start, objective=objective: by[(start, objective, schedule)]  # noqa: E731
         points = [("iteration 1", run("on,on")["gold"][1] - run("on,on")["gold"][0], run("off,off")["gold"][1] - run("off,off")["gold"][0],
                    run("off,off")["boundary_score"][0])]
         for first in ("off", "on"):
@@ -385,7 +385,7 @@ def stage_findings(runs: list[dict]) -> list[dict]:
 
 
 def stage_grid_markdown(results: dict, plot: Path | None) -> str:
-    lines = [f"# Seed 004's grid on the toy: static or on-policy data per iteration", "",
+    lines = ["# Seed 004's grid on the toy: static or on-policy data per iteration", "",
              f"Made by `python evaluate.py --stage_grid` in {results['minutes']:.1f} minutes: DPO and SLiC-HF, two iterations of 1200 "
              "offline pairs each, from three starting policies; on-policy pairs are the reward model's best and worst of K = 8 answers, "
              "static pairs the offline ones; the boundary score BS is measured before every iteration on 3% of its prompts (4 answers each "
@@ -771,7 +771,7 @@ def dynamics_markdown(summary: dict) -> str:
     for t, part in summary["sampling"].items():
         a, b = part["sampled"], part["unsampled"]
 
-        def pair(key, fmt):
+        def pair(key, fmt, a=a, b=b):
             return " / ".join("-" if x[key] is None else format(x[key], fmt) for x in (a, b))
 
         lines.append(f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | {pair('mean_gain', '+.3f')} | "
@@ -822,7 +822,7 @@ def default_name(model: str) -> str:
     return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
@@ -845,7 +845,101 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward_stats", action="store_true", help="reward statistics and implicit-reward accuracy on the test split")
     parser.add_argument("--max_prompts", type=int, default=0, help="--reward_stats: test prompts used (0 = all)")
     parser.add_argument("--out", default="", help="where answer files and statistics go (default: <model dir>/../eval, out/eval/<name> for a hub id)")
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def run_compare(args, rest: list[str], rt: train.Runtime) -> None:
+    """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics."""
+    out = Path(args.compare_out)
+    rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
+    results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt)
+    plots, dynamics = [], None
+    seed = results["seeds"][0]
+    metaapo = out / f"seed{seed}" / "metaapo"
+    if (metaapo / "done.json").exists():
+        try:
+            plot_cfg = train.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
+            for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
+                if rt.main:
+                    shutil.copy(plot, out / plot.name)
+                plots.append(out / plot.name)
+        except SystemExit as err:  # no matplotlib: the tables stand without the plots
+            train.print0(rt, str(err))
+        dynamics = json.loads((metaapo / "dynamics.json").read_text())
+    if rt.main:
+        (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
+        text = results_markdown(results, plots, out)
+        if dynamics:
+            text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
+        (out / "results.md").write_text(text)
+    train.print0(rt, (out / "results.md").read_text() if rt.main else "")
+
+
+def run_stage_grid(args, rest: list[str], rt: train.Runtime) -> None:
+    out = Path(args.stage_out)
+    results = stage_grid(out, rest, rt)
+    plot = None
+    try:
+        plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
+    except SystemExit as err:  # no matplotlib: the tables stand without the plot
+        train.print0(rt, str(err))
+    if rt.main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(stage_grid_markdown(results, plot))
+    train.print0(rt, (out / "results.md").read_text() if rt.main else "")
+
+
+def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) -> None:
+    """Benchmark answer files and reward statistics of one model (--policy, else --model)."""
+    model = cfg.policy or cfg.model
+    if args.reward_stats and not cfg.reward_model:
+        raise train.ConfigError("--reward_stats needs --reward_model")
+    if args.alpaca_eval or args.arena_hard or args.mt_bench or args.reward_stats:
+        train.check_model("--policy" if cfg.policy else "--model", model)
+        for flag, path in (("--reward_model", cfg.reward_model if args.reward_stats else ""), ("--reference", cfg.reference)):
+            if path:
+                train.check_model(flag, path, reward=flag == "--reward_model")
+    name = args.name or default_name(model)
+    given = any(arg.split("=")[0] == "--max_new_tokens" for arg in rest)  # answers get the paper's 4096 (B.5) unless told
+    answer_cfg = cfg if given else dataclasses.replace(cfg, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+    out = Path(args.out) if args.out else Path(model).parent / "eval"
+    if not args.out and not Path(model).exists():  # a hub id: not next to it
+        out = Path("out") / "eval" / name
+    written = []
+    if args.alpaca_eval:
+        answers = alpaca_eval_answers(answer_cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)
+        written.append(out / "alpaca_eval" / f"{name}.json")
+        if rt.main:
+            written[-1].parent.mkdir(parents=True, exist_ok=True)
+            written[-1].write_text(json.dumps(answers, indent=2, ensure_ascii=False))
+    if args.arena_hard:
+        answers = arena_hard_answers(answer_cfg, rt, model, args.arena_hard, name, args.arena_temperature)
+        written.append(out / "arena-hard" / "model_answer" / f"{name}.jsonl")
+        if rt.main:
+            data.write_jsonl(written[-1], answers)
+    if args.mt_bench:
+        answers = mt_bench_answers(answer_cfg, rt, model, args.mt_bench, name)
+        written.append(out / "mt_bench" / "model_answer" / f"{name}.jsonl")
+        if rt.main:
+            data.write_jsonl(written[-1], answers)
+    if args.reward_stats:
+        test, _ = train.load_heldout(cfg, "--reward_stats")
+        stats = reward_statistics(cfg, rt, model, cfg.reward_model, test[: args.max_prompts or len(test)])
+        if cfg.reference:  # the implicit reward is a log-ratio against the reference the model was trained with
+            stats.update(implicit_accuracy(cfg, rt, model, cfg.reference))
+        written.append(out / "reward_stats.json")
+        if rt.main:
+            out.mkdir(parents=True, exist_ok=True)
+            written[-1].write_text(json.dumps(stats, indent=2))
+        train.print0(rt, json.dumps(stats, indent=2))
+    if not written and rt.main:
+        raise SystemExit("evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats")
+    for path in written:
+        train.print0(rt, f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = build_parser().parse_known_args(argv)
     try:
         cfg = train.parse_config(rest)
     except train.ConfigError as err:
@@ -859,96 +953,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train.start_wandb(cfg, rt)
         if args.compare:
-            out = Path(args.compare_out)
-            rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
-            results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt)
-            plots, dynamics = [], None
-            seed = results["seeds"][0]
-            metaapo = out / f"seed{seed}" / "metaapo"
-            if (metaapo / "done.json").exists():
-                try:
-                    plot_cfg = train.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
-                    for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
-                        if rt.main:
-                            shutil.copy(plot, out / plot.name)
-                        plots.append(out / plot.name)
-                except SystemExit as err:  # no matplotlib: the tables stand without the plots
-                    train.print0(rt, str(err))
-                dynamics = json.loads((metaapo / "dynamics.json").read_text())
-            if rt.main:
-                (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
-                text = results_markdown(results, plots, out)
-                if dynamics:
-                    text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
-                (out / "results.md").write_text(text)
-            train.print0(rt, (out / "results.md").read_text() if rt.main else "")
-            return
-        if args.stage_grid:
-            out = Path(args.stage_out)
-            results = stage_grid(out, rest, rt)
-            plot = None
-            try:
-                plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
-            except SystemExit as err:  # no matplotlib: the tables stand without the plot
-                train.print0(rt, str(err))
-            if rt.main:
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-                (out / "results.md").write_text(stage_grid_markdown(results, plot))
-            train.print0(rt, (out / "results.md").read_text() if rt.main else "")
-            return
-        if args.plots:
+            run_compare(args, rest, rt)
+        elif args.stage_grid:
+            run_stage_grid(args, rest, rt)
+        elif args.plots:
             stage = Path(args.plots)
             plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)
             train.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
             for plot in plots:
                 train.print0(rt, f"wrote {plot}")
-            return
-        model = cfg.policy or cfg.model  # the model to evaluate
-        if args.reward_stats and not cfg.reward_model:
-            raise train.ConfigError("--reward_stats needs --reward_model")
-        if args.alpaca_eval or args.arena_hard or args.mt_bench or args.reward_stats:
-            train.check_model("--policy" if cfg.policy else "--model", model)
-            for flag, path in (("--reward_model", cfg.reward_model if args.reward_stats else ""), ("--reference", cfg.reference)):
-                if path:
-                    train.check_model(flag, path, reward=flag == "--reward_model")
-        name = args.name or default_name(model)
-        given = any(arg.split("=")[0] == "--max_new_tokens" for arg in rest)  # answers get the paper's 4096 (B.5) unless told
-        answer_cfg = cfg if given else dataclasses.replace(cfg, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
-        out = Path(args.out) if args.out else Path(model).parent / "eval"
-        if not args.out and not Path(model).exists():  # a hub id: not next to it
-            out = Path("out") / "eval" / name
-        written = []
-        if args.alpaca_eval:
-            answers = alpaca_eval_answers(answer_cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)
-            if rt.main:
-                path = out / "alpaca_eval" / f"{name}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(answers, indent=2, ensure_ascii=False))
-                written.append(path)
-        if args.arena_hard:
-            answers = arena_hard_answers(answer_cfg, rt, model, args.arena_hard, name, args.arena_temperature)
-            if rt.main:
-                data.write_jsonl(out / "arena-hard" / "model_answer" / f"{name}.jsonl", answers)
-                written.append(out / "arena-hard" / "model_answer" / f"{name}.jsonl")
-        if args.mt_bench:
-            answers = mt_bench_answers(answer_cfg, rt, model, args.mt_bench, name)
-            if rt.main:
-                data.write_jsonl(out / "mt_bench" / "model_answer" / f"{name}.jsonl", answers)
-                written.append(out / "mt_bench" / "model_answer" / f"{name}.jsonl")
-        if args.reward_stats:
-            test, _ = train.load_heldout(cfg, "--reward_stats")
-            stats = reward_statistics(cfg, rt, model, cfg.reward_model, test[: args.max_prompts or len(test)])
-            if cfg.reference:  # the implicit reward is a log-ratio against the reference the model was trained with
-                stats.update(implicit_accuracy(cfg, rt, model, cfg.reference))
-            if rt.main:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "reward_stats.json").write_text(json.dumps(stats, indent=2))
-                written.append(out / "reward_stats.json")
-            train.print0(rt, json.dumps(stats, indent=2))
-        if not written and rt.main:
-            raise SystemExit("evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats")
-        for path in written:
-            train.print0(rt, f"wrote {path}")
+        else:
+            run_benchmarks(args, cfg, rest, rt)
     except train.Stopped as err:
         print(f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on", file=sys.stderr, flush=True)
         raise SystemExit(128 + train.STOP_SIGNAL[0]) from None

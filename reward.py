@@ -12,8 +12,8 @@ What it does
   gathered, so every rank gets all of them. `from_pretrained` refuses a checkpoint without score
   head weights (a causal LM would get a random head), and the model pools by the tokenizer's pad id.
 - `RuleReward`: a plain function of (prompt text, response text) behind the same `score` API;
-  `toy_gold_judge()` wraps the toy task's gold judge (`toy_gold_score`), the stand-in for the
-  GPT-4o judge, used to rate the toy's offline answers (with noise, in data.py) and to evaluate.
+  `toy_gold_judge()` wraps the toy task's gold judge (`data.toy_gold_score`, part of the toy's
+  definition), the stand-in for the GPT-4o judge.
 
 Run
     python reward.py --model out/toy_rm --input F.jsonl --output G.jsonl   # a trained reward model
@@ -38,45 +38,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from data import (
-    TOY_LETTERS, TOY_STYLE_TOKENS, DataError, collate_sequences, encode_prompt, encode_response, iter_rows, load_tokenizer,
-    toy_parse_prompt, toy_solve, write_jsonl,
-)
+from data import DataError, collate_sequences, encode_prompt, encode_response, iter_rows, load_tokenizer, toy_gold_score, write_jsonl
 
 # ----------------------------------------------------------------------------------------------
-# The toy task's gold judge
-
-TOY_FOREIGN_TOKEN_PENALTY = 2.0  # gold points lost per token that is neither a letter nor punctuation
-
-
-def edit_distance(a: list, b: list) -> int:
-    """Levenshtein distance between two sequences (insertions, deletions, substitutions)."""
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, start=1):
-        current = [i]
-        for j, y in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
-
-
-def toy_gold_score(prompt: str, response: str) -> float:
-    """The toy task's gold judge, on UltraFeedback's 0-10 scale.
-
-    Reads the letters of the response in order, ignoring the punctuation and phrasing of the
-    writers' styles (",", "[", "]", "answer", ":"), and scores
-        10 * max(0, 1 - edit_distance(letters, correct answer) / len(correct answer))
-    minus 2 points per foreign token (a task word or anything else that is not part of an answer),
-    floored at 0. A correct answer in any style scores 10; an empty answer scores 0.
-    """
-    task, letters = toy_parse_prompt(prompt)
-    target = toy_solve(task, letters)
-    words = response.split()
-    answer = [w for w in words if w in TOY_LETTERS]
-    foreign = sum(w not in TOY_LETTERS and w not in TOY_STYLE_TOKENS for w in words)
-    score = 10.0 * max(0.0, 1.0 - edit_distance(answer, target) / len(target)) - TOY_FOREIGN_TOKEN_PENALTY * foreign
-    return max(0.0, score)
-
+# Rule-based rewards
 
 class RuleReward:
     """A rule-based reward: fn(last user message, response text) -> float, with RewardModel's API."""

@@ -829,66 +829,29 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
              save_period: int = 0, before_batch=None) -> list[dict]:
     """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
 
-    Each rank takes a strided share of a batch and splits it into micro-batches; a rank with
-    fewer items runs zero-weighted padding so every rank does the same number of forwards.
     loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
-    batch_size is the global batch's size (pairs, or tokens when `sizes` says so). Gradients are
-    synchronised only on the last micro-batch, clipped, and a non-finite loss or gradient stops
-    the run. A checkpoint (save_state() with model and optimizer) is written every save_every
-    steps of the pass (default: every tenth of it; `save_period`: every that many steps of the
-    stage instead, for stages made of many short passes), once save_minutes have passed since the last,
-    and after the step during which a stop signal came (then Stopped is raised).
+    batch_size is the global batch's size (pairs, or tokens when `sizes` says so); see
+    accumulate_gradients. A checkpoint (save_state() with model and optimizer) is written every
+    save_every steps of the pass (default: every tenth of it; `save_period`: every that many steps
+    of the stage instead, for stages made of many short passes), once save_minutes have passed
+    since the last, and after the step during which a stop signal came (then Stopped is raised).
     before_batch(batch), if given, runs on every rank before a global batch's micro-batches (KTO's
-    reference point over the whole batch). Returns the records logged for each step.
+    reference point over the whole batch); after_step() after each optimizer step, its dict
+    joining the step's record (the meta update). Returns the records logged for each step.
     """
     cfg, rt = stage.cfg, stage.rt
     bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
     records = []
-    micro = cfg.micro_batch_size
     every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
     sync_every_micro_batch = gradients_stay_sharded(cfg, rt, model)
     while loop.batch < len(batches):
         batch = batches[loop.batch]
         if before_batch is not None:
             before_batch(batch)
-        share = batch[rt.rank::rt.world]
-        per_rank = math.ceil(len(batch) / rt.world)
-        n_micro = math.ceil(per_rank / micro)
-        sums: dict[str, float] = {}
-        for m in range(n_micro):
-            items = share[m * micro:(m + 1) * micro]
-            weights = [1.0] * len(items)
-            if not items:  # padding: the same computation, weighted 0
-                items, weights = [batch[0]], [0.0]
-            if rt.fsdp:
-                # reduce-scatter on the last micro-batch only (unsharded fp32 gradients kept until then), or on every
-                # one (gradients stay sharded, at the cost of more communication): grad_accumulation decides
-                model.set_requires_gradient_sync(sync_every_micro_batch or m == n_micro - 1)
-            size = sizes[loop.batch] if sizes is not None else len(batch)
-            loss, metrics = loss_fn(items, torch.tensor(weights, device=rt.device), size, rt.world)
-            loss.backward()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        # two flags ride on the metrics' all-reduce: a stop signal on any rank, and rank 0's clock for save_minutes
-        sums["_stop"] = float(bool(STOP_SIGNAL))
-        sums["_save"] = float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes)
-        keys = sorted(sums)
-        totals = all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
-        metrics = dict(zip(keys, totals))
-        stop, save_due = metrics.pop("_stop") > 0, metrics.pop("_save") > 0
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        loss_value = metrics.get("loss", 0.0)
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            rows = [getattr(item, "index", None) for item in batch[:8]]
-            raise NonFiniteLoss(f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
-                                f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept")
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loop.step += 1
-        loop.batch += 1
+        size = sizes[loop.batch] if sizes is not None else len(batch)
+        sums = accumulate_gradients(stage, model, batch, loss_fn, size, sync_every_micro_batch)
+        metrics, stop, save_due = reduce_metrics(stage, sums)
+        grad_norm = optimizer_step(stage, model, optimizer, scheduler, metrics.get("loss", 0.0), batch, loop, desc)
         record = {"step": loop.step, **(log_extra or {}), "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
         record.update(normalise_metrics(metrics))
         if after_step is not None:
@@ -906,6 +869,61 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
                           + (f"; checkpoint {stage.latest_checkpoint()}" if save_state is not None else "; no checkpoint (none is kept here)"))
     bar.close()
     return records
+
+
+def accumulate_gradients(stage: Stage, model, batch: list, loss_fn, size: float, sync_every_micro_batch: bool) -> dict:
+    """Backward over this rank's strided share of a global batch, in micro-batches; a rank with
+    fewer items runs zero-weighted padding so every rank does the same number of forwards.
+    Gradients are reduced on the last micro-batch only, or on every one (grad_accumulation).
+    Returns the summed metrics of this rank."""
+    cfg, rt = stage.cfg, stage.rt
+    micro = cfg.micro_batch_size
+    share = batch[rt.rank::rt.world]
+    n_micro = math.ceil(math.ceil(len(batch) / rt.world) / micro)
+    sums: dict[str, float] = {}
+    for m in range(n_micro):
+        items = share[m * micro:(m + 1) * micro]
+        weights = [1.0] * len(items)
+        if not items:  # padding: the same computation, weighted 0
+            items, weights = [batch[0]], [0.0]
+        if rt.fsdp:
+            # reduce-scatter on the last micro-batch only (unsharded fp32 gradients kept until then), or on every
+            # one (gradients stay sharded, at the cost of more communication): grad_accumulation decides
+            model.set_requires_gradient_sync(sync_every_micro_batch or m == n_micro - 1)
+        loss, metrics = loss_fn(items, torch.tensor(weights, device=rt.device), size, rt.world)
+        loss.backward()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+def reduce_metrics(stage: Stage, sums: dict) -> tuple[dict, bool, bool]:
+    """Every rank's metric sums added up; two flags ride on the same all-reduce: a stop signal on
+    any rank, and rank 0's clock for save_minutes. Returns (metrics, stop, save due)."""
+    cfg, rt = stage.cfg, stage.rt
+    sums = {**sums, "_stop": float(bool(STOP_SIGNAL)),
+            "_save": float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes)}
+    keys = sorted(sums)
+    metrics = dict(zip(keys, all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+    return metrics, metrics.pop("_stop") > 0, metrics.pop("_save") > 0
+
+
+def optimizer_step(stage: Stage, model, optimizer, scheduler, loss_value: float, batch: list, loop: Loop, desc: str) -> float:
+    """Clip the gradient norm, refuse a non-finite loss or gradient (nothing is saved: the last
+    good checkpoint stays), step optimizer and schedule, advance `loop`; returns the norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        rows = [getattr(item, "index", None) for item in batch[:8]]
+        raise NonFiniteLoss(f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
+                            f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept")
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    loop.batch += 1
+    return grad_norm
 
 
 # ==============================================================================================
@@ -1617,136 +1635,195 @@ def iteration_pass(policy, augmented: list, t: int, cfg: Config):
 
 
 def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
-    """Algorithm 1 for metaapo; online_dpo, selm and adpo in the same iteration structure."""
-    name = stage_name(cfg, method)
-    started = time.time()
-    tokenizer = data.load_tokenizer(warm_policy_path(cfg))
-    offline, raw = train_pairs(cfg, rt, tokenizer)
-    if cfg.iterations > len(offline):
-        raise ConfigError(f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration")
-    stage = Stage(cfg, rt, name)
-    latest = stage.start()
-    chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
-    meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting, cfg.threshold,
-                          seed=cfg.seed, device=rt.device, weight_decay=cfg.meta_weight_decay, grad_clip=cfg.meta_grad_clip) if method == "metaapo" else None
-    state = IterationState(**torch.load(latest / "state.pt", weights_only=False)["iteration_state"]) if latest else IterationState()
-    step = state.loop["step"]
-    for t in range(state.iteration, cfg.iterations):  # for t = 1..T
-        policy_path, ref_path = iteration_paths(cfg, stage, method, t)
-        policy, _ = load_logprob_model(policy_path, cfg, rt, trainable=True)
-        ref = load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-        optimizer = scheduler = loss_fn = after_step = None
-        if latest is not None:  # resuming inside this iteration
-            if state.augmented:  # phase 2 has begun: its optimizer and schedule come back with the policy
-                batches, optimizer, scheduler = iteration_pass(policy, state.augmented, t, cfg)
-            rank_local = stage.load_checkpoint(latest, policy if optimizer is not None else None, optimizer, scheduler)["rank_local"]
-            if meta is not None and state.meta is not None:
-                meta.load_state_dict(state.meta)
-                if rank_local is not None:  # this rank's own share of the meta buffer, not rank 0's
-                    meta.buffer.load_state_dict(rank_local["meta_buffer"])
-                else:  # a rank the checkpoint did not have: no share of its own
-                    meta.buffer.clear()
-            latest = None
-        else:
-            state = dataclasses.replace(state, iteration=t, loop=vars(Loop(step=step)), augmented=None, meta=None)
-        save = lambda: {"iteration_state": {**vars(state), "loop": vars(loop).copy(),  # noqa: E731
-                                            "meta": meta.state_dict() if meta is not None else None},
-                        "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None}
-        loop = Loop(**state.loop)
-        if state.augmented is None:
-            # ---- phase 1: meta-weighted adaptive online sampling (Alg. 1 lines 5-13)
-            tic = time.time()
-            chunk = chunks[t]
-            offline_scores = features = boundary = None
-            if method in ("metaapo", "adpo"):
-                scores = pair_scores(policy, ref, chunk, cfg, rt)  # l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-                offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
-                features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
-            else:  # online_dpo, selm, stage: no score decides anything
-                scores = [(None, None)] * len(chunk)
-            if method == "stage":  # the boundary measurement decides the iteration's data
-                boundary = boundary_measurement(cfg, rt, policy, tokenizer, policy_path, chunk, raw, stage, t)
-            selected, weights = select_for_generation(cfg, method, meta, offline_scores, features, len(chunk), boundary)  # Alg. 1 lines 7-8
-            chosen = [i for i, s in enumerate(selected) if s]
-            generations = distributed_generate(policy, tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
-                                               cfg, rt, cfg.seed * 1000 + t, stage.dir)  # Alg. 1 line 9: K responses from the current policy
-            check_stop(rt, f"[{name}] stopped during iteration {t + 1}'s generation phase; --resume generates it again")
-            rm = load_reward_model(reward_path(cfg), cfg, rt)
-            pool = [((raw[chunk[i].index].chosen, chunk[i].chosen_ids), (raw[chunk[i].index].rejected, chunk[i].rejected_ids)) for i in chosen]
-            pairs, pair_stats = make_online_pairs([raw[chunk[i].index].prompt for i in chosen], generations, rm,
-                                                  offline=pool if method == "selm" else None)  # Alg. 1 lines 10-11: ranked by r, best and worst
-            del rm  # phase 2 does not need it
-            release_memory()
-            # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code takes a greedy one)
-            own = [g[0].token_ids for g in generations] if method == "selm" else None
-            augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # Alg. 1 line 12: D_aug
-            if rt.main:  # per-tuple decisions, for evaluate.py's plots
-                paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
-                data.write_jsonl(stage.dir / f"iter{t + 1}" / "gating.jsonl", [
-                    {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "h_input": score[1], "w": weights[i] if weights else None,
-                     "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
-            ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if method == "selm" else 1.0)
-            if boundary:  # the probe's reward-model calls count too
-                ratio += boundary["annotations"] / (len(chunk) * cfg.num_samples)
-            phase_stats = {"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
-                           "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
-                           "truncated_candidates": pair_stats.truncated_candidates, "augmented": len(augmented),
-                           "mean_l_off": float(np.mean([x[0] for x in scores])) if offline_scores is not None else float("nan"),
-                           "mean_w": float(np.mean(weights)) if weights else float("nan"),
-                           "mean_online_reward": float(np.mean(pair_stats.rewards)) if pair_stats.rewards else float("nan"),
-                           "offline_chosen": pair_stats.offline_chosen, "offline_rejected": pair_stats.offline_rejected,
-                           "time_s": time.time() - tic}
-            stage.log(phase_stats)
-            print0(rt, f"[{name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
-                       f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)")
-            state.times["sampling_s"] += time.time() - tic
-            state.ratios.append(ratio)
-            state.augmented = augmented
-            stage.save_checkpoint(loop.step, None, None, None, save())  # phase boundary; the policy is still policy_path's
-        # ---- phase 2: meta-weighted preference optimisation, one epoch over D_aug (Alg. 1 lines 14-22)
-        if state.augmented:
-            tic = time.time()
-            if optimizer is None:
-                batches, optimizer, scheduler = iteration_pass(policy, state.augmented, t, cfg)
-            loss_fn, after_step = make_iterative_loss(cfg, method, policy, ref, meta, rt)
-            records = optimize(stage, policy, optimizer, scheduler, batches, loss_fn, loop, f"iteration {t + 1}/{cfg.iterations}", save,
-                               after_step, log_extra={"iteration": t + 1})
-            state.times["training_s"] += time.time() - tic
-            dropped = meta.buffer.steps if meta is not None else 0
-            if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
-                meta.buffer.clear()
-            if records:  # after a resume, the summary covers the steps run since
-                stage.log({"iteration": t + 1, "phase": "train", "steps": len(records), "time_s": time.time() - tic,
-                           **{f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
-                              for key in ("loss", "l_off", "l_on", "w", "meta_loss") if any(key in r for r in records)},
-                           "meta_updates": sum("meta_loss" in r for r in records), "meta_steps_dropped": dropped})
-        else:
-            stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
-            print0(rt, f"[{name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
-        # the policy after iteration t, exported: the next iteration starts from it (and later uses it as its reference),
-        # so it keeps the master weights' precision: at lr 5e-7 an iteration's progress is mostly below bf16's resolution
-        export_hf(policy, policy.lm, tokenizer, stage.dir / f"iter{t + 1}" / "model", cfg, rt, prefix="lm.",
-                  dtype=MASTER_DTYPE if t + 1 < cfg.iterations else None)
-        if meta is not None and rt.main:
-            torch.save(meta.state_dict(), stage.dir / f"iter{t + 1}" / "meta_learner.pt")
-        step = loop.step
-        state = dataclasses.replace(state, iteration=t + 1, loop=vars(Loop(step=step)), augmented=None)
-        loop = Loop(step=step)
-        stage.save_checkpoint(step, None, None, None, save())  # phase boundary: iteration t done, the policy is exported
-        del policy, ref, optimizer, scheduler, loss_fn, after_step  # all hold the models: gone before the next iteration loads its own
+    """Algorithm 1 for metaapo; online_dpo, selm, adpo and stage in the same iteration structure.
+    The bookkeeping (data, meta-learner, checkpoints, where a resumed run stopped) is IterativeRun's."""
+    run = IterativeRun(cfg, rt, method)  # D_off cut into D_1..D_T (line 2), h_phi, and a resumed run's position
+    for t in range(run.state.iteration, cfg.iterations):  # Alg. 1 line 3: for t = 1..T
+        policy, ref, policy_path = run.load_models(t)  # pi_theta, and pi_ref as line 23 left it
+        if run.state.augmented is None:  # phase 1 (lines 4-12), unless a resumed run had finished it
+            run.state.augmented = online_sampling(run, t, policy, ref, policy_path)
+            run.save_phase_boundary()
+        preference_optimization(run, t, policy, ref)  # phase 2 (lines 13-22): Eq. 5 steps, Eq. 6 every T_meta
+        run.end_iteration(t, policy)  # line 23: pi_theta exported, the next start and the reference after it
+        del policy, ref
         release_memory()
-    if step == 0:
-        raise NothingTrained(f"[{name}] trained no step in {cfg.iterations} iterations: no offline tuple gave an augmented one "
-                             f"(selected and with an online pair whose rewards differ; see {stage.metrics_path}); the stage is not marked done")
-    if rt.main:
-        copy_tree(stage.dir / f"iter{cfg.iterations}" / "model", stage.model_dir)
-        if meta is not None:
-            torch.save(meta.state_dict(), stage.dir / "meta_learner.pt")
-    barrier(rt)
-    summary = {"annotation_ratio": float(np.mean(state.ratios)) if state.ratios else 0.0, **state.times, "total_s": time.time() - started}
-    stage.log({"phase": "done", **summary})
-    stage.finish(summary)
-    return summary
+    return run.finish()
+
+
+def online_sampling(run: "IterativeRun", t: int, policy, ref, policy_path: str) -> list[PolicyPair]:
+    """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t."""
+    cfg, rt, method, chunk = run.cfg, run.rt, run.method, run.chunks[t]
+    tic = time.time()
+    scores, offline_scores, features, boundary = [(None, None)] * len(chunk), None, None, None
+    if method in ("metaapo", "adpo"):  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
+        scores = pair_scores(policy, ref, chunk, cfg, rt)
+        offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
+        features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
+    if method == "stage":  # seed 004: the boundary measurement decides the iteration's data
+        boundary = boundary_measurement(cfg, rt, policy, run.tokenizer, policy_path, chunk, run.raw, run.stage, t)
+    selected, weights = select_for_generation(cfg, method, run.meta, offline_scores, features, len(chunk), boundary)  # lines 7-8
+    chosen = [i for i, s in enumerate(selected) if s]
+    generations = distributed_generate(policy, run.tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
+                                       cfg, rt, cfg.seed * 1000 + t, run.stage.dir)  # line 9: K responses from pi_theta
+    check_stop(rt, f"[{run.name}] stopped during iteration {t + 1}'s generation phase; --resume generates it again")
+    pairs, pair_stats = annotate(run, chunk, chosen, generations)  # lines 10-11: ranked by r, best and worst
+    # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code takes a greedy one)
+    own = [g[0].token_ids for g in generations] if method == "selm" else None
+    augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # line 12: D_aug
+    run.record_sampling(t, scores, selected, weights, chosen, pairs, pair_stats, augmented, boundary, tic)
+    return augmented
+
+
+def annotate(run: "IterativeRun", chunk: list[PolicyPair], chosen: list[int], generations: list) -> tuple[list, object]:
+    """Alg. 1 lines 10-11: the reward model scores each selected prompt's K answers; its best and
+    worst are the online pair (SELM also ranks the offline pair's two answers with them)."""
+    rm = load_reward_model(reward_path(run.cfg), run.cfg, run.rt)
+    rows = [run.raw[chunk[i].index] for i in chosen]
+    pool = [((row.chosen, chunk[i].chosen_ids), (row.rejected, chunk[i].rejected_ids)) for i, row in zip(chosen, rows)]
+    pairs, stats = make_online_pairs([row.prompt for row in rows], generations, rm, offline=pool if run.method == "selm" else None)
+    del rm  # phase 2 does not need it
+    release_memory()
+    return pairs, stats
+
+
+def preference_optimization(run: "IterativeRun", t: int, policy, ref) -> None:
+    """Phase 2 (Alg. 1 lines 13-22), one epoch over D_aug: each step the Eq. 5 loss on pi_theta and
+    the step's detached scores into the meta buffer; every T_meta steps one Eq. 6 step on h_phi."""
+    cfg, meta = run.cfg, run.meta
+    if not run.state.augmented:
+        run.stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
+        print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
+        return
+    tic = time.time()
+    batches, optimizer, scheduler = run.resumed_pass or iteration_pass(policy, run.state.augmented, t, cfg)
+    loss_fn, after_step = make_iterative_loss(cfg, run.method, policy, ref, meta, run.rt)
+    records = optimize(run.stage, policy, optimizer, scheduler, batches, loss_fn, run.loop, f"iteration {t + 1}/{cfg.iterations}",
+                       run.checkpoint_state, after_step, log_extra={"iteration": t + 1})
+    run.state.times["training_s"] += time.time() - tic
+    dropped = meta.buffer.steps if meta is not None else 0
+    if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
+        meta.buffer.clear()
+    if records:  # after a resume, the summary covers the steps run since
+        means = {f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
+                 for key in ("loss", "l_off", "l_on", "w", "meta_loss") if any(key in r for r in records)}
+        run.stage.log({"iteration": t + 1, "phase": "train", "steps": len(records), "time_s": time.time() - tic, **means,
+                       "meta_updates": sum("meta_loss" in r for r in records), "meta_steps_dropped": dropped})
+
+
+class IterativeRun:
+    """What surrounds Algorithm 1's loop: the tokenized D_off and its chunks, the meta-learner, the
+    stage directory, and the IterationState every checkpoint records. Checkpoints are written at
+    each phase boundary and inside phase 2; a resumed run continues at the iteration, phase and
+    step its last checkpoint reached, with this rank's own share of the meta buffer."""
+
+    def __init__(self, cfg: Config, rt: Runtime, method: str):
+        self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
+        self.started = time.time()
+        self.tokenizer = data.load_tokenizer(warm_policy_path(cfg))
+        offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
+        if cfg.iterations > len(offline):
+            raise ConfigError(f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration")
+        self.stage = Stage(cfg, rt, self.name)
+        self.latest = self.stage.start()
+        self.chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
+        self.meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting, cfg.threshold,
+                                   seed=cfg.seed, device=rt.device, weight_decay=cfg.meta_weight_decay,
+                                   grad_clip=cfg.meta_grad_clip) if method == "metaapo" else None
+        saved = torch.load(self.latest / "state.pt", weights_only=False)["iteration_state"] if self.latest else {}
+        self.state = IterationState(**saved)
+        self.loop = Loop(**self.state.loop)
+        self.resumed_pass = None  # (batches, optimizer, scheduler) restored inside phase 2
+
+    def load_models(self, t: int):
+        """(policy, reference or None, the policy's path) of iteration t; resuming inside it, also
+        the optimizer, schedule and meta-learner as its checkpoint left them."""
+        policy_path, ref_path = iteration_paths(self.cfg, self.stage, self.method, t)
+        policy, _ = load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
+        ref = load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
+        if self.latest is not None:
+            self.resume_inside(t, policy)
+        else:
+            self.state = dataclasses.replace(self.state, iteration=t, loop=vars(Loop(step=self.loop.step)), augmented=None, meta=None)
+            self.loop = Loop(**self.state.loop)
+        return policy, ref, policy_path
+
+    def resume_inside(self, t: int, policy) -> None:
+        optimizer = scheduler = None
+        if self.state.augmented:  # phase 2 has begun: its optimizer and schedule come back with the policy
+            self.resumed_pass = iteration_pass(policy, self.state.augmented, t, self.cfg)
+            _, optimizer, scheduler = self.resumed_pass
+        rank_local = self.stage.load_checkpoint(self.latest, policy if optimizer is not None else None, optimizer, scheduler)["rank_local"]
+        if self.meta is not None and self.state.meta is not None:
+            self.meta.load_state_dict(self.state.meta)
+            if rank_local is not None:  # this rank's own share of the meta buffer, not rank 0's
+                self.meta.buffer.load_state_dict(rank_local["meta_buffer"])
+            else:  # a rank the checkpoint did not have: no share of its own
+                self.meta.buffer.clear()
+        self.latest = None
+
+    def checkpoint_state(self) -> dict:
+        meta = self.meta
+        return {"iteration_state": {**vars(self.state), "loop": vars(self.loop).copy(), "meta": meta.state_dict() if meta else None},
+                "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None}
+
+    def save_phase_boundary(self) -> None:
+        """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
+        self.stage.save_checkpoint(self.loop.step, None, None, None, self.checkpoint_state())
+
+    def record_sampling(self, t: int, scores: list, selected: list[bool], weights: list[float], chosen: list[int], pairs: list,
+                        pair_stats, augmented: list, boundary: dict | None, tic: float) -> None:
+        """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
+        the annotation ratio (reward-model calls per offline tuple, in units of K) and the counts."""
+        cfg, chunk = self.cfg, self.chunks[t]
+        if self.rt.main:
+            paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
+            data.write_jsonl(self.stage.dir / f"iter{t + 1}" / "gating.jsonl", [
+                {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "h_input": score[1], "w": weights[i] if weights else None,
+                 "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
+        ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if self.method == "selm" else 1.0)
+        if boundary:  # the probe's reward-model calls count too
+            ratio += boundary["annotations"] / (len(chunk) * cfg.num_samples)
+        nan_mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+        self.stage.log({"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
+                        "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
+                        "truncated_candidates": pair_stats.truncated_candidates, "augmented": len(augmented),
+                        "mean_l_off": nan_mean([x[0] for x in scores if x[0] is not None]), "mean_w": nan_mean(weights),
+                        "mean_online_reward": nan_mean(pair_stats.rewards), "offline_chosen": pair_stats.offline_chosen,
+                        "offline_rejected": pair_stats.offline_rejected, "time_s": time.time() - tic})
+        print0(self.rt, f"[{self.name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
+                        f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)")
+        self.state.times["sampling_s"] += time.time() - tic
+        self.state.ratios.append(ratio)
+
+    def end_iteration(self, t: int, policy) -> None:
+        """Export the policy after iteration t: the next iteration starts from it and, one later,
+        uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
+        iteration's progress is mostly below bf16's resolution). Then a phase-boundary checkpoint."""
+        export_hf(policy, policy.lm, self.tokenizer, self.stage.dir / f"iter{t + 1}" / "model", self.cfg, self.rt, prefix="lm.",
+                  dtype=MASTER_DTYPE if t + 1 < self.cfg.iterations else None)
+        if self.meta is not None and self.rt.main:
+            torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
+        self.loop = Loop(step=self.loop.step)
+        self.state = dataclasses.replace(self.state, iteration=t + 1, loop=vars(self.loop).copy(), augmented=None)
+        self.resumed_pass = None  # it holds the optimizer: gone before the next iteration loads its models
+        self.save_phase_boundary()
+
+    def finish(self) -> dict:
+        stage = self.stage
+        if self.loop.step == 0:
+            raise NothingTrained(f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an augmented "
+                                 f"one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); "
+                                 "the stage is not marked done")
+        if self.rt.main:
+            copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
+            if self.meta is not None:
+                torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
+        barrier(self.rt)
+        summary = {"annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0, **self.state.times,
+                   "total_s": time.time() - self.started}
+        stage.log({"phase": "done", **summary})
+        stage.finish(summary)
+        return summary
 
 
 # ==============================================================================================
@@ -1885,6 +1962,27 @@ def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
     return ppo_loss
 
 
+def collect_rollout(cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list, raw: list, tokenizer, actor, ref, critic, rm) -> list[Rollout]:
+    """Rollout r: one answer per prompt from the current actor, scored by the reward model, then
+    per-token KL to the SFT model, values and GAE advantages (score_rollouts)."""
+    tic = time.time()
+    policy_path = sft_path(cfg)
+    if cfg.generator == "vllm":  # the worker reads the current actor from disk
+        policy_path = str(stage.dir / "rollout_actor")
+        export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
+    generations = distributed_generate(actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir)
+    check_stop(rt, f"[ppo] stopped during rollout {r + 1}'s generation; --resume generates it again")
+    answers = [g[0] for g in generations]
+    scores = rm.score([raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+    room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
+    samples = [Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
+               for p, a, s, n in zip(chunk, answers, scores, room)]
+    score_rollouts(samples, actor, ref, critic, cfg, rt)
+    stage.log({"rollout": r + 1, "phase": "generate", "prompts": len(samples), "mean_score": float(np.mean(scores)),
+               "mean_kl": float(np.mean([s.kl for s in samples])), "time_s": time.time() - tic})
+    return samples
+
+
 def run_ppo(cfg: Config, rt: Runtime) -> dict:
     """PPO over the offline prompts: rollouts of rollout_batch_size prompts, each one response
     from the actor scored by the reward model, then one pass of PPO steps over them."""
@@ -1917,23 +2015,9 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     for r in range(state["rollout"], len(rollouts)):
         if state["samples"] is None:  # sample, score, and estimate advantages
             tic = time.time()
-            chunk = rollouts[r]
-            policy_path = sft_path(cfg)
-            if cfg.generator == "vllm":  # the worker reads the current actor from disk
-                policy_path = str(stage.dir / "rollout_actor")
-                export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
-            generations = distributed_generate(actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir)
-            check_stop(rt, f"[ppo] stopped during rollout {r + 1}'s generation; --resume generates it again")
-            answers = [g[0] for g in generations]
-            scores = rm.score([raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
-            room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
-            samples = [Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
-                       for p, a, s, n in zip(chunk, answers, scores, room)]
-            score_rollouts(samples, actor, ref, critic, cfg, rt)
+            samples = collect_rollout(cfg, rt, stage, r, rollouts[r], raw, tokenizer, actor, ref, critic, rm)
             state.update(samples=samples, annotations=state["annotations"] + len(samples))
             state["times"]["sampling_s"] += time.time() - tic
-            stage.log({"rollout": r + 1, "phase": "generate", "prompts": len(samples), "mean_score": float(np.mean(scores)),
-                       "mean_kl": float(np.mean([s.kl for s in samples])), "time_s": time.time() - tic})
         tic = time.time()
         batches = epoch_batches(state["samples"], cfg.epochs, cfg.batch_size, cfg.seed * 1000 + r)
         optimize(stage, model, optimizer, scheduler, batches, loss_fn, loop, f"rollout {r + 1}/{len(rollouts)}", save,

@@ -13,7 +13,7 @@ from data import (
     DataError, TokenizedPair, collate_preferences, collate_sequences, encode_prompt, encode_response,
     load_preferences, load_sft, split_into_chunks, tokenize_preferences, tokenize_sft,
 )
-from reward import toy_gold_score
+from data import toy_gold_score
 
 
 def user(text):

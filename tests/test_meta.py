@@ -228,7 +228,7 @@ def test_two_process_gloo_update_keeps_phi_identical(tmp_path):
     single = MetaController(seed=0)
     for rank in (0, 1):
         share = MetaController(seed=0)
-        fill(share, lambda off: off, lambda off: torch.clamp(off + 0.5 - rank, max=0.0), batch=32 + rank, seed=10 + rank)
+        fill(share, lambda off: off, lambda off, rank=rank: torch.clamp(off + 0.5 - rank, max=0.0), batch=32 + rank, seed=10 + rank)
         buffer = share.buffer
         single.buffer.append(torch.tensor(buffer.offline_scores), torch.tensor(buffer.online_scores), torch.tensor(buffer.features))
     stats = single.update()

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
-from data import encode_prompt, encode_response
-from reward import RewardModel, edit_distance, toy_gold_judge, toy_gold_score
+from data import edit_distance, encode_prompt, encode_response, toy_gold_score
+from reward import RewardModel, toy_gold_judge
 
 
 @pytest.mark.parametrize("response", ["a c f", "a , c , f", "[ a c f ]", "answer : a c f"])
