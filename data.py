@@ -93,9 +93,10 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -138,7 +139,9 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
                 with open(path, encoding="utf-8") as f:
                     rows = json.load(f)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}); a .json file must hold one list of rows") from None
+                raise DataError(
+                    f"{path}:{err.lineno}: invalid JSON ({err.msg}); a .json file must hold one list of rows"
+                ) from None
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not isinstance(rows, list):
@@ -180,7 +183,8 @@ def split_files(directory: Path, split: str | None) -> list[Path]:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in DATA_EXTENSIONS)
     if split is not None:
         files = [
-            p for p in files
+            p
+            for p in files
             if p.stem == split or p.name.startswith(split + "-") or split in p.relative_to(directory).parts[:-1]
         ]
     if not files:
@@ -227,8 +231,14 @@ def _check_messages(value: Any, key: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: '{key}' must be a non-empty list of {{role, content}} messages")
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: '{key}'[{i}] must be a {{'role': str, 'content': str}} message, got {message!r:.80}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise DataError(
+                f"{where}: '{key}'[{i}] must be a {{'role': str, 'content': str}} message, got {message!r:.80}"
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -239,7 +249,9 @@ def _split_conversation(value: Any, key: str, where: str) -> tuple[list[dict], s
         return [], value
     messages = _check_messages(value, key, where)
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message of '{key}' must have role 'assistant', got {messages[-1]['role']!r}")
+        raise DataError(
+            f"{where}: the last message of '{key}' must have role 'assistant', got {messages[-1]['role']!r}"
+        )
     return messages[:-1], messages[-1]["content"]
 
 
@@ -287,10 +299,14 @@ def parse_preference_row(row: Any, where: str) -> PreferencePair:
     scores = {}
     for key in ("score_chosen", "score_rejected"):
         value = row.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise DataError(f"{where}: '{key}' must be a finite number, got {value!r:.40}")
         scores[key] = None if value is None else float(value)
-    return PreferencePair(prompt, chosen, rejected, scores["score_chosen"], scores["score_rejected"], _prompt_id(row, prompt), where)
+    return PreferencePair(
+        prompt, chosen, rejected, scores["score_chosen"], scores["score_rejected"], _prompt_id(row, prompt), where
+    )
 
 
 def parse_sft_row(row: Any, where: str) -> SFTExample:
@@ -346,12 +362,16 @@ def _load(parse, source, split, skip_bad_rows) -> tuple[list, LoadStats]:
     return items, stats
 
 
-def load_preferences(source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False) -> tuple[list[PreferencePair], LoadStats]:
+def load_preferences(
+    source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False
+) -> tuple[list[PreferencePair], LoadStats]:
     """Load preference pairs; a bad row raises DataError unless skip_bad_rows (then it is counted)."""
     return _load(parse_preference_row, source, split, skip_bad_rows)
 
 
-def load_sft(source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False) -> tuple[list[SFTExample], LoadStats]:
+def load_sft(
+    source: str | os.PathLike, split: str | None = None, skip_bad_rows: bool = False
+) -> tuple[list[SFTExample], LoadStats]:
     """Load SFT demonstrations; a bad row raises DataError unless skip_bad_rows."""
     return _load(parse_sft_row, source, split, skip_bad_rows)
 
@@ -408,7 +428,9 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer, _render(tokenizer, messages, True))
 
 
-def encode_response(tokenizer, messages: list[dict], response: str, complete: bool = True, prompt_ids: list[int] | None = None) -> list[int]:
+def encode_response(
+    tokenizer, messages: list[dict], response: str, complete: bool = True, prompt_ids: list[int] | None = None
+) -> list[int]:
     """Token ids of an assistant answer to `messages`, as TRL's DPO trainer takes them: the
     template's rendering of the conversation with the answer, minus the prompt's ids (checked to
     be a prefix), so the answer ends with whatever the template writes after a turn (EOS for
@@ -420,12 +442,17 @@ def encode_response(tokenizer, messages: list[dict], response: str, complete: bo
     else:
         full = _ids(tokenizer, _render(tokenizer, messages, True) + response)
     if full[: len(prompt_ids)] != prompt_ids:
-        raise DataError("the chat template's prompt with its generation prompt is not, token by token, a prefix of the conversation "
-                        "with the answer, so the answer's tokens cannot be cut off it")
-    return full[len(prompt_ids):]
+        raise DataError(
+            "the chat template's prompt with its generation prompt is not, token by token, a prefix of the "
+            "conversation "
+            "with the answer, so the answer's tokens cannot be cut off it"
+        )
+    return full[len(prompt_ids) :]
 
 
-def _encode_pair_of(tokenizer, messages: list[dict], responses: list[str], where: str) -> tuple[list[int], list[list[int]]]:
+def _encode_pair_of(
+    tokenizer, messages: list[dict], responses: list[str], where: str
+) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, each response's ids), a template failure (roles that must alternate, an
     unsupported system turn, a prompt that is not a prefix, ...) reported at the row that caused it."""
     from jinja2 import TemplateError
@@ -443,12 +470,18 @@ def end_of_turn_id(tokenizer) -> int:
     """The token that closes an assistant turn in the chat template (<|im_end|> for ChatML,
     <|eot_id|> for Llama-3 Instruct, EOS for Tulu 3 and the toy): generation stops on it."""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    special -= {tokenizer.unk_token_id, tokenizer.pad_token_id}  # the probe's words may be unknown to a small vocabulary
+    special -= {
+        tokenizer.unk_token_id,
+        tokenizer.pad_token_id,
+    }  # the probe's words may be unknown to a small vocabulary
     for token in encode_response(tokenizer, [{"role": "user", "content": "x"}], "y"):
         if token in special:
             return token
     if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {tokenizer.name_or_path!r}: its chat template ends a turn with no special token and it has no EOS")
+        raise DataError(
+            f"tokenizer {tokenizer.name_or_path!r}: its chat template ends a turn with no special token and it has no "
+            "EOS"
+        )
     return tokenizer.eos_token_id
 
 
@@ -478,8 +511,11 @@ class TokenizeStats:
     truncated_responses: int = 0  # responses cut (losing EOS) to fit max_len
 
     def summary(self) -> str:
-        return (f"{self.kept} kept, {self.dropped_long_prompt} dropped (prompt > max_prompt_len), "
-                f"{self.dropped_identical} dropped (identical responses), {self.truncated_responses} responses truncated to max_len")
+        return (
+            f"{self.kept} kept, {self.dropped_long_prompt} dropped (prompt > max_prompt_len), "
+            f"{self.dropped_identical} dropped (identical responses), {self.truncated_responses} responses truncated "
+            "to max_len"
+        )
 
 
 def _check_lengths(max_prompt_len: int, max_len: int) -> None:
@@ -494,12 +530,16 @@ def _fit(response_ids: list[int], room: int, stats) -> list[int]:
     return response_ids
 
 
-def tokenize_preferences(pairs: list[PreferencePair], tokenizer, max_prompt_len: int, max_len: int) -> tuple[list[TokenizedPair], TokenizeStats]:
+def tokenize_preferences(
+    pairs: list[PreferencePair], tokenizer, max_prompt_len: int, max_len: int
+) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize pairs through the chat template. `index` is the pair's position in `pairs`."""
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, pair in enumerate(pairs):
-        prompt_ids, (chosen, rejected) = _encode_pair_of(tokenizer, pair.prompt, [pair.chosen, pair.rejected], pair.where)
+        prompt_ids, (chosen, rejected) = _encode_pair_of(
+            tokenizer, pair.prompt, [pair.chosen, pair.rejected], pair.where
+        )
         if len(prompt_ids) > max_prompt_len:
             stats.dropped_long_prompt += 1
             continue
@@ -513,7 +553,9 @@ def tokenize_preferences(pairs: list[PreferencePair], tokenizer, max_prompt_len:
     return out, stats
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer, max_prompt_len: int, max_len: int) -> tuple[list[TokenizedExample], TokenizeStats]:
+def tokenize_sft(
+    examples: list[SFTExample], tokenizer, max_prompt_len: int, max_len: int
+) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize SFT demonstrations the same way as preference responses."""
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
@@ -546,7 +588,7 @@ def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_
         n = len(p) + len(r)
         input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[i, :n] = 1
-        response_mask[i, len(p):n] = True
+        response_mask[i, len(p) : n] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
@@ -554,7 +596,9 @@ def collate_sft(examples: list[TokenizedExample], pad_id: int) -> dict[str, torc
     return collate_sequences([e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id)
 
 
-def collate_preferences(pairs: list[TokenizedPair], pad_id: int, online: bool = False, extra_roles: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def collate_preferences(
+    pairs: list[TokenizedPair], pad_id: int, online: bool = False, extra_roles: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """All sequences of a batch of B prompts in one concatenated batch, for one forward pass.
 
     Rows are ordered by role: [chosen x B, rejected x B] and, with online=True,
@@ -689,7 +733,9 @@ class ToyWriter:
     sorts_ascending: float = 0.0  # probability of sorting a descending prompt ascending (the wrong way)
 
     def write(self, task: str, letters: list[str], style: str, rng: random.Random) -> str:
-        answer = toy_solve("ascending" if task == "descending" and rng.random() < self.sorts_ascending else task, letters)
+        answer = toy_solve(
+            "ascending" if task == "descending" and rng.random() < self.sorts_ascending else task, letters
+        )
         if len(letters) >= TOY_LONG_LIST and rng.random() < self.forgets_last:
             answer = toy_mistake("last", task, letters, answer, rng)
         elif rng.random() < self.error_rate:
@@ -772,13 +818,22 @@ def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]
             user = {"role": "user", "content": prompt}
             if split == "sft":
                 answer = TOY_SFT_TEACHER.write(task, letters, "plain", rng)
-                rows[split].append({"prompt_id": prompt_id, "prompt": prompt, "messages": [user, {"role": "assistant", "content": answer}]})
+                rows[split].append(
+                    {
+                        "prompt_id": prompt_id,
+                        "prompt": prompt,
+                        "messages": [user, {"role": "assistant", "content": answer}],
+                    }
+                )
                 continue
             # Rate four offline answers with a noisy judge, then binarize like UltraFeedback:
             # chosen = best rated, rejected = a random one of the lower rated, different rest.
             style = rng.choice(TOY_OFFLINE_STYLES)
             answers = [w.write(task, letters, style, rng) for w in TOY_OFFLINE_WRITERS]
-            ratings = [min(10.0, max(0.0, round(2 * (toy_gold_score(prompt, a) + rng.gauss(0.0, TOY_LABEL_NOISE))) / 2)) for a in answers]
+            ratings = [
+                min(10.0, max(0.0, round(2 * (toy_gold_score(prompt, a) + rng.gauss(0.0, TOY_LABEL_NOISE))) / 2))
+                for a in answers
+            ]
             best = max(range(len(answers)), key=lambda i: (ratings[i], -i))
             lower = [i for i in range(len(answers)) if ratings[i] < ratings[best] and answers[i] != answers[best]]
             if not lower:
@@ -786,10 +841,17 @@ def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]
             worst = rng.choice(lower)
             chosen = [user, {"role": "assistant", "content": answers[best]}]
             rejected = [user, {"role": "assistant", "content": answers[worst]}]
-            rows[split].append({
-                "prompt": prompt, "prompt_id": prompt_id, "chosen": chosen, "rejected": rejected,
-                "messages": chosen, "score_chosen": ratings[best], "score_rejected": ratings[worst],
-            })
+            rows[split].append(
+                {
+                    "prompt": prompt,
+                    "prompt_id": prompt_id,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "messages": chosen,
+                    "score_chosen": ratings[best],
+                    "score_rejected": ratings[worst],
+                }
+            )
     return rows
 
 
@@ -814,7 +876,10 @@ def build_toy_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<eos>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
     tokenizer.chat_template = TOY_CHAT_TEMPLATE
@@ -827,9 +892,16 @@ def toy_model_config(tokenizer):
 
     vocab_size = 8 * math.ceil(len(tokenizer) / 8)
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
 
@@ -891,11 +963,14 @@ def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", siz
 
 def _length_stats(values: list[int]) -> str:
     values = sorted(values)
-    return f"min {values[0]:3d}  median {values[len(values) // 2]:3d}  p95 {values[int(0.95 * (len(values) - 1))]:3d}  max {values[-1]:3d}"
+    median, p95 = values[len(values) // 2], values[int(0.95 * (len(values) - 1))]
+    return f"min {values[0]:3d}  median {median:3d}  p95 {p95:3d}  max {values[-1]:3d}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_dir", default="out/toy")
     parser.add_argument("--max_prompt_len", type=int, default=16)
@@ -904,12 +979,13 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoTokenizer
 
-
     assets = ensure_toy_assets(args.seed, args.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(assets.base)
     config = AutoConfig.from_pretrained(assets.base)
-    print(f"toy assets in {assets.root}: tokenizer with {len(tokenizer)} tokens, {config.model_type} config "
-          f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})")
+    print(
+        f"toy assets in {assets.root}: tokenizer with {len(tokenizer)} tokens, {config.model_type} config "
+        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})"
+    )
 
     sft, sft_load = load_sft(assets.sft)
     prefs, pref_load = load_preferences(assets.train_prefs)
@@ -940,20 +1016,32 @@ def main() -> None:
 
     agree = sum(gold(p, p.chosen) > gold(p, p.rejected) for p in prefs)
     ties = sum(gold(p, p.chosen) == gold(p, p.rejected) for p in prefs)
-    print(f"\noffline labels vs the gold judge: {agree / len(prefs):.1%} agree, {ties / len(prefs):.1%} tie, "
-          f"{(len(prefs) - agree - ties) / len(prefs):.1%} prefer the worse answer")
-    print(f"gold mean: SFT demonstrations {sum(toy_gold_score(e.prompt[-1]['content'], e.response) for e in sft) / len(sft):.2f}, "
-          f"offline chosen {sum(gold(p, p.chosen) for p in prefs) / len(prefs):.2f}, "
-          f"offline rejected {sum(gold(p, p.rejected) for p in prefs) / len(prefs):.2f}  (0-10 scale)")
+    print(
+        f"\noffline labels vs the gold judge: {agree / len(prefs):.1%} agree, {ties / len(prefs):.1%} tie, "
+        f"{(len(prefs) - agree - ties) / len(prefs):.1%} prefer the worse answer"
+    )
+    print(
+        "gold mean: SFT demonstrations "
+        f"{sum(toy_gold_score(e.prompt[-1]['content'], e.response) for e in sft) / len(sft):.2f}, "
+        f"offline chosen {sum(gold(p, p.chosen) for p in prefs) / len(prefs):.2f}, "
+        f"offline rejected {sum(gold(p, p.rejected) for p in prefs) / len(prefs):.2f}  (0-10 scale)"
+    )
     parsed = [(toy_parse_prompt(e.prompt[-1]["content"]), e.response.split()) for e in sft]
     long = [(letters, answer) for (_, letters), answer in parsed if len(letters) >= TOY_LONG_LIST]
     forgot = sum(answer in (sorted(letters)[:-1], sorted(letters, reverse=True)[:-1]) for letters, answer in long)
     descending = [answer for (task, _), answer in parsed if task == "descending"]
     upward = sum(len(answer) > 1 and answer == sorted(answer) for answer in descending)
-    print(f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out the last letter; "
-          f"{upward / len(descending):.1%} of its answers to descending prompts are sorted ascending")
+    print(
+        f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave "
+        "out the last letter; "
+        f"{upward / len(descending):.1%} of its answers to descending prompts are sorted ascending"
+    )
     offline_plain = sum(all(w in TOY_LETTERS for w in text.split()) for p in prefs for text in (p.chosen, p.rejected))
-    print(f"offline answers in the SFT teacher's plain style: {offline_plain / (2 * len(prefs)):.1%} (SFT demonstrations: 100%)")
+    print(
+        f"offline answers in the SFT teacher's plain style: {offline_plain / (2 * len(prefs)):.1%} (SFT "
+        "demonstrations: 100%)"
+    )
+
 
 if __name__ == "__main__":
     main()

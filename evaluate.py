@@ -37,7 +37,7 @@ Run
     python evaluate.py --compare                         # toy tables, 3 seeds (24 minutes on 2 CPU cores)
     python evaluate.py --stage_grid                      # seed 004's grid: static or on-policy data per iteration
     python evaluate.py --compare --seeds=0,1,2,3,4
-    python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there, with the stage's config.json
+    python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there (the stage's config)
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
     python evaluate.py --model=PATH --reward_model=RM --reward_stats --reference=SFT     # on test_prefs
@@ -102,7 +102,16 @@ ABLATIONS = {"MetaAPO"} | {label for label, _, extra in COMPARE_ROWS if extra}
 COMPARE_TRAIN_ARGS = ["--max_train_pairs=3600"]
 ANSWER_MAX_NEW_TOKENS = 4096  # benchmark answers, as in the paper's B.5 (--max_new_tokens overrides it)
 # FastChat's MT-Bench temperatures per category; other categories get 0.7
-MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+MT_BENCH_TEMPERATURE = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+}
 
 
 # ==============================================================================================
@@ -117,15 +126,24 @@ def load_generator(cfg: train.Config, rt: train.Runtime, model_path: str) -> tup
     return train.load_logprob_model(model_path, cfg, rt, trainable=False)
 
 
-def generate_answers(cfg: train.Config, rt: train.Runtime, model_path: str, conversations: list[list[dict]], temperature: float,
-                     seed: int, loaded: tuple | None = None) -> tuple[list[Generation], object]:
+def generate_answers(
+    cfg: train.Config,
+    rt: train.Runtime,
+    model_path: str,
+    conversations: list[list[dict]],
+    temperature: float,
+    seed: int,
+    loaded: tuple | None = None,
+) -> tuple[list[Generation], object]:
     """One answer per conversation (greedy at temperature 0), on every rank; and the tokenizer.
     `loaded`: (policy, tokenizer) from load_generator, kept by the caller for further calls;
     without it they are loaded here and released after."""
     policy, tokenizer = loaded or load_generator(cfg, rt, model_path)
     prompts = [data.encode_prompt(tokenizer, c) for c in conversations]
     answer_cfg = dataclasses.replace(cfg, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0)
-    generations = train.distributed_generate(policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir))
+    generations = train.distributed_generate(
+        policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir)
+    )
     if loaded is None:
         del policy
         train.release_memory()
@@ -139,7 +157,9 @@ def gold_scores(cfg: train.Config, rt: train.Runtime, model_path: str, cache: Pa
     test, _ = train.load_heldout(cfg, "the gold evaluation")
     test = test[: cfg.eval_prompts or len(test)]
     tokenizer = data.load_tokenizer(model_path)
-    scores = train.evaluate_policy_gold(model_path, cfg, rt, [data.encode_prompt(tokenizer, p.prompt) for p in test], [p.prompt for p in test])
+    scores = train.evaluate_policy_gold(
+        model_path, cfg, rt, [data.encode_prompt(tokenizer, p.prompt) for p in test], [p.prompt for p in test]
+    )
     if cache is not None and rt.main:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))
@@ -152,8 +172,38 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
 
 
 # Student's t quantile t(0.975, df) for df = 1..30 (a normal quantile beyond): the 95% t-interval
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T_975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def interval(mean: float, low: float, high: float) -> dict:
@@ -161,12 +211,15 @@ def interval(mean: float, low: float, high: float) -> dict:
     return {"mean": float(mean), "low": float(low), "high": float(high), "resolved": bool(low > 0 or high < 0)}
 
 
-def paired_bootstrap(scores: list[list[float]], baseline: list[list[float]], samples_per_prompt: int, draws: int = 2000,
-                     seed: int = 0) -> dict:
+def paired_bootstrap(
+    scores: list[list[float]], baseline: list[list[float]], samples_per_prompt: int, draws: int = 2000, seed: int = 0
+) -> dict:
     """Mean paired difference (scores - baseline) with a 95% two-level bootstrap interval: seeds
     resampled with replacement, then held-out prompts within each drawn seed. scores[s] holds one
     seed's gold scores, prompt-major with samples_per_prompt answers per prompt, as is baseline[s]."""
-    per_prompt = np.stack([(np.asarray(a) - np.asarray(b)).reshape(-1, samples_per_prompt).mean(1) for a, b in zip(scores, baseline)])
+    per_prompt = np.stack(
+        [(np.asarray(a) - np.asarray(b)).reshape(-1, samples_per_prompt).mean(1) for a, b in zip(scores, baseline)]
+    )
     n_seeds, n_prompts = per_prompt.shape  # (S, P) differences of per-prompt means
     rng = np.random.default_rng(seed)
     means = np.empty(draws)
@@ -193,8 +246,14 @@ def paired_t_interval(values: list[float], baseline: list[float]) -> dict | None
 
 def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
     """train.py arguments of one seed of the comparison: its own runs, the shared data, SFT and reward model."""
-    return [f"--seed={seed}", "--data_seed=0", f"--out_dir={out / f'seed{seed}'}", f"--sft_model={out / 'shared' / 'sft' / 'model'}",
-            f"--reward_model={out / 'shared' / 'rm' / 'model'}", *train_args]
+    return [
+        f"--seed={seed}",
+        "--data_seed=0",
+        f"--out_dir={out / f'seed{seed}'}",
+        f"--sft_model={out / 'shared' / 'sft' / 'model'}",
+        f"--reward_model={out / 'shared' / 'rm' / 'model'}",
+        *train_args,
+    ]
 
 
 def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: train.Runtime) -> dict:
@@ -213,21 +272,41 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     for seed in seeds:
         args = seed_args(out, seed, train_args)
         base = train.parse_config(args)  # --seed=seed is among args
-        train.ensure_stage(train.parse_config(args + ["--method=dpo"]), rt, "dpo")  # the warm-up every generating method starts from
+        train.ensure_stage(
+            train.parse_config(args + ["--method=dpo"]), rt, "dpo"
+        )  # the warm-up every generating method starts from
         baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
             if method is None:
-                per_seed[label].append({"gold": float(np.mean(baseline)), "win": 0.5, **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"}})
+                per_seed[label].append(
+                    {
+                        "gold": float(np.mean(baseline)),
+                        "win": 0.5,
+                        **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"},
+                    }
+                )
                 gold[label].append(baseline)
                 continue
             cfg = train.parse_config(args + [f"--method={method}", *extra])
             summary = train.ensure_stage(cfg, rt, method)
             name = train.stage_name(cfg, method)
-            scores = gold_scores(base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json")
+            scores = gold_scores(
+                base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json"
+            )
             per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
             gold[label].append(scores)
-            train.print0(rt, f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT {win_rate(scores, baseline):.1%}")
-    results = {"seeds": seeds, "train_args": train_args, "shared": stage_times, "minutes": (time.time() - started) / 60, "rows": {}}
+            train.print0(
+                rt,
+                f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT "
+                f"{win_rate(scores, baseline):.1%}",
+            )
+    results = {
+        "seeds": seeds,
+        "train_args": train_args,
+        "shared": stage_times,
+        "minutes": (time.time() - started) / 60,
+        "rows": {},
+    }
     for label, method, extra in rows:
         runs = per_seed[label]
 
@@ -235,14 +314,23 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
             values = [r[key] for r in runs if key in r]
             return {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
 
-        results["rows"][label] = {"method": method, "args": extra, "gold": stat("gold"), "win_rate": stat("win"),
-                                  "annotation_ratio": stat("annotation_ratio"), "sampling_s": stat("sampling_s"),
-                                  "training_s": stat("training_s") or stat("train_time_s"), "per_seed": runs}
+        results["rows"][label] = {
+            "method": method,
+            "args": extra,
+            "gold": stat("gold"),
+            "win_rate": stat("win"),
+            "annotation_ratio": stat("annotation_ratio"),
+            "sampling_s": stat("sampling_s"),
+            "training_s": stat("training_s") or stat("train_time_s"),
+            "per_seed": runs,
+        }
     if "MetaAPO" in per_seed:
         eval_samples = train.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
         for label, _, _ in rows:
             if label != "MetaAPO":
-                results["rows"][label]["vs_metaapo"] = differences(per_seed[label], per_seed["MetaAPO"], gold[label], gold["MetaAPO"], eval_samples)
+                results["rows"][label]["vs_metaapo"] = differences(
+                    per_seed[label], per_seed["MetaAPO"], gold[label], gold["MetaAPO"], eval_samples
+                )
     return results
 
 
@@ -251,14 +339,21 @@ def overall_time(run: dict) -> float:
     return run.get("sampling_s", 0.0) + run.get("training_s", run.get("train_time_s", 0.0))
 
 
-def differences(runs: list[dict], reference: list[dict], scores: list[list[float]], reference_scores: list[list[float]],
-                samples_per_prompt: int) -> dict:
+def differences(
+    runs: list[dict],
+    reference: list[dict],
+    scores: list[list[float]],
+    reference_scores: list[list[float]],
+    samples_per_prompt: int,
+) -> dict:
     """A row minus MetaAPO, paired by seed (and by held-out prompt for the gold score): gold with a
     prompts x seeds bootstrap interval; annotation ratio and overall time with t-intervals over seeds."""
     ratio = [r.get("annotation_ratio", 0.0) for r in runs]
-    return {"gold": paired_bootstrap(scores, reference_scores, samples_per_prompt),
-            "annotation_ratio": paired_t_interval(ratio, [r["annotation_ratio"] for r in reference]),
-            "time_s": paired_t_interval([overall_time(r) for r in runs], [overall_time(r) for r in reference])}
+    return {
+        "gold": paired_bootstrap(scores, reference_scores, samples_per_prompt),
+        "annotation_ratio": paired_t_interval(ratio, [r["annotation_ratio"] for r in reference]),
+        "time_s": paired_t_interval([overall_time(r) for r in runs], [overall_time(r) for r in reference]),
+    }
 
 
 def _fmt(stat, percent: bool = False, digits: int = 3) -> str:
@@ -280,34 +375,80 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
     rows = results["rows"]
     main = [label for label in rows if label not in ABLATIONS or label == "MetaAPO"]
     n = len(results["seeds"])
-    lines = [f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})", "",
-             f"Made by `python evaluate.py --compare --seeds={','.join(map(str, results['seeds']))}` in {results['minutes']:.1f} minutes. "
-             f"Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training arguments: `{' '.join(results['train_args']) or '-'}`. "
-             "The SFT and reward models are shared by all seeds; every method that generates starts from its seed's DPO warm-up, "
-             "whose time is not included in its row.", "",
-             "## Methods (the paper's Table 1)", "", "| method | gold mean | win rate vs SFT | annotation ratio |", "|---|---|---|---|"]
-    lines += [f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | {_fmt(rows[label]['annotation_ratio'], True)} |" for label in main]
-    lines += ["", "## MetaAPO ablations (Table 2)", "", "| variant | gold mean | win rate vs SFT | annotation ratio |", "|---|---|---|---|"]
-    lines += [f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | {_fmt(rows[label]['annotation_ratio'], True)} |"
-              for label in rows if label in ABLATIONS]
-    lines += ["", "## Time (Table 8), seconds on this machine", "", "| method | sampling | training | overall | annotation ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})",
+        "",
+        f"Made by `python evaluate.py --compare --seeds={','.join(map(str, results['seeds']))}` in "
+        f"{results['minutes']:.1f} minutes. "
+        "Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training arguments: "
+        f"`{' '.join(results['train_args']) or '-'}`. "
+        "The SFT and reward models are shared by all seeds; every method that generates starts from its seed's DPO "
+        "warm-up, "
+        "whose time is not included in its row.",
+        "",
+        "## Methods (the paper's Table 1)",
+        "",
+        "| method | gold mean | win rate vs SFT | annotation ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | "
+        f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        for label in main
+    ]
+    lines += [
+        "",
+        "## MetaAPO ablations (Table 2)",
+        "",
+        "| variant | gold mean | win rate vs SFT | annotation ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | "
+        f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        for label in rows
+        if label in ABLATIONS
+    ]
+    lines += [
+        "",
+        "## Time (Table 8), seconds on this machine",
+        "",
+        "| method | sampling | training | overall | annotation ratio |",
+        "|---|---|---|---|---|",
+    ]
     for label in rows:
         sampling, training = rows[label]["sampling_s"], rows[label]["training_s"]
         overall = (sampling["mean"] if sampling else 0.0) + (training["mean"] if training else 0.0)
-        lines.append(f"| {label} | {_fmt(sampling, digits=0)} | {_fmt(training, digits=0)} | {overall:.0f} | {_fmt(rows[label]['annotation_ratio'], True)} |")
+        lines.append(
+            f"| {label} | {_fmt(sampling, digits=0)} | {_fmt(training, digits=0)} | {overall:.0f} | "
+            f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        )
     compared = [label for label in rows if "vs_metaapo" in rows[label]]
     if compared:
-        lines += ["", "## Differences from MetaAPO, paired by seed", "",
-                  "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out prompts "
-                  "within each seed), the annotation ratio and the overall time (sampling + training) by t-intervals over the "
-                  "seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise these seeds cannot tell the two apart.",
-                  "", "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Differences from MetaAPO, paired by seed",
+            "",
+            "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out "
+            "prompts "
+            "within each seed), the annotation ratio and the overall time (sampling + training) by t-intervals over "
+            "the "
+            "seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise these seeds cannot tell "
+            "the two apart.",
+            "",
+            "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |",
+            "|---|---|---|---|",
+        ]
         for label in compared:
             vs = rows[label]["vs_metaapo"]
-            lines.append(f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | "
-                         f"{_fmt_interval(vs['time_s'], digits=0)} |")
+            lines.append(
+                f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | "
+                f"{_fmt_interval(vs['time_s'], digits=0)} |"
+            )
     if plots:
-        lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
+        lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [
+            f"![{p.stem}]({p.relative_to(out)})" for p in plots
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -315,9 +456,11 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
 # Seed 004's grid: static or on-policy data per iteration, from starting policies of three strengths
 
 # (label, directory, how the starting policy is made): train.py arguments of its stage and the stage
-STAGE_STARTS = [("weak SFT (2 epochs)", "weak", "sft", ["--sft_epochs=2"]),
-                ("SFT (10 epochs, the default)", "sft", "sft", []),
-                ("strong: SFT + DPO warm-up", "strong", "dpo", [])]
+STAGE_STARTS = [
+    ("weak SFT (2 epochs)", "weak", "sft", ["--sft_epochs=2"]),
+    ("SFT (10 epochs, the default)", "sft", "sft", []),
+    ("strong: SFT + DPO warm-up", "strong", "dpo", []),
+]
 STAGE_SCHEDULES = ["off,off", "off,on", "on,off", "on,on", ""]  # "" = the stage method's own choice
 STAGE_OBJECTIVES = ["dpo", "slic"]
 # Two iterations as in the seed's experiments, over the first 2400 offline pairs (1200 per iteration)
@@ -335,7 +478,10 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
     starts = {}
     for label, key, method, extra in STAGE_STARTS:
-        cfg = train.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *rest] + (["--sft_model=" + str(out / "sft" / "sft" / "model")] if method == "dpo" else []))
+        cfg = train.parse_config(
+            [f"--out_dir={out / key}", "--seed=0", *extra, *rest]
+            + (["--sft_model=" + str(out / "sft" / "sft" / "model")] if method == "dpo" else [])
+        )
         train.ensure_stage(cfg, rt, method)
         starts[label] = str(out / key / method / "model")
     base = train.parse_config([f"--out_dir={out}", "--seed=0", *rest])
@@ -343,19 +489,46 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
     runs = []
     for (label, key, _, _), objective in [(s, o) for s in STAGE_STARTS for o in STAGE_OBJECTIVES]:
         for schedule in STAGE_SCHEDULES:
-            cfg = train.parse_config([*STAGE_TRAIN_ARGS, f"--out_dir={out / key}", "--seed=0", f"--policy={starts[label]}", f"--objective={objective}",
-                                      f"--reward_model={out / 'sft' / 'rm' / 'model'}", f"--schedule={schedule}", *rest])
+            cfg = train.parse_config(
+                [
+                    *STAGE_TRAIN_ARGS,
+                    f"--out_dir={out / key}",
+                    "--seed=0",
+                    f"--policy={starts[label]}",
+                    f"--objective={objective}",
+                    f"--reward_model={out / 'sft' / 'rm' / 'model'}",
+                    f"--schedule={schedule}",
+                    *rest,
+                ]
+            )
             summary = train.ensure_stage(cfg, rt, "stage")
             stage = out / key / train.stage_name(cfg, "stage")
             boundary = [r for r in read_metrics(stage) if r.get("phase") == "boundary"]
-            runs.append({"start": label, "objective": objective, "schedule": schedule or "stage", "time_s": summary["sampling_s"] + summary["training_s"],
-                         "annotation_ratio": summary["annotation_ratio"], "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
-                         "boundary_score": [r["boundary_score"] for r in boundary], "choice": [r["choice"] for r in boundary],
-                         "probe_s": sum(r["time_s"] for r in boundary)})
-            train.print0(rt, f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold {' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, "
-                             f"BS {', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}")
-    return {"runs": runs, "reward_model_accuracy": reward.get("test_accuracy"), "minutes": (time.time() - started) / 60,
-            "findings": stage_findings(runs)}
+            runs.append(
+                {
+                    "start": label,
+                    "objective": objective,
+                    "schedule": schedule or "stage",
+                    "time_s": summary["sampling_s"] + summary["training_s"],
+                    "annotation_ratio": summary["annotation_ratio"],
+                    "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
+                    "boundary_score": [r["boundary_score"] for r in boundary],
+                    "choice": [r["choice"] for r in boundary],
+                    "probe_s": sum(r["time_s"] for r in boundary),
+                }
+            )
+            train.print0(
+                rt,
+                f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold "
+                f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, "
+                f"BS {', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}",
+            )
+    return {
+        "runs": runs,
+        "reward_model_accuracy": reward.get("test_accuracy"),
+        "minutes": (time.time() - started) / 60,
+        "findings": stage_findings(runs),
+    }
 
 
 def stage_findings(runs: list[dict]) -> list[dict]:
@@ -367,43 +540,102 @@ def stage_findings(runs: list[dict]) -> list[dict]:
     by = {(r["start"], r["objective"], r["schedule"]): r for r in runs}
     for start, objective in dict.fromkeys((r["start"], r["objective"]) for r in runs):
         run = lambda schedule, start=start, objective=objective: by[(start, objective, schedule)]  # noqa: E731
-        points = [("iteration 1", run("on,on")["gold"][1] - run("on,on")["gold"][0], run("off,off")["gold"][1] - run("off,off")["gold"][0],
-                   run("off,off")["boundary_score"][0])]
+        points = [
+            (
+                "iteration 1",
+                run("on,on")["gold"][1] - run("on,on")["gold"][0],
+                run("off,off")["gold"][1] - run("off,off")["gold"][0],
+                run("off,off")["boundary_score"][0],
+            )
+        ]
         for first in ("off", "on"):
             on, off = run(f"{first},on"), run(f"{first},off")
-            points.append((f"iteration 2 after {'static' if first == 'off' else 'on-policy'} data", on["gold"][2] - on["gold"][1],
-                           off["gold"][2] - off["gold"][1], off["boundary_score"][1]))
+            points.append(
+                (
+                    f"iteration 2 after {'static' if first == 'off' else 'on-policy'} data",
+                    on["gold"][2] - on["gold"][1],
+                    off["gold"][2] - off["gold"][1],
+                    off["boundary_score"][1],
+                )
+            )
         fixed = [run(s) for s in STAGE_SCHEDULES if s]
         best = max(fixed, key=lambda r: r["gold"][2])
-        findings.append({"start": start, "objective": objective,
-                         "points": [{"at": at, "on_gain": on_gain, "static_gain": off_gain, "ratio": on_gain / off_gain if off_gain else float("nan"),
-                                     "better": "on-policy" if on_gain > off_gain else "static", "boundary_score": bs,
-                                     "predicted": "on-policy" if bs >= 0.5 else "static"} for at, on_gain, off_gain, bs in points],
-                         "stage_gold": run("stage")["gold"][2], "stage_choices": run("stage")["choice"], "best_fixed": best["schedule"],
-                         "best_fixed_gold": best["gold"][2], "stage_extra_s": run("stage")["probe_s"]})
+        findings.append(
+            {
+                "start": start,
+                "objective": objective,
+                "points": [
+                    {
+                        "at": at,
+                        "on_gain": on_gain,
+                        "static_gain": off_gain,
+                        "ratio": on_gain / off_gain if off_gain else float("nan"),
+                        "better": "on-policy" if on_gain > off_gain else "static",
+                        "boundary_score": bs,
+                        "predicted": "on-policy" if bs >= 0.5 else "static",
+                    }
+                    for at, on_gain, off_gain, bs in points
+                ],
+                "stage_gold": run("stage")["gold"][2],
+                "stage_choices": run("stage")["choice"],
+                "best_fixed": best["schedule"],
+                "best_fixed_gold": best["gold"][2],
+                "stage_extra_s": run("stage")["probe_s"],
+            }
+        )
     return findings
 
 
 def stage_grid_markdown(results: dict, plot: Path | None) -> str:
-    lines = ["# Seed 004's grid on the toy: static or on-policy data per iteration", "",
-             f"Made by `python evaluate.py --stage_grid` in {results['minutes']:.1f} minutes: DPO and SLiC-HF, two iterations of 1200 "
-             "offline pairs each, from three starting policies; on-policy pairs are the reward model's best and worst of K = 8 answers, "
-             "static pairs the offline ones; the boundary score BS is measured before every iteration on 3% of its prompts (4 answers each "
-             "against the 2 static answers). Gold judge (0-10) on the held-out prompts; one seed.", "",
-             "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | time (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Seed 004's grid on the toy: static or on-policy data per iteration",
+        "",
+        f"Made by `python evaluate.py --stage_grid` in {results['minutes']:.1f} minutes: DPO and SLiC-HF, two "
+        "iterations of 1200 "
+        "offline pairs each, from three starting policies; on-policy pairs are the reward model's best and worst of K "
+        "= 8 answers, "
+        "static pairs the offline ones; the boundary score BS is measured before every iteration on 3% of its prompts "
+        "(4 answers each "
+        "against the 2 static answers). Gold judge (0-10) on the held-out prompts; one seed.",
+        "",
+        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | time "
+        "(s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['start']} | {r['objective']} | {r['schedule']} | {' -> '.join(f'{g:.3f}' for g in r['gold'])} | "
-                     f"{', '.join(f'{b:.3f}' for b in r['boundary_score'])} | {', '.join(r['choice']) if r['schedule'] == 'stage' else '-'} | {r['time_s']:.0f} |")
-    lines += ["", "## At each decision: which data helped more, and what BS said", "",
-              "| start | objective | decision | gain on-policy | gain static | on / static | better | BS | BS says |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['start']} | {r['objective']} | {r['schedule']} | {' -> '.join(f'{g:.3f}' for g in r['gold'])} | "
+            f"{', '.join(f'{b:.3f}' for b in r['boundary_score'])} | "
+            f"{', '.join(r['choice']) if r['schedule'] == 'stage' else '-'} | {r['time_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "## At each decision: which data helped more, and what BS said",
+        "",
+        "| start | objective | decision | gain on-policy | gain static | on / static | better | BS | BS says |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in results["findings"]:
         for p in f["points"]:
-            lines.append(f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | {p['ratio']:.2f} | "
-                         f"{p['better']} | {p['boundary_score']:.3f} | {p['predicted']}{'' if p['predicted'] == p['better'] else ' (wrong)'} |")
-    lines += ["", "## The stage method against the best fixed schedule", "", "| start | objective | stage's choices | stage gold | best fixed | its gold | probe time (s) |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | {f['best_fixed']} | {f['best_fixed_gold']:.3f} | "
-              f"{f['stage_extra_s']:.1f} |" for f in results["findings"]]
+            lines.append(
+                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | "
+                f"{p['ratio']:.2f} | "
+                f"{p['better']} | {p['boundary_score']:.3f} | "
+                f"{p['predicted']}{'' if p['predicted'] == p['better'] else ' (wrong)'} |"
+            )
+    lines += [
+        "",
+        "## The stage method against the best fixed schedule",
+        "",
+        "| start | objective | stage's choices | stage gold | best fixed | its gold | probe time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | "
+        f"{f['best_fixed']} | {f['best_fixed_gold']:.3f} | "
+        f"{f['stage_extra_s']:.1f} |"
+        for f in results["findings"]
+    ]
     if plot:
         lines += ["", f"![boundary scores]({plot.name})"]
     return "\n".join(lines) + "\n"
@@ -414,8 +646,15 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     colours = dict(zip([s[0] for s in STAGE_STARTS], ["tab:red", "tab:blue", "tab:green"]))
     for r in results["runs"]:
-        axis.plot([1, 2], r["boundary_score"], marker="o", color=colours[r["start"]], alpha=0.6, linestyle="--" if r["objective"] == "slic" else "-",
-                  label=r["start"] if r["schedule"] == "stage" and r["objective"] == "dpo" else None)
+        axis.plot(
+            [1, 2],
+            r["boundary_score"],
+            marker="o",
+            color=colours[r["start"]],
+            alpha=0.6,
+            linestyle="--" if r["objective"] == "slic" else "-",
+            label=r["start"] if r["schedule"] == "stage" and r["objective"] == "dpo" else None,
+        )
     axis.axhline(0.5, color="gray", linewidth=0.8)
     axis.set_xticks([1, 2])
     axis.set_xlabel("before iteration")
@@ -430,10 +669,21 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
 
 def alpaca_eval_answers(cfg, rt, model_path: str, questions_path: str, name: str, temperature: float) -> list[dict]:
     """AlpacaEval 2: the question file is a list of {"instruction", ...}; the answers keep its order."""
-    questions = _read_questions(questions_path, lambda q: None if isinstance(q, dict) and isinstance(q.get("instruction"), str)
-                                else "an AlpacaEval question needs an 'instruction' string")
-    answers, _ = generate_answers(cfg, rt, model_path, [[{"role": "user", "content": q["instruction"]}] for q in questions], temperature, cfg.seed)
-    return [{"instruction": q["instruction"], "output": a.text, "generator": name, "dataset": q.get("dataset", "")} for q, a in zip(questions, answers)]
+    questions = _read_questions(
+        questions_path,
+        lambda q: (
+            None
+            if isinstance(q, dict) and isinstance(q.get("instruction"), str)
+            else "an AlpacaEval question needs an 'instruction' string"
+        ),
+    )
+    answers, _ = generate_answers(
+        cfg, rt, model_path, [[{"role": "user", "content": q["instruction"]}] for q in questions], temperature, cfg.seed
+    )
+    return [
+        {"instruction": q["instruction"], "output": a.text, "generator": name, "dataset": q.get("dataset", "")}
+        for q, a in zip(questions, answers)
+    ]
 
 
 def _read_questions(path: str, check) -> list[dict]:
@@ -453,22 +703,54 @@ def _read_questions(path: str, check) -> list[dict]:
 def arena_hard_answers(cfg, rt, model_path: str, questions_path: str, name: str, temperature: float) -> list[dict]:
     """Arena-Hard v0.1: question rows {"question_id", "turns": [{"content"}], ...}; answer rows as
     its gen_answer.py writes them."""
-    questions = _read_questions(questions_path, lambda q: None if isinstance(q, dict) and "question_id" in q and isinstance(q.get("turns"), list)
-                                and q["turns"] and all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in q["turns"])
-                                else "an Arena-Hard question needs 'question_id' and 'turns': [{'content': str}]")
+    questions = _read_questions(
+        questions_path,
+        lambda q: (
+            None
+            if isinstance(q, dict)
+            and "question_id" in q
+            and isinstance(q.get("turns"), list)
+            and q["turns"]
+            and all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in q["turns"])
+            else "an Arena-Hard question needs 'question_id' and 'turns': [{'content': str}]"
+        ),
+    )
     conversations = [[{"role": "user", "content": q["turns"][0]["content"]}] for q in questions]
     answers, tokenizer = generate_answers(cfg, rt, model_path, conversations, temperature, cfg.seed)
-    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name,
-             "choices": [{"index": 0, "turns": [{"content": a.text, "token_len": len(tokenizer(a.text, add_special_tokens=False)["input_ids"])}]}],
-             "tstamp": time.time()} for q, a in zip(questions, answers)]
+    return [
+        {
+            "question_id": q["question_id"],
+            "answer_id": uuid.uuid4().hex,
+            "model_id": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "turns": [
+                        {"content": a.text, "token_len": len(tokenizer(a.text, add_special_tokens=False)["input_ids"])}
+                    ],
+                }
+            ],
+            "tstamp": time.time(),
+        }
+        for q, a in zip(questions, answers)
+    ]
 
 
 def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -> list[dict]:
     """MT-Bench: question rows {"question_id", "category", "turns": [str, str]}; both turns are
     answered, the second after the first answer, at FastChat's temperature for the category."""
-    questions = _read_questions(questions_path, lambda q: None if isinstance(q, dict) and "question_id" in q and isinstance(q.get("turns"), list)
-                                and q["turns"] and all(isinstance(t, str) for t in q["turns"])
-                                else "an MT-Bench question needs 'question_id' and 'turns': [str, ...]")
+    questions = _read_questions(
+        questions_path,
+        lambda q: (
+            None
+            if isinstance(q, dict)
+            and "question_id" in q
+            and isinstance(q.get("turns"), list)
+            and q["turns"]
+            and all(isinstance(t, str) for t in q["turns"])
+            else "an MT-Bench question needs 'question_id' and 'turns': [str, ...]"
+        ),
+    )
     conversations = [[] for _ in questions]
     turns = [[] for _ in questions]
     loaded = load_generator(cfg, rt, model_path)  # once for every turn and temperature
@@ -480,14 +762,24 @@ def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -
         for temperature, indices in sorted(by_temperature.items()):
             for i in indices:
                 conversations[i].append({"role": "user", "content": questions[i]["turns"][turn]})
-            answers, _ = generate_answers(cfg, rt, model_path, [conversations[i] for i in indices], temperature, cfg.seed + turn, loaded)
+            answers, _ = generate_answers(
+                cfg, rt, model_path, [conversations[i] for i in indices], temperature, cfg.seed + turn, loaded
+            )
             for i, answer in zip(indices, answers):
                 conversations[i].append({"role": "assistant", "content": answer.text})
                 turns[i].append(answer.text)
     del loaded
     train.release_memory()
-    return [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex, "model_id": name, "choices": [{"index": 0, "turns": t}],
-             "tstamp": time.time()} for q, t in zip(questions, turns)]
+    return [
+        {
+            "question_id": q["question_id"],
+            "answer_id": uuid.uuid4().hex,
+            "model_id": name,
+            "choices": [{"index": 0, "turns": t}],
+            "tstamp": time.time(),
+        }
+        for q, t in zip(questions, turns)
+    ]
 
 
 # ==============================================================================================
@@ -499,23 +791,35 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
     dataset's chosen answer."""
     answers, _ = generate_answers(cfg, rt, model_path, [p.prompt for p in pairs], cfg.temperature, cfg.seed)
     rm = train.load_reward_model(reward_path, cfg, rt)
-    generated = rm.score([p.prompt for p in pairs], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+    generated = rm.score(
+        [p.prompt for p in pairs], [a.text for a in answers], [a.finish_reason == "stop" for a in answers]
+    )
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     del rm
     train.release_memory()
-    return {"prompts": len(pairs), "reward_mean": float(np.mean(generated)), "reward_std": float(np.std(generated)),
-            "win_rate_vs_chosen": win_rate(generated, chosen), "chosen_reward_mean": float(np.mean(chosen))}
+    return {
+        "prompts": len(pairs),
+        "reward_mean": float(np.mean(generated)),
+        "reward_std": float(np.std(generated)),
+        "win_rate_vs_chosen": win_rate(generated, chosen),
+        "chosen_reward_mean": float(np.mean(chosen)),
+    }
 
 
 def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     """Share of test pairs with beta * [log pi/pi_ref(y_w) - log pi/pi_ref(y_l)] > 0."""
     policy, tokenizer = train.load_logprob_model(model_path, cfg, rt, trainable=False)
     ref = train.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
-    pairs, _ = train.load_pairs(cfg, rt, tokenizer, train.require_test_source(cfg, "--reward_stats' implicit-reward accuracy"))
+    pairs, _ = train.load_pairs(
+        cfg, rt, tokenizer, train.require_test_source(cfg, "--reward_stats' implicit-reward accuracy")
+    )
     scores = train.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
     del policy, ref
     train.release_memory()
-    return {"pairs": len(pairs), "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, _, chosen, rejected in scores]))}
+    return {
+        "pairs": len(pairs),
+        "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, _, chosen, rejected in scores])),
+    }
 
 
 # ==============================================================================================
@@ -531,7 +835,9 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("evaluate.py: the plots need matplotlib, an optional dependency: pip install matplotlib") from None
+        raise SystemExit(
+            "evaluate.py: the plots need matplotlib, an optional dependency: pip install matplotlib"
+        ) from None
     return plt
 
 
@@ -550,7 +856,11 @@ def read_metrics(stage: Path) -> list[dict]:
 
 def meta_curve_history(stage: Path) -> list[dict]:
     """Fig. 3 right as a sequence: h on meta.CURVE_GRID after every meta update, as logged by train.py."""
-    return [{"iteration": r["iteration"], "step": r["step"], "h": r["h_curve"]} for r in read_metrics(stage) if "h_curve" in r]
+    return [
+        {"iteration": r["iteration"], "step": r["step"], "h": r["h_curve"]}
+        for r in read_metrics(stage)
+        if "h_curve" in r
+    ]
 
 
 def _stage_paths(cfg, rt, stage: Path, method: str, t: int) -> tuple[str, str | None]:
@@ -580,19 +890,39 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     pairs, raw = train.load_pairs(cfg, rt, tokenizer, train.train_source(cfg))
     by_index = {p.index: p for p in pairs}
     items = [by_index[r["index"]] for r in records]
-    generations = train.distributed_generate(policy, tokenizer, [p.prompt_ids for p in items], policy_path, cfg.num_samples, cfg, rt,
-                                             cfg.seed + 777 + iteration, stage)
+    generations = train.distributed_generate(
+        policy,
+        tokenizer,
+        [p.prompt_ids for p in items],
+        policy_path,
+        cfg.num_samples,
+        cfg,
+        rt,
+        cfg.seed + 777 + iteration,
+        stage,
+    )
     rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
     online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
     del rm
-    kept = [(r, dataclasses.replace(p, chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
-                                    rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)]))
-            for r, p, o in zip(records, items, online) if o is not None]  # a prompt whose K rewards all tie has no pair
+    kept = [
+        (
+            r,
+            dataclasses.replace(
+                p,
+                chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
+                rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)],
+            ),
+        )
+        for r, p, o in zip(records, items, online)
+        if o is not None
+    ]  # a prompt whose K rewards all tie has no pair
     online_scores = train.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
     del policy, ref
     train.release_memory()
-    rows = [{"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
-            for (r, _), s in zip(kept, online_scores)]
+    rows = [
+        {"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
+        for (r, _), s in zip(kept, online_scores)
+    ]
     if rt.main:
         cache.write_text(json.dumps({"per_kind": per_kind, "rows": rows}))
     return rows
@@ -608,8 +938,9 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     test = test[: cfg.eval_prompts or len(test)]
     policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
-    generations = train.distributed_generate(policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242,
-                                             Path(cfg.out_dir))
+    generations = train.distributed_generate(
+        policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir)
+    )
     conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
     answers = [a for per_prompt in generations for a in per_prompt]
     rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
@@ -620,8 +951,13 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     scores = train.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
     del policy, ref
     train.release_memory()
-    point = {"prompts": len(test), "answers": len(answers), "reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-             "l_off_mean": float(np.mean([s[0] for s in scores]))}
+    point = {
+        "prompts": len(test),
+        "answers": len(answers),
+        "reward_mean": float(np.mean(rewards)),
+        "reward_std": float(np.std(rewards)),
+        "l_off_mean": float(np.mean([s[0] for s in scores])),
+    }
     if cfg.preset == "toy":
         gold = toy_gold_judge().score(conversations, [a.text for a in answers])
         point.update(gold_mean=float(np.mean(gold)), **reward_model_fidelity(rewards, gold, cfg.eval_samples))
@@ -642,18 +978,33 @@ def reward_model_fidelity(rewards: list[float], gold: list[float], per_prompt: i
                 if r[i] != r[j] and g[i] != g[j]:
                     total += 1
                     agree += (r[i] > r[j]) == (g[i] > g[j])
-    return {"rm_gold_agreement": agree / total if total else float("nan"), "rm_pairs": total,
-            "gold_of_rm_best": float(gold[np.arange(len(gold)), rewards.argmax(1)].mean())}
+    return {
+        "rm_gold_agreement": agree / total if total else float("nan"),
+        "rm_pairs": total,
+        "gold_of_rm_best": float(gold[np.arange(len(gold)), rewards.argmax(1)].mean()),
+    }
 
 
 def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
     """heldout_point for the starting policy (with iteration 1's reference) and the policy after
     each iteration (with the reference that iteration trained against)."""
     iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/model"))
-    points = [{"iteration": 0, **heldout_point(cfg, rt, *_stage_paths(cfg, rt, stage, method, 0), stage / "heldout_start.json")}]
+    points = [
+        {
+            "iteration": 0,
+            **heldout_point(cfg, rt, *_stage_paths(cfg, rt, stage, method, 0), stage / "heldout_start.json"),
+        }
+    ]
     for t in iterations:
         ref_path = _stage_paths(cfg, rt, stage, method, t - 1)[1]
-        points.append({"iteration": t, **heldout_point(cfg, rt, str(stage / f"iter{t}" / "model"), ref_path, stage / f"iter{t}" / "heldout.json")})
+        points.append(
+            {
+                "iteration": t,
+                **heldout_point(
+                    cfg, rt, str(stage / f"iter{t}" / "model"), ref_path, stage / f"iter{t}" / "heldout.json"
+                ),
+            }
+        )
     return points
 
 
@@ -662,9 +1013,12 @@ def summarise_gains(rows: list[dict]) -> dict:
     summary = {}
     for kind, name in ((True, "sampled"), (False, "unsampled")):
         chosen = [r for r in rows if r["selected"] == kind]
-        summary[name] = {"tuples": len(chosen), "mean_l_off": float(np.mean([r["l_off"] for r in chosen])) if chosen else None,
-                         "mean_gain": float(np.mean([r["gain"] for r in chosen])) if chosen else None,
-                         "positive_gain": float(np.mean([r["gain"] > 0 for r in chosen])) if chosen else None}
+        summary[name] = {
+            "tuples": len(chosen),
+            "mean_l_off": float(np.mean([r["l_off"] for r in chosen])) if chosen else None,
+            "mean_gain": float(np.mean([r["gain"] for r in chosen])) if chosen else None,
+            "positive_gain": float(np.mean([r["gain"] > 0 for r in chosen])) if chosen else None,
+        }
     if len(rows) > 2:
         summary["corr_l_off_gain"] = float(np.corrcoef([r["l_off"] for r in rows], [r["gain"] for r in rows])[0, 1])
     return summary
@@ -680,8 +1034,13 @@ def plot_meta_curves(history: list[dict], initial: list[float], path: Path, plt,
     last_of_iteration = {r["iteration"]: k for k, r in enumerate(history)}
     for k, record in enumerate(history):
         final = last_of_iteration[record["iteration"]] == k
-        left.plot(CURVE_GRID, record["h"], color=colours(k / max(1, len(history) - 1)), linewidth=2 if final else 0.7,
-                  label=f"after iteration {record['iteration']} ({k + 1} updates)" if final else None)
+        left.plot(
+            CURVE_GRID,
+            record["h"],
+            color=colours(k / max(1, len(history) - 1)),
+            linewidth=2 if final else 0.7,
+            label=f"after iteration {record['iteration']} ({k + 1} updates)" if final else None,
+        )
     left.set_xlabel("offline preference score l_off")
     left.set_ylabel("meta weight h(l_off)")
     left.legend(fontsize=7)
@@ -703,7 +1062,14 @@ def plot_sampling_scatter(gains: dict[int, list[dict]], path: Path, plt, rt) -> 
     for axis, (iteration, rows) in zip(axes[0], sorted(gains.items())):
         for kind, colour, label in ((False, "tab:orange", "unsampled"), (True, "tab:blue", "sampled")):
             chosen = [r for r in rows if r["selected"] == kind]
-            axis.scatter([r["l_off"] for r in chosen], [r["gain"] for r in chosen], s=4, alpha=0.4, color=colour, label=f"{label} ({len(chosen)})")
+            axis.scatter(
+                [r["l_off"] for r in chosen],
+                [r["gain"] for r in chosen],
+                s=4,
+                alpha=0.4,
+                color=colour,
+                label=f"{label} ({len(chosen)})",
+            )
         axis.axhline(0, color="gray", linewidth=0.8)
         axis.set_xlabel("offline preference score l_off")
         axis.set_ylabel("potential gain l_on - l_off")
@@ -717,15 +1083,24 @@ def plot_heldout(points: list[dict], path: Path, plt, rt) -> Path:
     toy) and the mean offline preference score, before iteration 1 and after each iteration."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     iterations = [p["iteration"] for p in points]
-    left.errorbar(iterations, [p["reward_mean"] for p in points], yerr=[p["reward_std"] for p in points], marker="o", capsize=3,
-                  color="tab:green", label="reward-model score of answers (mean +- std)")
+    left.errorbar(
+        iterations,
+        [p["reward_mean"] for p in points],
+        yerr=[p["reward_std"] for p in points],
+        marker="o",
+        capsize=3,
+        color="tab:green",
+        label="reward-model score of answers (mean +- std)",
+    )
     left.set_xlabel("iteration (0 = starting policy)")
     left.set_xticks(iterations)
     left.set_ylabel("reward-model score")
     handles = [left.get_legend_handles_labels()[0][0]]
     if all("gold_mean" in p for p in points):
         twin = left.twinx()
-        handles += twin.plot(iterations, [p["gold_mean"] for p in points], marker="s", color="tab:purple", label="gold score (0-10)")
+        handles += twin.plot(
+            iterations, [p["gold_mean"] for p in points], marker="s", color="tab:purple", label="gold score (0-10)"
+        )
         twin.set_ylabel("gold score")
     left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
     right.plot(iterations, [p["l_off_mean"] for p in points], marker="o", color="tab:red")
@@ -740,10 +1115,16 @@ def stage_config(stage: Path, argv: list[str]) -> train.Config:
     `argv` on top. The run directory is the stage's parent, wherever it lies now."""
     path = stage / "config.json"
     if not path.exists():
-        raise SystemExit(f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run")
+        raise SystemExit(
+            f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run"
+        )
     recorded = json.loads(path.read_text())
     defaults = {f.name: f.default for f in dataclasses.fields(train.Config)}
-    values = {key: tuple(value) if isinstance(defaults[key], tuple) else value for key, value in recorded.items() if key in defaults}
+    values = {
+        key: tuple(value) if isinstance(defaults[key], tuple) else value
+        for key, value in recorded.items()
+        if key in defaults
+    }
     cfg = train.Config(**{**values, "out_dir": str(stage.parent)})
     cfg.preset = recorded.get("preset", "")
     given = train.parse_config(argv)
@@ -758,31 +1139,57 @@ def dynamics_markdown(summary: dict) -> str:
     """dynamics.json as tables: the numbers behind the paper's Fig. 2 left and middle and Fig. 3 right."""
     grid = summary["curve_grid"]
     shown = [-2.0, -1.0, -0.75, -0.5, -0.25, 0.0]  # where the toy's scores lie
-    lines = ["### Meta-learner curve (Fig. 3 right): h at a few scores", "",
-             "| after | meta updates | " + " | ".join(f"h({x:g})" for x in shown) + " |", "|---" * (len(shown) + 2) + "|",
-             "| initialisation | - | " + " | ".join(f"{summary['h_initial'][grid.index(x)]:.3f}" for x in shown) + " |"]
+    lines = [
+        "### Meta-learner curve (Fig. 3 right): h at a few scores",
+        "",
+        "| after | meta updates | " + " | ".join(f"h({x:g})" for x in shown) + " |",
+        "|---" * (len(shown) + 2) + "|",
+        "| initialisation | - | " + " | ".join(f"{summary['h_initial'][grid.index(x)]:.3f}" for x in shown) + " |",
+    ]
     curve = summary["h_initial"]
     for t, updates in summary["meta_updates"].items():
         curve = summary["h_after_iteration"].get(t, curve)  # an iteration without a meta update leaves h as it was
-        lines.append(f"| iteration {t} | {updates} | " + " | ".join(f"{curve[grid.index(x)]:.3f}" for x in shown) + " |")
-    lines += ["", "### Sampled and unsampled tuples (Fig. 2 middle)", "",
-              "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | "
-              "gain > 0: sampled / unsampled | corr(l_off, gain) |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| iteration {t} | {updates} | " + " | ".join(f"{curve[grid.index(x)]:.3f}" for x in shown) + " |"
+        )
+    lines += [
+        "",
+        "### Sampled and unsampled tuples (Fig. 2 middle)",
+        "",
+        "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | "
+        "gain > 0: sampled / unsampled | corr(l_off, gain) |",
+        "|---|---|---|---|---|---|",
+    ]
     for t, part in summary["sampling"].items():
         a, b = part["sampled"], part["unsampled"]
 
         def pair(key, fmt, a=a, b=b):
             return " / ".join("-" if x[key] is None else format(x[key], fmt) for x in (a, b))
 
-        lines.append(f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | {pair('mean_gain', '+.3f')} | "
-                     f"{pair('positive_gain', '.0%')} | {part.get('corr_l_off_gain', float('nan')):+.2f} |")
-    lines += ["", "### Held-out prompts over iterations (Fig. 2 left)", "",
-              "| policy | reward mean | reward std | mean l_off | gold mean | RM-gold agreement | gold of RM's best answer |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | "
+            f"{pair('mean_gain', '+.3f')} | "
+            f"{pair('positive_gain', '.0%')} | {part.get('corr_l_off_gain', float('nan')):+.2f} |"
+        )
+    lines += [
+        "",
+        "### Held-out prompts over iterations (Fig. 2 left)",
+        "",
+        "| policy | reward mean | reward std | mean l_off | gold mean | RM-gold agreement | gold of RM's best answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in summary["heldout"]:
         name = "start (DPO warm-up)" if p["iteration"] == 0 else f"after iteration {p['iteration']}"
-        toy = [f"{p['gold_mean']:.3f}", f"{p['rm_gold_agreement']:.1%}", f"{p['gold_of_rm_best']:.3f}"] if "gold_mean" in p else ["-"] * 3
-        lines.append(f"| {name} | {p['reward_mean']:.3f} | {p['reward_std']:.3f} | {p['l_off_mean']:.3f} | " + " | ".join(toy) + " |")
+        toy = (
+            [f"{p['gold_mean']:.3f}", f"{p['rm_gold_agreement']:.1%}", f"{p['gold_of_rm_best']:.3f}"]
+            if "gold_mean" in p
+            else ["-"] * 3
+        )
+        lines.append(
+            f"| {name} | {p['reward_mean']:.3f} | {p['reward_std']:.3f} | {p['l_off_mean']:.3f} | "
+            + " | ".join(toy)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -792,14 +1199,21 @@ def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
     config = json.loads((stage / "config.json").read_text())
     method = config["method"] if config["method"] != "pipeline" else "metaapo"
     history = meta_curve_history(stage)
-    initial = MetaController(config.get("meta_depth", 2), config.get("meta_inputs", "score"), weighting=config.get("weighting", "meta")).curve()
+    initial = MetaController(
+        config.get("meta_depth", 2), config.get("meta_inputs", "score"), weighting=config.get("weighting", "meta")
+    ).curve()
     iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/gating.jsonl"))
     gains = {t: sampling_gains(cfg, rt, stage, method, t, scatter_prompts) for t in iterations}
     points = heldout_dynamics(cfg, rt, stage, method)
     after = {r["iteration"]: r["h"] for r in history}  # the last update of each iteration
-    summary = {"curve_grid": list(CURVE_GRID), "h_initial": initial,
-               "meta_updates": {t: sum(r["iteration"] == t for r in history) for t in iterations},
-               "h_after_iteration": after, "sampling": {t: summarise_gains(rows) for t, rows in gains.items()}, "heldout": points}
+    summary = {
+        "curve_grid": list(CURVE_GRID),
+        "h_initial": initial,
+        "meta_updates": {t: sum(r["iteration"] == t for r in history) for t in iterations},
+        "h_after_iteration": after,
+        "sampling": {t: summarise_gains(rows) for t, rows in gains.items()},
+        "heldout": points,
+    }
     if rt.main:
         (stage / "dynamics.json").write_text(json.dumps(summary, indent=2))
     plt = _pyplot()
@@ -826,25 +1240,52 @@ def build_parser() -> argparse.ArgumentParser:
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter,
-                                     epilog="Every other --key=value is train.py's config:\n\n" + train.config_help().split("\n\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=Formatter,
+        epilog="Every other --key=value is train.py's config:\n\n" + train.config_help().split("\n\n", 2)[2],
+    )
     parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
     parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (empty: all)")
-    parser.add_argument("--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused")
-    parser.add_argument("--stage_grid", action="store_true", help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, stage}")
-    parser.add_argument("--stage_out", default="out/stage_grid", help="--stage_grid: run directory; finished runs in it are reused")
-    parser.add_argument("--plots", default="", help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override it")
-    parser.add_argument("--scatter_prompts", type=int, default=0, help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all")
+    parser.add_argument(
+        "--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused"
+    )
+    parser.add_argument(
+        "--stage_grid", action="store_true", help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, stage}"
+    )
+    parser.add_argument(
+        "--stage_out", default="out/stage_grid", help="--stage_grid: run directory; finished runs in it are reused"
+    )
+    parser.add_argument(
+        "--plots",
+        default="",
+        help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override "
+        "it",
+    )
+    parser.add_argument(
+        "--scatter_prompts",
+        type=int,
+        default=0,
+        help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all",
+    )
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
     parser.add_argument("--alpaca_eval", default="", help="AlpacaEval 2 question file (JSON list)")
     parser.add_argument("--alpaca_temperature", type=float, default=0.7, help="AlpacaEval 2 sampling temperature")
     parser.add_argument("--arena_hard", default="", help="Arena-Hard v0.1 question.jsonl")
-    parser.add_argument("--arena_temperature", type=float, default=0.0, help="Arena-Hard sampling temperature (0 = greedy)")
+    parser.add_argument(
+        "--arena_temperature", type=float, default=0.0, help="Arena-Hard sampling temperature (0 = greedy)"
+    )
     parser.add_argument("--mt_bench", default="", help="MT-Bench question.jsonl (FastChat)")
-    parser.add_argument("--reward_stats", action="store_true", help="reward statistics and implicit-reward accuracy on the test split")
+    parser.add_argument(
+        "--reward_stats", action="store_true", help="reward statistics and implicit-reward accuracy on the test split"
+    )
     parser.add_argument("--max_prompts", type=int, default=0, help="--reward_stats: test prompts used (0 = all)")
-    parser.add_argument("--out", default="", help="where answer files and statistics go (default: <model dir>/../eval, out/eval/<name> for a hub id)")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="where answer files and statistics go (default: <model dir>/../eval, out/eval/<name> for a hub id)",
+    )
     return parser
 
 
@@ -896,11 +1337,16 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
         raise train.ConfigError("--reward_stats needs --reward_model")
     if args.alpaca_eval or args.arena_hard or args.mt_bench or args.reward_stats:
         train.check_model("--policy" if cfg.policy else "--model", model)
-        for flag, path in (("--reward_model", cfg.reward_model if args.reward_stats else ""), ("--reference", cfg.reference)):
+        for flag, path in (
+            ("--reward_model", cfg.reward_model if args.reward_stats else ""),
+            ("--reference", cfg.reference),
+        ):
             if path:
                 train.check_model(flag, path, reward=flag == "--reward_model")
     name = args.name or default_name(model)
-    given = any(arg.split("=")[0] == "--max_new_tokens" for arg in rest)  # answers get the paper's 4096 (B.5) unless told
+    given = any(
+        arg.split("=")[0] == "--max_new_tokens" for arg in rest
+    )  # answers get the paper's 4096 (B.5) unless told
     answer_cfg = cfg if given else dataclasses.replace(cfg, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
     out = Path(args.out) if args.out else Path(model).parent / "eval"
     if not args.out and not Path(model).exists():  # a hub id: not next to it
@@ -933,7 +1379,9 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
             written[-1].write_text(json.dumps(stats, indent=2))
         train.print0(rt, json.dumps(stats, indent=2))
     if not written and rt.main:
-        raise SystemExit("evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats")
+        raise SystemExit(
+            "evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats"
+        )
     for path in written:
         train.print0(rt, f"wrote {path}")
 
@@ -965,7 +1413,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_benchmarks(args, cfg, rest, rt)
     except train.Stopped as err:
-        print(f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on", file=sys.stderr, flush=True)
+        print(
+            f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(128 + train.STOP_SIGNAL[0]) from None
     except (train.ConfigError, train.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None

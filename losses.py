@@ -124,10 +124,15 @@ def select_response_rows(hidden_states: torch.Tensor, input_ids: torch.Tensor, r
     Returns rows (N, H), targets (N,), sequence index (N,).
     """
     if response_mask.shape != input_ids.shape or hidden_states.shape[:2] != input_ids.shape:
-        raise ValueError(f"shapes disagree: hidden {tuple(hidden_states.shape)}, input_ids {tuple(input_ids.shape)}, response_mask {tuple(response_mask.shape)}")
+        raise ValueError(
+            f"shapes disagree: hidden {tuple(hidden_states.shape)}, input_ids {tuple(input_ids.shape)}, response_mask "
+            f"{tuple(response_mask.shape)}"
+        )
     response_mask = response_mask.bool()
     if response_mask[:, 0].any():
-        raise ValueError("a response token at position 0 has no hidden state to predict it; every sequence needs a prompt")
+        raise ValueError(
+            "a response token at position 0 has no hidden state to predict it; every sequence needs a prompt"
+        )
     mask = response_mask[:, 1:]  # (B, T-1): targets at positions 1..T-1
     rows = hidden_states[:, :-1][mask]  # (N, H)
     targets = input_ids[:, 1:][mask]  # (N,)
@@ -135,15 +140,23 @@ def select_response_rows(hidden_states: torch.Tensor, input_ids: torch.Tensor, r
     return rows, targets, sequence
 
 
-def sequence_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                      chunk_size: int | None = None, average: bool = False) -> torch.Tensor:
+def sequence_logprobs(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int | None = None,
+    average: bool = False,
+) -> torch.Tensor:
     """Sum (average=True: mean, for SimPO) of the response tokens' log-probs per sequence, (B,) fp32.
 
     hidden_states are the final hidden states after the final norm (B, T, H); lm_head_weight is
     the (V, H) output embedding, tied or not. A sequence without response tokens gets 0.
     """
     rows, targets, sequence = select_response_rows(hidden_states, input_ids, response_mask)
-    token_logprobs = FusedTokenLogprobs.apply(rows, lm_head_weight, targets, chunk_size or default_chunk_size(rows.device))
+    token_logprobs = FusedTokenLogprobs.apply(
+        rows, lm_head_weight, targets, chunk_size or default_chunk_size(rows.device)
+    )
     batch = input_ids.shape[0]
     total = torch.zeros(batch, dtype=token_logprobs.dtype, device=rows.device).index_add(0, sequence, token_logprobs)
     if average:
@@ -152,8 +165,13 @@ def sequence_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
     return total
 
 
-def token_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                   chunk_size: int | None = None) -> torch.Tensor:
+def token_logprobs(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Each response token's log-prob in place, (B, T) fp32 (0 elsewhere), by the same fused
     kernel: what PPO's per-token ratios and KL penalty need."""
     rows, targets, _ = select_response_rows(hidden_states, input_ids, response_mask)
@@ -163,7 +181,9 @@ def token_logprobs(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, in
     return out
 
 
-def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+def naive_sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
     """The reference: full fp32 log_softmax over (B, T, V) logits, gather, masked sum (or mean)."""
     logits = logits[:, :-1].to(_compute_dtype(logits.dtype))
     logprobs = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)  # (B, T-1)
@@ -196,21 +216,34 @@ class LogprobModel(nn.Module):
         for attr, transforms in LOGIT_TRANSFORMS.items():
             value = getattr(config, attr, None)
             if transforms(value):
-                raise NotImplementedError(f"{config.model_type}: {attr}={value} changes the logits; the fused log-prob kernel only computes hidden @ lm_head.T")
+                raise NotImplementedError(
+                    f"{config.model_type}: {attr}={value} changes the logits; the fused log-prob kernel only computes "
+                    "hidden @ lm_head.T"
+                )
         head = lm.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
             raise NotImplementedError(f"{type(lm).__name__} has no output embedding weight for the fused kernel")
         if getattr(head, "bias", None) is not None:
-            raise NotImplementedError(f"{type(lm).__name__}: the LM head has a bias; the fused kernel computes hidden @ lm_head.T only")
+            raise NotImplementedError(
+                f"{type(lm).__name__}: the LM head has a bias; the fused kernel computes hidden @ lm_head.T only"
+            )
         self.lm = lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, attention_mask, response_mask, average: bool = False, per_token: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids, attention_mask, response_mask, average: bool = False, per_token: bool = False
+    ) -> torch.Tensor:
         """(B,) per-sequence sums (means with average=True); (B, T) per-token log-probs with per_token=True."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         if per_token:
-            return token_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size)
-        return sequence_logprobs(hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size, average)
+            return token_logprobs(
+                hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size
+            )
+        return sequence_logprobs(
+            hidden, self.lm.get_output_embeddings().weight, input_ids, response_mask, self.chunk_size, average
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,23 +273,34 @@ def simpo_score(policy_chosen_mean, policy_rejected_mean, beta: float = 2.5, gam
     return F.logsigmoid(beta * (policy_chosen_mean - policy_rejected_mean) - gamma)
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, label_smoothing: float = 0.0) -> PairLoss:
+def dpo_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, label_smoothing: float = 0.0
+) -> PairLoss:
     """Eq. 3: -log sigmoid(beta * Delta). With label_smoothing eps (conservative DPO), the label is
     flipped with probability eps: -(1 - eps) log sigmoid(beta Delta) - eps log sigmoid(-beta Delta)."""
     logits = beta * dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
+    return PairLoss(
+        losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
+    )
 
 
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, chosen_len=None, rejected_len=None) -> PairLoss:
+def ipo_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1, chosen_len=None, rejected_len=None
+) -> PairLoss:
     """IPO (Azar et al. 2024): (Delta - 1/(2 beta))^2. Delta is the margin of SUMMED log-ratios, as
     in IPO's Eq. 17 and the MetaAPO reference code; TRL divides each log-ratio by its response's
     token count first, which passing the lengths (`chosen_len`, `rejected_len`, (B,)) reproduces."""
     if chosen_len is not None:
         policy_chosen, ref_chosen = policy_chosen / chosen_len.clamp(min=1), ref_chosen / chosen_len.clamp(min=1)
-        policy_rejected, ref_rejected = policy_rejected / rejected_len.clamp(min=1), ref_rejected / rejected_len.clamp(min=1)
+        policy_rejected, ref_rejected = (
+            policy_rejected / rejected_len.clamp(min=1),
+            ref_rejected / rejected_len.clamp(min=1),
+        )
     losses = (dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
-    return PairLoss(losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach())
+    return PairLoss(
+        losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
+    )
 
 
 def simpo_loss(policy_chosen_mean, policy_rejected_mean, beta: float = 2.5, gamma: float = 0.6) -> PairLoss:
@@ -287,7 +331,15 @@ def kto_reference_kl(policy_mismatched, ref_mismatched, weights=None, sum_over_r
     return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).detach()
 
 
-def kto_loss(policy, ref, desirable, reference_kl, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> PairLoss:
+def kto_loss(
+    policy,
+    ref,
+    desirable,
+    reference_kl,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> PairLoss:
     """KTO (Ethayarajh et al. 2024), unpaired: r = log pi(y|x) - log pi_ref(y|x) per example;
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
@@ -295,8 +347,11 @@ def kto_loss(policy, ref, desirable, reference_kl, beta: float = 0.1, desirable_
     as (beta * r where desirable else nan, beta * r where undesirable else nan)."""
     ratio = policy - ref
     desirable = desirable.bool()
-    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - reference_kl))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (reference_kl - ratio))))
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - reference_kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (reference_kl - ratio))),
+    )
     rewards = (beta * ratio).detach()
     nan = torch.full_like(rewards, float("nan"))
     return PairLoss(losses, torch.where(desirable, rewards, nan), torch.where(desirable, nan, rewards))
@@ -352,9 +407,16 @@ def _check_against_naive(device: torch.device) -> None:
         hidden.grad = weight.grad = None
         naive = naive_sequence_logprobs(hidden @ weight.t(), input_ids, response_mask)
         (naive * coefficients).sum().backward()
-        errors = [(ours - naive).abs().max().item(), (grads[0] - hidden.grad).abs().max().item(), (grads[1] - weight.grad).abs().max().item()]
+        errors = [
+            (ours - naive).abs().max().item(),
+            (grads[0] - hidden.grad).abs().max().item(),
+            (grads[1] - weight.grad).abs().max().item(),
+        ]
         status = "ok" if max(errors) < tol else "MISMATCH"
-        print(f"  {str(dtype):15s} {device.type}: max |diff| value {errors[0]:.2e}, grad hidden {errors[1]:.2e}, grad weight {errors[2]:.2e}  (tolerance {tol:g}) {status}")
+        print(
+            f"  {str(dtype):15s} {device.type}: max |diff| value {errors[0]:.2e}, grad hidden {errors[1]:.2e}, grad "
+            f"weight {errors[2]:.2e}  (tolerance {tol:g}) {status}"
+        )
         if status != "ok":
             raise SystemExit(1)
 
@@ -376,7 +438,9 @@ def _bench_inputs(device: str, chunk_size: int | None = None):
     generator = torch.Generator(device=device).manual_seed(0)
     length = tokens // batch + 1  # one prompt token per sequence, the rest is response
     hidden = torch.randn(batch, length, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * hidden_size ** -0.5).requires_grad_()
+    weight = (
+        torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * hidden_size**-0.5
+    ).requires_grad_()
     input_ids = torch.randint(0, vocab, (batch, length), device=device, generator=generator)
     response_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
     response_mask[:, 0] = False
@@ -390,7 +454,9 @@ def _bench_step(variant: str, hidden, weight, input_ids, response_mask, coeffici
     elif variant == "torch":
         rows, targets, sequence = select_response_rows(hidden, input_ids, response_mask)
         token = -F.linear_cross_entropy(rows, weight, targets, reduction="none", options=nn.LinearCrossEntropyOptions())
-        logps = torch.zeros(input_ids.shape[0], device=rows.device, dtype=torch.float32).index_add(0, sequence, token.float())
+        logps = torch.zeros(input_ids.shape[0], device=rows.device, dtype=torch.float32).index_add(
+            0, sequence, token.float()
+        )
     else:
         logps = sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size)
     (logps * coefficients).sum().backward()
@@ -430,7 +496,16 @@ def _bench_worker(variant: str, device: str, repeats: int, chunk_size: int | Non
 
 
 def _run_worker(variant: str, device: str, repeats: int, chunk_size: int | None) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--bench_worker", variant, "--device", device, "--repeats", str(repeats)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--bench_worker",
+        variant,
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+    ]
     if chunk_size:
         command += ["--chunk_size", str(chunk_size)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -440,8 +515,10 @@ def _run_worker(variant: str, device: str, repeats: int, chunk_size: int | None)
 def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> None:
     for device in devices:
         dtype, batch, tokens, hidden_size, vocab = BENCH_SHAPES[device]
-        print(f"\n{device.upper()}: {dtype}, {batch} sequences, N={tokens} response tokens, H={hidden_size}, V={vocab}; "
-              f"forward+backward, median of {repeats} after a warm-up")
+        print(
+            f"\n{device.upper()}: {dtype}, {batch} sequences, N={tokens} response tokens, H={hidden_size}, V={vocab}; "
+            f"forward+backward, median of {repeats} after a warm-up"
+        )
         rows = [("naive", None), ("torch", None)] + [("ours", c) for c in chunk_sizes]
         if device == "cpu":
             baseline = _run_worker("inputs", device, repeats, None)["peak_rss_mb"]
@@ -452,23 +529,41 @@ def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> No
             results = {row: _bench_worker(row[0], device, repeats, row[1]) for row in rows}
         naive = results[("naive", None)]
         flops = 8 * tokens * hidden_size * vocab
-        print("| variant | chunk | time (s) | min-max (s) | vs naive | peak extra memory (MiB) | vs naive | 8NHV/time (TFLOP/s) |")
+        print(
+            "| variant | chunk | time (s) | min-max (s) | vs naive | peak extra memory (MiB) | vs naive | 8NHV/time "
+            "(TFLOP/s) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for (variant, chunk), result in results.items():
             chunk_text = str(chunk or default_chunk_size(torch.device(device))) if variant == "ours" else "-"
-            print(f"| {variant}: {BENCH_VARIANTS[variant]} | {chunk_text} | {result['median_s']:.3f} | {min(result['times_s']):.2f}-{max(result['times_s']):.2f} "
-                  f"| {result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | {result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x "
-                  f"| {flops / result['median_s'] / 1e12:.3f} |")
-        print("peak extra memory: " + ("peak RSS of a fresh process per variant minus that of one holding the inputs only"
-                                       if device == "cpu" else "max_memory_allocated minus the allocation before the call") + "; gradients included")
+            print(
+                f"| {variant}: {BENCH_VARIANTS[variant]} | {chunk_text} | {result['median_s']:.3f} | "
+                f"{min(result['times_s']):.2f}-{max(result['times_s']):.2f} "
+                f"| {result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | "
+                f"{result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x "
+                f"| {flops / result['median_s'] / 1e12:.3f} |"
+            )
+        print(
+            "peak extra memory: "
+            + (
+                "peak RSS of a fresh process per variant minus that of one holding the inputs only"
+                if device == "cpu"
+                else "max_memory_allocated minus the allocation before the call"
+            )
+            + "; gradients included"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Self-check (default) or benchmark of the fused log-prob kernel.")
     parser.add_argument("--bench", action="store_true", help="print the speed / memory table")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant, after one warm-up")
-    parser.add_argument("--chunk_sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="comma-separated chunk sizes for our kernel (default: the device default)")
+    parser.add_argument(
+        "--chunk_sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="comma-separated chunk sizes for our kernel (default: the device default)",
+    )
     parser.add_argument("--bench_worker", choices=["inputs", *BENCH_VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--chunk_size", type=int, default=None, help=argparse.SUPPRESS)
@@ -480,7 +575,9 @@ def main() -> None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         bench(devices, args.repeats, args.chunk_sizes or [None])
     else:
-        print("fused kernel vs naive log_softmax + gather (3 sequences, one without response tokens, chunks of 4 rows):")
+        print(
+            "fused kernel vs naive log_softmax + gather (3 sequences, one without response tokens, chunks of 4 rows):"
+        )
         _check_against_naive(torch.device("cpu"))
         if torch.cuda.is_available():
             _check_against_naive(torch.device("cuda"))

@@ -82,7 +82,9 @@ class MetaLearner(nn.Module):
         return self.net(features).squeeze(-1)
 
 
-def meta_features(offline_scores, chosen_logratios=None, rejected_logratios=None, inputs: str = "score") -> torch.Tensor:
+def meta_features(
+    offline_scores, chosen_logratios=None, rejected_logratios=None, inputs: str = "score"
+) -> torch.Tensor:
     """The meta-learner's input, detached: (B, 1) = [l_off], or (B, 3) = [l_off, log pi/pi_ref(y_w),
     log pi/pi_ref(y_l)] for the `multi` ablation."""
     if inputs == "score":
@@ -98,8 +100,14 @@ class GateDecision(NamedTuple):
     selected: torch.Tensor  # (n,) bool: the prompt gets K fresh responses
 
 
-def gate(offline_scores: torch.Tensor, weights: torch.Tensor, mode: str, generator: torch.Generator,
-         threshold: float = math.log(0.5), random_ratio: float = 0.5) -> GateDecision:
+def gate(
+    offline_scores: torch.Tensor,
+    weights: torch.Tensor,
+    mode: str,
+    generator: torch.Generator,
+    threshold: float = math.log(0.5),
+    random_ratio: float = 0.5,
+) -> GateDecision:
     """Algorithm 1 lines 7-12: decide, tuple by tuple, which prompts go to online generation.
 
     meta: u > w (the lower the weight, the likelier the prompt is generated); random: u < 0.5;
@@ -146,8 +154,12 @@ class MetaBuffer:
         self.offline_scores, self.online_scores, self.features, self.steps = [], [], [], 0
 
     def state_dict(self) -> dict:
-        return {"offline_scores": list(self.offline_scores), "online_scores": list(self.online_scores),
-                "features": [list(f) for f in self.features], "steps": self.steps}
+        return {
+            "offline_scores": list(self.offline_scores),
+            "online_scores": list(self.online_scores),
+            "features": [list(f) for f in self.features],
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.offline_scores = list(state["offline_scores"])
@@ -164,10 +176,21 @@ CURVE_GRID = (-8.0, -6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0)
 class MetaController:
     """The meta-learner with its optimizer, buffer and gating generator."""
 
-    def __init__(self, depth: int = 2, inputs: str = "score", lr: float = 5e-3, interval: int = 8,
-                 sampling: str = "meta", weighting: str = "meta", threshold: float = math.log(0.5),
-                 random_ratio: float = 0.5, seed: int = 0, device: str | torch.device = "cpu",
-                 weight_decay: float = 1e-4, grad_clip: float = 1.0):
+    def __init__(
+        self,
+        depth: int = 2,
+        inputs: str = "score",
+        lr: float = 5e-3,
+        interval: int = 8,
+        sampling: str = "meta",
+        weighting: str = "meta",
+        threshold: float = math.log(0.5),
+        random_ratio: float = 0.5,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        weight_decay: float = 1e-4,
+        grad_clip: float = 1.0,
+    ):
         if weighting not in WEIGHTING_MODES:
             raise ValueError(f"weighting mode must be one of {WEIGHTING_MODES}, got {weighting!r}")
         if sampling not in SAMPLING_MODES:
@@ -198,13 +221,22 @@ class MetaController:
 
     def gate(self, offline_scores: torch.Tensor, features: torch.Tensor) -> GateDecision:
         """Gating for a list of offline tuples: w = h(features), and l_off for the threshold ablation."""
-        return gate(offline_scores.cpu(), self.weights(features).cpu(), self.sampling, self.generator, self.threshold, self.random_ratio)
+        return gate(
+            offline_scores.cpu(),
+            self.weights(features).cpu(),
+            self.sampling,
+            self.generator,
+            self.threshold,
+            self.random_ratio,
+        )
 
     @torch.no_grad()
     def curve(self, grid=CURVE_GRID) -> list[float]:
         """h on a grid of scores (the `multi` input with both log-ratios at 0)."""
         scores = torch.tensor(grid, dtype=torch.float32)
-        features = scores[:, None] if self.learner.inputs == "score" else torch.stack([scores, 0 * scores, 0 * scores], 1)
+        features = (
+            scores[:, None] if self.learner.inputs == "score" else torch.stack([scores, 0 * scores, 0 * scores], 1)
+        )
         return self.weights(features).cpu().tolist()
 
     def ready(self) -> bool:
@@ -223,7 +255,9 @@ class MetaController:
             self.buffer.clear()
             return {}
         n_inputs = self.learner.net[0].in_features
-        features = torch.tensor(self.buffer.features, dtype=torch.float32, device=self.device).reshape(len(self.buffer), n_inputs)
+        features = torch.tensor(self.buffer.features, dtype=torch.float32, device=self.device).reshape(
+            len(self.buffer), n_inputs
+        )
         offline = torch.tensor(self.buffer.offline_scores, dtype=torch.float32, device=self.device)
         online = torch.tensor(self.buffer.online_scores, dtype=torch.float32, device=self.device)
         parameters = list(self.learner.parameters())
@@ -232,31 +266,52 @@ class MetaController:
         loss = meta_loss(weights, offline, online).sum()  # this rank's entries; divided by the global count below
         loss.backward()
         # one all-reduce: gradient sums, then loss, count, l_off, l_on, online-better and h sums over the entries
-        sums = torch.stack([loss.detach(), torch.tensor(float(len(offline)), device=self.device), offline.sum(), online.sum(),
-                            (online > offline).float().sum(), weights.detach().sum()])
+        sums = torch.stack(
+            [
+                loss.detach(),
+                torch.tensor(float(len(offline)), device=self.device),
+                offline.sum(),
+                online.sum(),
+                (online > offline).float().sum(),
+                weights.detach().sum(),
+            ]
+        )
         flat = torch.cat([p.grad.flatten() for p in parameters] + [sums])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
-        totals = flat[-len(sums):].tolist()
+        totals = flat[-len(sums) :].tolist()
         count = totals[1]
         grad_norm = 0.0
         if count > 0:
             offset = 0
             for p in parameters:
-                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p) / count)
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p) / count)
                 offset += p.numel()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip))
             self.optimizer.step()
             self.updates += 1
         self.buffer.clear()
         n = max(count, 1.0)
-        return {"meta_loss": totals[0] / n, "meta_entries": int(count), "meta_l_off": totals[2] / n, "meta_l_on": totals[3] / n,
-                "meta_online_better": totals[4] / n, "meta_h_before": totals[5] / n, "meta_grad_norm": grad_norm,
-                "meta_updates": self.updates, "h_curve": self.curve()}
+        return {
+            "meta_loss": totals[0] / n,
+            "meta_entries": int(count),
+            "meta_l_off": totals[2] / n,
+            "meta_l_on": totals[3] / n,
+            "meta_online_better": totals[4] / n,
+            "meta_h_before": totals[5] / n,
+            "meta_grad_norm": grad_norm,
+            "meta_updates": self.updates,
+            "h_curve": self.curve(),
+        }
 
     def state_dict(self) -> dict:
-        return {"learner": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(), "updates": self.updates}
+        return {
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "generator": self.generator.get_state(),
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         state = copy.deepcopy(state)  # the optimizer would otherwise share state tensors with the source
@@ -273,7 +328,12 @@ class MetaController:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train h on a synthetic buffer and print the learned curve.")
-    parser.add_argument("--updates", type=int, default=60, help="meta-learner updates (one AdamW step each, on T_meta policy steps' entries)")
+    parser.add_argument(
+        "--updates",
+        type=int,
+        default=60,
+        help="meta-learner updates (one AdamW step each, on T_meta policy steps' entries)",
+    )
     parser.add_argument("--crossover", type=float, default=-1.5, help="online pairs beat offline ones below this score")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -290,8 +350,10 @@ def main() -> None:
             controller.buffer.append(offline, online, meta_features(offline))
         stats = controller.update()
     learned = controller.curve()
-    print(f"synthetic buffer: l_off ~ U(-6, 0); l_on - l_off ~ +0.5 below l = {args.crossover}, -0.5 above (noise 0.2); "
-          f"{args.updates} updates of {controller.interval} x {batch} entries; last meta loss {stats['meta_loss']:.3f}")
+    print(
+        f"synthetic buffer: l_off ~ U(-6, 0); l_on - l_off ~ +0.5 below l = {args.crossover}, -0.5 above (noise 0.2); "
+        f"{args.updates} updates of {controller.interval} x {batch} entries; last meta loss {stats['meta_loss']:.3f}"
+    )
     print("   l_off   h initial   h learned")
     for score, a, b in zip(CURVE_GRID, initial, learned):
         print(f"  {score:6.2f}   {a:9.3f}   {b:9.3f}")

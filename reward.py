@@ -32,16 +32,26 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from data import DataError, collate_sequences, encode_prompt, encode_response, iter_rows, load_tokenizer, toy_gold_score, write_jsonl
+from data import (
+    DataError,
+    collate_sequences,
+    encode_prompt,
+    encode_response,
+    iter_rows,
+    load_tokenizer,
+    toy_gold_score,
+    write_jsonl,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Rule-based rewards
+
 
 class RuleReward:
     """A rule-based reward: fn(last user message, response text) -> float, with RewardModel's API."""
@@ -74,8 +84,11 @@ def require_reward_head(path, model, loading_info: dict) -> None:
     prefix = model.base_model_prefix + "."
     head = sorted(key for key in loading_info["missing_keys"] if not key.startswith(prefix))
     if head:
-        raise ValueError(f"{path}: not a reward model; the checkpoint has no weights for the score head ({', '.join(head)}), "
-                         "which would be randomly initialised. Pass a sequence-classification checkpoint with one label (train.py --method rm)")
+        raise ValueError(
+            f"{path}: not a reward model; the checkpoint has no weights for the score head ({', '.join(head)}), "
+            "which would be randomly initialised. Pass a sequence-classification checkpoint with one label (train.py "
+            "--method rm)"
+        )
 
 
 class RewardModel:
@@ -83,7 +96,10 @@ class RewardModel:
 
     def __init__(self, model, tokenizer, max_len: int = 4096, batch_size: int = 8):
         if model.config.num_labels != 1:
-            raise ValueError(f"{model.config.name_or_path or type(model).__name__}: a reward model needs num_labels=1, got {model.config.num_labels}")
+            raise ValueError(
+                f"{model.config.name_or_path or type(model).__name__}: a reward model needs num_labels=1, got "
+                f"{model.config.num_labels}"
+            )
         if tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; the reward model cannot batch")
         # HF pools the last token that is not config.pad_token_id: it must be the pad token the batches use
@@ -93,12 +109,23 @@ class RewardModel:
         self.truncated = 0  # pairs cut to max_len so far
 
     @classmethod
-    def from_pretrained(cls, path: str, max_len: int = 4096, batch_size: int = 8, device: str | None = None, dtype: torch.dtype | None = None) -> "RewardModel":
+    def from_pretrained(
+        cls,
+        path: str,
+        max_len: int = 4096,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32), output_loading_info=True)
+            path,
+            num_labels=1,
+            dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32),
+            output_loading_info=True,
+        )
         require_reward_head(path, model, loading_info)
         return cls(model.to(device).eval(), load_tokenizer(path), max_len, batch_size)
 
@@ -106,13 +133,17 @@ class RewardModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompts: list[list[dict]], responses: list[str], complete: list[bool] | None = None) -> list[list[int]]:
+    def encode(
+        self, prompts: list[list[dict]], responses: list[str], complete: list[bool] | None = None
+    ) -> list[list[int]]:
         """Token ids of each pair through the chat template, cut to max_len. A response that is not
         complete (cut at the generation limit) gets no EOS: it is scored as the unfinished answer it is."""
         sequences = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             prompt_ids = encode_prompt(self.tokenizer, prompt)
-            ids = prompt_ids + encode_response(self.tokenizer, prompt, response, complete is None or complete[i], prompt_ids)
+            ids = prompt_ids + encode_response(
+                self.tokenizer, prompt, response, complete is None or complete[i], prompt_ids
+            )
             if len(ids) > self.max_len:
                 self.truncated += 1
                 ids = ids[: self.max_len]
@@ -127,10 +158,12 @@ class RewardModel:
         was_training = self.model.training
         self.model.eval()
         for start in range(0, len(order), self.batch_size):
-            batch = order[start: start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             # collate_sequences right-pads; every token is "response" here, the mask is unused
             tensors = collate_sequences([[] for _ in batch], [sequences[i] for i in batch], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=tensors["input_ids"].to(self.device), attention_mask=tensors["attention_mask"].to(self.device)).logits
+            logits = self.model(
+                input_ids=tensors["input_ids"].to(self.device), attention_mask=tensors["attention_mask"].to(self.device)
+            ).logits
             for i, value in zip(batch, logits[:, 0].float().tolist()):
                 scores[i] = value
         self.model.train(was_training)
@@ -141,7 +174,9 @@ class RewardModel:
         response cut at the length limit (default: all complete). Collective when distributed:
         every rank passes the same full lists, scores a strided share, and gets every score."""
         if len(prompts) != len(responses) or (complete is not None and len(complete) != len(responses)):
-            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses, {len(complete or responses)} completeness flags")
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(responses)} responses, {len(complete or responses)} completeness flags"
+            )
         complete = [True] * len(responses) if complete is None else list(complete)
         rank, world = _distributed()
         if world == 1:
@@ -150,7 +185,9 @@ class RewardModel:
         # equal share sizes keep the number of forward calls equal on every rank (a sharded model needs it)
         filler = share[0] if share else 0
         padded = share + [filler] * (-(-len(prompts) // world) - len(share))
-        scores = self.score_ids(self.encode([prompts[i] for i in padded], [responses[i] for i in padded], [complete[i] for i in padded]))
+        scores = self.score_ids(
+            self.encode([prompts[i] for i in padded], [responses[i] for i in padded], [complete[i] for i in padded])
+        )
         gathered: list = [None] * world
         dist.all_gather_object(gathered, list(zip(share, scores[: len(share)])))
         result = [0.0] * len(prompts)
@@ -173,7 +210,9 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{where}: a row to score needs 'prompt' and 'response' or 'responses'")
         prompt = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
-        if not isinstance(prompt, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        if not isinstance(prompt, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt
+        ):
             raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
         if isinstance(row.get("response"), str):
             texts, positions = [row["response"]], [None]
@@ -190,8 +229,13 @@ def _read_scoring_rows(path: str) -> tuple[list[dict], list[list[dict]], list[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Score a jsonl file of responses with a reward model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="reward model path or hub id, or 'toy-gold' for the toy's gold judge")
+    parser = argparse.ArgumentParser(
+        description="Score a jsonl file of responses with a reward model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="reward model path or hub id, or 'toy-gold' for the toy's gold judge"
+    )
     parser.add_argument("--input", required=True, help="jsonl/json rows with 'prompt' and 'response' or 'responses'")
     parser.add_argument("--output", required=True, help="jsonl written with 'reward' / 'rewards' added")
     parser.add_argument("--max_len", type=int, default=4096)

@@ -38,7 +38,8 @@ What it does
 - `make_online_pairs`: scores each prompt's candidates with a reward model (reward.py) and takes
   the best as chosen and the worst as rejected. Prompts whose candidates all get the same reward
   give no pair and are counted; responses cut at the length limit stay candidates, are scored
-  without an end-of-turn token (as unfinished answers) and are counted. The SELM variant adds the offline chosen and rejected answers to the ranking pool.
+  without an end-of-turn token (as unfinished answers) and are counted. The SELM variant adds the
+  offline chosen and rejected answers to the ranking pool.
 
 Run
     python sample.py --model out/toy/sft --prompts F.jsonl --output G.jsonl --n 8
@@ -75,8 +76,19 @@ from data import DataError, encode_prompt, end_of_turn_id, iter_rows, load_token
 BACKENDS = ("transformers", "vllm")
 # Variables torchrun sets for its workers; a vLLM child must not see them, or it would try to
 # join the training job's process group.
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                      "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 @dataclass
@@ -90,7 +102,9 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """Where an answer ends: the chat template's end-of-turn token first, then the generation
     config's EOS ids (e.g. Llama-3.1-Instruct's [128001, 128008, 128009]) and the tokenizer's EOS."""
     eos = getattr(generation_config, "eos_token_id", None)
-    turn = [end_of_turn_id(tokenizer)] if getattr(tokenizer, "chat_template", None) else []  # prompts rendered without a template have none
+    turn = (
+        [end_of_turn_id(tokenizer)] if getattr(tokenizer, "chat_template", None) else []
+    )  # prompts rendered without a template have none
     ids = turn + (list(eos) if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]
     if not any(i is not None for i in ids):
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no end-of-turn or EOS token to stop generation on")
@@ -107,20 +121,49 @@ def _finish(token_ids: list[int], eos_ids: list[int], tokenizer) -> Generation:
 
 
 @torch.no_grad()
-def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, temperature: float, top_p: float,
-                          max_new_tokens: int, seed: int, batch_size: int = 64, synced_gpus: bool = False) -> list[list[Generation]]:
+def transformers_generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    synced_gpus: bool = False,
+) -> list[list[Generation]]:
     """Sample n responses per prompt with `model.generate` (see the module docstring)."""
     from transformers import GenerationConfig
 
     eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    per_call = n if temperature > 0 else 1  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
+    per_call = (
+        n if temperature > 0 else 1
+    )  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
     if temperature > 0:
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                  max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_ids, pad_token_id=pad_id)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+        )
     else:
-        config = GenerationConfig(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
-                                  num_return_sequences=1, eos_token_id=eos_ids, pad_token_id=pad_id)
+        config = GenerationConfig(
+            do_sample=False,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=1,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -132,15 +175,19 @@ def transformers_generate(model, tokenizer, prompts: list[list[int]], n: int, te
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for start in range(0, len(prompts), batch_size):
                 torch.manual_seed(seed + start // batch_size)
-                batch = prompts[start: start + batch_size]
+                batch = prompts[start : start + batch_size]
                 width = max(len(p) for p in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, prompt in enumerate(batch):  # left padding: every prompt ends where generation starts
-                    input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-                    attention_mask[row, width - len(prompt):] = 1
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config, synced_gpus=synced_gpus)
+                    input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                    attention_mask[row, width - len(prompt) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    synced_gpus=synced_gpus,
+                )
                 rows = output[:, width:].tolist()  # (len(batch) * per_call, new tokens), grouped by prompt
                 for i in range(len(batch)):
                     results.append([_finish(rows[i * per_call + j % per_call], eos_ids, tokenizer) for j in range(n)])
@@ -167,13 +214,28 @@ def vllm_child_environment(local_rank: int) -> dict[str, str]:
 
 def _weights_stamp(model_path: str) -> list:
     """What identifies the weights at a path: its weight files' names, sizes and times (a hub id by itself)."""
-    files = sorted(p for p in Path(model_path).glob("*") if p.suffix in (".safetensors", ".bin")) if Path(model_path).is_dir() else []
+    files = (
+        sorted(p for p in Path(model_path).glob("*") if p.suffix in (".safetensors", ".bin"))
+        if Path(model_path).is_dir()
+        else []
+    )
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files] or [str(model_path)]
 
 
-def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                  seed: int, workdir: str | os.PathLike, gpu_memory_utilization: float = 0.5, chunks: int = 4, max_model_len: int = 0,
-                  enforce_eager: bool = False) -> list[list[Generation]]:
+def vllm_generate(
+    model_path: str,
+    prompts: list[list[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    workdir: str | os.PathLike,
+    gpu_memory_utilization: float = 0.5,
+    chunks: int = 4,
+    max_model_len: int = 0,
+    enforce_eager: bool = False,
+) -> list[list[Generation]]:
     """Sample with one vLLM child process per rank (see the module docstring). Collective when
     distributed: every rank passes the same prompts and gets every result.
 
@@ -184,26 +246,67 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     workdir = Path(workdir) / f"rank{rank}"
     share = list(range(rank, len(prompts), world))
-    prompts_path, output_path, log_path = workdir / "prompts.jsonl", workdir / "generations.jsonl", workdir / "worker.log"
-    request = {"model": str(model_path), "weights": _weights_stamp(str(model_path)), "n": n, "temperature": temperature, "top_p": top_p,
-               "max_new_tokens": max_new_tokens, "seed": seed, "prompts": [[i, prompts[i]] for i in share]}
+    prompts_path, output_path, log_path = (
+        workdir / "prompts.jsonl",
+        workdir / "generations.jsonl",
+        workdir / "worker.log",
+    )
+    request = {
+        "model": str(model_path),
+        "weights": _weights_stamp(str(model_path)),
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "prompts": [[i, prompts[i]] for i in share],
+    }
     key = hashlib.sha1(json.dumps(request).encode()).hexdigest()
     error, results = None, {}
     try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
         workdir.mkdir(parents=True, exist_ok=True)
-        if not (workdir / "request.sha1").exists() or (workdir / "request.sha1").read_text() != key:  # another request: start afresh
+        if (
+            not (workdir / "request.sha1").exists() or (workdir / "request.sha1").read_text() != key
+        ):  # another request: start afresh
             output_path.unlink(missing_ok=True)
-            write_jsonl(prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share])  # the index sets the prompt's seed
+            write_jsonl(
+                prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share]
+            )  # the index sets the prompt's seed
             (workdir / "request.sha1").write_text(key)
         if share:
-            command = [sys.executable, str(Path(__file__).resolve()), "--backend", "vllm", "--model", str(model_path),
-                       "--prompts", str(prompts_path), "--output", str(output_path), "--n", str(n), "--temperature", str(temperature),
-                       "--top_p", str(top_p), "--max_new_tokens", str(max_new_tokens), "--seed", str(seed),
-                       "--gpu_memory_utilization", str(gpu_memory_utilization), "--chunks", str(chunks),
-                       # the same context on every rank: the longest prompt of all + max_new_tokens, unless given
-                       "--max_model_len", str(max_model_len or max(map(len, prompts)) + max_new_tokens)] + ["--enforce_eager"] * enforce_eager
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--backend",
+                "vllm",
+                "--model",
+                str(model_path),
+                "--prompts",
+                str(prompts_path),
+                "--output",
+                str(output_path),
+                "--n",
+                str(n),
+                "--temperature",
+                str(temperature),
+                "--top_p",
+                str(top_p),
+                "--max_new_tokens",
+                str(max_new_tokens),
+                "--seed",
+                str(seed),
+                "--gpu_memory_utilization",
+                str(gpu_memory_utilization),
+                "--chunks",
+                str(chunks),
+                # the same context on every rank: the longest prompt of all + max_new_tokens, unless given
+                "--max_model_len",
+                str(max_model_len or max(map(len, prompts)) + max_new_tokens),
+            ] + ["--enforce_eager"] * enforce_eager
             with open(log_path, "a") as log:
-                returncode = subprocess.run(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT).returncode
+                returncode = subprocess.run(
+                    command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT
+                ).returncode
             if returncode != 0:
                 tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
                 error = f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}"
@@ -211,10 +314,13 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
                 for _, row in iter_rows(output_path):
                     if isinstance(row, DataError):
                         raise row
-                    results[row["index"]] = [Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]]
+                    results[row["index"]] = [
+                        Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]
+                    ]
                 missing = sorted(set(share) - set(results))
                 if missing or any(len(results[i]) != n for i in share):
-                    error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete ({len(missing)} prompts missing)"
+                    error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete"
+                    error += f" ({len(missing)} prompts missing)"
     except Exception as err:
         error, results = f"rank {rank}: {type(err).__name__}: {err}", {}
     gathered = [(error, results)]
@@ -228,10 +334,24 @@ def vllm_generate(model_path: str, prompts: list[list[int]], n: int, temperature
     return [merged[i] for i in range(len(prompts))]
 
 
-def generate(prompts: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-             backend: str = "transformers", model=None, tokenizer=None, model_path: str | None = None, batch_size: int = 64,
-             synced_gpus: bool = False, workdir: str | os.PathLike = "out/vllm", gpu_memory_utilization: float = 0.5, max_model_len: int = 0,
-             enforce_eager: bool = False) -> list[list[Generation]]:
+def generate(
+    prompts: list[list[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    backend: str = "transformers",
+    model=None,
+    tokenizer=None,
+    model_path: str | None = None,
+    batch_size: int = 64,
+    synced_gpus: bool = False,
+    workdir: str | os.PathLike = "out/vllm",
+    gpu_memory_utilization: float = 0.5,
+    max_model_len: int = 0,
+    enforce_eager: bool = False,
+) -> list[list[Generation]]:
     """n responses for each token-id prompt, in the prompts' order.
 
     transformers needs `model` and `tokenizer`; vllm needs `model_path`, an HF checkpoint
@@ -240,12 +360,25 @@ def generate(prompts: list[list[int]], n: int, temperature: float, top_p: float,
     if backend == "transformers":
         if model is None or tokenizer is None:
             raise ValueError("the transformers backend needs the model and its tokenizer")
-        return transformers_generate(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, synced_gpus)
+        return transformers_generate(
+            model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed, batch_size, synced_gpus
+        )
     if backend == "vllm":
         if model_path is None:
             raise ValueError("the vllm backend needs model_path, an exported HF checkpoint of the policy")
-        return vllm_generate(model_path, prompts, n, temperature, top_p, max_new_tokens, seed, workdir, gpu_memory_utilization,
-                             max_model_len=max_model_len, enforce_eager=enforce_eager)
+        return vllm_generate(
+            model_path,
+            prompts,
+            n,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            workdir,
+            gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+        )
     raise ValueError(f"generator backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -289,8 +422,12 @@ def best_and_worst(pool: list[Candidate], rewards: list[float]) -> OnlinePair | 
     return OnlinePair(pool[best], pool[worst], rewards[best], rewards[worst])
 
 
-def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generation]], reward_model,
-                      offline: list[tuple[tuple[str, list[int]], tuple[str, list[int]]]] | None = None) -> tuple[list[OnlinePair | None], PairStats]:
+def make_online_pairs(
+    prompts: list[list[dict]],
+    generations: list[list[Generation]],
+    reward_model,
+    offline: list[tuple[tuple[str, list[int]], tuple[str, list[int]]]] | None = None,
+) -> tuple[list[OnlinePair | None], PairStats]:
     """Score every candidate of every prompt with `reward_model` (anything with
     `score(prompts, responses)`) and pair the best with the worst.
 
@@ -307,10 +444,12 @@ def make_online_pairs(prompts: list[list[dict]], generations: list[list[Generati
     flat_prompts = [prompts[i] for i, pool in enumerate(pools) for _ in pool]
     flat_texts = [candidate.text for pool in pools for candidate in pool]
     # a candidate cut at max_new_tokens is scored without an end of turn, as the unfinished answer it is
-    flat_rewards = reward_model.score(flat_prompts, flat_texts, [not candidate.truncated for pool in pools for candidate in pool])
+    flat_rewards = reward_model.score(
+        flat_prompts, flat_texts, [not candidate.truncated for pool in pools for candidate in pool]
+    )
     pairs, stats, offset = [], PairStats(prompts=len(pools)), 0
     for pool in pools:
-        rewards = flat_rewards[offset: offset + len(pool)]
+        rewards = flat_rewards[offset : offset + len(pool)]
         offset += len(pool)
         stats.truncated_candidates += sum(c.truncated for c in pool)
         stats.rewards += [r for c, r in zip(pool, rewards) if c.source == "online"]
@@ -358,19 +497,38 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list
     try:
         import vllm
     except ImportError:
-        raise SystemExit("the vllm backend needs vLLM installed (pip install vllm); it is an optional GPU extra") from None
+        raise SystemExit(
+            "the vllm backend needs vLLM installed (pip install vllm); it is an optional GPU extra"
+        ) from None
     tokenizer = load_tokenizer(args.model)
     # bf16 whatever the checkpoint's dtype (train.py writes the intermediate iterations' exports in fp32); max_model_len
     # bounds the KV cache to what the prompts need (Llama-3.1's own 131k would ask for ~16 GiB at 0.5 utilisation)
-    llm = vllm.LLM(model=args.model, dtype="bfloat16", tensor_parallel_size=1, enforce_eager=args.enforce_eager,
-                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, max_model_len=args.max_model_len)
+    llm = vllm.LLM(
+        model=args.model,
+        dtype="bfloat16",
+        tensor_parallel_size=1,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+    )
     per_call = args.n if args.temperature > 0 else 1  # vLLM refuses greedy with n > 1: one answer, repeated
     size = -(-len(todo) // max(1, args.chunks))
     for start in range(0, len(todo), size):
-        chunk = todo[start:start + size]
+        chunk = todo[start : start + size]
         # top_k=0: no top-k filter; the end-of-turn token stops like the EOS ids vLLM takes from the generation config
-        params = [vllm.SamplingParams(n=per_call, temperature=args.temperature, top_p=args.top_p, top_k=0, max_tokens=args.max_new_tokens,
-                                      seed=args.seed + indices[i] * args.n, stop_token_ids=[end_of_turn_id(tokenizer)]) for i in chunk]
+        params = [
+            vllm.SamplingParams(
+                n=per_call,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=0,
+                max_tokens=args.max_new_tokens,
+                seed=args.seed + indices[i] * args.n,
+                stop_token_ids=[end_of_turn_id(tokenizer)],
+            )
+            for i in chunk
+        ]
         outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in chunk], params, use_tqdm=False)
         with open(args.output, "a") as f:
             for i, output in zip(chunk, outputs):
@@ -379,7 +537,9 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list
                     token_ids = list(completion.token_ids)
                     finish = "stop" if completion.finish_reason == "stop" else "length"
                     # the stopping token (EOS, or a model's extra stop token) closes the response, as in training
-                    stop_token = completion.stop_reason if isinstance(completion.stop_reason, int) else tokenizer.eos_token_id
+                    stop_token = (
+                        completion.stop_reason if isinstance(completion.stop_reason, int) else tokenizer.eos_token_id
+                    )
                     if finish == "stop" and (not token_ids or token_ids[-1] != stop_token):
                         token_ids.append(stop_token)
                     responses.append({"token_ids": token_ids, "text": completion.text, "finish_reason": finish})
@@ -393,7 +553,11 @@ def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], lis
     for where, row in iter_rows(path):
         if isinstance(row, DataError):
             raise row
-        if isinstance(row, dict) and isinstance(row.get("prompt_token_ids"), list) and all(isinstance(t, int) for t in row["prompt_token_ids"]):
+        if (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt_token_ids"), list)
+            and all(isinstance(t, int) for t in row["prompt_token_ids"])
+        ):
             ids = row["prompt_token_ids"]
         elif isinstance(row, dict) and isinstance(row.get("prompt"), (str, list)):
             if tokenizer is None:
@@ -401,7 +565,9 @@ def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], lis
             messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
             ids = encode_prompt(tokenizer, messages)
         else:
-            raise DataError(f"{where}: a prompt row needs 'prompt_token_ids' (a list of ints) or 'prompt' (a string or messages)")
+            raise DataError(
+                f"{where}: a prompt row needs 'prompt_token_ids' (a list of ints) or 'prompt' (a string or messages)"
+            )
         if not ids:
             raise DataError(f"{where}: empty prompt")
         rows.append(row)
@@ -410,7 +576,10 @@ def _read_prompt_rows(path: str, tokenizer_source: str) -> tuple[list[dict], lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate n responses per prompt of a jsonl file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Generate n responses per prompt of a jsonl file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="HF checkpoint directory or hub id of the policy")
     parser.add_argument("--prompts", required=True, help="jsonl/json rows with 'prompt_token_ids' or 'prompt'")
     parser.add_argument("--output", required=True, help="jsonl written with 'responses' added to each row")
@@ -422,9 +591,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (transformers backend)")
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.5, help="vLLM's share of the GPU memory")
-    parser.add_argument("--chunks", type=int, default=4, help="vllm: pieces written to --output as they finish; a rerun keeps them")
-    parser.add_argument("--max_model_len", type=int, default=0, help="vllm: the engine's context; 0 = the longest prompt + --max_new_tokens")
-    parser.add_argument("--enforce_eager", action="store_true", help="vllm: no CUDA graphs (starts faster, decodes slower)")
+    parser.add_argument(
+        "--chunks", type=int, default=4, help="vllm: pieces written to --output as they finish; a rerun keeps them"
+    )
+    parser.add_argument(
+        "--max_model_len",
+        type=int,
+        default=0,
+        help="vllm: the engine's context; 0 = the longest prompt + --max_new_tokens",
+    )
+    parser.add_argument(
+        "--enforce_eager", action="store_true", help="vllm: no CUDA graphs (starts faster, decodes slower)"
+    )
     args = parser.parse_args()
 
     rows, prompts = _read_prompt_rows(args.prompts, args.model)
@@ -437,10 +615,24 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
-        generations = transformers_generate(model, load_tokenizer(args.model), prompts, args.n, args.temperature,
-                                            args.top_p, args.max_new_tokens, args.seed, args.batch_size)
-        responses = [[{"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason} for g in per_prompt] for per_prompt in generations]
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        ).to(device)
+        generations = transformers_generate(
+            model,
+            load_tokenizer(args.model),
+            prompts,
+            args.n,
+            args.temperature,
+            args.top_p,
+            args.max_new_tokens,
+            args.seed,
+            args.batch_size,
+        )
+        responses = [
+            [{"token_ids": g.token_ids, "text": g.text, "finish_reason": g.finish_reason} for g in per_prompt]
+            for per_prompt in generations
+        ]
         write_jsonl(args.output, [{**row, "responses": r} for row, r in zip(rows, responses)])
     print(f"generated {args.n} responses for each of {len(rows)} prompts with {args.backend} -> {args.output}")
 

@@ -80,15 +80,30 @@ from tqdm import tqdm
 
 import data
 import losses
-from meta import SAMPLING_MODES, WEIGHTING_MODES, INPUT_MODES, MetaController, meta_features
+from meta import INPUT_MODES, SAMPLING_MODES, WEIGHTING_MODES, MetaController, meta_features
 from reward import RewardModel, require_reward_head, toy_gold_judge
 from sample import BACKENDS, generate, make_online_pairs
 
 # ==============================================================================================
 # Config
 
-METHODS = ("pipeline", "sft", "rm", "dpo", "ipo", "kto", "simpo", "slic", "selective_dpo", "metaapo", "online_dpo", "selm", "adpo", "ppo",
-           "stage")
+METHODS = (
+    "pipeline",
+    "sft",
+    "rm",
+    "dpo",
+    "ipo",
+    "kto",
+    "simpo",
+    "slic",
+    "selective_dpo",
+    "metaapo",
+    "online_dpo",
+    "selm",
+    "adpo",
+    "ppo",
+    "stage",
+)
 OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
 ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo", "stage")
 OBJECTIVES = ("dpo", "ipo", "simpo")
@@ -107,7 +122,8 @@ class Config:
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # preference pairs: file, directory or hub id
     train_split: str = "train_prefs"  # a directory's or hub dataset's split; a single file is all training data
     test_split: str = "test_prefs"
-    test_dataset: str = ""  # held-out pairs: file, directory or hub id; "" = dataset's test_split (none for a single file)
+    # held-out pairs: file, directory or hub id; "" = dataset's test_split (none for a single file)
+    test_dataset: str = ""
     sft_dataset: str = ""  # SFT demonstrations (method sft); the toy preset sets it
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
     max_train_pairs: int = 0  # use only the first N offline pairs (0 = all); for quick runs
@@ -146,13 +162,17 @@ class Config:
     slic_delta: float = 1.0
     slic_nll_weight: float = 0.1
     slic_nll: str = "sum"  # the NLL term: sum over the answer's tokens (SLiC-HF) or mean (TRL's CPO)
-    ipo_length_normalized: bool = False  # IPO on per-token log-ratios (TRL) instead of summed ones (IPO's Eq. 17, the reference code)
-    selm_alpha: float = 0.001  # selm: weight of the optimism term alpha*beta*(log pi - log pi_ref) on the policy's own answer
+    # IPO on per-token log-ratios (TRL) instead of summed ones (IPO's Eq. 17, the reference code)
+    ipo_length_normalized: bool = False
+    # selm: weight of the optimism term alpha*beta*(log pi - log pi_ref) on the policy's own answer
+    selm_alpha: float = 0.001
     selective_seeds: int = 3  # selective_dpo: reference runs per half (seeds x 2 halves), as the original
-    selective_checkpoints: int = 5  # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
+    # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
+    selective_checkpoints: int = 5
     keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
     adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
-    objective: str = "dpo"  # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and stage)
+    # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and stage)
+    objective: str = "dpo"
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
     num_samples: int = 8  # K responses per selected prompt
@@ -160,7 +180,8 @@ class Config:
     meta_lr: float = 5e-3  # the meta-learner's AdamW: one step per meta update
     meta_weight_decay: float = 1e-4  # the reference code's meta optimizer
     meta_grad_clip: float = 1.0  # max gradient norm of a meta update
-    meta_input_beta: float = 0.0  # h's input is log sigmoid(meta_input_beta * Delta); 0 = beta (Eq. 4), 1 = the reference code
+    # h's input is log sigmoid(meta_input_beta * Delta); 0 = beta (Eq. 4), 1 = the reference code
+    meta_input_beta: float = 0.0
     meta_depth: int = 2  # linear layers of the meta-learner (5 for the ablation)
     meta_inputs: str = "score"  # score, or multi (score + chosen and rejected log-ratios)
     sampling: str = "meta"  # meta, random, threshold or all
@@ -176,7 +197,8 @@ class Config:
     vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
     # --- the alignment-stage method (seed 004): static or on-policy data per iteration
-    schedule: str = ""  # stage: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
+    # stage: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
+    schedule: str = ""
     probe_ratio: float = 0.03  # stage: share of an iteration's prompts in its boundary measurement
     probe_samples: int = 4  # stage: on-policy answers per probe prompt, each compared with the 2 static ones
     stage_threshold: float = 0.5  # stage: a boundary score at or above it means the fine-tuning stage: on-policy data
@@ -190,7 +212,8 @@ class Config:
     rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
-    grad_accumulation: str = "auto"  # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if unsharded would not fit)
+    # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if needed to fit)
+    grad_accumulation: str = "auto"
     chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
     export_dtype: str = "auto"  # HF exports: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     save_every: int = 0  # optimizer steps between checkpoints; 0 = every tenth of a pass (and at phase boundaries)
@@ -200,7 +223,8 @@ class Config:
     eval_samples: int = 4  # results table: samples per held-out prompt
     eval_prompts: int = 0  # results table: held-out prompts used (0 = all)
     wandb_project: str = ""  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no network)
-    dry_run: bool = False  # print each stage's steps and tokens and a per-GPU memory plan, refuse one that cannot fit; run nothing
+    # print each stage's steps and tokens and a per-GPU memory plan, refuse one that cannot fit; run nothing
+    dry_run: bool = False
     gpus: int = 0  # --dry_run: GPUs to plan for (0 = this launch's world size)
     gpu_memory_gb: float = 0.0  # --dry_run: memory per GPU in GiB (0 = this GPU's, 80 without one)
 
@@ -209,33 +233,79 @@ def toy_preset(data_seed: int) -> dict:
     """The embedded toy task (data.py): tiny Llama, CPU, a few minutes end to end."""
     root = Path("out/toy") / f"seed{data_seed}"  # built by data.ensure_toy_assets
     return dict(
-        model=str(root / "base"), init_from_config=True, dataset=str(root), sft_dataset=str(root / "sft.jsonl"), max_prompt_len=16, max_len=40,
-        rm_max_len=40, max_new_tokens=24, sft_lr=3e-3, sft_epochs=10, sft_batch_size=64, rm_lr=3e-4, rm_batch_size=16,
-        lr=5e-5, batch_size=16, micro_batch_size=16, gen_batch_size=256, activation_checkpointing=False, generator="transformers",
-        critic_lr=3e-4, rollout_batch_size=128,  # the critic learns at the reward model's rate; 8 PPO steps per rollout as OpenRLHF's 1024 / 128
-        selective_seeds=2, selective_checkpoints=2,  # Selective DPO's reference runs, cut to fit the comparison's time (the original: 3 x 5)
+        model=str(root / "base"),
+        init_from_config=True,
+        dataset=str(root),
+        sft_dataset=str(root / "sft.jsonl"),
+        max_prompt_len=16,
+        max_len=40,
+        rm_max_len=40,
+        max_new_tokens=24,
+        sft_lr=3e-3,
+        sft_epochs=10,
+        sft_batch_size=64,
+        rm_lr=3e-4,
+        rm_batch_size=16,
+        lr=5e-5,
+        batch_size=16,
+        micro_batch_size=16,
+        gen_batch_size=256,
+        activation_checkpointing=False,
+        generator="transformers",
+        critic_lr=3e-4,
+        # the critic learns at the reward model's rate; 8 PPO steps per rollout as OpenRLHF's 1024 / 128
+        rollout_batch_size=128,
+        selective_seeds=2,
+        selective_checkpoints=2,  # Selective DPO's reference runs, cut to fit the comparison (original: 3 x 5)
     )
 
 
 PRESETS = {
     "toy": toy_preset,
     # Table B.4; the reward model is a path argument (or this run's `rm` stage)
-    "tulu8b": lambda data_seed: dict(model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1),
-    "qwen7b": lambda data_seed: dict(model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1),
+    "tulu8b": lambda data_seed: dict(
+        model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1
+    ),
+    "qwen7b": lambda data_seed: dict(
+        model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1
+    ),
 }
-CHOICES = {"method": METHODS, "objective": OBJECTIVES + ("slic",), "sampling": SAMPLING_MODES, "weighting": WEIGHTING_MODES,
-           "meta_inputs": INPUT_MODES, "generator": BACKENDS, "export_dtype": ("auto", "bf16", "fp32"),
-           "grad_accumulation": ("auto", "unsharded", "sharded"), "slic_nll": ("sum", "mean")}
+CHOICES = {
+    "method": METHODS,
+    "objective": OBJECTIVES + ("slic",),
+    "sampling": SAMPLING_MODES,
+    "weighting": WEIGHTING_MODES,
+    "meta_inputs": INPUT_MODES,
+    "generator": BACKENDS,
+    "export_dtype": ("auto", "bf16", "fp32"),
+    "grad_accumulation": ("auto", "unsharded", "sharded"),
+    "slic_nll": ("sum", "mean"),
+}
 
 
 # Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
 # unknown key close to one of them is answered with ours.
-OTHER_NAMES = {"learning_rate": "lr", "train_batch_size": "batch_size", "micro_train_batch_size": "micro_batch_size",
-               "per_device_train_batch_size": "micro_batch_size", "max_epochs": "epochs", "num_train_epochs": "epochs",
-               "pretrain": "model", "model_name_or_path": "model", "ref_pretrain": "reference", "reward_pretrain": "reward_model",
-               "prompt_max_len": "max_prompt_len", "max_length": "max_len", "generate_max_len": "max_new_tokens",
-               "n_samples_per_prompt": "num_samples", "save_path": "out_dir", "output_dir": "out_dir", "meta_k": "meta_interval",
-               "max_grad_norm": "grad_clip", "adam_betas": "betas"}
+OTHER_NAMES = {
+    "learning_rate": "lr",
+    "train_batch_size": "batch_size",
+    "micro_train_batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "max_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "pretrain": "model",
+    "model_name_or_path": "model",
+    "ref_pretrain": "reference",
+    "reward_pretrain": "reward_model",
+    "prompt_max_len": "max_prompt_len",
+    "max_length": "max_len",
+    "generate_max_len": "max_new_tokens",
+    "n_samples_per_prompt": "num_samples",
+    "save_path": "out_dir",
+    "output_dir": "out_dir",
+    "meta_k": "meta_interval",
+    "max_grad_norm": "grad_clip",
+    "adam_betas": "betas",
+}
 
 
 class ConfigError(ValueError):
@@ -261,16 +331,58 @@ def _convert(name: str, text: str, default):
 
 # What each number may be: a value failing its test is refused before anything runs.
 LIMITS = [
-    (("batch_size", "micro_batch_size", "epochs", "sft_epochs", "sft_batch_size", "rm_batch_size", "rm_max_len", "iterations", "rollout_batch_size",
-      "meta_interval", "max_new_tokens", "gen_batch_size", "eval_samples", "keep_checkpoints", "selective_seeds", "selective_checkpoints"),
-     lambda v: v >= 1, "at least 1"),
+    (
+        (
+            "batch_size",
+            "micro_batch_size",
+            "epochs",
+            "sft_epochs",
+            "sft_batch_size",
+            "rm_batch_size",
+            "rm_max_len",
+            "iterations",
+            "rollout_batch_size",
+            "meta_interval",
+            "max_new_tokens",
+            "gen_batch_size",
+            "eval_samples",
+            "keep_checkpoints",
+            "selective_seeds",
+            "selective_checkpoints",
+        ),
+        lambda v: v >= 1,
+        "at least 1",
+    ),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
     (("probe_samples",), lambda v: v >= 1, "at least 1"),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
-    (("max_train_pairs", "save_every", "save_minutes", "eval_prompts", "chunk_size", "gpus", "gpu_memory_gb", "weight_decay", "meta_weight_decay", "temperature",
-      "meta_input_beta", "slic_delta", "slic_nll_weight", "kto_desirable_weight", "kto_undesirable_weight", "simpo_gamma"),
-     lambda v: v >= 0, "at least 0"),
-    (("lr", "sft_lr", "rm_lr", "meta_lr", "critic_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"), lambda v: v > 0, "positive"),
+    (
+        (
+            "max_train_pairs",
+            "save_every",
+            "save_minutes",
+            "eval_prompts",
+            "chunk_size",
+            "gpus",
+            "gpu_memory_gb",
+            "weight_decay",
+            "meta_weight_decay",
+            "temperature",
+            "meta_input_beta",
+            "slic_delta",
+            "slic_nll_weight",
+            "kto_desirable_weight",
+            "kto_undesirable_weight",
+            "simpo_gamma",
+        ),
+        lambda v: v >= 0,
+        "at least 0",
+    ),
+    (
+        ("lr", "sft_lr", "rm_lr", "meta_lr", "critic_lr", "grad_clip", "meta_grad_clip", "beta", "simpo_beta"),
+        lambda v: v > 0,
+        "positive",
+    ),
     (("kl_coef", "ppo_clip", "value_clip", "selm_alpha"), lambda v: v >= 0, "at least 0"),
     (("gae_gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -291,17 +403,31 @@ def check_config(cfg: Config) -> None:
             if not test(getattr(cfg, key)):
                 raise ConfigError(f"--{key}: must be {what}, got {getattr(cfg, key)}")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
-        raise ConfigError(f"--betas: must be two numbers in [0, 1), as --betas=0.9,0.95; got {','.join(map(str, cfg.betas))}")
+        raise ConfigError(
+            f"--betas: must be two numbers in [0, 1), as --betas=0.9,0.95; got {','.join(map(str, cfg.betas))}"
+        )
     if not 0 < cfg.max_prompt_len < cfg.max_len:
-        raise ConfigError(f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): "
-                          "the response needs room")
+        raise ConfigError(
+            f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): "
+            "the response needs room"
+        )
     if cfg.method == "kto" and cfg.batch_size < 2:
-        raise ConfigError("--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another "
-                          f"prompt of the batch, got {cfg.batch_size}")
+        raise ConfigError(
+            "--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another "
+            f"prompt of the batch, got {cfg.batch_size}"
+        )
     if cfg.objective == "slic" and cfg.method not in ("online_dpo", "stage"):
-        raise ConfigError(f"--objective=slic: only --method=online_dpo or stage train on it (SLiC-HF has no preference score), got {cfg.method}")
-    if cfg.schedule and (len(cfg.schedule.split(",")) != cfg.iterations or set(cfg.schedule.split(",")) - {"on", "off"}):
-        raise ConfigError(f"--schedule: one of on or off per iteration, comma-separated ({cfg.iterations} iterations), got {cfg.schedule!r}")
+        raise ConfigError(
+            "--objective=slic: only --method=online_dpo or stage train on it (SLiC-HF has no preference score), got "
+            f"{cfg.method}"
+        )
+    if cfg.schedule and (
+        len(cfg.schedule.split(",")) != cfg.iterations or set(cfg.schedule.split(",")) - {"on", "off"}
+    ):
+        raise ConfigError(
+            f"--schedule: one of on or off per iteration, comma-separated ({cfg.iterations} iterations), got "
+            f"{cfg.schedule!r}"
+        )
     if cfg.method == "sft" and not cfg.sft_dataset:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
@@ -318,7 +444,10 @@ def parse_config(argv: list[str]) -> Config:
         if key not in fields:
             names = {**{name: name for name in fields}, **OTHER_NAMES}
             closest = names[difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]]
-            raise ConfigError(f"unknown config key --{key}; the closest valid one is --{closest} (python train.py --help lists them all)")
+            raise ConfigError(
+                f"unknown config key --{key}; the closest valid one is --{closest} (python train.py --help lists them "
+                "all)"
+            )
         if not has_value:
             if isinstance(fields[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"  # a bare flag
@@ -351,16 +480,25 @@ def config_help() -> str:
     import inspect
 
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    lines = [__doc__.strip().split("\n\n")[0], "", "usage: python train.py [--key=value ...]  (or torchrun --nproc_per_node N train.py ...)"]
+    lines = [
+        __doc__.strip().split("\n\n")[0],
+        "",
+        "usage: python train.py [--key=value ...]  (or torchrun --nproc_per_node N train.py ...)",
+    ]
+    above = None  # a key's comment is on its line, or on the line above when it would not fit there
     for line in inspect.getsource(Config).splitlines()[1:]:
         text = line.strip()
         if text.startswith("# ---"):
             lines += ["", text[5:].strip() + ":"]
+        elif text.startswith("# "):
+            above = text[2:]
         elif match := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", text):
             name, comment = match.groups()
             default = defaults[name]
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            comment = comment or above
             lines.append(f"  --{name}={shown}" + (f"  {comment}" if comment else ""))
+            above = None
     lines += ["", "presets (--model=NAME; any other value is a hub id or a local path of the SFT model):"]
     lines += [f"  {name}: {', '.join(f'{k}={v}' for k, v in preset(0).items())}" for name, preset in PRESETS.items()]
     return "\n".join(lines)
@@ -461,7 +599,11 @@ def shard_model(root: torch.nn.Module, lm, cfg: Config, rt: Runtime, trainable: 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(rt.device.type, (rt.world,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if rt.device.type == "cuda" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if rt.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
         for block in _decoder_blocks(lm):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(root, mesh=mesh, mp_policy=policy)
@@ -507,8 +649,9 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     tokenizer = data.load_tokenizer(path)
     if init_head:
         torch.manual_seed(cfg.seed)  # the new score head
-    model, loading_info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=weights_dtype(rt, trainable),
-                                                                             output_loading_info=True)
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=weights_dtype(rt, trainable), output_loading_info=True
+    )
     if not init_head:  # the annotator must have a trained score head, not a random one
         require_reward_head(path, model, loading_info)
     model = shard_model(model, model, cfg, rt, trainable)
@@ -543,15 +686,25 @@ def full_state_dict(model: torch.nn.Module, rt: Runtime) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_hf(model: torch.nn.Module, hf_model, tokenizer, path: Path, cfg: Config, rt: Runtime, prefix: str = "",
-              dtype: torch.dtype | None = None) -> None:
+def export_hf(
+    model: torch.nn.Module,
+    hf_model,
+    tokenizer,
+    path: Path,
+    cfg: Config,
+    rt: Runtime,
+    prefix: str = "",
+    dtype: torch.dtype | None = None,
+) -> None:
     """An HF safetensors checkpoint + tokenizer at `path`, loadable by from_pretrained and vLLM,
     written atomically (a temporary directory renamed into place), in `dtype` or else export_dtype's."""
     state = full_state_dict(model, rt)
     if rt.main:
         if dtype is None:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.export_dtype, torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
-        state = {k[len(prefix):]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+                cfg.export_dtype, torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+            )
+        state = {k[len(prefix) :]: v.to(dtype) for k, v in state.items() if k.startswith(prefix)}
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         hf_model.save_pretrained(tmp, state_dict=state)
@@ -577,7 +730,9 @@ def start_wandb(cfg: Config, rt: Runtime) -> None:
         import wandb
     except ImportError:
         raise ConfigError("--wandb_project needs wandb, an optional extra: pip install wandb") from None
-    WANDB.append(wandb.init(project=cfg.wandb_project, name=Path(cfg.out_dir).name, config=config_dict(cfg), dir=cfg.out_dir))
+    WANDB.append(
+        wandb.init(project=cfg.wandb_project, name=Path(cfg.out_dir).name, config=config_dict(cfg), dir=cfg.out_dir)
+    )
 
 
 class NonFiniteLoss(RuntimeError):
@@ -590,10 +745,33 @@ class NothingTrained(RuntimeError):
 
 # Keys a stage may be resumed with other values of: they change how it is saved, logged, evaluated
 # or laid out in memory, not what it computes. Every other key must match the stage's config.json.
-RESUME_HARMLESS = ("method", "save_every", "save_minutes", "keep_checkpoints", "micro_batch_size", "activation_checkpointing",
-                   "chunk_size", "deterministic", "gpu_memory_utilization", "vllm_max_model_len", "vllm_enforce_eager", "eval_samples",
-                   "eval_prompts", "wandb_project")
-PATH_KEYS = ("model", "out_dir", "dataset", "test_dataset", "sft_dataset", "sft_model", "reward_model", "policy", "reference")
+RESUME_HARMLESS = (
+    "method",
+    "save_every",
+    "save_minutes",
+    "keep_checkpoints",
+    "micro_batch_size",
+    "activation_checkpointing",
+    "chunk_size",
+    "deterministic",
+    "gpu_memory_utilization",
+    "vllm_max_model_len",
+    "vllm_enforce_eager",
+    "eval_samples",
+    "eval_prompts",
+    "wandb_project",
+)
+PATH_KEYS = (
+    "model",
+    "out_dir",
+    "dataset",
+    "test_dataset",
+    "sft_dataset",
+    "sft_model",
+    "reward_model",
+    "policy",
+    "reference",
+)
 
 
 def same_path(a: str, b: str) -> bool:
@@ -618,7 +796,9 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
         now = list(now) if isinstance(now, tuple) else now
         if before == now or (key in PATH_KEYS and same_path(str(before), str(now))):
             continue
-        kto_batch = key == "micro_batch_size" and cfg.method == "kto"  # KTO's reference point comes from the micro-batch
+        kto_batch = (
+            key == "micro_batch_size" and cfg.method == "kto"
+        )  # KTO's reference point comes from the micro-batch
         (harmless if (key in RESUME_HARMLESS and not kto_batch) or key == "out_dir" else result)[key] = (before, now)
     return result, harmless
 
@@ -662,20 +842,32 @@ class Stage:
         latest = self.latest_checkpoint()
         begun = latest is not None or self.metrics_path.exists()
         if begun and not self.cfg.resume:
-            raise ConfigError(f"{self.dir} holds an unfinished run; pass --resume to continue it, or remove the directory")
+            raise ConfigError(
+                f"{self.dir} holds an unfinished run; pass --resume to continue it, or remove the directory"
+            )
         record = {**config_dict(self.cfg), "stage": self.name}
         if begun and (self.dir / "config.json").exists():
             saved = read_json(self.dir / "config.json")
             changed, harmless = resume_changes(saved, self.cfg)
             if changed:
-                lines = "\n".join(f"  --{key}: {before} when it started, {now} now" for key, (before, now) in changed.items())
-                raise ConfigError(f"--resume: {self.dir} started with other settings that change its result:\n{lines}\n"
-                                  f"Resume with the values it started with (in {self.dir / 'config.json'}), or remove {self.dir} "
-                                  "to start the stage afresh with the new ones.")
+                lines = "\n".join(
+                    f"  --{key}: {before} when it started, {now} now" for key, (before, now) in changed.items()
+                )
+                raise ConfigError(
+                    f"--resume: {self.dir} started with other settings that change its result:\n{lines}\n"
+                    f"Resume with the values it started with (in {self.dir / 'config.json'}), or remove {self.dir} "
+                    "to start the stage afresh with the new ones."
+                )
             record = saved
             if harmless:
-                record["resumes"] = saved.get("resumes", []) + [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": harmless}]
-                print0(self.rt, f"[{self.name}] resuming with " + ", ".join(f"--{k}={now} (was {before})" for k, (before, now) in harmless.items()))
+                record["resumes"] = saved.get("resumes", []) + [
+                    {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": harmless}
+                ]
+                print0(
+                    self.rt,
+                    f"[{self.name}] resuming with "
+                    + ", ".join(f"--{k}={now} (was {before})" for k, (before, now) in harmless.items()),
+                )
         barrier(self.rt)
         if self.rt.main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -690,11 +882,21 @@ class Stage:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({"stage": self.name, **record}) + "\n")
             if WANDB:  # a copy of the numbers; metrics.jsonl stays the record
-                WANDB[0].log({f"{self.name}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                WANDB[0].log(
+                    {
+                        f"{self.name}/{k}": v
+                        for k, v in record.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    }
+                )
         self.metric_lines += 1
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if self.checkpoints.exists() else []
+        found = (
+            sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+            if self.checkpoints.exists()
+            else []
+        )
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict) -> None:
@@ -719,13 +921,22 @@ class Stage:
         state = dict(state)
         torch.save({"rng": capture_rng(), "local": state.pop("rank_local", None)}, tmp / f"rank{self.rt.rank}.pt")
         if self.rt.main:
-            torch.save({**state, "has_model": model is not None, "scheduler": scheduler.state_dict() if scheduler else None,
-                        "metric_lines": self.metric_lines}, tmp / "state.pt")
+            torch.save(
+                {
+                    **state,
+                    "has_model": model is not None,
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "metric_lines": self.metric_lines,
+                },
+                tmp / "state.pt",
+            )
         barrier(self.rt)
         if self.rt.main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[: -self.cfg.keep_checkpoints]:
+            for old in sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[
+                : -self.cfg.keep_checkpoints
+            ]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.rt)
 
@@ -820,13 +1031,27 @@ def shuffled(items: list, seed: int) -> list:
 @dataclass
 class Loop:
     """Where an optimisation pass is: restored from checkpoints, advanced by `optimize`."""
+
     step: int = 0  # optimizer steps of this stage so far
     batch: int = 0  # global batches done in the current pass
 
 
-def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], loss_fn, loop: Loop, desc: str,
-             save_state=None, after_step=None, log_extra: dict | None = None, sizes: list[float] | None = None,
-             save_period: int = 0, before_batch=None) -> list[dict]:
+def optimize(
+    stage: Stage,
+    model,
+    optimizer,
+    scheduler,
+    batches: list[list],
+    loss_fn,
+    loop: Loop,
+    desc: str,
+    save_state=None,
+    after_step=None,
+    log_extra: dict | None = None,
+    sizes: list[float] | None = None,
+    save_period: int = 0,
+    before_batch=None,
+) -> list[dict]:
     """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
 
     loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
@@ -840,7 +1065,14 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
     joining the step's record (the meta update). Returns the records logged for each step.
     """
     cfg, rt = stage.cfg, stage.rt
-    bar = tqdm(total=len(batches), initial=loop.batch, desc=f"[{stage.name}] {desc}", disable=not rt.main, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(batches),
+        initial=loop.batch,
+        desc=f"[{stage.name}] {desc}",
+        disable=not rt.main,
+        leave=False,
+        dynamic_ncols=True,
+    )
     records = []
     every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
     sync_every_micro_batch = gradients_stay_sharded(cfg, rt, model)
@@ -865,8 +1097,14 @@ def optimize(stage: Stage, model, optimizer, scheduler, batches: list[list], los
             stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
         if stop:
             bar.close()
-            raise Stopped(f"[{stage.name}] stopped after step {loop.step} ({desc}, {loop.batch} of {len(batches)} batches)"
-                          + (f"; checkpoint {stage.latest_checkpoint()}" if save_state is not None else "; no checkpoint (none is kept here)"))
+            raise Stopped(
+                f"[{stage.name}] stopped after step {loop.step} ({desc}, {loop.batch} of {len(batches)} batches)"
+                + (
+                    f"; checkpoint {stage.latest_checkpoint()}"
+                    if save_state is not None
+                    else "; no checkpoint (none is kept here)"
+                )
+            )
     bar.close()
     return records
 
@@ -878,11 +1116,11 @@ def accumulate_gradients(stage: Stage, model, batch: list, loss_fn, size: float,
     Returns the summed metrics of this rank."""
     cfg, rt = stage.cfg, stage.rt
     micro = cfg.micro_batch_size
-    share = batch[rt.rank::rt.world]
+    share = batch[rt.rank :: rt.world]
     n_micro = math.ceil(math.ceil(len(batch) / rt.world) / micro)
     sums: dict[str, float] = {}
     for m in range(n_micro):
-        items = share[m * micro:(m + 1) * micro]
+        items = share[m * micro : (m + 1) * micro]
         weights = [1.0] * len(items)
         if not items:  # padding: the same computation, weighted 0
             items, weights = [batch[0]], [0.0]
@@ -901,22 +1139,29 @@ def reduce_metrics(stage: Stage, sums: dict) -> tuple[dict, bool, bool]:
     """Every rank's metric sums added up; two flags ride on the same all-reduce: a stop signal on
     any rank, and rank 0's clock for save_minutes. Returns (metrics, stop, save due)."""
     cfg, rt = stage.cfg, stage.rt
-    sums = {**sums, "_stop": float(bool(STOP_SIGNAL)),
-            "_save": float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes)}
+    sums = {
+        **sums,
+        "_stop": float(bool(STOP_SIGNAL)),
+        "_save": float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes),
+    }
     keys = sorted(sums)
     metrics = dict(zip(keys, all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
     return metrics, metrics.pop("_stop") > 0, metrics.pop("_save") > 0
 
 
-def optimizer_step(stage: Stage, model, optimizer, scheduler, loss_value: float, batch: list, loop: Loop, desc: str) -> float:
+def optimizer_step(
+    stage: Stage, model, optimizer, scheduler, loss_value: float, batch: list, loop: Loop, desc: str
+) -> float:
     """Clip the gradient norm, refuse a non-finite loss or gradient (nothing is saved: the last
     good checkpoint stays), step optimizer and schedule, advance `loop`; returns the norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         rows = [getattr(item, "index", None) for item in batch[:8]]
-        raise NonFiniteLoss(f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
-                            f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept")
+        raise NonFiniteLoss(
+            f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
+            f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept"
+        )
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -943,8 +1188,12 @@ def request_stop(signum, frame) -> None:
         os._exit(128 + signum)
     STOP_SIGNAL.append(signum)
     if os.environ.get("RANK", "0") == "0":
-        print(f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        print(
+            f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint "
+            "(send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def check_stop(rt: Runtime, where: str) -> None:
@@ -965,7 +1214,7 @@ def normalise_metrics(sums: dict) -> dict:
 
 
 def global_batches(items: list, batch_size: int) -> list[list]:
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def epoch_batches(items: list, epochs: int, batch_size: int, seed: int) -> list[list]:
@@ -989,12 +1238,16 @@ def prepare_pass(stage: Stage, latest: Path | None, model, lr: float, steps: int
 # that of the mean over the global batch, whatever the number of ranks.
 
 
-def pair_forward(model, items: list, rt: Runtime, online: bool = False, extra_roles: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_forward(
+    model, items: list, rt: Runtime, online: bool = False, extra_roles: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-prob sums and response lengths of one concatenated batch, (n_roles, B) each:
     rows chosen, rejected (, online chosen, online rejected) (, extra roles)."""
     batch = data.collate_preferences(items, items[0].pad_id, online=online, extra_roles=extra_roles)
     roles = batch.pop("n_roles")
-    logps = model(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device))
+    logps = model(
+        batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device)
+    )
     lengths = batch["response_mask"][:, 1:].sum(-1).to(rt.device).float()
     return logps.view(roles, len(items)), lengths.view(roles, len(items))
 
@@ -1003,19 +1256,24 @@ def pair_forward(model, items: list, rt: Runtime, online: bool = False, extra_ro
 class PolicyPair(data.TokenizedPair):
     """A tokenized pair that knows its tokenizer's pad id (for collation), for keep_unsampled a
     fixed Eq. 5 weight, and for SELM an answer the policy gave itself."""
+
     pad_id: int = 0
     weight_override: float | None = None
     own_ids: list[int] | None = None
 
 
-def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor, offset: int = 0):
+def objective_losses(
+    cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor, offset: int = 0
+):
     """(L_pref, preference score l) of the pairs in rows offset, offset + 1 of (n_roles, B) log-probs:
     dpo / ipo with Eq. 4's score, simpo with Eq. A.9's."""
     chosen, rejected = policy[offset], policy[offset + 1]
     if cfg.objective == "simpo":
         chosen_mean, rejected_mean = chosen / lengths[offset].clamp(min=1), rejected / lengths[offset + 1].clamp(min=1)
-        return (losses.simpo_loss(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma),
-                losses.simpo_score(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma))
+        return (
+            losses.simpo_loss(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma),
+            losses.simpo_score(chosen_mean, rejected_mean, cfg.simpo_beta, cfg.simpo_gamma),
+        )
     ref_chosen, ref_rejected = ref[offset], ref[offset + 1]
     if cfg.objective == "ipo":
         per_token = (lengths[offset], lengths[offset + 1]) if cfg.ipo_length_normalized else (None, None)
@@ -1025,23 +1283,32 @@ def objective_losses(cfg: Config, policy: torch.Tensor, ref: torch.Tensor | None
     return out, losses.preference_score(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
 
 
-def meta_input_score(cfg: Config, score: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor | None, offset: int = 0) -> torch.Tensor:
+def meta_input_score(
+    cfg: Config, score: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor | None, offset: int = 0
+) -> torch.Tensor:
     """h's input for the pairs in rows offset, offset + 1 (SPEC section 3): Eq. 4's score with
     meta_input_beta in place of beta (1.0 = the reference code's unscaled log sigmoid(Delta)).
     Under the default, and for simpo (Eq. A.9 already holds its beta), the score itself."""
     if cfg.objective == "simpo" or cfg.meta_input_beta in (0.0, cfg.beta):
         return score
-    return losses.preference_score(policy[offset], policy[offset + 1], ref[offset], ref[offset + 1], cfg.meta_input_beta)
+    return losses.preference_score(
+        policy[offset], policy[offset + 1], ref[offset], ref[offset + 1], cfg.meta_input_beta
+    )
 
 
 def pair_metrics(out: losses.PairLoss, weights: torch.Tensor, prefix: str = "") -> dict:
     n = weights.sum().item()
-    return {f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * weights).sum().item(),
-            f"{prefix}margin_sum": ((out.chosen_rewards - out.rejected_rewards) * weights).sum().item(),
-            f"{prefix}reward_accuracy_count": n, f"{prefix}margin_count": n}
+    return {
+        f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * weights).sum().item(),
+        f"{prefix}margin_sum": ((out.chosen_rewards - out.rejected_rewards) * weights).sum().item(),
+        f"{prefix}reward_accuracy_count": n,
+        f"{prefix}margin_count": n,
+    }
 
 
-def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime, kto_reference: dict | None = None, optimism: float = 0.0):
+def make_preference_loss(
+    cfg: Config, method: str, policy, ref, rt: Runtime, kto_reference: dict | None = None, optimism: float = 0.0
+):
     """The offline objectives on (chosen, rejected) pairs: dpo, ipo, simpo, slic, and kto
     (unpaired: chosen answers desirable, rejected ones undesirable; its reference point z0 is
     kto_reference["z0"], set per global batch by kto_reference_point). `optimism` > 0 adds SELM's
@@ -1057,12 +1324,23 @@ def make_preference_loss(cfg: Config, method: str, policy, ref, rt: Runtime, kto
         if method in OBJECTIVES:  # dpo, ipo, simpo
             out = objective_losses(dataclasses.replace(cfg, objective=method), logps, ref_logps, lengths)[0]
         elif method == "slic":
-            out = losses.slic_loss(logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight, lengths[0] if cfg.slic_nll == "mean" else None)
+            out = losses.slic_loss(
+                logps[0], logps[1], cfg.slic_delta, cfg.slic_nll_weight, lengths[0] if cfg.slic_nll == "mean" else None
+            )
         else:  # kto: every answer is one example, and the loss their mean (TRL's scaling)
             n = len(items)
-            kto = losses.kto_loss(torch.cat([logps[0], logps[1]]), torch.cat([ref_logps[0], ref_logps[1]]), torch.arange(2 * n, device=rt.device) < n,
-                                  kto_reference["z0"], cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-            out = losses.PairLoss((kto.losses[:n] + kto.losses[n:]) / 2, kto.chosen_rewards[:n], kto.rejected_rewards[n:])
+            kto = losses.kto_loss(
+                torch.cat([logps[0], logps[1]]),
+                torch.cat([ref_logps[0], ref_logps[1]]),
+                torch.arange(2 * n, device=rt.device) < n,
+                kto_reference["z0"],
+                cfg.beta,
+                cfg.kto_desirable_weight,
+                cfg.kto_undesirable_weight,
+            )
+            out = losses.PairLoss(
+                (kto.losses[:n] + kto.losses[n:]) / 2, kto.chosen_rewards[:n], kto.rejected_rewards[n:]
+            )
         if extra:
             out = out._replace(losses=out.losses + losses.selm_optimism(logps[2], ref_logps[2], optimism, cfg.beta))
         total = (out.losses * weights).sum()
@@ -1081,19 +1359,23 @@ def kto_reference_point(batch: list, policy, ref, cfg: Config, rt: Runtime) -> t
     if len(batch) < 2:
         return torch.zeros((), device=rt.device)
     mismatched = [(examples[j][0], examples[j - 1][1]) for j in range(len(examples))]
-    share = mismatched[rt.rank::rt.world]
+    share = mismatched[rt.rank :: rt.world]
     rounds = math.ceil(len(mismatched) / rt.world)
     chunk = max(1, cfg.micro_batch_size) * 2
     policy_logps, ref_logps, weights = [], [], []
     for start in range(0, rounds, chunk):  # the same number of forwards on every rank (padding weighted 0)
-        part = share[start:start + chunk]
-        weights.append(torch.tensor([1.0] * len(part) + [0.0] * (min(chunk, rounds - start) - len(part)), device=rt.device))
+        part = share[start : start + chunk]
+        weights.append(
+            torch.tensor([1.0] * len(part) + [0.0] * (min(chunk, rounds - start) - len(part)), device=rt.device)
+        )
         part = part + [mismatched[0]] * (len(weights[-1]) - len(part))
         tensors = data.collate_sequences([x for x, _ in part], [y for _, y in part], batch[0].pad_id)
         inputs = [tensors[k].to(rt.device) for k in ("input_ids", "attention_mask", "response_mask")]
         policy_logps.append(policy(*inputs))
         ref_logps.append(ref(*inputs))
-    return losses.kto_reference_kl(torch.cat(policy_logps), torch.cat(ref_logps), torch.cat(weights), lambda totals: all_reduce_sum(rt, totals))
+    return losses.kto_reference_kl(
+        torch.cat(policy_logps), torch.cat(ref_logps), torch.cat(weights), lambda totals: all_reduce_sum(rt, totals)
+    )
 
 
 # ==============================================================================================
@@ -1129,8 +1411,10 @@ def require_test_source(cfg: Config, purpose: str) -> tuple[str, str | None]:
     """test_source, or an error saying that `purpose` needs held-out pairs and how to give them."""
     source = test_source(cfg)
     if source is None:
-        raise ConfigError(f"{purpose} needs held-out pairs, and --dataset={cfg.dataset} has no {cfg.test_split} split (a single file "
-                          "is training data only); pass --test_dataset (a file, a directory with that split, or a hub id)")
+        raise ConfigError(
+            f"{purpose} needs held-out pairs, and --dataset={cfg.dataset} has no {cfg.test_split} split (a single file "
+            "is training data only); pass --test_dataset (a file, a directory with that split, or a hub id)"
+        )
     return source
 
 
@@ -1192,10 +1476,14 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
 
     if not Path(path).expanduser().exists():
         if produced_by:
-            raise ConfigError(f"{flag} is not set and this run's {produced_by} stage has no model at {path}: run that stage first "
-                              f"(--method={produced_by}, or the default pipeline) or pass {flag}")
+            raise ConfigError(
+                f"{flag} is not set and this run's {produced_by} stage has no model at {path}: run that stage first "
+                f"(--method={produced_by}, or the default pipeline) or pass {flag}"
+            )
         if not HUB_ID.fullmatch(path):
-            raise ConfigError(f"{flag}: {path} does not exist (neither a local directory nor a hub id of the form owner/name)")
+            raise ConfigError(
+                f"{flag}: {path} does not exist (neither a local directory nor a hub id of the form owner/name)"
+            )
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # transformers raises OSError, ValueError, ... for the many ways a path is wrong
@@ -1203,10 +1491,14 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
     try:
         data.load_tokenizer(path)
     except Exception as err:
-        raise ConfigError(f"{flag}: {path} has no tokenizer that loads (save it with the model): {_short(err)}") from None
+        raise ConfigError(
+            f"{flag}: {path} has no tokenizer that loads (save it with the model): {_short(err)}"
+        ) from None
     if reward and any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
-        raise ConfigError(f"{flag}: {path} is a causal LM ({', '.join(config.architectures)}), not a reward model; pass a "
-                          "sequence-classification checkpoint with one label (train.py --method rm)")
+        raise ConfigError(
+            f"{flag}: {path} is a causal LM ({', '.join(config.architectures)}), not a reward model; pass a "
+            "sequence-classification checkpoint with one label (train.py --method rm)"
+        )
 
 
 def check_data(flag: str, source: str, split: str | None = None) -> None:
@@ -1214,7 +1506,10 @@ def check_data(flag: str, source: str, split: str | None = None) -> None:
     if not source:
         return
     if not Path(source).exists() and (not HUB_ID.fullmatch(source) or Path(source).suffix in data.DATA_EXTENSIONS):
-        raise ConfigError(f"{flag}: {source} does not exist (neither a local file or directory nor a hub dataset id of the form owner/name)")
+        raise ConfigError(
+            f"{flag}: {source} does not exist (neither a local file or directory nor a hub dataset id of the form "
+            "owner/name)"
+        )
     if Path(source).exists():
         try:
             data.resolve_files(source, split)
@@ -1225,7 +1520,11 @@ def check_data(flag: str, source: str, split: str | None = None) -> None:
 def check_inputs(cfg: Config, method: str) -> None:
     """Before any expensive work: every model and data path `method` reads can be loaded. For the
     pipeline, the models given by flag (the others are made by its stages, and checked then)."""
-    sft = ("--sft_model", sft_path(cfg), "" if cfg.sft_model else "sft") if cfg.sft_model or cfg.init_from_config else ("--model", cfg.model, "")
+    sft = (
+        ("--sft_model", sft_path(cfg), "" if cfg.sft_model else "sft")
+        if cfg.sft_model or cfg.init_from_config
+        else ("--model", cfg.model, "")
+    )
     reference = ("--reference", cfg.reference, "") if cfg.reference else sft
     policy = ("--policy", warm_policy_path(cfg), "" if cfg.policy else "dpo")
     reward = ("--reward_model", reward_path(cfg), "" if cfg.reward_model else "rm")
@@ -1256,10 +1555,29 @@ def check_inputs(cfg: Config, method: str) -> None:
 def stage_name(cfg: Config, method: str) -> str:
     """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
     metaapo-sampling_random, online_dpo-objective_simpo or stage-objective_slic-schedule_off-on."""
-    switches = {"metaapo": ("sampling", "weighting", "keep_unsampled", "meta_depth", "meta_inputs", "meta_input_beta", "objective"),
-                "online_dpo": ("objective",), "selm": ("objective",), "stage": ("objective", "schedule")}.get(method, ())
+    switches = {
+        "metaapo": (
+            "sampling",
+            "weighting",
+            "keep_unsampled",
+            "meta_depth",
+            "meta_inputs",
+            "meta_input_beta",
+            "objective",
+        ),
+        "online_dpo": ("objective",),
+        "selm": ("objective",),
+        "stage": ("objective", "schedule"),
+    }.get(method, ())
     defaults = Config()
-    return "-".join([method] + [f"{key}_{str(getattr(cfg, key)).replace(',', '-')}" for key in switches if getattr(cfg, key) != getattr(defaults, key)])
+    return "-".join(
+        [method]
+        + [
+            f"{key}_{str(getattr(cfg, key)).replace(',', '-')}"
+            for key in switches
+            if getattr(cfg, key) != getattr(defaults, key)
+        ]
+    )
 
 
 # ==============================================================================================
@@ -1282,12 +1600,27 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
 
     def sft_loss(items, weights, n_tokens, world):
         batch = data.collate_sft(items, tokenizer.pad_token_id)
-        logps = model(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device))
+        logps = model(
+            batch["input_ids"].to(rt.device),
+            batch["attention_mask"].to(rt.device),
+            batch["response_mask"].to(rt.device),
+        )
         total = -(logps * weights).sum()
         return total * world / n_tokens, {"loss": total.item() / n_tokens}
 
     tokens = [sum(len(e.response_ids) for e in b) for b in batches]  # the loss is a mean over a global batch's tokens
-    optimize(stage, model, optimizer, scheduler, batches, sft_loss, loop, f"{cfg.sft_epochs} epochs", lambda: {"loop": vars(loop).copy()}, sizes=tokens)
+    optimize(
+        stage,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        sft_loss,
+        loop,
+        f"{cfg.sft_epochs} epochs",
+        lambda: {"loop": vars(loop).copy()},
+        sizes=tokens,
+    )
     export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": time.time() - started, "steps": loop.step}
     stage.finish(summary)
@@ -1306,22 +1639,44 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
 
     def rm_loss(items, weights, batch_size, world):
         batch = data.collate_preferences(items, rm.tokenizer.pad_token_id)
-        rewards = rm.model(input_ids=batch["input_ids"].to(rt.device), attention_mask=batch["attention_mask"].to(rt.device)).logits[:, 0].float()
-        out = losses.bradley_terry_loss(rewards[: len(items)], rewards[len(items):])
+        rewards = (
+            rm.model(input_ids=batch["input_ids"].to(rt.device), attention_mask=batch["attention_mask"].to(rt.device))
+            .logits[:, 0]
+            .float()
+        )
+        out = losses.bradley_terry_loss(rewards[: len(items)], rewards[len(items) :])
         total = (out.losses * weights).sum()
         return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
 
-    optimize(stage, rm.model, optimizer, scheduler, batches, rm_loss, loop, f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()})
+    optimize(
+        stage,
+        rm.model,
+        optimizer,
+        scheduler,
+        batches,
+        rm_loss,
+        loop,
+        f"{len(pairs)} pairs",
+        lambda: {"loop": vars(loop).copy()},
+    )
     export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
     summary = {"train_time_s": time.time() - started, "steps": loop.step, "test_accuracy": None}
     if test_source(cfg) is None:
-        print0(rt, f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is training data "
-                   "only): no accuracy measured; pass --test_dataset for one")
+        print0(
+            rt,
+            f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is "
+            "training data "
+            "only): no accuracy measured; pass --test_dataset for one",
+        )
     else:
         test, source = load_heldout(cfg, "the reward model's accuracy")
         summary.update(test_accuracy=reward_accuracy(rm, test), test_pairs=len(test), test_source=describe(source))
         stage.log({"phase": "eval", **{k: summary[k] for k in ("test_accuracy", "test_pairs", "test_source")}})
-        print0(rt, f"[rm] preference accuracy on the {len(test)} held-out pairs of {describe(source)}: {summary['test_accuracy']:.3f}")
+        print0(
+            rt,
+            f"[rm] preference accuracy on the {len(test)} held-out pairs of {describe(source)}: "
+            f"{summary['test_accuracy']:.3f}",
+        )
     stage.finish(summary)
     return summary
 
@@ -1337,7 +1692,15 @@ def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
 # Offline preference methods
 
 
-def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, keep=None, shuffle: bool = True, validate: list | None = None) -> dict:
+def run_offline(
+    cfg: Config,
+    rt: Runtime,
+    method: str,
+    name: str | None = None,
+    keep=None,
+    shuffle: bool = True,
+    validate: list | None = None,
+) -> dict:
     """One pass (per epoch) of an offline objective over the offline pairs, from the SFT model,
     with the SFT model as the reference (none for simpo and slic). `keep(pairs)` filters them;
     shuffle=False keeps their order (Selective DPO's easy-to-hard curriculum). `validate`: held-out
@@ -1351,26 +1714,48 @@ def run_offline(cfg: Config, rt: Runtime, method: str, name: str | None = None, 
     latest = stage.start()
     policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
     ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
-    batches = epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000) if shuffle else global_batches(pairs * cfg.epochs, cfg.batch_size)
+    batches = (
+        epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000)
+        if shuffle
+        else global_batches(pairs * cfg.epochs, cfg.batch_size)
+    )
     optimizer, scheduler, loop = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
     kto = {"z0": None}  # KTO's reference point, set per global batch
-    before_batch = (lambda batch: kto.update(z0=kto_reference_point(batch, policy, ref, cfg, rt))) if method == "kto" else None
+    before_batch = (
+        (lambda batch: kto.update(z0=kto_reference_point(batch, policy, ref, cfg, rt))) if method == "kto" else None
+    )
     after_step = None
     if validate:
-        checkpoints = {math.ceil(len(batches) * (j + 1) / cfg.selective_checkpoints) for j in range(cfg.selective_checkpoints)}
+        checkpoints = {
+            math.ceil(len(batches) * (j + 1) / cfg.selective_checkpoints) for j in range(cfg.selective_checkpoints)
+        }
         path = stage.dir / "validation.json"
 
-        def after_step():  # collective: every rank scores, rank 0 writes; a step written before a resume is not scored again
+        # collective: every rank scores, rank 0 writes; a step written before a resume is not scored again
+        def after_step():
             done = json.loads(path.read_text()) if path.exists() else {}
             if loop.step in checkpoints and str(loop.step) not in done:
                 scores = pair_scores(policy, ref, validate, dataclasses.replace(cfg, objective="dpo"), rt)
                 if rt.main:
-                    write_json(path, {**done, str(loop.step): {str(p.index): -score[0] for p, score in zip(validate, scores)}})
+                    write_json(
+                        path, {**done, str(loop.step): {str(p.index): -score[0] for p, score in zip(validate, scores)}}
+                    )
                 barrier(rt)
             return {}
 
-    optimize(stage, policy, optimizer, scheduler, batches, make_preference_loss(cfg, method, policy, ref, rt, kto), loop,
-             f"{len(pairs)} pairs", lambda: {"loop": vars(loop).copy()}, after_step, before_batch=before_batch)
+    optimize(
+        stage,
+        policy,
+        optimizer,
+        scheduler,
+        batches,
+        make_preference_loss(cfg, method, policy, ref, rt, kto),
+        loop,
+        f"{len(pairs)} pairs",
+        lambda: {"loop": vars(loop).copy()},
+        after_step,
+        before_batch=before_batch,
+    )
     export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": time.time() - started, "steps": loop.step, "pairs": len(pairs)}
     stage.finish(summary)
@@ -1387,12 +1772,19 @@ def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tupl
     padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
     results = []
     for start in range(0, len(padded), chunk):
-        batch = [items[i] for i in padded[start:start + chunk]]
+        batch = [items[i] for i in padded[start : start + chunk]]
         logps, lengths = pair_forward(policy, batch, rt)
         ref_logps = pair_forward(ref, batch, rt)[0] if ref is not None else torch.zeros_like(logps)
         score = objective_losses(cfg, logps, ref_logps, lengths)[1]
         ratios = logps - ref_logps
-        results += list(zip(score.tolist(), meta_input_score(cfg, score, logps, ref_logps).tolist(), ratios[0].tolist(), ratios[1].tolist()))
+        results += list(
+            zip(
+                score.tolist(),
+                meta_input_score(cfg, score, logps, ref_logps).tolist(),
+                ratios[0].tolist(),
+                ratios[1].tolist(),
+            )
+        )
     merged = {}
     for part in all_gather_objects(rt, list(zip(share, results))):
         merged.update(part)
@@ -1416,16 +1808,28 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
         for k in (0, 1):  # half k trains, the other half is scored
             name = f"selective_dpo/seed{s}-half{k}"
             if not Stage(cfg, rt, name).done:
-                run_offline(cfg, rt, "dpo", name, keep=lambda ps, mine=halves[k]: [ps[i] for i in mine],
-                            validate=[pairs[i] for i in halves[1 - k]])
+                run_offline(
+                    cfg,
+                    rt,
+                    "dpo",
+                    name,
+                    keep=lambda ps, mine=halves[k]: [ps[i] for i in mine],
+                    validate=[pairs[i] for i in halves[1 - k]],
+                )
                 release_memory()
             for losses_at_step in read_json(Path(cfg.out_dir) / name / "validation.json").values():
                 for index, value in losses_at_step.items():
                     difficulty[int(index)].append(value)
     mean = {index: float(np.mean(values)) for index, values in difficulty.items()}
-    easiest = sorted(pairs, key=lambda p: mean[p.index])[: max(1, round(cfg.keep_ratio * len(pairs)))]  # ascending: easy to hard
-    print0(rt, f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models that did not "
-               f"see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy to hard")
+    easiest = sorted(pairs, key=lambda p: mean[p.index])[
+        : max(1, round(cfg.keep_ratio * len(pairs)))
+    ]  # ascending: easy to hard
+    print0(
+        rt,
+        f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models "
+        "that did not "
+        f"see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy to hard",
+    )
     if not Stage(cfg, rt, "selective_dpo/final").done:
         run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: easiest, shuffle=False)
     out = Path(cfg.out_dir) / "selective_dpo"
@@ -1457,28 +1861,59 @@ def iteration_paths(cfg: Config, stage: Stage, method: str, t: int) -> tuple[str
     return starts[t], starts[t]
 
 
-def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path: str, n: int, cfg: Config, rt: Runtime, seed: int,
-                         workdir: Path, backend: str | None = None):
+def distributed_generate(
+    policy,
+    tokenizer,
+    prompts: list[list[int]],
+    model_path: str,
+    n: int,
+    cfg: Config,
+    rt: Runtime,
+    seed: int,
+    workdir: Path,
+    backend: str | None = None,
+):
     """n responses per prompt, on every rank: vLLM workers on the exported policy, or the
     sharded policy's own `generate`. There the prompts are cut into batches of gen_batch_size,
     batch k sampled with seed + k by rank k % world (in lockstep, synced_gpus), so the answers do
     not depend on the number of ranks."""
     backend = backend or cfg.generator
     if backend == "vllm":
-        return generate(prompts, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, backend="vllm", model_path=model_path,
-                        workdir=workdir / "vllm", gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        max_model_len=cfg.vllm_max_model_len, enforce_eager=cfg.vllm_enforce_eager)
+        return generate(
+            prompts,
+            n,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.max_new_tokens,
+            seed,
+            backend="vllm",
+            model_path=model_path,
+            workdir=workdir / "vllm",
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.vllm_max_model_len,
+            enforce_eager=cfg.vllm_enforce_eager,
+        )
     batches = list(range(math.ceil(len(prompts) / cfg.gen_batch_size)))
-    mine = batches[rt.rank::rt.world]
+    mine = batches[rt.rank :: rt.world]
     rounds = math.ceil(len(batches) / rt.world)  # every rank makes the same number of generate calls
     if rt.fsdp:
         policy.unshard()  # the root's own weights (embeddings, final norm, head) are shards outside its forward
     results = {}
     for r in range(rounds):
         k = mine[r] if r < len(mine) else batches[0]  # a rank out of batches repeats one (results unused)
-        chunk = prompts[k * cfg.gen_batch_size:(k + 1) * cfg.gen_batch_size]
-        out = generate(chunk, n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed + k, model=policy.lm, tokenizer=tokenizer,
-                       batch_size=cfg.gen_batch_size, synced_gpus=rt.world > 1)
+        chunk = prompts[k * cfg.gen_batch_size : (k + 1) * cfg.gen_batch_size]
+        out = generate(
+            chunk,
+            n,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.max_new_tokens,
+            seed + k,
+            model=policy.lm,
+            tokenizer=tokenizer,
+            batch_size=cfg.gen_batch_size,
+            synced_gpus=rt.world > 1,
+        )
         if r < len(mine):
             results[k] = out
     if rt.fsdp:
@@ -1489,8 +1924,15 @@ def distributed_generate(policy, tokenizer, prompts: list[list[int]], model_path
     return [generation for k in batches for generation in merged[k]]
 
 
-def select_for_generation(cfg: Config, method: str, meta: MetaController | None, offline_scores: torch.Tensor | None,
-                          features: torch.Tensor | None, n: int, boundary: dict | None = None) -> tuple[list[bool], list[float]]:
+def select_for_generation(
+    cfg: Config,
+    method: str,
+    meta: MetaController | None,
+    offline_scores: torch.Tensor | None,
+    features: torch.Tensor | None,
+    n: int,
+    boundary: dict | None = None,
+) -> tuple[list[bool], list[float]]:
     """Algorithm 1 lines 7-12: which of the n offline tuples get online responses, and their weights w."""
     if method == "metaapo":
         decision = meta.gate(offline_scores, features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
@@ -1515,7 +1957,9 @@ def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[f
     return (wins + 0.5 * ties) / max(1, comparisons), wins, ties, comparisons
 
 
-def boundary_measurement(cfg: Config, rt: Runtime, policy, tokenizer, policy_path: str, chunk: list, raw: list, stage: Stage, t: int) -> dict:
+def boundary_measurement(
+    cfg: Config, rt: Runtime, policy, tokenizer, policy_path: str, chunk: list, raw: list, stage: Stage, t: int
+) -> dict:
     """Seed 004's alignment-stage boundary, measured before iteration t on the first probe_ratio of
     its (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
     with each static answer (the pair's chosen and rejected) by the reward model; the boundary
@@ -1524,30 +1968,61 @@ def boundary_measurement(cfg: Config, rt: Runtime, policy, tokenizer, policy_pat
     train on the static pairs. --schedule overrides the choice (BS is still measured and logged)."""
     tic = time.time()
     probe = chunk[: max(1, math.ceil(cfg.probe_ratio * len(chunk)))]
-    generations = distributed_generate(policy, tokenizer, [p.prompt_ids for p in probe], policy_path, cfg.probe_samples, cfg, rt,
-                                       cfg.seed * 1000 + 500 + t, stage.dir)
+    generations = distributed_generate(
+        policy,
+        tokenizer,
+        [p.prompt_ids for p in probe],
+        policy_path,
+        cfg.probe_samples,
+        cfg,
+        rt,
+        cfg.seed * 1000 + 500 + t,
+        stage.dir,
+    )
     rm = load_reward_model(reward_path(cfg), cfg, rt)
     statics = [(raw[p.index].chosen, raw[p.index].rejected) for p in probe]
-    rewards = rm.score([raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
-                       [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
-                       [done for answers in generations for done in [a.finish_reason == "stop" for a in answers] + [True, True]])
+    rewards = rm.score(
+        [raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
+        [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
+        [done for answers in generations for done in [a.finish_reason == "stop" for a in answers] + [True, True]],
+    )
     del rm
     group = cfg.probe_samples + 2  # each prompt's on-policy answers, then its 2 static ones
-    score, wins, ties, comparisons = boundary_score([rewards[i: i + cfg.probe_samples] for i in range(0, len(rewards), group)],
-                                                    [rewards[i + cfg.probe_samples: i + group] for i in range(0, len(rewards), group)])
+    score, wins, ties, comparisons = boundary_score(
+        [rewards[i : i + cfg.probe_samples] for i in range(0, len(rewards), group)],
+        [rewards[i + cfg.probe_samples : i + group] for i in range(0, len(rewards), group)],
+    )
     schedule = cfg.schedule.split(",") if cfg.schedule else None
     on_policy = schedule[t] == "on" if schedule else score >= cfg.stage_threshold
-    record = {"boundary_score": score, "wins": wins, "ties": ties, "losses": comparisons - wins - ties, "probe_prompts": len(probe),
-              "annotations": len(rewards), "choice": "on-policy" if on_policy else "static", "by": "schedule" if schedule else "boundary score",
-              "time_s": time.time() - tic}
+    record = {
+        "boundary_score": score,
+        "wins": wins,
+        "ties": ties,
+        "losses": comparisons - wins - ties,
+        "probe_prompts": len(probe),
+        "annotations": len(rewards),
+        "choice": "on-policy" if on_policy else "static",
+        "by": "schedule" if schedule else "boundary score",
+        "time_s": time.time() - tic,
+    }
     stage.log({"iteration": t + 1, "phase": "boundary", **record})
-    print0(rt, f"[{stage.name}] iteration {t + 1}: boundary score {score:.3f} ({wins} wins, {ties} ties in {comparisons}) -> "
-               f"{record['choice']} data ({record['by']})")
+    print0(
+        rt,
+        f"[{stage.name}] iteration {t + 1}: boundary score {score:.3f} ({wins} wins, {ties} ties in {comparisons}) -> "
+        f"{record['choice']} data ({record['by']})",
+    )
     return record
 
 
-def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: list[int], pairs, selected: list[bool],
-                    own: list[list[int]] | None = None) -> list[PolicyPair]:
+def build_augmented(
+    cfg: Config,
+    method: str,
+    chunk: list[PolicyPair],
+    chosen: list[int],
+    pairs,
+    selected: list[bool],
+    own: list[list[int]] | None = None,
+) -> list[PolicyPair]:
     """D_aug: each selected tuple joined with its online pair (tuples whose K rewards all tied have
     none and are dropped); keep_unsampled adds the unselected offline tuples with weight 1.
     online_dpo and selm train on the online pairs alone, adpo on the chunk's offline pairs plus the
@@ -1557,17 +2032,41 @@ def build_augmented(cfg: Config, method: str, chunk: list[PolicyPair], chosen: l
     for j, (i, pair) in enumerate(zip(chosen, pairs)):
         if pair is not None:
             room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
-            augmented.append(dataclasses.replace(chunk[i], online_chosen_ids=pair.chosen.token_ids[:room], online_rejected_ids=pair.rejected.token_ids[:room],
-                                                 own_ids=own[j][:room] if own else None))
+            augmented.append(
+                dataclasses.replace(
+                    chunk[i],
+                    online_chosen_ids=pair.chosen.token_ids[:room],
+                    online_rejected_ids=pair.rejected.token_ids[:room],
+                    own_ids=own[j][:room] if own else None,
+                )
+            )
     if method in ("online_dpo", "selm", "adpo", "stage"):
-        online = [dataclasses.replace(a, chosen_ids=a.online_chosen_ids, rejected_ids=a.online_rejected_ids,
-                                      online_chosen_ids=None, online_rejected_ids=None) for a in augmented]
-        if method == "stage":  # on-policy pairs in a fine-tuning iteration, the chunk's static pairs in an injection one
+        online = [
+            dataclasses.replace(
+                a,
+                chosen_ids=a.online_chosen_ids,
+                rejected_ids=a.online_rejected_ids,
+                online_chosen_ids=None,
+                online_rejected_ids=None,
+            )
+            for a in augmented
+        ]
+        if (
+            method == "stage"
+        ):  # on-policy pairs in a fine-tuning iteration, the chunk's static pairs in an injection one
             return online if any(selected) else list(chunk)
         return list(chunk) + online if method == "adpo" else online
     if method == "metaapo" and cfg.keep_unsampled:
-        augmented += [dataclasses.replace(chunk[i], online_chosen_ids=chunk[i].chosen_ids, online_rejected_ids=chunk[i].rejected_ids, weight_override=1.0)
-                      for i, s in enumerate(selected) if not s]
+        augmented += [
+            dataclasses.replace(
+                chunk[i],
+                online_chosen_ids=chunk[i].chosen_ids,
+                online_rejected_ids=chunk[i].rejected_ids,
+                weight_override=1.0,
+            )
+            for i, s in enumerate(selected)
+            if not s
+        ]
     return augmented
 
 
@@ -1575,11 +2074,15 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
     """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer).
     online_dpo, selm and adpo: the plain objective on the pairs build_augmented made."""
     if method != "metaapo":
-        return make_preference_loss(cfg, cfg.objective, policy, ref, rt, optimism=cfg.selm_alpha if method == "selm" else 0.0), None
+        return make_preference_loss(
+            cfg, cfg.objective, policy, ref, rt, optimism=cfg.selm_alpha if method == "selm" else 0.0
+        ), None
     step_scores: dict[str, list] = {"offline": [], "online": [], "features": []}
 
     def iterative_loss(items, weights, batch_size, world):
-        logps, lengths = pair_forward(policy, items, rt, online=True)  # (4, B): chosen, rejected, online chosen, online rejected
+        logps, lengths = pair_forward(
+            policy, items, rt, online=True
+        )  # (4, B): chosen, rejected, online chosen, online rejected
         ref_logps = None
         if ref is not None:
             with torch.no_grad():
@@ -1587,28 +2090,43 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
         online_out, online_score = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
         offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
-        features = meta_features(meta_input_score(cfg, offline_score, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs)
+        features = meta_features(
+            meta_input_score(cfg, offline_score, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
+        )
         w = meta.loss_weights(features)  # Alg. 1 line 16: w = h(l_off) with the current theta, a constant in Eq. 5
-        fixed = torch.tensor([-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device)
+        fixed = torch.tensor(
+            [-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device
+        )
         w = torch.where(fixed >= 0, fixed, w)
-        total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights).sum()  # Alg. 1 line 17: Eq. 5
+        total = (
+            losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights
+        ).sum()  # Alg. 1 line 17: Eq. 5
         buffered = (weights > 0) & (fixed < 0)  # real tuples with a real online pair
         step_scores["offline"].append(offline_score.detach()[buffered].cpu())
         step_scores["online"].append(online_score.detach()[buffered].cpu())
         step_scores["features"].append(features[buffered].cpu())
         n = weights.sum().item()
         return total * world / batch_size, {
-            "loss": total.item() / batch_size, **pair_metrics(offline_out, weights), **pair_metrics(online_out, weights, "online_"),
-            "l_off_sum": (offline_score.detach() * weights).sum().item(), "l_off_count": n,
-            "l_on_sum": (online_score.detach() * weights).sum().item(), "l_on_count": n,
-            "w_sum": (w * weights).sum().item(), "w_count": n}
+            "loss": total.item() / batch_size,
+            **pair_metrics(offline_out, weights),
+            **pair_metrics(online_out, weights, "online_"),
+            "l_off_sum": (offline_score.detach() * weights).sum().item(),
+            "l_off_count": n,
+            "l_on_sum": (online_score.detach() * weights).sum().item(),
+            "l_on_count": n,
+            "w_sum": (w * weights).sum().item(),
+            "w_count": n,
+        }
 
     def after_step():
         # Alg. 1 line 18: this step's detached (l_off, l_on) go to the meta buffer
-        meta.buffer.append(torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"]))
+        meta.buffer.append(
+            torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"])
+        )
         for scores in step_scores.values():
             scores.clear()
-        if meta.ready():  # Alg. 1 lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
+        # Alg. 1 lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
+        if meta.ready():
             return meta.update()
         return {}
 
@@ -1618,6 +2136,7 @@ def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaControl
 @dataclass
 class IterationState:
     """What a checkpoint of an iterative method records besides model and optimizer."""
+
     iteration: int = 0  # 0-based iteration in progress
     loop: dict = field(default_factory=lambda: vars(Loop()))  # position in phase 2
     augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
@@ -1650,7 +2169,7 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     return run.finish()
 
 
-def online_sampling(run: "IterativeRun", t: int, policy, ref, policy_path: str) -> list[PolicyPair]:
+def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str) -> list[PolicyPair]:
     """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t."""
     cfg, rt, method, chunk = run.cfg, run.rt, run.method, run.chunks[t]
     tic = time.time()
@@ -1661,32 +2180,38 @@ def online_sampling(run: "IterativeRun", t: int, policy, ref, policy_path: str) 
         features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
     if method == "stage":  # seed 004: the boundary measurement decides the iteration's data
         boundary = boundary_measurement(cfg, rt, policy, run.tokenizer, policy_path, chunk, run.raw, run.stage, t)
-    selected, weights = select_for_generation(cfg, method, run.meta, offline_scores, features, len(chunk), boundary)  # lines 7-8
+    # lines 7-8: w = h(l_off), generate when u > w (the baselines: every prompt, a threshold, the boundary score)
+    selected, weights = select_for_generation(cfg, method, run.meta, offline_scores, features, len(chunk), boundary)
     chosen = [i for i, s in enumerate(selected) if s]
-    generations = distributed_generate(policy, run.tokenizer, [chunk[i].prompt_ids for i in chosen], policy_path, cfg.num_samples,
-                                       cfg, rt, cfg.seed * 1000 + t, run.stage.dir)  # line 9: K responses from pi_theta
+    prompts, seed = [chunk[i].prompt_ids for i in chosen], cfg.seed * 1000 + t
+    # line 9: K responses from the current policy
+    generations = distributed_generate(
+        policy, run.tokenizer, prompts, policy_path, cfg.num_samples, cfg, rt, seed, run.stage.dir
+    )
     check_stop(rt, f"[{run.name}] stopped during iteration {t + 1}'s generation phase; --resume generates it again")
     pairs, pair_stats = annotate(run, chunk, chosen, generations)  # lines 10-11: ranked by r, best and worst
-    # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code takes a greedy one)
+    # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code: a greedy one)
     own = [g[0].token_ids for g in generations] if method == "selm" else None
     augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # line 12: D_aug
     run.record_sampling(t, scores, selected, weights, chosen, pairs, pair_stats, augmented, boundary, tic)
     return augmented
 
 
-def annotate(run: "IterativeRun", chunk: list[PolicyPair], chosen: list[int], generations: list) -> tuple[list, object]:
+def annotate(run: IterativeRun, chunk: list[PolicyPair], chosen: list[int], generations: list) -> tuple[list, object]:
     """Alg. 1 lines 10-11: the reward model scores each selected prompt's K answers; its best and
     worst are the online pair (SELM also ranks the offline pair's two answers with them)."""
     rm = load_reward_model(reward_path(run.cfg), run.cfg, run.rt)
     rows = [run.raw[chunk[i].index] for i in chosen]
     pool = [((row.chosen, chunk[i].chosen_ids), (row.rejected, chunk[i].rejected_ids)) for i, row in zip(chosen, rows)]
-    pairs, stats = make_online_pairs([row.prompt for row in rows], generations, rm, offline=pool if run.method == "selm" else None)
+    pairs, stats = make_online_pairs(
+        [row.prompt for row in rows], generations, rm, offline=pool if run.method == "selm" else None
+    )
     del rm  # phase 2 does not need it
     release_memory()
     return pairs, stats
 
 
-def preference_optimization(run: "IterativeRun", t: int, policy, ref) -> None:
+def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
     """Phase 2 (Alg. 1 lines 13-22), one epoch over D_aug: each step the Eq. 5 loss on pi_theta and
     the step's detached scores into the meta buffer; every T_meta steps one Eq. 6 step on h_phi."""
     cfg, meta = run.cfg, run.meta
@@ -1697,17 +2222,23 @@ def preference_optimization(run: "IterativeRun", t: int, policy, ref) -> None:
     tic = time.time()
     batches, optimizer, scheduler = run.resumed_pass or iteration_pass(policy, run.state.augmented, t, cfg)
     loss_fn, after_step = make_iterative_loss(cfg, run.method, policy, ref, meta, run.rt)
-    records = optimize(run.stage, policy, optimizer, scheduler, batches, loss_fn, run.loop, f"iteration {t + 1}/{cfg.iterations}",
-                       run.checkpoint_state, after_step, log_extra={"iteration": t + 1})
+    desc, save, extra = f"iteration {t + 1}/{cfg.iterations}", run.checkpoint_state, {"iteration": t + 1}
+    records = optimize(
+        run.stage, policy, optimizer, scheduler, batches, loss_fn, run.loop, desc, save, after_step, extra
+    )
     run.state.times["training_s"] += time.time() - tic
     dropped = meta.buffer.steps if meta is not None else 0
     if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
         meta.buffer.clear()
     if records:  # after a resume, the summary covers the steps run since
-        means = {f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
-                 for key in ("loss", "l_off", "l_on", "w", "meta_loss") if any(key in r for r in records)}
-        run.stage.log({"iteration": t + 1, "phase": "train", "steps": len(records), "time_s": time.time() - tic, **means,
-                       "meta_updates": sum("meta_loss" in r for r in records), "meta_steps_dropped": dropped})
+        means = {
+            f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
+            for key in ("loss", "l_off", "l_on", "w", "meta_loss")
+            if any(key in r for r in records)
+        }
+        updates = sum("meta_loss" in r for r in records)
+        summary = {"steps": len(records), "time_s": time.time() - tic, **means, "meta_updates": updates}
+        run.stage.log({"iteration": t + 1, "phase": "train", **summary, "meta_steps_dropped": dropped})
 
 
 class IterativeRun:
@@ -1722,13 +2253,31 @@ class IterativeRun:
         self.tokenizer = data.load_tokenizer(warm_policy_path(cfg))
         offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
         if cfg.iterations > len(offline):
-            raise ConfigError(f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration")
+            raise ConfigError(
+                f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration"
+            )
         self.stage = Stage(cfg, rt, self.name)
         self.latest = self.stage.start()
-        self.chunks = data.split_into_chunks(offline, cfg.iterations, cfg.seed)  # D_off shuffled with the seed, cut into D_1..D_T
-        self.meta = MetaController(cfg.meta_depth, cfg.meta_inputs, cfg.meta_lr, cfg.meta_interval, cfg.sampling, cfg.weighting, cfg.threshold,
-                                   seed=cfg.seed, device=rt.device, weight_decay=cfg.meta_weight_decay,
-                                   grad_clip=cfg.meta_grad_clip) if method == "metaapo" else None
+        self.chunks = data.split_into_chunks(
+            offline, cfg.iterations, cfg.seed
+        )  # D_off shuffled with the seed, cut into D_1..D_T
+        self.meta = (
+            MetaController(
+                cfg.meta_depth,
+                cfg.meta_inputs,
+                cfg.meta_lr,
+                cfg.meta_interval,
+                cfg.sampling,
+                cfg.weighting,
+                cfg.threshold,
+                seed=cfg.seed,
+                device=rt.device,
+                weight_decay=cfg.meta_weight_decay,
+                grad_clip=cfg.meta_grad_clip,
+            )
+            if method == "metaapo"
+            else None
+        )
         saved = torch.load(self.latest / "state.pt", weights_only=False)["iteration_state"] if self.latest else {}
         self.state = IterationState(**saved)
         self.loop = Loop(**self.state.loop)
@@ -1743,7 +2292,9 @@ class IterativeRun:
         if self.latest is not None:
             self.resume_inside(t, policy)
         else:
-            self.state = dataclasses.replace(self.state, iteration=t, loop=vars(Loop(step=self.loop.step)), augmented=None, meta=None)
+            self.state = dataclasses.replace(
+                self.state, iteration=t, loop=vars(Loop(step=self.loop.step)), augmented=None, meta=None
+            )
             self.loop = Loop(**self.state.loop)
         return policy, ref, policy_path
 
@@ -1752,7 +2303,9 @@ class IterativeRun:
         if self.state.augmented:  # phase 2 has begun: its optimizer and schedule come back with the policy
             self.resumed_pass = iteration_pass(policy, self.state.augmented, t, self.cfg)
             _, optimizer, scheduler = self.resumed_pass
-        rank_local = self.stage.load_checkpoint(self.latest, policy if optimizer is not None else None, optimizer, scheduler)["rank_local"]
+        rank_local = self.stage.load_checkpoint(
+            self.latest, policy if optimizer is not None else None, optimizer, scheduler
+        )["rank_local"]
         if self.meta is not None and self.state.meta is not None:
             self.meta.load_state_dict(self.state.meta)
             if rank_local is not None:  # this rank's own share of the meta buffer, not rank 0's
@@ -1763,35 +2316,84 @@ class IterativeRun:
 
     def checkpoint_state(self) -> dict:
         meta = self.meta
-        return {"iteration_state": {**vars(self.state), "loop": vars(self.loop).copy(), "meta": meta.state_dict() if meta else None},
-                "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None}
+        return {
+            "iteration_state": {
+                **vars(self.state),
+                "loop": vars(self.loop).copy(),
+                "meta": meta.state_dict() if meta else None,
+            },
+            "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None,
+        }
 
     def save_phase_boundary(self) -> None:
         """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
         self.stage.save_checkpoint(self.loop.step, None, None, None, self.checkpoint_state())
 
-    def record_sampling(self, t: int, scores: list, selected: list[bool], weights: list[float], chosen: list[int], pairs: list,
-                        pair_stats, augmented: list, boundary: dict | None, tic: float) -> None:
+    def record_sampling(
+        self,
+        t: int,
+        scores: list,
+        selected: list[bool],
+        weights: list[float],
+        chosen: list[int],
+        pairs: list,
+        pair_stats,
+        augmented: list,
+        boundary: dict | None,
+        tic: float,
+    ) -> None:
         """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
         the annotation ratio (reward-model calls per offline tuple, in units of K) and the counts."""
         cfg, chunk = self.cfg, self.chunks[t]
         if self.rt.main:
             paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
-            data.write_jsonl(self.stage.dir / f"iter{t + 1}" / "gating.jsonl", [
-                {"index": item.index, "prompt_id": item.prompt_id, "l_off": score[0], "h_input": score[1], "w": weights[i] if weights else None,
-                 "selected": selected[i], "paired": i in paired} for i, (item, score) in enumerate(zip(chunk, scores))])
-        ratio = len(chosen) / max(1, len(chunk)) * ((cfg.num_samples + 2) / cfg.num_samples if self.method == "selm" else 1.0)
+            data.write_jsonl(
+                self.stage.dir / f"iter{t + 1}" / "gating.jsonl",
+                [
+                    {
+                        "index": item.index,
+                        "prompt_id": item.prompt_id,
+                        "l_off": score[0],
+                        "h_input": score[1],
+                        "w": weights[i] if weights else None,
+                        "selected": selected[i],
+                        "paired": i in paired,
+                    }
+                    for i, (item, score) in enumerate(zip(chunk, scores))
+                ],
+            )
+        ratio = (
+            len(chosen)
+            / max(1, len(chunk))
+            * ((cfg.num_samples + 2) / cfg.num_samples if self.method == "selm" else 1.0)
+        )
         if boundary:  # the probe's reward-model calls count too
             ratio += boundary["annotations"] / (len(chunk) * cfg.num_samples)
         nan_mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
-        self.stage.log({"iteration": t + 1, "phase": "generate", "tuples": len(chunk), "selected": len(chosen), "annotation_ratio": ratio,
-                        "pairs": pair_stats.pairs, "pairs_dropped_all_equal": pair_stats.all_equal,
-                        "truncated_candidates": pair_stats.truncated_candidates, "augmented": len(augmented),
-                        "mean_l_off": nan_mean([x[0] for x in scores if x[0] is not None]), "mean_w": nan_mean(weights),
-                        "mean_online_reward": nan_mean(pair_stats.rewards), "offline_chosen": pair_stats.offline_chosen,
-                        "offline_rejected": pair_stats.offline_rejected, "time_s": time.time() - tic})
-        print0(self.rt, f"[{self.name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
-                        f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)")
+        self.stage.log(
+            {
+                "iteration": t + 1,
+                "phase": "generate",
+                "tuples": len(chunk),
+                "selected": len(chosen),
+                "annotation_ratio": ratio,
+                "pairs": pair_stats.pairs,
+                "pairs_dropped_all_equal": pair_stats.all_equal,
+                "truncated_candidates": pair_stats.truncated_candidates,
+                "augmented": len(augmented),
+                "mean_l_off": nan_mean([x[0] for x in scores if x[0] is not None]),
+                "mean_w": nan_mean(weights),
+                "mean_online_reward": nan_mean(pair_stats.rewards),
+                "offline_chosen": pair_stats.offline_chosen,
+                "offline_rejected": pair_stats.offline_rejected,
+                "time_s": time.time() - tic,
+            }
+        )
+        print0(
+            self.rt,
+            f"[{self.name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
+            f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)",
+        )
         self.state.times["sampling_s"] += time.time() - tic
         self.state.ratios.append(ratio)
 
@@ -1799,8 +2401,16 @@ class IterativeRun:
         """Export the policy after iteration t: the next iteration starts from it and, one later,
         uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
         iteration's progress is mostly below bf16's resolution). Then a phase-boundary checkpoint."""
-        export_hf(policy, policy.lm, self.tokenizer, self.stage.dir / f"iter{t + 1}" / "model", self.cfg, self.rt, prefix="lm.",
-                  dtype=MASTER_DTYPE if t + 1 < self.cfg.iterations else None)
+        export_hf(
+            policy,
+            policy.lm,
+            self.tokenizer,
+            self.stage.dir / f"iter{t + 1}" / "model",
+            self.cfg,
+            self.rt,
+            prefix="lm.",
+            dtype=MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
+        )
         if self.meta is not None and self.rt.main:
             torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
         self.loop = Loop(step=self.loop.step)
@@ -1811,16 +2421,22 @@ class IterativeRun:
     def finish(self) -> dict:
         stage = self.stage
         if self.loop.step == 0:
-            raise NothingTrained(f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an augmented "
-                                 f"one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); "
-                                 "the stage is not marked done")
+            raise NothingTrained(
+                f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an "
+                "augmented "
+                f"one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); "
+                "the stage is not marked done"
+            )
         if self.rt.main:
             copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
             if self.meta is not None:
                 torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
         barrier(self.rt)
-        summary = {"annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0, **self.state.times,
-                   "total_s": time.time() - self.started}
+        summary = {
+            "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,
+            **self.state.times,
+            "total_s": time.time() - self.started,
+        }
         stage.log({"phase": "done", **summary})
         stage.finish(summary)
         return summary
@@ -1843,7 +2459,9 @@ class ValueModel(nn.Module):
         self.rm = rm
 
     def forward(self, input_ids, attention_mask) -> torch.Tensor:
-        hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.rm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         return self.rm.score(hidden).squeeze(-1).float()  # (B, T)
 
 
@@ -1863,6 +2481,7 @@ class ActorCritic(nn.Module):
 @dataclass
 class Rollout:
     """One sampled response with what PPO needs of it, per response token."""
+
     prompt_ids: list[int]
     response_ids: list[int]
     index: int  # the offline pair whose prompt it answers
@@ -1891,12 +2510,13 @@ def per_token(items: list[Rollout], attribute: str, shape, device) -> torch.Tens
     out = torch.zeros(shape, device=device)
     for row, item in enumerate(items):
         start = len(item.prompt_ids)
-        out[row, start:start + len(item.response_ids)] = torch.tensor(getattr(item, attribute), device=device)
+        out[row, start : start + len(item.response_ids)] = torch.tensor(getattr(item, attribute), device=device)
     return out
 
 
 def shifted_values(critic, batch: dict, device) -> torch.Tensor:
-    """V of the state before each token, at that token's position (B, T): the value read where the actor reads its log-prob."""
+    """V of the state before each token, at that token's position (B, T): the value read where the
+    actor reads its log-prob."""
     values = critic(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1)
 
@@ -1910,10 +2530,16 @@ def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: Config, rt: Ru
     padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
     results = []
     for start in range(0, len(padded), chunk):
-        batch_items = [items[i] for i in padded[start:start + chunk]]
-        batch = data.collate_sequences([r.prompt_ids for r in batch_items], [r.response_ids for r in batch_items], batch_items[0].pad_id)
+        batch_items = [items[i] for i in padded[start : start + chunk]]
+        batch = data.collate_sequences(
+            [r.prompt_ids for r in batch_items], [r.response_ids for r in batch_items], batch_items[0].pad_id
+        )
         inputs = [batch[k].to(rt.device) for k in ("input_ids", "attention_mask", "response_mask")]
-        logps, ref_logps, values = actor(*inputs, per_token=True), ref(*inputs, per_token=True), shifted_values(critic, batch, rt.device)
+        logps, ref_logps, values = (
+            actor(*inputs, per_token=True),
+            ref(*inputs, per_token=True),
+            shifted_values(critic, batch, rt.device),
+        )
         for row, item in enumerate(batch_items):
             span = slice(len(item.prompt_ids), len(item.prompt_ids) + len(item.response_ids))
             results.append((logps[row, span].tolist(), ref_logps[row, span].tolist(), values[row, span].tolist()))
@@ -1939,10 +2565,16 @@ def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
     def ppo_loss(items, weights, batch_size, world):
         batch = data.collate_sequences([r.prompt_ids for r in items], [r.response_ids for r in items], items[0].pad_id)
         mask = batch["response_mask"].to(rt.device).float()
-        logps = model.actor(batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device), batch["response_mask"].to(rt.device),
-                            per_token=True)
+        logps = model.actor(
+            batch["input_ids"].to(rt.device),
+            batch["attention_mask"].to(rt.device),
+            batch["response_mask"].to(rt.device),
+            per_token=True,
+        )
         values = shifted_values(model.critic, batch, rt.device)
-        old, old_values, advantages, returns = (per_token(items, a, mask.shape, rt.device) for a in ("old_logps", "values", "advantages", "returns"))
+        old, old_values, advantages, returns = (
+            per_token(items, a, mask.shape, rt.device) for a in ("old_logps", "values", "advantages", "returns")
+        )
         ratio = torch.exp(logps - old) * mask
         policy = -torch.min(ratio * advantages, ratio.clamp(1 - cfg.ppo_clip, 1 + cfg.ppo_clip) * advantages)
         clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
@@ -1953,16 +2585,25 @@ def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
         n = weights.sum().item()
         clipped_share = (((ratio - 1).abs() > cfg.ppo_clip).float() * mask).sum(-1) / tokens
         return total * world / batch_size, {
-            "loss": total.item() / batch_size, "policy_loss_sum": (policy_loss * weights).sum().item(), "policy_loss_count": n,
-            "value_loss_sum": (value_loss * weights).sum().item(), "value_loss_count": n,
-            "clip_fraction_sum": (clipped_share * weights).sum().item(), "clip_fraction_count": n,
-            "score_sum": sum(r.score * w for r, w in zip(items, weights.tolist())), "score_count": n,
-            "kl_sum": sum(r.kl * w for r, w in zip(items, weights.tolist())), "kl_count": n}
+            "loss": total.item() / batch_size,
+            "policy_loss_sum": (policy_loss * weights).sum().item(),
+            "policy_loss_count": n,
+            "value_loss_sum": (value_loss * weights).sum().item(),
+            "value_loss_count": n,
+            "clip_fraction_sum": (clipped_share * weights).sum().item(),
+            "clip_fraction_count": n,
+            "score_sum": sum(r.score * w for r, w in zip(items, weights.tolist())),
+            "score_count": n,
+            "kl_sum": sum(r.kl * w for r, w in zip(items, weights.tolist())),
+            "kl_count": n,
+        }
 
     return ppo_loss
 
 
-def collect_rollout(cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list, raw: list, tokenizer, actor, ref, critic, rm) -> list[Rollout]:
+def collect_rollout(
+    cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list, raw: list, tokenizer, actor, ref, critic, rm
+) -> list[Rollout]:
     """Rollout r: one answer per prompt from the current actor, scored by the reward model, then
     per-token KL to the SFT model, values and GAE advantages (score_rollouts)."""
     tic = time.time()
@@ -1970,16 +2611,30 @@ def collect_rollout(cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list,
     if cfg.generator == "vllm":  # the worker reads the current actor from disk
         policy_path = str(stage.dir / "rollout_actor")
         export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
-    generations = distributed_generate(actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir)
+    generations = distributed_generate(
+        actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir
+    )
     check_stop(rt, f"[ppo] stopped during rollout {r + 1}'s generation; --resume generates it again")
     answers = [g[0] for g in generations]
-    scores = rm.score([raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+    scores = rm.score(
+        [raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers]
+    )
     room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
-    samples = [Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
-               for p, a, s, n in zip(chunk, answers, scores, room)]
+    samples = [
+        Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
+        for p, a, s, n in zip(chunk, answers, scores, room)
+    ]
     score_rollouts(samples, actor, ref, critic, cfg, rt)
-    stage.log({"rollout": r + 1, "phase": "generate", "prompts": len(samples), "mean_score": float(np.mean(scores)),
-               "mean_kl": float(np.mean([s.kl for s in samples])), "time_s": time.time() - tic})
+    stage.log(
+        {
+            "rollout": r + 1,
+            "phase": "generate",
+            "prompts": len(samples),
+            "mean_score": float(np.mean(scores)),
+            "mean_kl": float(np.mean([s.kl for s in samples])),
+            "time_s": time.time() - tic,
+        }
+    )
     return samples
 
 
@@ -1992,21 +2647,35 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     tokenizer = data.load_tokenizer(sft_path(cfg))
     pairs, raw = train_pairs(cfg, rt, tokenizer)
     prompts = shuffled(pairs, cfg.seed)
-    rollouts = [prompts[i:i + cfg.rollout_batch_size] for i in range(0, len(prompts), cfg.rollout_batch_size)]
+    rollouts = [prompts[i : i + cfg.rollout_batch_size] for i in range(0, len(prompts), cfg.rollout_batch_size)]
     stage = Stage(cfg, rt, "ppo")
     latest = stage.start()
     actor, _ = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
     ref = load_logprob_model(sft_path(cfg), cfg, rt, trainable=False)[0]
-    critic_lm, info = AutoModelForSequenceClassification.from_pretrained(reward_path(cfg), num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True)
+    critic_lm, info = AutoModelForSequenceClassification.from_pretrained(
+        reward_path(cfg), num_labels=1, dtype=MASTER_DTYPE, output_loading_info=True
+    )
     require_reward_head(reward_path(cfg), critic_lm, info)  # the critic starts from the trained score head
     critic = shard_model(ValueModel(critic_lm), critic_lm, cfg, rt, trainable=True)
     rm = load_reward_model(reward_path(cfg), cfg, rt)
     model = ActorCritic(actor, critic)
-    optimizer = torch.optim.AdamW([{"params": trainable_parameters(actor), "lr": cfg.lr}, {"params": trainable_parameters(critic), "lr": cfg.critic_lr}],
-                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": trainable_parameters(actor), "lr": cfg.lr},
+            {"params": trainable_parameters(critic), "lr": cfg.critic_lr},
+        ],
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+    )
     steps = sum(math.ceil(len(r) * cfg.epochs / cfg.batch_size) for r in rollouts)
     scheduler = make_scheduler(optimizer, steps, cfg)
-    state = {"rollout": 0, "samples": None, "loop": vars(Loop()), "times": {"sampling_s": 0.0, "training_s": 0.0}, "annotations": 0}
+    state = {
+        "rollout": 0,
+        "samples": None,
+        "loop": vars(Loop()),
+        "times": {"sampling_s": 0.0, "training_s": 0.0},
+        "annotations": 0,
+    }
     if latest is not None:
         state = stage.load_checkpoint(latest, model, optimizer, scheduler)["ppo"]
     loop = Loop(**state["loop"])
@@ -2020,14 +2689,30 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
             state["times"]["sampling_s"] += time.time() - tic
         tic = time.time()
         batches = epoch_batches(state["samples"], cfg.epochs, cfg.batch_size, cfg.seed * 1000 + r)
-        optimize(stage, model, optimizer, scheduler, batches, loss_fn, loop, f"rollout {r + 1}/{len(rollouts)}", save,
-                 log_extra={"rollout": r + 1}, save_period=cfg.save_every or max(1, math.ceil(steps / 10)))
+        optimize(
+            stage,
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            loss_fn,
+            loop,
+            f"rollout {r + 1}/{len(rollouts)}",
+            save,
+            log_extra={"rollout": r + 1},
+            save_period=cfg.save_every or max(1, math.ceil(steps / 10)),
+        )
         state["times"]["training_s"] += time.time() - tic
         state.update(rollout=r + 1, samples=None)
         loop.batch = 0
     export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
-    summary = {"annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples, **state["times"],
-               "steps": loop.step, "rollouts": len(rollouts), "total_s": time.time() - started}
+    summary = {
+        "annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples,
+        **state["times"],
+        "steps": loop.step,
+        "rollouts": len(rollouts),
+        "total_s": time.time() - started,
+    }
     stage.log({"phase": "done", **summary})
     stage.finish(summary)
     return summary
@@ -2037,14 +2722,28 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
 # The results table (toy: gold judge; real models: reward model)
 
 
-def evaluate_policy_gold(path: str, cfg: Config, rt: Runtime, prompts: list[list[int]], messages: list[list[dict]]) -> list[float]:
+def evaluate_policy_gold(
+    path: str, cfg: Config, rt: Runtime, prompts: list[list[int]], messages: list[list[dict]]
+) -> list[float]:
     """Gold-judge scores of eval_samples answers per held-out prompt, sampled as in training."""
     policy, tokenizer = load_logprob_model(path, cfg, rt, trainable=False)
-    generations = distributed_generate(policy, tokenizer, prompts, path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir),
-                                       backend="transformers")
+    generations = distributed_generate(
+        policy,
+        tokenizer,
+        prompts,
+        path,
+        cfg.eval_samples,
+        cfg,
+        rt,
+        cfg.seed + 4242,
+        Path(cfg.out_dir),
+        backend="transformers",
+    )
     del policy
     release_memory()
-    return toy_gold_judge().score([m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g])
+    return toy_gold_judge().score(
+        [m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g]
+    )
 
 
 def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
@@ -2056,15 +2755,25 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
     scores = {label: evaluate_policy_gold(path, cfg, rt, prompts, [p.prompt for p in test]) for label, path in rows}
     base = scores[rows[0][0]]
-    lines = [f"Toy results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} samples "
-             f"at temperature {cfg.temperature}",
-             "", "| model | gold mean | win rate vs SFT | annotation ratio | time |", "|---|---|---|---|---|"]
+    lines = [
+        f"Toy results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} "
+        "samples "
+        f"at temperature {cfg.temperature}",
+        "",
+        "| model | gold mean | win rate vs SFT | annotation ratio | time |",
+        "|---|---|---|---|---|",
+    ]
     for label, _ in rows:
         wins = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[label], base)])
         summary = summaries.get(label, {})
         ratio = f"{summary['annotation_ratio']:.1%}" if "annotation_ratio" in summary else "-"
-        timing = (f"sampling {summary['sampling_s']:.0f}s + training {summary['training_s']:.0f}s" if "sampling_s" in summary
-                  else f"{summary['train_time_s']:.0f}s" if "train_time_s" in summary else "-")
+        timing = (
+            f"sampling {summary['sampling_s']:.0f}s + training {summary['training_s']:.0f}s"
+            if "sampling_s" in summary
+            else f"{summary['train_time_s']:.0f}s"
+            if "train_time_s" in summary
+            else "-"
+        )
         lines.append(f"| {label} | {np.mean(scores[label]):.3f} | {wins:.1%} | {ratio} | {timing} |")
     return "\n".join(lines)
 
@@ -2073,7 +2782,7 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
 # The memory plan: --dry_run prints each stage's steps and tokens and a per-GPU memory estimate,
 # and refuses a plan that cannot fit; grad_accumulation=auto reads the same estimate
 
-GIB = 2 ** 30
+GIB = 2**30
 OVERHEAD_GIB = 3.0  # CUDA context, NCCL buffers, allocator fragmentation: a fixed allowance per GPU
 # The dataset card's size, for planning where the data cannot be read (no network)
 KNOWN_PAIRS = {("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61135}
@@ -2082,6 +2791,7 @@ KNOWN_PAIRS = {("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"): 61135}
 @dataclass
 class Shapes:
     """What the memory estimate needs of an architecture, read from its config alone."""
+
     params: int  # every parameter, tied ones once
     outside_blocks: int  # embeddings, final norm, head: the FSDP root's own parameters
     layers: int
@@ -2102,8 +2812,15 @@ def model_shapes(path: str) -> Shapes:
     inside = sum(p.numel() for block in _decoder_blocks(lm) for p in block.parameters())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return Shapes(params, params - inside, config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
-                  kv_heads * head_dim)
+    return Shapes(
+        params,
+        params - inside,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+        kv_heads * head_dim,
+    )
 
 
 def activation_bytes(s: Shapes, tokens: int, checkpointing: bool, grad: bool = True) -> float:
@@ -2117,26 +2834,40 @@ def activation_bytes(s: Shapes, tokens: int, checkpointing: bool, grad: bool = T
     return s.layers * tokens * s.hidden * 2 + block if checkpointing else s.layers * block
 
 
-def memory_plan(cfg: Config, world: int, gpu_gib: float, policy: Shapes, annotator: Shapes, sharded_gradients: bool) -> dict:
+def memory_plan(
+    cfg: Config, world: int, gpu_gib: float, policy: Shapes, annotator: Shapes, sharded_gradients: bool
+) -> dict:
     """GiB per GPU in each phase of a run: {phase: {component: GiB}}."""
     w, p, r = world, policy.params, annotator.params
     gathered = lambda s: 2 * (s.outside_blocks + 2 * (s.params - s.outside_blocks) / s.layers)  # noqa: E731 (bf16 root + 2 prefetched blocks)
-    tuple_tokens = cfg.micro_batch_size * 4 * cfg.max_len  # MetaAPO's micro-batch: offline and online chosen and rejected
+    tuple_tokens = (
+        cfg.micro_batch_size * 4 * cfg.max_len
+    )  # MetaAPO's micro-batch: offline and online chosen and rejected
     resident = {"policy weights (fp32 shards)": 4 * p / w, "reference (bf16 shards)": 2 * p / w}
     plan = {
         "training (phase 2)": {
             **resident,
-            "gradients (fp32, sharded)" if sharded_gradients else "gradients (fp32, unsharded while accumulating)": 4 * p / (w if sharded_gradients else 1),
+            "gradients (fp32, sharded)" if sharded_gradients else "gradients (fp32, unsharded while accumulating)": 4
+            * p
+            / (w if sharded_gradients else 1),
             "AdamW state (fp32 shards)": 8 * p / w,
             "gathered bf16 weights and gradients (root + 2 blocks)": 2 * gathered(policy),
-            f"activations ({tuple_tokens} tokens per micro-batch)": activation_bytes(policy, tuple_tokens, cfg.activation_checkpointing),
+            f"activations ({tuple_tokens} tokens per micro-batch)": activation_bytes(
+                policy, tuple_tokens, cfg.activation_checkpointing
+            ),
             "log-prob kernel chunk (fp32 logits + bf16 gradient)": (cfg.chunk_size or 256) * policy.vocab * 6,
         },
-        "generation (phase 1)": {**resident, "vLLM's share (gpu_memory_utilization)": cfg.gpu_memory_utilization * gpu_gib * GIB},
+        "generation (phase 1)": {
+            **resident,
+            "vLLM's share (gpu_memory_utilization)": cfg.gpu_memory_utilization * gpu_gib * GIB,
+        },
         "reward scoring (phase 1)": {
-            **resident, "reward model (bf16 shards)": 2 * r / w, "gathered bf16 reward-model weights": gathered(annotator),
+            **resident,
+            "reward model (bf16 shards)": 2 * r / w,
+            "gathered bf16 reward-model weights": gathered(annotator),
             f"activations, no gradient ({cfg.micro_batch_size * 4 * cfg.rm_max_len} tokens)": activation_bytes(
-                annotator, cfg.micro_batch_size * 4 * cfg.rm_max_len, True, grad=False),
+                annotator, cfg.micro_batch_size * 4 * cfg.rm_max_len, True, grad=False
+            ),
         },
     }
     for parts in plan.values():
@@ -2166,24 +2897,38 @@ def gradients_stay_sharded(cfg: Config, rt: Runtime, model) -> bool:
         return cfg.grad_accumulation == "sharded"
     gpu_gib = torch.cuda.get_device_properties(rt.device).total_memory / GIB
     policy, annotator = plan_shapes(cfg)
-    return sum(memory_plan(cfg, rt.world, gpu_gib, policy, annotator, False)["training (phase 2)"].values()) > 0.9 * gpu_gib
+    return (
+        sum(memory_plan(cfg, rt.world, gpu_gib, policy, annotator, False)["training (phase 2)"].values())
+        > 0.9 * gpu_gib
+    )
 
 
 def count_pairs(cfg: Config) -> int | None:
     """Offline pairs a run trains on (rows of the data; the dataset card's count when it cannot be read here)."""
     source = train_source(cfg)
-    count = len(data.load_preferences(*source, cfg.skip_bad_rows)[0]) if Path(source[0]).exists() else KNOWN_PAIRS.get(source)
+    count = (
+        len(data.load_preferences(*source, cfg.skip_bad_rows)[0])
+        if Path(source[0]).exists()
+        else KNOWN_PAIRS.get(source)
+    )
     return min(count, cfg.max_train_pairs) if count is not None and cfg.max_train_pairs else count
 
 
 def dry_run(cfg: Config, world: int) -> None:
     """Print the plan of `cfg` on `world` GPUs of gpu_memory_gb each; refuse (ConfigError, with the
     numbers) one whose phases cannot fit."""
-    gpu_gib = cfg.gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0)
+    gpu_gib = cfg.gpu_memory_gb or (
+        torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
+    )
     policy, annotator = plan_shapes(cfg)
     pairs = count_pairs(cfg)
-    lines = [f"plan for {world} GPU(s) of {gpu_gib:.0f} GiB: policy {sft_path(cfg)} ({policy.params / 1e9:.2f}B parameters), "
-             f"reward model {annotator.params / 1e9:.2f}B, {pairs if pairs is not None else 'an unknown number of'} offline pairs", ""]
+    lines = [
+        f"plan for {world} GPU(s) of {gpu_gib:.0f} GiB: policy {sft_path(cfg)} ({policy.params / 1e9:.2f}B "
+        "parameters), "
+        f"reward model {annotator.params / 1e9:.2f}B, {pairs if pairs is not None else 'an unknown number of'} "
+        "offline pairs",
+        "",
+    ]
     if pairs is not None:
         rows = []
         if not cfg.reward_model:
@@ -2191,14 +2936,28 @@ def dry_run(cfg: Config, world: int) -> None:
         if not cfg.policy:
             rows.append(("dpo", math.ceil(pairs * cfg.epochs / cfg.batch_size), pairs * cfg.epochs * 2 * cfg.max_len))
         chunk = math.ceil(pairs / cfg.iterations)
-        rows.append(("metaapo, per iteration (all tuples sampled)", math.ceil(chunk * cfg.epochs / cfg.batch_size), chunk * cfg.epochs * 4 * cfg.max_len))
-        lines += ["| stage | optimizer steps | tokens (at most) |", "|---|---|---|"] + [f"| {n} | {s:,} | {t:,} |" for n, s, t in rows] + [
-            f"MetaAPO: {cfg.iterations} iterations of {chunk:,} tuples, K = {cfg.num_samples} generations per sampled prompt "
-            f"(at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} policy steps and "
-            f"{math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per iteration)", ""]
+        rows.append(
+            (
+                "metaapo, per iteration (all tuples sampled)",
+                math.ceil(chunk * cfg.epochs / cfg.batch_size),
+                chunk * cfg.epochs * 4 * cfg.max_len,
+            )
+        )
+        lines += (
+            ["| stage | optimizer steps | tokens (at most) |", "|---|---|---|"]
+            + [f"| {n} | {s:,} | {t:,} |" for n, s, t in rows]
+            + [
+                f"MetaAPO: {cfg.iterations} iterations of {chunk:,} tuples, K = {cfg.num_samples} generations per "
+                "sampled prompt "
+                f"(at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} policy steps and "
+                f"{math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per iteration)",
+                "",
+            ]
+        )
     unsharded = memory_plan(cfg, world, gpu_gib, policy, annotator, False)
     sharded_gradients = cfg.grad_accumulation == "sharded" or (
-        cfg.grad_accumulation == "auto" and sum(unsharded["training (phase 2)"].values()) > 0.9 * gpu_gib)
+        cfg.grad_accumulation == "auto" and sum(unsharded["training (phase 2)"].values()) > 0.9 * gpu_gib
+    )
     plan = memory_plan(cfg, world, gpu_gib, policy, annotator, sharded_gradients)
     too_big = []
     for phase, parts in plan.items():
@@ -2207,13 +2966,22 @@ def dry_run(cfg: Config, world: int) -> None:
         if total > gpu_gib:
             too_big.append(f"{phase} needs {total:.1f} GiB per GPU, more than the {gpu_gib:.0f} GiB there are")
     need, share = vllm_need_gib(cfg, policy), cfg.gpu_memory_utilization * gpu_gib
-    lines.append(f"vLLM engine per GPU: {need:.1f} GiB needed (bf16 weights, one request's KV cache) of its {share:.1f} GiB share")
+    lines.append(
+        f"vLLM engine per GPU: {need:.1f} GiB needed (bf16 weights, one request's KV cache) of its {share:.1f} GiB "
+        "share"
+    )
     if cfg.generator == "vllm" and need > share:
-        too_big.append(f"vLLM needs {need:.1f} GiB per GPU but gets {share:.1f} (gpu_memory_utilization {cfg.gpu_memory_utilization})")
+        too_big.append(
+            f"vLLM needs {need:.1f} GiB per GPU but gets {share:.1f} (gpu_memory_utilization "
+            f"{cfg.gpu_memory_utilization})"
+        )
     print("\n".join(lines))
     if too_big:
-        raise ConfigError(f"the plan does not fit on {world} x {gpu_gib:.0f} GiB: " + "; ".join(too_big)
-                          + ". More GPUs, --grad_accumulation=sharded, a smaller --micro_batch_size or --max_len would help.")
+        raise ConfigError(
+            f"the plan does not fit on {world} x {gpu_gib:.0f} GiB: "
+            + "; ".join(too_big)
+            + ". More GPUs, --grad_accumulation=sharded, a smaller --micro_batch_size or --max_len would help."
+        )
     print(f"the plan fits ({'sharded' if sharded_gradients else 'unsharded'} gradient accumulation)")
 
 
@@ -2226,7 +2994,9 @@ def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
     returned): nothing here ever deletes or rewrites a finished model."""
     done = Path(cfg.out_dir) / stage_name(cfg, method) / "done.json"
     if done.exists():
-        print0(rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)")
+        print0(
+            rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)"
+        )
         return read_json(done)
     check_inputs(cfg, method)
     if method == "sft":
@@ -2262,7 +3032,11 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
         summaries["DPO"] = ensure_stage(cfg, rt, "dpo")
     summaries["MetaAPO"] = ensure_stage(cfg, rt, "metaapo")
     if cfg.preset == "toy":
-        rows = [("SFT", sft_path(cfg)), ("DPO", warm_policy_path(cfg)), ("MetaAPO", str(Path(cfg.out_dir) / stage_name(cfg, "metaapo") / "model"))]
+        rows = [
+            ("SFT", sft_path(cfg)),
+            ("DPO", warm_policy_path(cfg)),
+            ("MetaAPO", str(Path(cfg.out_dir) / stage_name(cfg, "metaapo") / "model")),
+        ]
         table = results_table(cfg, rt, rows, summaries)
         if rt.main:
             (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
@@ -2279,7 +3053,8 @@ def stop_exit(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()  # our own bars are enough
-    transformers.utils.logging.set_verbosity_error()  # e.g. "score.weight newly initialized" for the reward model, on purpose
+    # e.g. "score.weight newly initialized" for the reward model, on purpose
+    transformers.utils.logging.set_verbosity_error()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print(config_help())
@@ -2315,8 +3090,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if not STOP_SIGNAL:
             raise
-        stop_exit(f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: {_short(err)}); "
-                  "continue with the same command and --resume")
+        stop_exit(
+            f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: {_short(err)}); "
+            "continue with the same command and --resume"
+        )
     finally:
         if WANDB:
             WANDB.pop().finish()

@@ -17,17 +17,42 @@ from transformers import PreTrainedTokenizerFast
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 
 FAMILIES = {
-    "tulu3": dict(template="llama-3.1-tulu-3-8b-sft.jinja", specials=["<|begin_of_text|>", "<|end_of_text|>", "<pad>"],
-                  bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<pad>", end_of_turn="<|end_of_text|>",
-                  generation_eos=["<|end_of_text|>"]),
-    "qwen2.5": dict(template="qwen2.5-instruct.jinja", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                    bos=None, eos="<|im_end|>", pad="<|endoftext|>", end_of_turn="<|im_end|>",
-                    generation_eos=["<|im_end|>", "<|endoftext|>"]),
-    "llama3.1-instruct": dict(template="llama-3.1-8b-instruct.jinja",
-                              specials=["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-                                        "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"],
-                              bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, end_of_turn="<|eot_id|>",
-                              generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
+    "tulu3": dict(
+        template="llama-3.1-tulu-3-8b-sft.jinja",
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<pad>"],
+        bos="<|begin_of_text|>",
+        eos="<|end_of_text|>",
+        pad="<pad>",
+        end_of_turn="<|end_of_text|>",
+        generation_eos=["<|end_of_text|>"],
+    ),
+    "qwen2.5": dict(
+        template="qwen2.5-instruct.jinja",
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        end_of_turn="<|im_end|>",
+        generation_eos=["<|im_end|>", "<|endoftext|>"],
+    ),
+    "llama3.1-instruct": dict(
+        template="llama-3.1-8b-instruct.jinja",
+        specials=[
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|finetune_right_pad_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ],
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad=None,
+        end_of_turn="<|eot_id|>",
+        generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+    ),
 }
 
 
@@ -39,8 +64,12 @@ def build(family: str) -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["specials"]])
     if spec["bos"]:  # Llama-3's post-processor: BOS in front when add_special_tokens=True
-        backend.post_processor = processors.TemplateProcessing(single=f"{spec['bos']} $A", special_tokens=[(spec["bos"], backend.token_to_id(spec["bos"]))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{spec['bos']} $A", special_tokens=[(spec["bos"], backend.token_to_id(spec["bos"]))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"]
+    )
     tokenizer.chat_template = (TEMPLATES / spec["template"]).read_text()
     return tokenizer
 

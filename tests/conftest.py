@@ -45,13 +45,25 @@ def toy_tokenizer(toy_dir):
 
 ROOT = Path(__file__).resolve().parent.parent
 # A small toy run: every stage takes seconds (192 offline pairs, 2 iterations of 96 prompts).
-TINY = ["--sft_epochs=1", "--max_train_pairs=192", "--batch_size=16", "--micro_batch_size=8", "--rm_batch_size=16",
-        "--iterations=2", "--gen_batch_size=64", "--eval_prompts=32", "--eval_samples=2"]
+TINY = [
+    "--sft_epochs=1",
+    "--max_train_pairs=192",
+    "--batch_size=16",
+    "--micro_batch_size=8",
+    "--rm_batch_size=16",
+    "--iterations=2",
+    "--gen_batch_size=64",
+    "--eval_prompts=32",
+    "--eval_samples=2",
+]
 
 
 def run_train(args, cwd=ROOT, timeout=600, torchrun=0, env=None):
-    command = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"] if torchrun
-               else [sys.executable, "train.py"])
+    command = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"]
+        if torchrun
+        else [sys.executable, "train.py"]
+    )
     result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
 
 import chat_tokenizers
 import data
@@ -26,8 +35,19 @@ ARCHITECTURES = {  # config class, causal LM, reward head, tokenizer family, tie
     "llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, "tulu3", False),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification, "qwen2.5", True),
 }
-SMALL = ["--max_prompt_len=200", "--max_len=240", "--max_new_tokens=12", "--batch_size=8", "--micro_batch_size=2", "--iterations=1",
-         "--num_samples=4", "--gen_batch_size=16", "--lr=1e-3", "--meta_interval=1", "--activation_checkpointing=true"]
+SMALL = [
+    "--max_prompt_len=200",
+    "--max_len=240",
+    "--max_new_tokens=12",
+    "--batch_size=8",
+    "--micro_batch_size=2",
+    "--iterations=1",
+    "--num_samples=4",
+    "--gen_batch_size=16",
+    "--lr=1e-3",
+    "--meta_interval=1",
+    "--activation_checkpointing=true",
+]
 
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
@@ -37,13 +57,26 @@ def model_dirs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     tokenizer = chat_tokenizers.build(family)
     spec = chat_tokenizers.FAMILIES[family]
-    config = config_class(vocab_size=8 * -(-len(tokenizer) // 8), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = config_class(
+        vocab_size=8 * -(-len(tokenizer) // 8),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     policy = lm_class(config)
-    policy.generation_config = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
-                                                bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     policy.save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
     config.num_labels = 1
@@ -57,7 +90,13 @@ def model_dirs(request, tmp_path_factory):
 
 def pipeline_args(model_dirs, out):
     policy, rm, dataset, _ = model_dirs
-    return [f"--model={policy}", f"--reward_model={rm}", f"--dataset={dataset}", f"--out_dir={out}", "--deterministic"] + SMALL
+    return [
+        f"--model={policy}",
+        f"--reward_model={rm}",
+        f"--dataset={dataset}",
+        f"--out_dir={out}",
+        "--deterministic",
+    ] + SMALL
 
 
 def first_loss(path):
@@ -70,13 +109,18 @@ def test_dpo_and_a_metaapo_iteration_on_one_and_two_processes(model_dirs, tmp_pa
     run_train(pipeline_args(model_dirs, two), torchrun=2)
     lm_class = ARCHITECTURES[model_dirs[3]][1]
     for stage in ("dpo", "metaapo"):
-        assert first_loss(two / stage / "metrics.jsonl") == pytest.approx(first_loss(one / stage / "metrics.jsonl"), rel=1e-4), stage
+        assert first_loss(two / stage / "metrics.jsonl") == pytest.approx(
+            first_loss(one / stage / "metrics.jsonl"), rel=1e-4
+        ), stage
         for run in (one, two):
             export = run / stage / "model"
             loaded = AutoModelForCausalLM.from_pretrained(export)
             assert type(loaded) is lm_class
             assert data.load_tokenizer(export).chat_template == data.load_tokenizer(model_dirs[0]).chat_template
-    gating = [[json.loads(line)["selected"] for line in (run / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()] for run in (one, two)]
+    gating = [
+        [json.loads(line)["selected"] for line in (run / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()]
+        for run in (one, two)
+    ]
     assert gating[0] == gating[1]  # the same decisions on 1 and 2 processes
     # online answers stop on the template's end of turn, and every stage exports weights that load back as trained
     weights = {k: v for k, v in AutoModelForCausalLM.from_pretrained(one / "metaapo" / "model").state_dict().items()}
@@ -98,37 +142,64 @@ CONFIGS = ROOT / "tests" / "model_configs"
 
 
 def dry_run(model, sft, *extra):
-    return subprocess.run([sys.executable, "train.py", f"--model={model}", f"--sft_model={CONFIGS / sft}", "--dry_run", *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "train.py", f"--model={model}", f"--sft_model={CONFIGS / sft}", "--dry_run", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("model, sft, params", [("tulu8b", "llama-3.1-tulu-3-8b-sft", "8.03B"), ("qwen7b", "qwen2.5-7b", "7.62B")])
+@pytest.mark.parametrize(
+    "model, sft, params", [("tulu8b", "llama-3.1-tulu-3-8b-sft", "8.03B"), ("qwen7b", "qwen2.5-7b", "7.62B")]
+)
 def test_the_8b_plan_fits_8_gpus_and_not_one(model, sft, params):
     fits = dry_run(model, sft, "--gpus=8", "--gpu_memory_gb=80")
     assert fits.returncode == 0 and "the plan fits" in fits.stdout, fits.stderr
     assert f"({params} parameters)" in fits.stdout and "61135 offline pairs" in fits.stdout
     for phase in ("training (phase 2)", "generation (phase 1)", "reward scoring (phase 1)"):
         assert f"{phase}: " in fits.stdout
-    for part in ("policy weights (fp32 shards)", "AdamW state (fp32 shards)", "reference (bf16 shards)", "activations", "log-prob kernel chunk",
-                 "vLLM's share"):
+    for part in (
+        "policy weights (fp32 shards)",
+        "AdamW state (fp32 shards)",
+        "reference (bf16 shards)",
+        "activations",
+        "log-prob kernel chunk",
+        "vLLM's share",
+    ):
         assert part in fits.stdout
     refused = dry_run(model, sft, "--gpus=1", "--gpu_memory_gb=80")
     message = refused.stderr.strip().splitlines()[-1]
-    assert refused.returncode != 0 and message.startswith("train.py: the plan does not fit on 1 x 80 GiB: training (phase 2) needs ")
+    assert refused.returncode != 0 and message.startswith(
+        "train.py: the plan does not fit on 1 x 80 GiB: training (phase 2) needs "
+    )
     assert "GiB per GPU, more than the 80 GiB there are" in message
 
 
 def test_memory_plan_arithmetic():
-    shapes = train.Shapes(params=8_000_000_000, outside_blocks=1_000_000_000, layers=32, hidden=4096, intermediate=14336, vocab=128256, kv_width=1024)
+    shapes = train.Shapes(
+        params=8_000_000_000,
+        outside_blocks=1_000_000_000,
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        vocab=128256,
+        kv_width=1024,
+    )
     cfg = train.parse_config(["--model=tulu8b"])
     unsharded = train.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=False)["training (phase 2)"]
     sharded = train.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=True)["training (phase 2)"]
-    gib = 2 ** 30
+    gib = 2**30
     assert unsharded["policy weights (fp32 shards)"] == pytest.approx(4 * 8e9 / 8 / gib)
-    assert unsharded["gradients (fp32, unsharded while accumulating)"] == pytest.approx(4 * 8e9 / gib)  # the whole model's, on every GPU
+    assert unsharded["gradients (fp32, unsharded while accumulating)"] == pytest.approx(
+        4 * 8e9 / gib
+    )  # the whole model's, on every GPU
     assert sharded["gradients (fp32, sharded)"] == pytest.approx(4 * 8e9 / 8 / gib)
     assert unsharded["AdamW state (fp32 shards)"] == pytest.approx(8 * 8e9 / 8 / gib)
-    assert unsharded["activations (16384 tokens per micro-batch)"] == pytest.approx((32 * 16384 * 4096 * 2 + 16384 * (10 * 4096 + 4 * 14336) * 2) / gib)
+    assert unsharded["activations (16384 tokens per micro-batch)"] == pytest.approx(
+        (32 * 16384 * 4096 * 2 + 16384 * (10 * 4096 + 4 * 14336) * 2) / gib
+    )
     assert train.vllm_need_gib(cfg, shapes) == pytest.approx((2 * 8e9 + 4096 * 32 * 2 * 1024 * 2) / gib + 1)
 
 
@@ -139,7 +210,16 @@ def test_sharded_and_unsharded_gradient_accumulation_agree(base_run, tmp_path):
     for mode in ("sharded", "unsharded"):
         out = fresh_run(base_run, tmp_path, mode)
         shutil.rmtree(out / "dpo")
-        run_train(["--method=dpo", f"--out_dir={out}", f"--grad_accumulation={mode}", "--micro_batch_size=2", "--max_train_pairs=64"]
-                  + [a for a in TINY if not a.startswith(("--micro_batch_size", "--max_train_pairs"))], torchrun=2)
+        run_train(
+            [
+                "--method=dpo",
+                f"--out_dir={out}",
+                f"--grad_accumulation={mode}",
+                "--micro_batch_size=2",
+                "--max_train_pairs=64",
+            ]
+            + [a for a in TINY if not a.startswith(("--micro_batch_size", "--max_train_pairs"))],
+            torchrun=2,
+        )
         runs[mode] = [r["loss"] for r in metrics(out / "dpo" / "metrics.jsonl")]
     assert runs["sharded"] == pytest.approx(runs["unsharded"], rel=1e-4) and len(runs["sharded"]) == 4

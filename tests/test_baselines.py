@@ -43,27 +43,40 @@ def trl_simpo(beta, gamma):  # CPOTrainer loss_type="simpo", cpo_alpha=0 (TRL's 
     return -F.logsigmoid(beta * (PC / LC - PR / LR) - gamma)
 
 
-def trl_cpo_hinge(beta, cpo_alpha):  # CPOTrainer loss_type="hinge" + cpo_alpha * NLL (a token mean of the chosen answer)
+def trl_cpo_hinge(
+    beta, cpo_alpha
+):  # CPOTrainer loss_type="hinge" + cpo_alpha * NLL (a token mean of the chosen answer)
     return torch.relu(1 - beta * (PC - PR)) + cpo_alpha * (-PC / LC)
 
 
 def trl_kto(policy, ref, desirable, z0, beta, dw, uw):  # per example; the batch loss is their mean
     ratio = policy - ref
-    return torch.where(desirable, dw * (1 - torch.sigmoid(beta * (ratio - z0))), uw * (1 - torch.sigmoid(beta * (z0 - ratio))))
+    return torch.where(
+        desirable, dw * (1 - torch.sigmoid(beta * (ratio - z0))), uw * (1 - torch.sigmoid(beta * (z0 - ratio)))
+    )
 
 
 def test_losses_match_trl_definitions():
     torch.testing.assert_close(losses.dpo_loss(PC, PR, RC, RR, 0.1, 0.2).losses, trl_dpo(0.1, 0.2))
-    torch.testing.assert_close(losses.ipo_loss(PC, PR, RC, RR, 0.1, LC, LR).losses, trl_ipo(0.1))  # TRL's length-averaged form
-    assert losses.ipo_loss(PC, PR, RC, RR, 0.1).losses[0].item() == pytest.approx(((PC - PR - RC + RR)[0] - 5).item() ** 2)  # summed (default)
+    torch.testing.assert_close(
+        losses.ipo_loss(PC, PR, RC, RR, 0.1, LC, LR).losses, trl_ipo(0.1)
+    )  # TRL's length-averaged form
+    assert losses.ipo_loss(PC, PR, RC, RR, 0.1).losses[0].item() == pytest.approx(
+        ((PC - PR - RC + RR)[0] - 5).item() ** 2
+    )  # summed (default)
     torch.testing.assert_close(losses.simpo_loss(PC / LC, PR / LR, 2.5, 0.6).losses, trl_simpo(2.5, 0.6))
     # SLiC-HF's hinge with delta 1 is CPO's hinge with beta 1; its NLL as TRL takes it with slic_nll=mean
     torch.testing.assert_close(losses.slic_loss(PC, PR, 1.0, 0.1, LC).losses, trl_cpo_hinge(1.0, 0.1))
-    torch.testing.assert_close(losses.slic_loss(PC, PR, 1.0, 0.1).losses, torch.relu(1 - (PC - PR)) - 0.1 * PC)  # SLiC-HF: summed NLL
+    torch.testing.assert_close(
+        losses.slic_loss(PC, PR, 1.0, 0.1).losses, torch.relu(1 - (PC - PR)) - 0.1 * PC
+    )  # SLiC-HF: summed NLL
     desirable = torch.tensor([True, False] * 3)
-    torch.testing.assert_close(losses.kto_loss(PC, RC, desirable, torch.tensor(0.3, dtype=torch.float64), 0.1, 1.0, 1.5).losses,
-                               trl_kto(PC, RC, desirable, 0.3, 0.1, 1.0, 1.5))
-    # SELM (shenao-zhang/SELM optimistic_dpo_loss): -logsigmoid(beta * logits) + alpha * beta * (log pi(y) - log pi_ref(y))
+    torch.testing.assert_close(
+        losses.kto_loss(PC, RC, desirable, torch.tensor(0.3, dtype=torch.float64), 0.1, 1.0, 1.5).losses,
+        trl_kto(PC, RC, desirable, 0.3, 0.1, 1.0, 1.5),
+    )
+    # SELM (shenao-zhang/SELM optimistic_dpo_loss): -logsigmoid(beta * logits) + alpha * beta * (log pi(y) - log
+    # pi_ref(y))
     own, ref_own = -torch.rand(B, dtype=torch.float64) * 20, -torch.rand(B, dtype=torch.float64) * 20
     selm = losses.dpo_loss(PC, PR, RC, RR, 0.1).losses + losses.selm_optimism(own, ref_own, 0.001, 0.1)
     torch.testing.assert_close(selm, -F.logsigmoid(0.1 * ((PC - PR) - (RC - RR))) + 0.001 * 0.1 * (own - ref_own))
@@ -95,7 +108,9 @@ class Stand(nn.Module):
 
 
 def pair(i):
-    return train.PolicyPair(prompt_ids=[1, i + 2], chosen_ids=[10 + i, 3], rejected_ids=[20 + i, 4, 5], index=i, own_ids=[30 + i, 3])
+    return train.PolicyPair(
+        prompt_ids=[1, i + 2], chosen_ids=[10 + i, 3], rejected_ids=[20 + i, 4, 5], index=i, own_ids=[30 + i, 3]
+    )
 
 
 def test_kto_reference_point_and_scaling_as_trl():
@@ -113,8 +128,14 @@ def test_kto_reference_point_and_scaling_as_trl():
     # the batch loss is the mean over every answer (2 per pair), as TRL's
     loss_fn = train.make_preference_loss(cfg, "kto", policy, ref, rt, {"z0": z0})
     loss, _ = loss_fn(batch, torch.ones(4), 4, 1)
-    pol = torch.stack([policy.value(p.prompt_ids, a) for p in batch for a in (p.chosen_ids,)] + [policy.value(p.prompt_ids, p.rejected_ids) for p in batch])
-    rf = torch.stack([ref.value(p.prompt_ids, p.chosen_ids) for p in batch] + [ref.value(p.prompt_ids, p.rejected_ids) for p in batch])
+    pol = torch.stack(
+        [policy.value(p.prompt_ids, a) for p in batch for a in (p.chosen_ids,)]
+        + [policy.value(p.prompt_ids, p.rejected_ids) for p in batch]
+    )
+    rf = torch.stack(
+        [ref.value(p.prompt_ids, p.chosen_ids) for p in batch]
+        + [ref.value(p.prompt_ids, p.rejected_ids) for p in batch]
+    )
     expected_loss = trl_kto(pol, rf, torch.arange(8) < 4, z0, 0.1, 1.0, 1.0).mean()
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
     assert train.kto_reference_point(batch[:1], policy, ref, cfg, rt).item() == 0.0  # one pair: no other prompt
@@ -126,9 +147,17 @@ def test_selm_optimism_wiring():
     policy, ref = Stand(1.0), Stand(0.5)
     loss_fn = train.make_preference_loss(cfg, "dpo", policy, ref, train.Runtime(), optimism=0.001)
     loss, _ = loss_fn(batch, torch.ones(3), 3, 1)
-    per_pair = [-F.logsigmoid(0.1 * ((policy.value(p.prompt_ids, p.chosen_ids) - ref.value(p.prompt_ids, p.chosen_ids))
-                                     - (policy.value(p.prompt_ids, p.rejected_ids) - ref.value(p.prompt_ids, p.rejected_ids))))
-                + 0.001 * 0.1 * (policy.value(p.prompt_ids, p.own_ids) - ref.value(p.prompt_ids, p.own_ids)) for p in batch]
+    per_pair = [
+        -F.logsigmoid(
+            0.1
+            * (
+                (policy.value(p.prompt_ids, p.chosen_ids) - ref.value(p.prompt_ids, p.chosen_ids))
+                - (policy.value(p.prompt_ids, p.rejected_ids) - ref.value(p.prompt_ids, p.rejected_ids))
+            )
+        )
+        + 0.001 * 0.1 * (policy.value(p.prompt_ids, p.own_ids) - ref.value(p.prompt_ids, p.own_ids))
+        for p in batch
+    ]
     assert loss.item() == pytest.approx(torch.stack(per_pair).mean().item(), rel=1e-5)
 
 
@@ -158,7 +187,9 @@ def test_selective_dpo_as_the_original(base_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "optimize", recording)
     small = [a for a in TINY if not a.startswith("--max_train_pairs")] + ["--max_train_pairs=64"]
-    train.main(["--method=selective_dpo", f"--out_dir={out}", "--selective_seeds=2", "--selective_checkpoints=2"] + small)
+    train.main(
+        ["--method=selective_dpo", f"--out_dir={out}", "--selective_seeds=2", "--selective_checkpoints=2"] + small
+    )
     runs = [f"selective_dpo/seed{s}-half{k}" for s in (0, 1) for k in (0, 1)]
     assert set(trained) == set(runs) | {"selective_dpo/final"}
     difficulty = {}
@@ -178,7 +209,11 @@ def test_selective_dpo_as_the_original(base_run, tmp_path, monkeypatch):
     assert json.loads((out / "selective_dpo" / "done.json").read_text())["kept"] == 32
 
 
-PPO = ["--method=ppo", "--rollout_batch_size=32", "--deterministic"] + [a for a in TINY if not a.startswith("--max_train_pairs")] + ["--max_train_pairs=64"]
+PPO = (
+    ["--method=ppo", "--rollout_batch_size=32", "--deterministic"]
+    + [a for a in TINY if not a.startswith("--max_train_pairs")]
+    + ["--max_train_pairs=64"]
+)
 
 
 def test_ppo_on_one_and_two_processes(base_run, tmp_path):
@@ -190,7 +225,9 @@ def test_ppo_on_one_and_two_processes(base_run, tmp_path):
         assert first[two][key] == pytest.approx(first[one][key], rel=1e-4, abs=1e-6), key
     records = metrics(one / "ppo" / "metrics.jsonl")
     rollouts = [r for r in records if r.get("phase") == "generate"]
-    assert [r["rollout"] for r in rollouts] == [1, 2] and rollouts[0]["mean_kl"] == pytest.approx(0.0, abs=1e-5)  # the actor starts as the SFT model
+    assert [r["rollout"] for r in rollouts] == [1, 2] and rollouts[0]["mean_kl"] == pytest.approx(
+        0.0, abs=1e-5
+    )  # the actor starts as the SFT model
     done = json.loads((one / "ppo" / "done.json").read_text())
     assert done["annotation_ratio"] == pytest.approx(1 / 8) and done["steps"] == 4 and done["sampling_s"] > 0
     assert (one / "ppo" / "model" / "model.safetensors").exists()
@@ -200,7 +237,12 @@ def test_ppo_resumes_bit_exactly_after_a_kill(base_run, tmp_path):
     whole, killed = fresh_run(base_run, tmp_path, "whole"), fresh_run(base_run, tmp_path, "killed")
     args = PPO + ["--save_every=1"]
     run_train(args + [f"--out_dir={whole}"])
-    process = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args, f"--out_dir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = killed / "ppo" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -211,7 +253,10 @@ def test_ppo_resumes_bit_exactly_after_a_kill(base_run, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     run_train(args + [f"--out_dir={killed}", "--resume"])
-    a, b = load_file(whole / "ppo" / "model" / "model.safetensors"), load_file(killed / "ppo" / "model" / "model.safetensors")
+    a, b = (
+        load_file(whole / "ppo" / "model" / "model.safetensors"),
+        load_file(killed / "ppo" / "model" / "model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = lambda path: [r["step"] for r in metrics(path) if "step" in r and "phase" not in r]  # noqa: E731
     assert steps(log) == steps(whole / "ppo" / "metrics.jsonl")

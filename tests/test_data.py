@@ -10,10 +10,19 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 import data
 from data import (
-    DataError, TokenizedPair, collate_preferences, collate_sequences, encode_prompt, encode_response,
-    load_preferences, load_sft, split_into_chunks, tokenize_preferences, tokenize_sft,
+    DataError,
+    TokenizedPair,
+    collate_preferences,
+    collate_sequences,
+    encode_prompt,
+    encode_response,
+    load_preferences,
+    load_sft,
+    split_into_chunks,
+    tokenize_preferences,
+    tokenize_sft,
+    toy_gold_score,
 )
-from data import toy_gold_score
 
 
 def user(text):
@@ -26,9 +35,16 @@ def assistant(text):
 
 def uf_row(prompt, chosen, rejected, **extra):
     """A row in the UltraFeedback-binarized schema."""
-    return {"prompt": prompt, "prompt_id": extra.pop("prompt_id", f"id-{prompt}"),
-            "chosen": [user(prompt), assistant(chosen)], "rejected": [user(prompt), assistant(rejected)],
-            "messages": [user(prompt), assistant(chosen)], "score_chosen": 8.0, "score_rejected": 3.5, **extra}
+    return {
+        "prompt": prompt,
+        "prompt_id": extra.pop("prompt_id", f"id-{prompt}"),
+        "chosen": [user(prompt), assistant(chosen)],
+        "rejected": [user(prompt), assistant(rejected)],
+        "messages": [user(prompt), assistant(chosen)],
+        "score_chosen": 8.0,
+        "score_rejected": 3.5,
+        **extra,
+    }
 
 
 def write_lines(path, lines):
@@ -49,7 +65,9 @@ def tokenizer(tmp_path_factory):
 
 
 def test_ultrafeedback_schema(tmp_path):
-    path = write_lines(tmp_path / "uf.jsonl", [uf_row("ascending : b a", "a b", "b a"), uf_row("descending : c a", "c a", "a")])
+    path = write_lines(
+        tmp_path / "uf.jsonl", [uf_row("ascending : b a", "a b", "b a"), uf_row("descending : c a", "c a", "a")]
+    )
     pairs, stats = load_preferences(path)
     assert stats.rows == 2 and stats.bad_rows == 0
     first = pairs[0]
@@ -71,7 +89,11 @@ def test_plain_schema(tmp_path):
 
 
 def test_conversational_prompt_list_with_single_message_responses(tmp_path):
-    row = {"prompt": [{"role": "system", "content": "be brief"}, user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("go away")]}
+    row = {
+        "prompt": [{"role": "system", "content": "be brief"}, user("hi")],
+        "chosen": [assistant("hello")],
+        "rejected": [assistant("go away")],
+    }
     (pair,), _ = load_preferences(write_lines(tmp_path / "conv.jsonl", [row]))
     assert pair.prompt == [{"role": "system", "content": "be brief"}, user("hi")]
     assert pair.chosen == "hello"
@@ -79,7 +101,11 @@ def test_conversational_prompt_list_with_single_message_responses(tmp_path):
 
 def test_multi_turn_keeps_earlier_turns_as_prompt(tmp_path):
     history = [user("first question"), assistant("first answer"), user("follow-up")]
-    row = {"prompt": "first question", "chosen": history + [assistant("good")], "rejected": history + [assistant("bad")]}
+    row = {
+        "prompt": "first question",
+        "chosen": history + [assistant("good")],
+        "rejected": history + [assistant("bad")],
+    }
     (pair,), _ = load_preferences(write_lines(tmp_path / "multi.jsonl", [row]))
     assert pair.prompt == history
     assert (pair.chosen, pair.rejected) == ("good", "bad")
@@ -96,17 +122,26 @@ def test_json_file_reads_like_jsonl(tmp_path):
 
 
 def test_blank_lines_are_ignored(tmp_path):
-    path = write_lines(tmp_path / "gaps.jsonl", [uf_row("ascending : b a", "a b", "b a"), "", "   ", uf_row("ascending : c a", "a c", "c")])
+    path = write_lines(
+        tmp_path / "gaps.jsonl",
+        [uf_row("ascending : b a", "a b", "b a"), "", "   ", uf_row("ascending : c a", "a c", "c")],
+    )
     pairs, _ = load_preferences(path)
     assert [p.where for p in pairs] == [f"{path}:1", f"{path}:4"]
 
 
 def test_sft_rows(tmp_path):
-    rows = [{"messages": [user("q1"), assistant("a1")]}, {"prompt": "q2", "completion": "a2"},
-            {"messages": [user("q3"), assistant("a3"), user("q4"), assistant("a4")]}]
+    rows = [
+        {"messages": [user("q1"), assistant("a1")]},
+        {"prompt": "q2", "completion": "a2"},
+        {"messages": [user("q3"), assistant("a3"), user("q4"), assistant("a4")]},
+    ]
     examples, _ = load_sft(write_lines(tmp_path / "sft.jsonl", rows))
     assert [(e.prompt, e.response) for e in examples] == [
-        ([user("q1")], "a1"), ([user("q2")], "a2"), ([user("q3"), assistant("a3"), user("q4")], "a4")]
+        ([user("q1")], "a1"),
+        ([user("q2")], "a2"),
+        ([user("q3"), assistant("a3"), user("q4")], "a4"),
+    ]
 
 
 BAD_ROWS = [
@@ -115,7 +150,10 @@ BAD_ROWS = [
     ({"prompt": "p", "chosen": "c"}, "missing key 'rejected'"),
     ({"chosen": "c", "rejected": "r"}, "missing key 'prompt'"),
     ({"prompt": "p", "chosen": 3, "rejected": "r"}, "'chosen' must be a string or a list of messages"),
-    ({"prompt": "p", "chosen": [{"role": "assistant", "content": 3}], "rejected": "r"}, "'chosen'[0] must be a {'role': str, 'content': str} message"),
+    (
+        {"prompt": "p", "chosen": [{"role": "assistant", "content": 3}], "rejected": "r"},
+        "'chosen'[0] must be a {'role': str, 'content': str} message",
+    ),
     ({"prompt": "p", "chosen": [user("p")], "rejected": "r"}, "last message of 'chosen' must have role 'assistant'"),
     ({"prompt": 5, "chosen": "c", "rejected": "r"}, "'prompt' must be a non-empty list"),
     ({"prompt": "p", "chosen": "c", "rejected": "r", "score_chosen": "high"}, "'score_chosen' must be a finite number"),
@@ -129,7 +167,9 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("bad, problem", BAD_ROWS, ids=[problem for _, problem in BAD_ROWS])
 def test_bad_row_error_names_file_line_and_problem(tmp_path, bad, problem):
-    path = write_lines(tmp_path / "bad.jsonl", [uf_row("ascending : b a", "a b", "b a"), bad, uf_row("ascending : c a", "a c", "c")])
+    path = write_lines(
+        tmp_path / "bad.jsonl", [uf_row("ascending : b a", "a b", "b a"), bad, uf_row("ascending : c a", "a c", "c")]
+    )
     with pytest.raises(DataError) as err:
         load_preferences(path)
     assert str(err.value).startswith(f"{path}:2: ")
@@ -137,7 +177,11 @@ def test_bad_row_error_names_file_line_and_problem(tmp_path, bad, problem):
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path):
-    lines = [uf_row("ascending : b a", "a b", "b a")] + [bad for bad, _ in BAD_ROWS] + [uf_row("ascending : c a", "a c", "c")]
+    lines = (
+        [uf_row("ascending : b a", "a b", "b a")]
+        + [bad for bad, _ in BAD_ROWS]
+        + [uf_row("ascending : c a", "a c", "c")]
+    )
     pairs, stats = load_preferences(write_lines(tmp_path / "bad.jsonl", lines), skip_bad_rows=True)
     assert [p.chosen for p in pairs] == ["a b", "a c"]
     assert stats.rows == 2 and stats.bad_rows == len(BAD_ROWS)
@@ -250,7 +294,9 @@ def test_tokenizer_round_trip(tokenizer):
     assert tokenizer.decode(tokenizer("c , f , h")["input_ids"]) == "c , f , h"
     assert tokenizer.chat_template == data.TOY_CHAT_TEMPLATE
     assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) == ("<pad>", "<eos>", "<unk>")
-    assert len(tokenizer) == len(data.TOY_SPECIAL_TOKENS) + len(data.TOY_TASKS) + len(data.TOY_STYLE_TOKENS) + len(data.TOY_LETTERS)
+    assert len(tokenizer) == len(data.TOY_SPECIAL_TOKENS) + len(data.TOY_TASKS) + len(data.TOY_STYLE_TOKENS) + len(
+        data.TOY_LETTERS
+    )
     assert tokenizer.convert_ids_to_tokens(tokenizer("zebra")["input_ids"]) == ["<unk>"]
 
 
@@ -266,7 +312,9 @@ def test_prompt_and_response_match_the_chat_template(tokenizer):
 
 
 def test_response_mask_covers_exactly_the_response_and_eos(tokenizer, tmp_path):
-    path = write_lines(tmp_path / "p.jsonl", [uf_row("ascending : c a b", "a b c", "a b"), uf_row("descending : a b", "b a", "a b")])
+    path = write_lines(
+        tmp_path / "p.jsonl", [uf_row("ascending : c a b", "a b c", "a b"), uf_row("descending : a b", "b a", "a b")]
+    )
     pairs, _ = load_preferences(path)
     tokenized, stats = tokenize_preferences(pairs, tokenizer, max_prompt_len=16, max_len=40)
     assert stats.kept == 2 and stats.truncated_responses == 0
@@ -284,9 +332,11 @@ def test_response_mask_covers_exactly_the_response_and_eos(tokenizer, tmp_path):
 
 
 def test_long_prompts_dropped_and_long_responses_truncated(tokenizer, tmp_path):
-    rows = [uf_row("ascending : a b", "a b", "b a"),  # prompt 6 tokens, responses 3 tokens
-            uf_row("ascending : f a b c d e", "a b c d e f", "a b"),  # prompt 10 tokens
-            uf_row("descending : a b c", "c , b , a", "c b a")]  # prompt 7, chosen 6 tokens
+    rows = [
+        uf_row("ascending : a b", "a b", "b a"),  # prompt 6 tokens, responses 3 tokens
+        uf_row("ascending : f a b c d e", "a b c d e f", "a b"),  # prompt 10 tokens
+        uf_row("descending : a b c", "c , b , a", "c b a"),
+    ]  # prompt 7, chosen 6 tokens
     pairs, _ = load_preferences(write_lines(tmp_path / "p.jsonl", rows))
     tokenized, stats = tokenize_preferences(pairs, tokenizer, max_prompt_len=8, max_len=12)
     assert stats.dropped_long_prompt == 1 and stats.kept == 2
@@ -303,12 +353,16 @@ def test_long_prompts_dropped_and_long_responses_truncated(tokenizer, tmp_path):
 
 def test_pairs_identical_after_truncation_are_dropped(tokenizer, tmp_path):
     pairs, _ = load_preferences(write_lines(tmp_path / "p.jsonl", [uf_row("ascending : b a", "a b", "a b c")]))
-    tokenized, stats = tokenize_preferences(pairs, tokenizer, max_prompt_len=7, max_len=8)  # prompt 6 tokens: room for 2
+    tokenized, stats = tokenize_preferences(
+        pairs, tokenizer, max_prompt_len=7, max_len=8
+    )  # prompt 6 tokens: room for 2
     assert tokenized == [] and stats.dropped_identical == 1
 
 
 def test_tokenize_sft(tokenizer, tmp_path):
-    examples, _ = load_sft(write_lines(tmp_path / "s.jsonl", [{"messages": [user("ascending : b a"), assistant("a b")]}]))
+    examples, _ = load_sft(
+        write_lines(tmp_path / "s.jsonl", [{"messages": [user("ascending : b a"), assistant("a b")]}])
+    )
     (tokenized,), stats = tokenize_sft(examples, tokenizer, max_prompt_len=8, max_len=16)
     assert tokenizer.decode(tokenized.response_ids) == "a b <eos>" and stats.kept == 1
     batch = data.collate_sft([tokenized], tokenizer.pad_token_id)
@@ -324,12 +378,18 @@ def test_tokenizer_without_chat_template_is_a_clear_error(tokenizer):
 
 def test_chat_template_failure_names_the_row(tmp_path):
     strict = data.build_toy_tokenizer()
-    strict.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn must come first') }}{% endif %}"
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn must come first') }}{% endif %}"
+    )
     path = write_lines(tmp_path / "p.jsonl", [uf_row("ascending : b a", "a b", "b a")])
     pairs, _ = load_preferences(path)
-    with pytest.raises(DataError, match=f"{tmp_path / 'p.jsonl'}:1: the chat template failed: a system turn must come first"):
+    with pytest.raises(
+        DataError, match=f"{tmp_path / 'p.jsonl'}:1: the chat template failed: a system turn must come first"
+    ):
         tokenize_preferences(pairs, strict, max_prompt_len=8, max_len=16)
-    examples, _ = load_sft(write_lines(tmp_path / "s.jsonl", [{"messages": [user("ascending : b a"), assistant("a b")]}]))
+    examples, _ = load_sft(
+        write_lines(tmp_path / "s.jsonl", [{"messages": [user("ascending : b a"), assistant("a b")]}])
+    )
     with pytest.raises(DataError, match="s.jsonl:1: the chat template failed"):
         tokenize_sft(examples, strict, max_prompt_len=8, max_len=16)
 
@@ -347,8 +407,10 @@ def test_collate_sequences_right_pads():
 
 
 def test_collate_with_online_pairs_orders_roles():
-    pairs = [TokenizedPair([1, 1], [10], [11], 0, online_chosen_ids=[12], online_rejected_ids=[13]),
-             TokenizedPair([1], [20], [21], 1, online_chosen_ids=[22, 22], online_rejected_ids=[23])]
+    pairs = [
+        TokenizedPair([1, 1], [10], [11], 0, online_chosen_ids=[12], online_rejected_ids=[13]),
+        TokenizedPair([1], [20], [21], 1, online_chosen_ids=[22, 22], online_rejected_ids=[23]),
+    ]
     batch = collate_preferences(pairs, pad_id=0, online=True)
     assert batch["n_roles"] == 4 and batch["input_ids"].shape == (8, 3)
     responses = [row[mask].tolist() for row, mask in zip(batch["input_ids"], batch["response_mask"])]
@@ -440,7 +502,10 @@ def test_toy_task_has_the_properties_of_the_real_setting():
     gold = [toy_gold_score(prompt, answer) for prompt, answer in sft]
     assert 5.5 < sum(gold) / len(gold) < 7.5
     long = [(p, a) for p, a in sft if len(data.toy_parse_prompt(p)[1]) >= data.TOY_LONG_LIST]
-    forgot = sum(letters(a) in (sorted(data.toy_parse_prompt(p)[1])[:-1], sorted(data.toy_parse_prompt(p)[1], reverse=True)[:-1]) for p, a in long)
+    forgot = sum(
+        letters(a) in (sorted(data.toy_parse_prompt(p)[1])[:-1], sorted(data.toy_parse_prompt(p)[1], reverse=True)[:-1])
+        for p, a in long
+    )
     assert forgot / len(long) > 0.5
     descending = [letters(a) for p, a in sft if p.startswith("descending")]
     assert sum(len(a) > 1 and a == sorted(a) for a in descending) / len(descending) > 0.5
@@ -450,9 +515,18 @@ def test_toy_task_has_the_properties_of_the_real_setting():
     prefs = rows["train_prefs"]
     styled = sum(any(t in r["chosen"][1]["content"].split() for t in data.TOY_STYLE_TOKENS) for r in prefs)
     assert 0.65 < styled / len(prefs) < 0.85
-    wrong_way = [r for r in prefs if r["prompt"].startswith("descending") and (lambda a: len(a) > 1 and a == sorted(a))(letters(r["rejected"][1]["content"]))]
+    wrong_way = [
+        r
+        for r in prefs
+        if r["prompt"].startswith("descending")
+        and (lambda a: len(a) > 1 and a == sorted(a))(letters(r["rejected"][1]["content"]))
+    ]
     assert len(wrong_way) / len(prefs) > 0.05
-    better = [toy_gold_score(r["prompt"], r["chosen"][1]["content"]) - toy_gold_score(r["prompt"], r["rejected"][1]["content"]) for r in prefs]
+    better = [
+        toy_gold_score(r["prompt"], r["chosen"][1]["content"])
+        - toy_gold_score(r["prompt"], r["rejected"][1]["content"])
+        for r in prefs
+    ]
     assert sum(b > 0 for b in better) / len(prefs) > 0.8
     assert 0.03 < sum(b < 0 for b in better) / len(prefs) < 0.15  # some labels prefer the worse answer
     assert all(r["score_chosen"] > r["score_rejected"] for r in prefs)

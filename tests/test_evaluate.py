@@ -15,18 +15,34 @@ import data
 import evaluate
 import losses
 import train
-from sample import Generation
 from conftest import TINY
+from sample import Generation
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATION = ["--max_new_tokens=6", "--max_prompt_len=16", "--max_len=40", "--generator=transformers", "--gen_batch_size=8"]
+GENERATION = [
+    "--max_new_tokens=6",
+    "--max_prompt_len=16",
+    "--max_len=40",
+    "--generator=transformers",
+    "--gen_batch_size=8",
+]
 
 
 def test_alpaca_eval_answers(toy_dir, tmp_path):
-    questions = [{"instruction": "ascending : c a b", "output": "a b c", "generator": "gpt4_turbo", "dataset": "helpful_base"},
-                 {"instruction": "descending : d b", "output": "d b", "generator": "gpt4_turbo"}]
+    questions = [
+        {"instruction": "ascending : c a b", "output": "a b c", "generator": "gpt4_turbo", "dataset": "helpful_base"},
+        {"instruction": "descending : d b", "output": "d b", "generator": "gpt4_turbo"},
+    ]
     (tmp_path / "alpaca_eval.json").write_text(json.dumps(questions))
-    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path / 'out'}"] + GENERATION)
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            "--name=tiny",
+            f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}",
+            f"--out={tmp_path / 'out'}",
+        ]
+        + GENERATION
+    )
     answers = json.loads((tmp_path / "out" / "alpaca_eval" / "tiny.json").read_text())
     assert len(answers) == 2
     for question, answer in zip(questions, answers):
@@ -37,29 +53,73 @@ def test_alpaca_eval_answers(toy_dir, tmp_path):
 
 
 def test_arena_hard_answers(toy_dir, tmp_path):
-    questions = [{"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1", "cluster": "sorting", "turns": [{"content": "ascending : c a b"}]},
-                 {"question_id": "q2", "category": "arena-hard-v0.1", "cluster": "sorting", "turns": [{"content": "descending : j a"}]}]
+    questions = [
+        {
+            "question_id": "328c149ed45a41c0b9d6f14659e63599",
+            "category": "arena-hard-v0.1",
+            "cluster": "sorting",
+            "turns": [{"content": "ascending : c a b"}],
+        },
+        {
+            "question_id": "q2",
+            "category": "arena-hard-v0.1",
+            "cluster": "sorting",
+            "turns": [{"content": "descending : j a"}],
+        },
+    ]
     (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            "--name=tiny",
+            f"--arena_hard={tmp_path / 'question.jsonl'}",
+            f"--out={tmp_path / 'out'}",
+        ]
+        + GENERATION
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "tiny.jsonl").read_text().splitlines()
+    ]
     tokenizer = AutoTokenizer.from_pretrained(toy_dir)
     assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]
     for row in rows:
         assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
-        assert re.fullmatch(r"[0-9a-f]{32}", row["answer_id"]) and row["model_id"] == "tiny" and isinstance(row["tstamp"], float)
+        assert (
+            re.fullmatch(r"[0-9a-f]{32}", row["answer_id"])
+            and row["model_id"] == "tiny"
+            and isinstance(row["tstamp"], float)
+        )
         (choice,) = row["choices"]
         assert choice["index"] == 0 and len(choice["turns"]) == 1
         turn = choice["turns"][0]
-        assert isinstance(turn["content"], str) and turn["token_len"] == len(tokenizer(turn["content"], add_special_tokens=False)["input_ids"])
+        assert isinstance(turn["content"], str) and turn["token_len"] == len(
+            tokenizer(turn["content"], add_special_tokens=False)["input_ids"]
+        )
     # greedy by default: the same answers again
-    evaluate.main([f"--model={toy_dir}", "--name=again", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
-    again = [json.loads(line) for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "again.jsonl").read_text().splitlines()]
-    assert [r["choices"][0]["turns"][0]["content"] for r in again] == [r["choices"][0]["turns"][0]["content"] for r in rows]
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            "--name=again",
+            f"--arena_hard={tmp_path / 'question.jsonl'}",
+            f"--out={tmp_path / 'out'}",
+        ]
+        + GENERATION
+    )
+    again = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "arena-hard" / "model_answer" / "again.jsonl").read_text().splitlines()
+    ]
+    assert [r["choices"][0]["turns"][0]["content"] for r in again] == [
+        r["choices"][0]["turns"][0]["content"] for r in rows
+    ]
 
 
 def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, monkeypatch):
-    questions = [{"question_id": 81, "category": "writing", "turns": ["ascending : c a b", "descending : c a b"]},
-                 {"question_id": 111, "category": "math", "turns": ["ascending : e d", "ascending : f g"]}]
+    questions = [
+        {"question_id": 81, "category": "writing", "turns": ["ascending : c a b", "descending : c a b"]},
+        {"question_id": 111, "category": "math", "turns": ["ascending : e d", "ascending : f g"]},
+    ]
     (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     calls, loads = [], []
     real, real_load = evaluate.generate_answers, train.load_logprob_model
@@ -74,8 +134,14 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
 
     monkeypatch.setattr(evaluate, "generate_answers", recording)
     monkeypatch.setattr(train, "load_logprob_model", counting_load)
-    evaluate.main([f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"] + GENERATION)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "mt_bench" / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    evaluate.main(
+        [f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"]
+        + GENERATION
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "mt_bench" / "model_answer" / "tiny.jsonl").read_text().splitlines()
+    ]
     assert [r["question_id"] for r in rows] == [81, 111]
     for row in rows:
         assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"} and row["model_id"] == "tiny"
@@ -102,7 +168,9 @@ def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
     monkeypatch.setattr(train, "load_logprob_model", no_policy)
     monkeypatch.setattr(train, "distributed_generate", fake_generate)
     cfg = train.parse_config([f"--model={toy_dir}", "--generator=vllm"])
-    answers, tokenizer = evaluate.generate_answers(cfg, train.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0)
+    answers, tokenizer = evaluate.generate_answers(
+        cfg, train.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0
+    )
     assert [a.text for a in answers] == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
     assert seen == [(None, str(toy_dir), "vllm")]
 
@@ -117,26 +185,52 @@ def test_benchmark_answers_get_4096_new_tokens_unless_told(toy_dir, tmp_path, mo
 
     monkeypatch.setattr(evaluate, "generate_answers", recording)
     evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"])
-    evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}", "--max_new_tokens=64"])
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}",
+            f"--out={tmp_path}",
+            "--max_new_tokens=64",
+        ]
+    )
     assert seen == [4096, 64]
 
 
 def test_bad_alpaca_eval_file_names_file_and_item(toy_dir, tmp_path):
-    (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}, {"output": "no instruction"}]))
-    with pytest.raises(SystemExit, match=f"evaluate.py: {tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' string"):
-        evaluate.main([f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"] + GENERATION)
+    (tmp_path / "alpaca_eval.json").write_text(
+        json.dumps([{"instruction": "ascending : b a"}, {"output": "no instruction"}])
+    )
+    with pytest.raises(
+        SystemExit,
+        match=f"evaluate.py: {tmp_path / 'alpaca_eval.json'}:item 2: an AlpacaEval question needs an 'instruction' "
+        "string",
+    ):
+        evaluate.main(
+            [f"--model={toy_dir}", f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}", f"--out={tmp_path}"] + GENERATION
+        )
 
 
-@pytest.mark.parametrize("model, name", [("allenai/Llama-3.1-Tulu-3-8B-SFT", "Llama-3.1-Tulu-3-8B-SFT"), ("out/tulu8b-seed0/metaapo/model", "metaapo"),
-                                         ("/ckpt/qwen-sft/", "qwen-sft"), ("model", "model")])
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("allenai/Llama-3.1-Tulu-3-8B-SFT", "Llama-3.1-Tulu-3-8B-SFT"),
+        ("out/tulu8b-seed0/metaapo/model", "metaapo"),
+        ("/ckpt/qwen-sft/", "qwen-sft"),
+        ("model", "model"),
+    ],
+)
 def test_default_name(model, name):
     assert evaluate.default_name(model) == name
 
 
 def test_bad_question_file_names_file_and_line(toy_dir, tmp_path):
-    (tmp_path / "question.jsonl").write_text(json.dumps({"question_id": 1, "turns": [{"content": "x"}]}) + "\n" + json.dumps({"turns": []}) + "\n")
+    (tmp_path / "question.jsonl").write_text(
+        json.dumps({"question_id": 1, "turns": [{"content": "x"}]}) + "\n" + json.dumps({"turns": []}) + "\n"
+    )
     with pytest.raises(SystemExit, match=f"evaluate.py: {tmp_path / 'question.jsonl'}:2: an Arena-Hard question needs"):
-        evaluate.main([f"--model={toy_dir}", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path}"] + GENERATION)
+        evaluate.main(
+            [f"--model={toy_dir}", f"--arena_hard={tmp_path / 'question.jsonl'}", f"--out={tmp_path}"] + GENERATION
+        )
 
 
 def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
@@ -146,8 +240,19 @@ def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
     AutoTokenizer.from_pretrained(toy_dir).save_pretrained(reference)
     rows = data.make_toy_rows(0, {"test_prefs": 12})["test_prefs"]
     data.write_jsonl(tmp_path / "set" / "test_prefs.jsonl", rows)
-    evaluate.main([f"--model={toy_dir}", f"--reward_model={toy_rm_dir}", f"--reference={reference}", "--reward_stats",
-                   f"--dataset={tmp_path / 'set'}", "--test_split=test_prefs", f"--out={tmp_path / 'out'}", "--temperature=1.0"] + GENERATION)
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            f"--reward_model={toy_rm_dir}",
+            f"--reference={reference}",
+            "--reward_stats",
+            f"--dataset={tmp_path / 'set'}",
+            "--test_split=test_prefs",
+            f"--out={tmp_path / 'out'}",
+            "--temperature=1.0",
+        ]
+        + GENERATION
+    )
     stats = json.loads((tmp_path / "out" / "reward_stats.json").read_text())
     assert stats["prompts"] == 12 and stats["pairs"] == 12
     assert np.isfinite(stats["reward_mean"]) and stats["reward_std"] >= 0 and 0 <= stats["win_rate_vs_chosen"] <= 1
@@ -157,8 +262,16 @@ def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
     pairs, _ = data.tokenize_preferences(data.load_preferences(tmp_path / "set", "test_prefs")[0], tokenizer, 16, 40)
     batch = data.collate_preferences(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        lp = losses.naive_sequence_logprobs(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"], batch["response_mask"])
-        lr = losses.naive_sequence_logprobs(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["input_ids"], batch["response_mask"])
+        lp = losses.naive_sequence_logprobs(
+            policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["input_ids"],
+            batch["response_mask"],
+        )
+        lr = losses.naive_sequence_logprobs(
+            ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["input_ids"],
+            batch["response_mask"],
+        )
     n = len(pairs)
     expected = ((lp[:n] - lr[:n]) > (lp[n:] - lr[n:])).float().mean().item()
     assert stats["implicit_reward_accuracy"] == pytest.approx(expected)
@@ -170,8 +283,8 @@ def test_win_rate_counts_ties_half():
 
 def test_paired_t_interval_by_hand():
     diff = evaluate.paired_t_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
-    assert diff["mean"] == pytest.approx(2.0) and diff["low"] == pytest.approx(2 - 4.303 / 3 ** 0.5, abs=1e-3)
-    assert diff["high"] == pytest.approx(2 + 4.303 / 3 ** 0.5, abs=1e-3) and not diff["resolved"]
+    assert diff["mean"] == pytest.approx(2.0) and diff["low"] == pytest.approx(2 - 4.303 / 3**0.5, abs=1e-3)
+    assert diff["high"] == pytest.approx(2 + 4.303 / 3**0.5, abs=1e-3) and not diff["resolved"]
     assert evaluate.paired_t_interval([3.0, 3.1, 2.9, 3.05, 2.95], [1.0] * 5)["resolved"]  # df 4: t = 2.776
     assert evaluate.paired_t_interval([0.9, 1.1], [1.0, 1.0])["mean"] == pytest.approx(0.0, abs=1e-12)
     assert evaluate.paired_t_interval([1.0], [0.0]) is None  # one seed: no interval
@@ -197,18 +310,36 @@ def test_results_markdown_tables():
     def stat(mean, std):
         return {"mean": mean, "std": std}
 
-    rows = {label: {"method": method, "args": extra, "gold": stat(8.0 + i / 10, 0.05), "win_rate": stat(0.5 + i / 100, 0.01),
-                    "annotation_ratio": stat(0.5, 0.1) if method in ("metaapo", "online_dpo") else None,
-                    "sampling_s": stat(10.0, 1.0) if method in ("metaapo", "online_dpo") else None, "training_s": stat(5.0, 0.5), "per_seed": []}
-            for i, (label, method, extra) in enumerate(evaluate.COMPARE_ROWS)}
-    rows["DPO"]["vs_metaapo"] = {"gold": evaluate.interval(-0.6, -0.8, -0.4), "annotation_ratio": evaluate.interval(-0.5, -0.6, -0.4),
-                                 "time_s": evaluate.interval(-5.0, -12.0, 2.0)}
-    text = evaluate.results_markdown({"seeds": [0, 1, 2], "train_args": ["--max_train_pairs=2400"], "minutes": 12.3, "rows": rows}, [], Path("out"))
-    assert "## Methods (the paper's Table 1)" in text and "## MetaAPO ablations (Table 2)" in text and "## Time (Table 8)" in text
+    rows = {
+        label: {
+            "method": method,
+            "args": extra,
+            "gold": stat(8.0 + i / 10, 0.05),
+            "win_rate": stat(0.5 + i / 100, 0.01),
+            "annotation_ratio": stat(0.5, 0.1) if method in ("metaapo", "online_dpo") else None,
+            "sampling_s": stat(10.0, 1.0) if method in ("metaapo", "online_dpo") else None,
+            "training_s": stat(5.0, 0.5),
+            "per_seed": [],
+        }
+        for i, (label, method, extra) in enumerate(evaluate.COMPARE_ROWS)
+    }
+    rows["DPO"]["vs_metaapo"] = {
+        "gold": evaluate.interval(-0.6, -0.8, -0.4),
+        "annotation_ratio": evaluate.interval(-0.5, -0.6, -0.4),
+        "time_s": evaluate.interval(-5.0, -12.0, 2.0),
+    }
+    text = evaluate.results_markdown(
+        {"seeds": [0, 1, 2], "train_args": ["--max_train_pairs=2400"], "minutes": 12.3, "rows": rows}, [], Path("out")
+    )
+    assert (
+        "## Methods (the paper's Table 1)" in text
+        and "## MetaAPO ablations (Table 2)" in text
+        and "## Time (Table 8)" in text
+    )
     assert "| DPO | 8.100 ± 0.050 | 51.0 ± 1.0% | - |" in text
     i = [label for label, _, _ in evaluate.COMPARE_ROWS].index("MetaAPO")
     assert f"| MetaAPO | {8.0 + i / 10:.3f} ± 0.050 | {50 + i:.1f} ± 1.0% | 50.0 ± 10.0% |" in text
-    ablations = text[text.index("Table 2"): text.index("Table 8")]
+    ablations = text[text.index("Table 2") : text.index("Table 8")]
     assert "w/ random sampling" in ablations and "Online DPO" not in ablations
     assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
     assert "| DPO | **-0.600 [-0.800, -0.400]** | **-50.0 [-60.0, -40.0]** | -5 [-12, +2] |" in text  # bold: resolved
@@ -216,13 +347,29 @@ def test_results_markdown_tables():
 
 def test_plots_use_the_stages_own_config(tmp_path):
     """--plots reads the run's config.json; only keys given on the command line change it."""
-    trained = train.parse_config(["--model=Qwen/Qwen2.5-0.5B-Instruct", "--seed=3", "--num_samples=4", "--beta=0.05", "--betas=0.8,0.9",
-                                  "--objective=ipo", f"--reward_model={tmp_path / 'rm'}", "--out_dir=somewhere/else"])
+    trained = train.parse_config(
+        [
+            "--model=Qwen/Qwen2.5-0.5B-Instruct",
+            "--seed=3",
+            "--num_samples=4",
+            "--beta=0.05",
+            "--betas=0.8,0.9",
+            "--objective=ipo",
+            f"--reward_model={tmp_path / 'rm'}",
+            "--out_dir=somewhere/else",
+        ]
+    )
     stage = tmp_path / "run" / "metaapo"
     stage.mkdir(parents=True)
     (stage / "config.json").write_text(json.dumps({**train.config_dict(trained), "stage": "metaapo"}))
     cfg = evaluate.stage_config(stage, ["--seed=7", "--eval_prompts", "5"])
-    assert (cfg.model, cfg.num_samples, cfg.beta, cfg.objective, cfg.reward_model) == ("Qwen/Qwen2.5-0.5B-Instruct", 4, 0.05, "ipo", str(tmp_path / "rm"))
+    assert (cfg.model, cfg.num_samples, cfg.beta, cfg.objective, cfg.reward_model) == (
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        4,
+        0.05,
+        "ipo",
+        str(tmp_path / "rm"),
+    )
     assert cfg.betas == (0.8, 0.9) and (cfg.seed, cfg.eval_prompts) == (7, 5)
     assert cfg.out_dir == str(tmp_path / "run") and cfg.preset == ""  # the run directory is where the stage lies
     with pytest.raises(SystemExit, match="no config.json there"):
@@ -257,8 +404,15 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(evaluate, "COMPARE_TRAIN_ARGS", [])
     out = tmp_path / "compare"
-    args = ["--compare", "--seeds=0,1", "--methods=DPO,MetaAPO", f"--compare_out={out}", "--scatter_prompts=8", "--eval_prompts=24", "--meta_interval=2"] + [
-        a for a in TINY if not a.startswith("--eval_prompts")]
+    args = [
+        "--compare",
+        "--seeds=0,1",
+        "--methods=DPO,MetaAPO",
+        f"--compare_out={out}",
+        "--scatter_prompts=8",
+        "--eval_prompts=24",
+        "--meta_interval=2",
+    ] + [a for a in TINY if not a.startswith("--eval_prompts")]
     evaluate.main(args)
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1] and list(results["rows"]) == ["SFT", "DPO", "MetaAPO"]
@@ -274,20 +428,34 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
         assert (out / plot).exists() and (out / plot).stat().st_size > 1000 and f"]({plot})" in text
     # DPO against MetaAPO, paired over the two seeds; MetaAPO is not compared with itself
     vs = results["rows"]["DPO"]["vs_metaapo"]
-    assert vs["gold"]["low"] <= vs["gold"]["mean"] <= vs["gold"]["high"] and "vs_metaapo" not in results["rows"]["MetaAPO"]
+    assert (
+        vs["gold"]["low"] <= vs["gold"]["mean"] <= vs["gold"]["high"] and "vs_metaapo" not in results["rows"]["MetaAPO"]
+    )
     gold = lambda label, seed: json.loads((out / f"seed{seed}" / "eval" / f"{label}.json").read_text())  # noqa: E731
-    assert vs["gold"]["mean"] == pytest.approx(np.mean([np.mean(gold("dpo", s)) - np.mean(gold("metaapo", s)) for s in (0, 1)]))
+    assert vs["gold"]["mean"] == pytest.approx(
+        np.mean([np.mean(gold("dpo", s)) - np.mean(gold("metaapo", s)) for s in (0, 1)])
+    )
     assert vs["annotation_ratio"]["mean"] == pytest.approx(-results["rows"]["MetaAPO"]["annotation_ratio"]["mean"])
-    assert "## Differences from MetaAPO, paired by seed" in text and "| DPO |" in text.split("Differences from MetaAPO")[1]
-    # the dynamics of seed 0's MetaAPO: one h curve per meta update, every tuple of every iteration placed, held-out points
+    assert (
+        "## Differences from MetaAPO, paired by seed" in text and "| DPO |" in text.split("Differences from MetaAPO")[1]
+    )
+    # the dynamics of seed 0's MetaAPO: one h curve per meta update, every tuple of every iteration placed, held-out
+    # points
     dynamics = results["dynamics"]
     records = [json.loads(line) for line in (out / "seed0" / "metaapo" / "metrics.jsonl").read_text().splitlines()]
     assert sum(dynamics["meta_updates"].values()) == sum("h_curve" in r for r in records) > 0
-    gating = [json.loads(line) for line in (out / "seed0" / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()]
+    gating = [
+        json.loads(line) for line in (out / "seed0" / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()
+    ]
     sampling = dynamics["sampling"]["1"]
-    assert sampling["sampled"]["tuples"] <= min(8, sum(r["selected"] for r in gating))  # --scatter_prompts=8 of each kind
+    assert sampling["sampled"]["tuples"] <= min(
+        8, sum(r["selected"] for r in gating)
+    )  # --scatter_prompts=8 of each kind
     assert [p["iteration"] for p in dynamics["heldout"]] == [0, 1, 2]
-    assert all({"reward_mean", "reward_std", "l_off_mean", "gold_mean", "rm_gold_agreement"} <= set(p) for p in dynamics["heldout"])
+    assert all(
+        {"reward_mean", "reward_std", "l_off_mean", "gold_mean", "rm_gold_agreement"} <= set(p)
+        for p in dynamics["heldout"]
+    )
     assert "### Held-out prompts over iterations (Fig. 2 left)" in text
     # a second call reads the finished runs instead of training again
     before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime

@@ -11,9 +11,21 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from losses import (
-    FusedTokenLogprobs, LogprobModel, bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, kto_reference_kl,
-    meta_loss, meta_weighted_loss, naive_sequence_logprobs, preference_score, sequence_logprobs, simpo_loss,
-    simpo_score, slic_loss,
+    FusedTokenLogprobs,
+    LogprobModel,
+    bradley_terry_loss,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    kto_reference_kl,
+    meta_loss,
+    meta_weighted_loss,
+    naive_sequence_logprobs,
+    preference_score,
+    sequence_logprobs,
+    simpo_loss,
+    simpo_score,
+    slic_loss,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +34,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def make_inputs(batch=4, length=13, hidden_size=8, vocab=29, dtype=torch.float64, device="cpu", seed=0):
     generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, length, hidden_size, generator=generator, dtype=torch.float64).to(device, dtype).requires_grad_()
-    weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64).to(device, dtype).requires_grad_()
+    hidden = (
+        torch.randn(batch, length, hidden_size, generator=generator, dtype=torch.float64)
+        .to(device, dtype)
+        .requires_grad_()
+    )
+    weight = (
+        torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64).to(device, dtype).requires_grad_()
+    )
     input_ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
     response_mask = torch.zeros(batch, length, dtype=torch.bool)
     starts = [3, 7, 1, 12][:batch]
@@ -53,7 +71,9 @@ def test_kernel_matches_naive_in_float64(chunk_size):
     """Values and gradients against log_softmax + gather, with chunks that split sequences."""
     hidden, weight, input_ids, response_mask = make_inputs()
     coefficients = torch.randn(4, dtype=torch.float64)
-    ours = grads(lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size), hidden, weight, coefficients)
+    ours = grads(
+        lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size), hidden, weight, coefficients
+    )
     ref = grads(lambda: naive(hidden, weight, input_ids, response_mask), hidden, weight, coefficients)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -62,7 +82,12 @@ def test_kernel_matches_naive_in_float64(chunk_size):
 def test_kernel_average_is_the_mean_over_response_tokens():
     hidden, weight, input_ids, response_mask = make_inputs()
     coefficients = torch.randn(4, dtype=torch.float64)
-    ours = grads(lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, 4, average=True), hidden, weight, coefficients)
+    ours = grads(
+        lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, 4, average=True),
+        hidden,
+        weight,
+        coefficients,
+    )
     ref = grads(lambda: naive(hidden, weight, input_ids, response_mask, average=True), hidden, weight, coefficients)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -78,7 +103,9 @@ def test_gradcheck_on_tiny_shapes():
     targets = torch.tensor([0, 6, 3, 3, 1])
     assert torch.autograd.gradcheck(lambda h, w: FusedTokenLogprobs.apply(h, w, targets, 2), (hidden, weight))
     hidden3, weight3, input_ids, response_mask = make_inputs(batch=2, length=5, hidden_size=3, vocab=6)
-    assert torch.autograd.gradcheck(lambda h, w: sequence_logprobs(h, w, input_ids, response_mask, 3, average=True), (hidden3, weight3))
+    assert torch.autograd.gradcheck(
+        lambda h, w: sequence_logprobs(h, w, input_ids, response_mask, 3, average=True), (hidden3, weight3)
+    )
 
 
 def test_sequence_without_response_tokens_gets_zero_and_no_gradient():
@@ -125,12 +152,24 @@ def test_float32_matches_float64_reference():
 
 def _bf16_errors(device):
     """Errors of ours and of the naive bf16 path against the float64 truth on the same bf16 inputs."""
-    hidden, weight, input_ids, response_mask = make_inputs(batch=4, length=40, hidden_size=64, vocab=1000, dtype=torch.bfloat16, device=device)
+    hidden, weight, input_ids, response_mask = make_inputs(
+        batch=4, length=40, hidden_size=64, vocab=1000, dtype=torch.bfloat16, device=device
+    )
     with torch.no_grad():
         hidden *= 0.5
     coefficients = torch.randn(4, dtype=torch.float64).to(device)
-    truth = [t.double() for t in grads(lambda: naive(hidden.double(), weight.double(), input_ids, response_mask), hidden, weight, coefficients)]
-    ours = grads(lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size=16), hidden, weight, coefficients.float())
+    truth = [
+        t.double()
+        for t in grads(
+            lambda: naive(hidden.double(), weight.double(), input_ids, response_mask), hidden, weight, coefficients
+        )
+    ]
+    ours = grads(
+        lambda: sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size=16),
+        hidden,
+        weight,
+        coefficients.float(),
+    )
     naive_bf16 = grads(lambda: naive(hidden, weight, input_ids, response_mask), hidden, weight, coefficients.float())
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.bfloat16
 
@@ -152,8 +191,16 @@ def test_bfloat16_within_stated_tolerance():
 @pytest.mark.parametrize("tied", [True, False])
 def test_logprob_model_equals_the_logits_path_of_a_llama(tied):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     lm = LlamaForCausalLM(config).double()
     model = LogprobModel(lm, chunk_size=5)
     input_ids = torch.randint(0, 50, (3, 12))
@@ -177,7 +224,9 @@ def test_logprob_model_equals_the_logits_path_of_a_llama(tied):
 
 def test_scaled_or_capped_logits_are_refused():
     def config():
-        return LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        return LlamaConfig(
+            vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
 
     for attr, value in [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0)]:
         lm = LlamaForCausalLM(config())
@@ -196,8 +245,15 @@ def test_scaled_or_capped_logits_are_refused():
 def test_gemma2_softcapping_is_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=8)
+    config = Gemma2Config(
+        vocab_size=20,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         LogprobModel(Gemma2ForCausalLM(config))
 
@@ -205,7 +261,9 @@ def test_gemma2_softcapping_is_refused():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_cuda_matches_cpu_float64(dtype):
-    hidden, weight, input_ids, response_mask = make_inputs(batch=4, length=40, hidden_size=64, vocab=1000, dtype=dtype, device="cuda")
+    hidden, weight, input_ids, response_mask = make_inputs(
+        batch=4, length=40, hidden_size=64, vocab=1000, dtype=dtype, device="cuda"
+    )
     truth = naive(hidden.detach().double().cpu(), weight.detach().double().cpu(), input_ids.cpu(), response_mask.cpu())
     ours = sequence_logprobs(hidden, weight, input_ids, response_mask, chunk_size=16)
     torch.testing.assert_close(ours.double().cpu(), truth, rtol=1e-2, atol=0.05 if dtype == torch.bfloat16 else 1e-3)
@@ -273,11 +331,23 @@ def test_kto_loss_and_reference_kl():
     z0 = kto_reference_kl(t([-1.0, -2.0]), t([-1.5, -2.1]))  # mean ratio 0.3
     assert z0.item() == pytest.approx(0.3) and not z0.requires_grad
     assert kto_reference_kl(t([-3.0]), t([-1.0])).item() == 0.0  # clamped at 0
-    padded = kto_reference_kl(t([-1.0, -2.0, 5.0]), t([-1.5, -2.1, 0.0]), weights=t([1.0, 1.0, 0.0]))  # padding excluded
+    padded = kto_reference_kl(
+        t([-1.0, -2.0, 5.0]), t([-1.5, -2.1, 0.0]), weights=t([1.0, 1.0, 0.0])
+    )  # padding excluded
     assert padded.item() == pytest.approx(0.3)
     other_rank = t([0.9, 2.0])  # the other rank's (weighted sum, count)
-    assert kto_reference_kl(t([-1.0, -2.0]), t([-1.5, -2.1]), sum_over_ranks=lambda totals: totals + other_rank).item() == pytest.approx(1.5 / 4)
-    out = kto_loss(t([-1.0, -1.0]), t([-1.5, -1.5]), t([True, False]), t(0.2), beta=0.1, desirable_weight=1.0, undesirable_weight=2.0)
+    assert kto_reference_kl(
+        t([-1.0, -2.0]), t([-1.5, -2.1]), sum_over_ranks=lambda totals: totals + other_rank
+    ).item() == pytest.approx(1.5 / 4)
+    out = kto_loss(
+        t([-1.0, -1.0]),
+        t([-1.5, -1.5]),
+        t([True, False]),
+        t(0.2),
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     assert out.losses.tolist() == pytest.approx([1 - sigmoid(0.1 * 0.3), 2 * (1 - sigmoid(-0.1 * 0.3))])
     assert out.chosen_rewards[0].item() == pytest.approx(0.05) and math.isnan(out.chosen_rewards[1].item())

@@ -47,7 +47,9 @@ def test_depth_and_multi_input_ablations():
         x = torch.tensor([[score]])
         assert deep(x).item() == pytest.approx(shallow(x).item(), abs=0.05) and deep(x).item() > 1e-3
     multi = MetaLearner(inputs="multi")
-    features = meta_features(torch.tensor([-0.3, -2.0]), torch.tensor([0.5, -1.0]), torch.tensor([0.1, 3.0]), inputs="multi")
+    features = meta_features(
+        torch.tensor([-0.3, -2.0]), torch.tensor([0.5, -1.0]), torch.tensor([0.1, 3.0]), inputs="multi"
+    )
     assert features.shape == (2, 3) and multi(features).shape == (2,)
     assert multi(torch.zeros(1, 3)).item() == 0.5
     with pytest.raises(ValueError, match="needs the chosen and rejected log-ratios"):
@@ -138,7 +140,9 @@ def test_gating_frequency_matches_one_minus_h():
     assert abs(decision.selected.sum().item() - expected) < 4 * std
     assert (decision.selected == (decision.draws > weights.double())).all()  # u > w, tuple by tuple
     for w in (0.1, 0.5, 0.9):  # binomial tolerance at constant weights
-        selected = gate(scores, torch.full((n,), w), "meta", torch.Generator().manual_seed(3)).selected.float().mean().item()
+        selected = (
+            gate(scores, torch.full((n,), w), "meta", torch.Generator().manual_seed(3)).selected.float().mean().item()
+        )
         assert abs(selected - (1 - w)) < 4 * math.sqrt(w * (1 - w) / n)
 
 
@@ -148,7 +152,11 @@ def test_gating_ablation_modes():
     assert gate(scores, weights, "all", torch.Generator().manual_seed(0)).selected.all()
     threshold = gate(scores, weights, "threshold", torch.Generator().manual_seed(0), threshold=-0.7)
     assert threshold.selected.tolist() == [True, False, True, False, True]
-    random_ratio = gate(torch.zeros(10000), torch.full((10000,), 0.99), "random", torch.Generator().manual_seed(0)).selected.float().mean()
+    random_ratio = (
+        gate(torch.zeros(10000), torch.full((10000,), 0.99), "random", torch.Generator().manual_seed(0))
+        .selected.float()
+        .mean()
+    )
     assert abs(random_ratio.item() - 0.5) < 4 * math.sqrt(0.25 / 10000)
     with pytest.raises(ValueError, match="sampling mode"):
         gate(scores, weights, "sometimes", torch.Generator())
@@ -211,9 +219,18 @@ def _distributed_update(rank, world_size, init_file, out_dir):
     try:
         controller = MetaController(seed=0)
         # each rank buffers its own, different share; rank 1 has an odd extra entry per step
-        fill(controller, lambda off: off, lambda off: torch.clamp(off + 0.5 - rank, max=0.0), batch=32 + rank, seed=10 + rank)
+        fill(
+            controller,
+            lambda off: off,
+            lambda off: torch.clamp(off + 0.5 - rank, max=0.0),
+            batch=32 + rank,
+            seed=10 + rank,
+        )
         stats = controller.update()
-        torch.save({"params": [p.detach() for p in controller.learner.parameters()], "stats": stats}, f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"params": [p.detach() for p in controller.learner.parameters()], "stats": stats},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -228,11 +245,21 @@ def test_two_process_gloo_update_keeps_phi_identical(tmp_path):
     single = MetaController(seed=0)
     for rank in (0, 1):
         share = MetaController(seed=0)
-        fill(share, lambda off: off, lambda off, rank=rank: torch.clamp(off + 0.5 - rank, max=0.0), batch=32 + rank, seed=10 + rank)
+        fill(
+            share,
+            lambda off: off,
+            lambda off, rank=rank: torch.clamp(off + 0.5 - rank, max=0.0),
+            batch=32 + rank,
+            seed=10 + rank,
+        )
         buffer = share.buffer
-        single.buffer.append(torch.tensor(buffer.offline_scores), torch.tensor(buffer.online_scores), torch.tensor(buffer.features))
+        single.buffer.append(
+            torch.tensor(buffer.offline_scores), torch.tensor(buffer.online_scores), torch.tensor(buffer.features)
+        )
     stats = single.update()
-    assert stats["meta_entries"] == rank0["stats"]["meta_entries"] and stats["meta_loss"] == pytest.approx(rank0["stats"]["meta_loss"])
+    assert stats["meta_entries"] == rank0["stats"]["meta_entries"] and stats["meta_loss"] == pytest.approx(
+        rank0["stats"]["meta_loss"]
+    )
     for a, b in zip(rank0["params"], single.learner.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
@@ -240,7 +267,10 @@ def test_two_process_gloo_update_keeps_phi_identical(tmp_path):
 def test_self_check_prints_a_learned_step():
     result = subprocess.run([sys.executable, "meta.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = {float(line.split()[0]): (float(line.split()[1]), float(line.split()[2])) for line in result.stdout.splitlines()
-            if line.strip() and line.split()[0].lstrip("-").replace(".", "").isdigit()}
+    rows = {
+        float(line.split()[0]): (float(line.split()[1]), float(line.split()[2]))
+        for line in result.stdout.splitlines()
+        if line.strip() and line.split()[0].lstrip("-").replace(".", "").isdigit()
+    }
     assert rows[-4.0][1] < 0.1 and rows[-0.5][1] > 0.9  # low below the crossover, high above
     assert rows[0.0][0] == 0.5

@@ -11,7 +11,11 @@ SCRIPTS = ["train.py", "sample.py", "reward.py", "meta.py", "losses.py", "data.p
 
 
 def test_ci_runs_the_readme_test_command_as_written():
-    ci_command = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci_command = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert len(ci_command) == 1
     readme_commands = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     assert ci_command[0] in readme_commands
@@ -26,20 +30,35 @@ def test_every_script_opens_with_a_docstring():
         assert docstring and len(docstring.splitlines()) >= 3, name
 
 
+def imported_scripts(name: str) -> set[str]:
+    """The project's scripts that `name` imports anywhere (module level or inside a function)."""
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / name).read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    return {module + ".py" for module in imported} & set(SCRIPTS)
+
+
 def test_dependencies_flow_one_way():
     """train.py and evaluate.py orchestrate: the other files import neither, train.py does not
-    import evaluate.py (evaluate.py builds on train.py), and there is no utils.py."""
+    import evaluate.py (evaluate.py builds on train.py), there is no utils.py, and no two files
+    import each other, directly or around a longer circle."""
     assert not (ROOT / "utils.py").exists() and not (ROOT / "common.py").exists()
-    for name in SCRIPTS:
-        imported = set()
-        for node in ast.walk(ast.parse((ROOT / name).read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
-        assert "evaluate" not in imported, f"{name} imports evaluate.py"
+    graph = {name: imported_scripts(name) for name in SCRIPTS}
+    for name, imported in graph.items():
+        assert "evaluate.py" not in imported, f"{name} imports evaluate.py"
         if name not in ("train.py", "evaluate.py"):
-            assert "train" not in imported, f"{name} imports train.py"
+            assert "train.py" not in imported, f"{name} imports train.py"
+    for start in SCRIPTS:  # depth-first search for a path leading back to start
+        stack, seen = list(graph[start]), set()
+        while stack:
+            name = stack.pop()
+            assert name != start, f"import circle through {start}"
+            if name not in seen:
+                seen.add(name)
+                stack.extend(graph[name])
 
 
 def test_vllm_is_not_a_core_requirement():
@@ -50,7 +69,18 @@ def test_vllm_is_not_a_core_requirement():
 
 
 def test_data_self_check_runs(tmp_path):
-    result = subprocess.run([sys.executable, "data.py", "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "data.py", "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "sizes: sft 4000, train_prefs 6000, test_prefs 512" in result.stdout
     assert "^ marks response-mask tokens" in result.stdout and "lengths in tokens" in result.stdout
+
+
+def test_ruff_formats_and_lints_clean():
+    """The tree is as `ruff format` writes it, and `ruff check` (rules in pyproject.toml) finds nothing."""
+    for command in (["format", "--check", "--diff", "."], ["check", "."]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import evaluate
 import train
 from conftest import TINY, fresh_run, metrics, run_train
 
@@ -32,8 +31,13 @@ def dpo_run(base_run, tmp_path, name):
 
 
 def start(args, out):
-    return subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args, f"--out_dir={out}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_steps(process, log, steps, timeout=300):
@@ -68,7 +72,9 @@ def test_offline_stage_killed_under_defaults_resumes_mid_way(base_run, whole_dpo
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     checkpoints = sorted(p.name for p in (out / "dpo" / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
-    assert checkpoints and checkpoints[-1] >= "step-00000006"  # the default cadence: a tenth of the pass (2 of 12 steps)
+    assert (
+        checkpoints and checkpoints[-1] >= "step-00000006"
+    )  # the default cadence: a tenth of the pass (2 of 12 steps)
     result = run_train(DPO + [f"--out_dir={out}", "--resume"])
     assert "resumed from" in result.stdout
     assert steps_logged(out / "dpo") == list(range(1, 13))  # nothing lost, nothing logged twice
@@ -85,7 +91,9 @@ def test_a_signal_finishes_the_step_checkpoints_and_exits(base_run, whole_dpo, t
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == code, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("train.py: [dpo] stopped after step ") and "continue with the same command and --resume" in last
+    assert (
+        last.startswith("train.py: [dpo] stopped after step ") and "continue with the same command and --resume" in last
+    )
     assert "Traceback" not in stderr
     (checkpoint,) = (out / "dpo" / "checkpoints").iterdir()
     step = int(checkpoint.name.split("-")[1])
@@ -115,20 +123,48 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
     process.wait()
     saved = (out / "dpo" / "config.json").read_text()
     checkpoints = sorted((out / "dpo" / "checkpoints").iterdir())
-    refused = subprocess.run([sys.executable, "train.py", *DPO, f"--out_dir={out}", "--resume", "--lr=1e-3", "--batch_size=8",
-                              "--beta=0.2", "--save_every=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *DPO,
+            f"--out_dir={out}",
+            "--resume",
+            "--lr=1e-3",
+            "--batch_size=8",
+            "--beta=0.2",
+            "--save_every=5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     message = refused.stderr
     assert "started with other settings that change its result" in message
     for key, before, now in (("lr", "5e-05", "0.001"), ("batch_size", "16", "8"), ("beta", "0.1", "0.2")):
         assert f"--{key}: {before} when it started, {now} now" in message
     assert "save_every" not in message and "remove" in message and "config.json" in message
-    assert (out / "dpo" / "config.json").read_text() == saved and sorted((out / "dpo" / "checkpoints").iterdir()) == checkpoints
+    assert (out / "dpo" / "config.json").read_text() == saved and sorted(
+        (out / "dpo" / "checkpoints").iterdir()
+    ) == checkpoints
     # harmless changes (checkpointing, micro-batching, the same directory by another path) are taken and recorded
-    run_train(DPO + [f"--out_dir={out}", "--resume", "--save_every=5", "--keep_checkpoints=3", "--micro_batch_size=4",
-                     f"--dataset={(ROOT / json.loads(saved)['dataset']).resolve()}"])
+    run_train(
+        DPO
+        + [
+            f"--out_dir={out}",
+            "--resume",
+            "--save_every=5",
+            "--keep_checkpoints=3",
+            "--micro_batch_size=4",
+            f"--dataset={(ROOT / json.loads(saved)['dataset']).resolve()}",
+        ]
+    )
     config = json.loads((out / "dpo" / "config.json").read_text())
-    assert config["save_every"] == 0 and config["micro_batch_size"] == 8 and config["lr"] == 5e-05  # the values it started with
+    assert (
+        config["save_every"] == 0 and config["micro_batch_size"] == 8 and config["lr"] == 5e-05
+    )  # the values it started with
     (resume,) = config["resumes"]
     assert resume["changes"] == {"save_every": [0, 5], "keep_checkpoints": [2, 3], "micro_batch_size": [8, 4]}
     assert (out / "dpo" / "done.json").exists()
@@ -162,8 +198,13 @@ def test_a_finished_stage_is_left_alone(base_run, tmp_path):
 def test_a_damaged_done_record_is_a_clear_error(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
     (out / "dpo" / "done.json").write_text("")
-    result = subprocess.run([sys.executable, "train.py", "--method=dpo", f"--out_dir={out}"] + TINY, cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--method=dpo", f"--out_dir={out}"] + TINY,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "done.json: unreadable" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -173,7 +214,9 @@ def test_a_damaged_done_record_is_a_clear_error(base_run, tmp_path):
 
 def refused(args, timeout=120):
     started = time.time()
-    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "", time.time() - started
 
@@ -181,7 +224,11 @@ def refused(args, timeout=120):
 def test_missing_and_broken_model_paths_are_named_at_start_up(base_run, tmp_path, toy_dir):
     out = fresh_run(base_run, tmp_path)
     message, _ = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={tmp_path / 'no-such-rm'}"] + TINY)
-    assert message == f"train.py: --reward_model: {tmp_path / 'no-such-rm'} does not exist (neither a local directory nor a hub id of the form owner/name)"
+    assert (
+        message
+        == f"train.py: --reward_model: {tmp_path / 'no-such-rm'} does not exist (neither a local directory nor a hub "
+        "id of the form owner/name)"
+    )
     assert not (out / "metaapo").exists()  # refused before the stage began: no generation, no directory
     message, _ = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={toy_dir}"] + TINY)
     assert "--reward_model:" in message and "is a causal LM" in message
@@ -195,8 +242,19 @@ def test_missing_and_broken_model_paths_are_named_at_start_up(base_run, tmp_path
     message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", f"--sft_model={no_tokenizer}"] + TINY)
     assert message.startswith(f"train.py: --sft_model: {no_tokenizer} has no tokenizer that loads")
     message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", "--sft_model=out/nothing/here/model"] + TINY)
-    assert message == "train.py: --sft_model: out/nothing/here/model does not exist (neither a local directory nor a hub id of the form owner/name)"
-    message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", f"--sft_model={toy_dir}", f"--dataset={tmp_path / 'none.jsonl'}"])
+    assert (
+        message
+        == "train.py: --sft_model: out/nothing/here/model does not exist (neither a local directory nor a hub id of "
+        "the form owner/name)"
+    )
+    message, _ = refused(
+        [
+            "--method=dpo",
+            f"--out_dir={tmp_path / 'x'}",
+            f"--sft_model={toy_dir}",
+            f"--dataset={tmp_path / 'none.jsonl'}",
+        ]
+    )
     assert message.startswith(f"train.py: --dataset: {tmp_path / 'none.jsonl'} does not exist")
 
 
@@ -207,10 +265,20 @@ def write_pairs(path, rows):
 
 def test_zero_usable_pairs_fail_before_training(base_run, tmp_path, toy_dir):
     same = write_pairs(tmp_path / "same.jsonl", [{"prompt": "ascending : b a", "chosen": "a b", "rejected": "a b"}] * 5)
-    message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'run'}", f"--sft_model={toy_dir}", f"--dataset={same}"] + TINY)
-    assert message.startswith(f"train.py: {same}: no usable preference pair after tokenization (0 kept") and "5 dropped (identical" in message
-    long = write_pairs(tmp_path / "long.jsonl", [{"prompt": "ascending : " + " ".join("abcdefghij" * 3), "chosen": "a", "rejected": "b"}])
-    message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'run2'}", f"--sft_model={toy_dir}", f"--dataset={long}"] + TINY)
+    message, _ = refused(
+        ["--method=dpo", f"--out_dir={tmp_path / 'run'}", f"--sft_model={toy_dir}", f"--dataset={same}"] + TINY
+    )
+    assert (
+        message.startswith(f"train.py: {same}: no usable preference pair after tokenization (0 kept")
+        and "5 dropped (identical" in message
+    )
+    long = write_pairs(
+        tmp_path / "long.jsonl",
+        [{"prompt": "ascending : " + " ".join("abcdefghij" * 3), "chosen": "a", "rejected": "b"}],
+    )
+    message, _ = refused(
+        ["--method=dpo", f"--out_dir={tmp_path / 'run2'}", f"--sft_model={toy_dir}", f"--dataset={long}"] + TINY
+    )
     assert "no usable preference pair" in message and "1 dropped (prompt > max_prompt_len)" in message
     assert not (tmp_path / "run" / "dpo" / "done.json").exists()
 
@@ -241,7 +309,9 @@ def test_heldout_rows_honour_skip_bad_rows(tmp_path):
     (test_dir / "train_prefs.jsonl").write_text(json.dumps(good) + "\n")
     with pytest.raises(data.DataError, match="test_prefs.jsonl:2: invalid JSON"):
         train.load_heldout(train.parse_config([f"--dataset={test_dir}"]), "the results table")
-    pairs, source = train.load_heldout(train.parse_config([f"--dataset={test_dir}", "--skip_bad_rows"]), "the results table")
+    pairs, source = train.load_heldout(
+        train.parse_config([f"--dataset={test_dir}", "--skip_bad_rows"]), "the results table"
+    )
     assert len(pairs) == 2 and source == (str(test_dir), "test_prefs")
 
 
@@ -250,7 +320,9 @@ def test_heldout_rows_honour_skip_bad_rows(tmp_path):
 
 
 def evaluate_error(args, cwd=ROOT):
-    result = subprocess.run([sys.executable, "evaluate.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
 
@@ -258,11 +330,20 @@ def evaluate_error(args, cwd=ROOT):
 def test_evaluate_bad_inputs_are_one_line_errors(toy_dir, tmp_path):
     bad = tmp_path / "question.jsonl"
     bad.write_text('{"question_id": 1, "turns": ["a"]}\n{"question_id": 2}\n')
-    assert evaluate_error([f"--model={toy_dir}", f"--mt_bench={bad}"]) == \
-        f"evaluate.py: {bad}:2: an MT-Bench question needs 'question_id' and 'turns': [str, ...]"
+    assert (
+        evaluate_error([f"--model={toy_dir}", f"--mt_bench={bad}"])
+        == f"evaluate.py: {bad}:2: an MT-Bench question needs 'question_id' and 'turns': [str, ...]"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for flag in ("--mt_bench", "--arena_hard"):
-        assert evaluate_error([f"--model={toy_dir}", f"{flag}={empty}"]) == f"evaluate.py: {empty}: no questions in the file"
-    assert evaluate_error([f"--model={tmp_path / 'nothing'}", f"--mt_bench={bad}"]).startswith(f"evaluate.py: --model: {tmp_path / 'nothing'} does not exist")
-    assert evaluate_error([f"--model={toy_dir}", "--reward_stats"]) == "evaluate.py: --reward_stats needs --reward_model"
+        assert (
+            evaluate_error([f"--model={toy_dir}", f"{flag}={empty}"])
+            == f"evaluate.py: {empty}: no questions in the file"
+        )
+    assert evaluate_error([f"--model={tmp_path / 'nothing'}", f"--mt_bench={bad}"]).startswith(
+        f"evaluate.py: --model: {tmp_path / 'nothing'} does not exist"
+    )
+    assert (
+        evaluate_error([f"--model={toy_dir}", "--reward_stats"]) == "evaluate.py: --reward_stats needs --reward_model"
+    )

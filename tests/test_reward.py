@@ -63,7 +63,10 @@ def test_edit_distance():
 # Learned reward models
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [[{"role": "user", "content": p}] for p in ["ascending : c a b", "descending : a b", "ascending : j e f g h i", "descending : d c"]]
+PROMPTS = [
+    [{"role": "user", "content": p}]
+    for p in ["ascending : c a b", "descending : a b", "ascending : j e f g h i", "descending : d c"]
+]
 RESPONSES = ["a b c", "b a", "e f g h i j", "[ d c ]"]
 
 
@@ -77,7 +80,10 @@ def test_scores_keep_the_input_order(toy_rm_dir):
 
 def test_same_scores_at_batch_sizes_1_and_8(toy_rm_dir):
     prompts, responses = PROMPTS * 3, RESPONSES[::-1] * 3  # different lengths in one batch
-    scores = {bs: RewardModel.from_pretrained(str(toy_rm_dir), batch_size=bs, device="cpu").score(prompts, responses) for bs in (1, 8)}
+    scores = {
+        bs: RewardModel.from_pretrained(str(toy_rm_dir), batch_size=bs, device="cpu").score(prompts, responses)
+        for bs in (1, 8)
+    }
     assert scores[1] == pytest.approx(scores[8], abs=1e-5)
 
 
@@ -94,7 +100,11 @@ def test_a_response_cut_at_the_length_limit_is_scored_without_eos(toy_rm_dir):
     """A generation cut at max_new_tokens is not a finished answer: no EOS is appended to it."""
     rm = RewardModel.from_pretrained(str(toy_rm_dir), device="cpu")
     complete, cut = rm.encode(PROMPTS[:2], RESPONSES[:2], complete=[True, False])
-    assert complete[-1] == rm.tokenizer.eos_token_id and cut == encode_prompt(rm.tokenizer, PROMPTS[1]) + rm.tokenizer(RESPONSES[1], add_special_tokens=False)["input_ids"]
+    assert (
+        complete[-1] == rm.tokenizer.eos_token_id
+        and cut
+        == encode_prompt(rm.tokenizer, PROMPTS[1]) + rm.tokenizer(RESPONSES[1], add_special_tokens=False)["input_ids"]
+    )
     scores = rm.score(PROMPTS[:2] * 2, RESPONSES[:2] * 2, complete=[True, True, False, False])
     assert scores[:2] != pytest.approx(scores[2:], abs=1e-4)  # the end of turn changes the score
     assert scores[3] == pytest.approx(rm.model(input_ids=torch.tensor([cut])).logits[0, 0].item(), abs=1e-5)
@@ -130,7 +140,10 @@ def test_pad_token_id_is_always_the_tokenizers(toy_rm_dir):
 
 def test_a_checkpoint_without_score_head_is_refused(toy_dir):
     """A causal LM passed as reward model would silently get a random score head."""
-    with pytest.raises(ValueError, match=f"{toy_dir}: not a reward model; the checkpoint has no weights for the score head \\(score.weight\\)"):
+    with pytest.raises(
+        ValueError,
+        match=f"{toy_dir}: not a reward model; the checkpoint has no weights for the score head \\(score.weight\\)",
+    ):
         RewardModel.from_pretrained(str(toy_dir), device="cpu")
 
 
@@ -152,25 +165,57 @@ def _score_distributed(rank, world_size, init_file, rm_dir, out_dir):
 def test_two_process_scoring_returns_every_score_in_order(toy_rm_dir, tmp_path):
     mp.spawn(_score_distributed, args=(2, str(tmp_path / "init"), str(toy_rm_dir), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    single = RewardModel.from_pretrained(str(toy_rm_dir), device="cpu").score(PROMPTS + PROMPTS[:1], RESPONSES + RESPONSES[:1])
+    single = RewardModel.from_pretrained(str(toy_rm_dir), device="cpu").score(
+        PROMPTS + PROMPTS[:1], RESPONSES + RESPONSES[:1]
+    )
     assert rank0 == rank1
     assert rank0 == pytest.approx(single, abs=1e-5)
 
 
 def test_scoring_cli(toy_rm_dir, tmp_path):
-    rows = [{"prompt": "ascending : c a b", "response": "a b c", "id": 1},
-            {"prompt": [{"role": "user", "content": "descending : a b"}], "responses": ["b a", "a b", "b"]}]
+    rows = [
+        {"prompt": "ascending : c a b", "response": "a b c", "id": 1},
+        {"prompt": [{"role": "user", "content": "descending : a b"}], "responses": ["b a", "a b", "b"]},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for model in ("toy-gold", str(toy_rm_dir)):
-        result = subprocess.run([sys.executable, "reward.py", "--model", model, "--input", str(tmp_path / "in.jsonl"),
-                                 "--output", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "reward.py",
+                "--model",
+                model,
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         assert out[0]["id"] == 1 and isinstance(out[0]["reward"], float) and len(out[1]["rewards"]) == 3
         if model == "toy-gold":
             assert out[0]["reward"] == 10.0 and out[1]["rewards"] == [10.0, 0.0, 5.0]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "ascending : a b"}) + "\n")
-    result = subprocess.run([sys.executable, "reward.py", "--model", "toy-gold", "--input", str(tmp_path / "bad.jsonl"),
-                             "--output", str(tmp_path / "never.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "reward.py",
+            "--model",
+            "toy-gold",
+            "--input",
+            str(tmp_path / "bad.jsonl"),
+            "--output",
+            str(tmp_path / "never.jsonl"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and f"{tmp_path / 'bad.jsonl'}:1: needs 'response'" in result.stderr
     assert not (tmp_path / "never.jsonl").exists()

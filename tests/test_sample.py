@@ -3,9 +3,9 @@ online pair construction."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import sample
 from data import encode_prompt
 from reward import RuleReward
-import sample
 from sample import Generation, generate, make_online_pairs, vllm_child_environment
 
 ROOT = Path(__file__).resolve().parent.parent
-MESSAGES = [[{"role": "user", "content": p}] for p in ["ascending : c a b", "descending : j e f g h i", "ascending : d b"]]
+MESSAGES = [
+    [{"role": "user", "content": p}] for p in ["ascending : c a b", "descending : j e f g h i", "ascending : d b"]
+]
 
 
 @pytest.fixture
@@ -34,14 +36,27 @@ def prompts_for(tokenizer):
 
 def test_shapes_eos_and_finish_reasons(policy, toy_tokenizer):
     eos = toy_tokenizer.eos_token_id
-    results = generate(prompts_for(toy_tokenizer), n=4, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0, model=policy, tokenizer=toy_tokenizer)
+    results = generate(
+        prompts_for(toy_tokenizer),
+        n=4,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        seed=0,
+        model=policy,
+        tokenizer=toy_tokenizer,
+    )
     assert len(results) == 3 and all(len(r) == 4 for r in results)
     for generation in (g for r in results for g in r):
         if generation.finish_reason == "stop":
             assert generation.token_ids[-1] == eos and eos not in generation.token_ids[:-1]
             assert generation.text == toy_tokenizer.decode(generation.token_ids[:-1], skip_special_tokens=True)
         else:
-            assert generation.finish_reason == "length" and len(generation.token_ids) == 6 and eos not in generation.token_ids
+            assert (
+                generation.finish_reason == "length"
+                and len(generation.token_ids) == 6
+                and eos not in generation.token_ids
+            )
 
 
 def test_eos_stops_and_length_cuts(policy, toy_tokenizer):
@@ -50,20 +65,43 @@ def test_eos_stops_and_length_cuts(policy, toy_tokenizer):
     hook = policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + shift)
     try:
         shift[eos] = 50.0  # EOS is certain: every answer is just EOS
-        stops = generate(prompts_for(toy_tokenizer), n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=0, model=policy, tokenizer=toy_tokenizer)
+        stops = generate(
+            prompts_for(toy_tokenizer),
+            n=2,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=5,
+            seed=0,
+            model=policy,
+            tokenizer=toy_tokenizer,
+        )
         shift[eos] = -50.0  # EOS is impossible: every answer runs to the limit
-        cuts = generate(prompts_for(toy_tokenizer), n=2, temperature=1.0, top_p=1.0, max_new_tokens=5, seed=0, model=policy, tokenizer=toy_tokenizer)
+        cuts = generate(
+            prompts_for(toy_tokenizer),
+            n=2,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=5,
+            seed=0,
+            model=policy,
+            tokenizer=toy_tokenizer,
+        )
     finally:
         hook.remove()
     assert all(g == Generation([eos], "", "stop") for r in stops for g in r)
-    assert all(g.finish_reason == "length" and len(g.token_ids) == 5 and eos not in g.token_ids for r in cuts for g in r)
+    assert all(
+        g.finish_reason == "length" and len(g.token_ids) == 5 and eos not in g.token_ids for r in cuts for g in r
+    )
 
 
 def test_deterministic_for_a_seed_and_leaves_the_rng_alone(policy, toy_tokenizer):
     prompts = prompts_for(toy_tokenizer)
 
     def run(seed):
-        return [[g.token_ids for g in r] for r in generate(prompts, 4, 1.0, 1.0, 8, seed, model=policy, tokenizer=toy_tokenizer)]
+        return [
+            [g.token_ids for g in r]
+            for r in generate(prompts, 4, 1.0, 1.0, 8, seed, model=policy, tokenizer=toy_tokenizer)
+        ]
 
     torch.manual_seed(123)
     first = run(7)
@@ -103,7 +141,12 @@ def test_the_checkpoints_own_generation_config_does_not_leak(policy, toy_tokeniz
     for temperature in (1.0, 0.0):
         plain = generate(prompts, 2, temperature, 1.0, 8, 3, model=policy, tokenizer=toy_tokenizer)
         own = policy.generation_config
-        own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens, own.suppress_tokens = 100.0, 1, 8, [toy_tokenizer.eos_token_id]
+        own.repetition_penalty, own.no_repeat_ngram_size, own.min_new_tokens, own.suppress_tokens = (
+            100.0,
+            1,
+            8,
+            [toy_tokenizer.eos_token_id],
+        )
         try:
             assert generate(prompts, 2, temperature, 1.0, 8, 3, model=policy, tokenizer=toy_tokenizer) == plain
             assert policy.generation_config is own  # put back after the call
@@ -113,18 +156,29 @@ def test_the_checkpoints_own_generation_config_does_not_leak(policy, toy_tokeniz
 
 def test_no_top_k_filter():
     """transformers' default top_k=50 would cut a flat distribution over 200 tokens to 50."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(200)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w199", pad_token="w198")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         eos_token_id=199, pad_token_id=198))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=200,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            eos_token_id=199,
+            pad_token_id=198,
+        )
+    )
     with torch.no_grad():
         model.lm_head.weight.zero_()  # uniform next-token distribution
-    results = generate([[1, 2, 3]], n=64, temperature=1.0, top_p=1.0, max_new_tokens=20, seed=0, model=model, tokenizer=tokenizer)
+    results = generate(
+        [[1, 2, 3]], n=64, temperature=1.0, top_p=1.0, max_new_tokens=20, seed=0, model=model, tokenizer=tokenizer
+    )
     distinct = {t for g in results[0] for t in g.token_ids}
     assert len(distinct) > 100
 
@@ -141,9 +195,26 @@ def test_unknown_backend_and_missing_arguments():
 def test_sample_cli(toy_dir, tmp_path):
     rows = [{"prompt": "ascending : c a b", "id": "a"}, {"prompt_token_ids": [4, 6, 7, 15, 5]}]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = subprocess.run([sys.executable, "sample.py", "--model", str(toy_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
-                             "--output", str(tmp_path / "out.jsonl"), "--n", "2", "--max_new_tokens", "4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--model",
+            str(toy_dir),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--n",
+            "2",
+            "--max_new_tokens",
+            "4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert out[0]["id"] == "a" and all(len(r["responses"]) == 2 for r in out)
@@ -153,79 +224,7 @@ def test_sample_cli(toy_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The vLLM glue, through a stand-in `vllm` package placed on the child's path
 
-FAKE_VLLM = textwrap.dedent('''
-    """A stand-in for vLLM 0.33.0 with its signatures (LLM, LLM.generate, SamplingParams,
-    RequestOutput / CompletionOutput): records what it is given and returns deterministic outputs,
-    ending token_ids with the stop token as vLLM does (stop_reason None for the tokenizer's EOS,
-    the token id for a stop_token_ids stop)."""
-    import json, os
-
-    RECORD_DIR = os.environ["FAKE_VLLM_RECORD"]
-    EOS = 2  # the toy tokenizer's
-    ENGINE_ARGS = {"max_model_len"}  # what LLM(**kwargs) may pass on to EngineArgs here
-
-    class SamplingParams:
-        def __init__(self, *, n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, temperature=1.0, top_p=1.0,
-                     top_k=0, min_p=0.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False, max_tokens=16, min_tokens=0,
-                     logprobs=None, skip_special_tokens=True, include_stop_str_in_output=False, detokenize=True):
-            if temperature == 0 and n > 1:
-                raise ValueError("n must be 1 when using greedy sampling")
-            if top_k < -1:
-                raise ValueError(f"top_k must be 0 (disable), or at least 1, got {top_k}")
-            self.kwargs = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed,
-                           "stop_token_ids": stop_token_ids}
-
-    class CompletionOutput:
-        def __init__(self, index, text, token_ids, cumulative_logprob=None, logprobs=None, finish_reason=None, stop_reason=None):
-            self.index, self.text, self.token_ids = index, text, token_ids
-            self.cumulative_logprob, self.logprobs, self.finish_reason, self.stop_reason = cumulative_logprob, logprobs, finish_reason, stop_reason
-
-    class RequestOutput:
-        def __init__(self, request_id, prompt, prompt_token_ids, outputs, finished=True):
-            self.request_id, self.prompt, self.prompt_token_ids, self.outputs, self.finished = request_id, prompt, prompt_token_ids, outputs, finished
-
-    class LLM:
-        def __init__(self, model, *, tensor_parallel_size=1, dtype="auto", seed=0, gpu_memory_utilization=0.92, enforce_eager=False, **kwargs):
-            unknown = set(kwargs) - ENGINE_ARGS
-            if unknown:
-                raise TypeError(f"EngineArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
-            if os.environ.get("FAKE_VLLM_FAIL_SEED") == str(seed) or os.environ.get("FAKE_VLLM_FAIL_GPU") == os.environ.get("CUDA_VISIBLE_DEVICES"):
-                raise RuntimeError("CUDA out of memory (stand-in failure)")
-            self.kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype, "seed": seed,
-                           "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": enforce_eager, **kwargs}
-            self.calls = 0
-
-        def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None, tokenization_kwargs=None,
-                     mm_processor_kwargs=None):
-            # as vLLM: one SamplingParams for every prompt, or a list with one per prompt
-            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-            if len(params) != len(prompts):
-                raise ValueError("The lengths of prompts and sampling_params must be the same.")
-            self.calls += 1
-            if os.environ.get("FAKE_VLLM_DIE_AT_CALL") == str(self.calls):  # a kill in the middle of the work
-                os._exit(137)
-            env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")}
-            with open(os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.jsonl"), "a") as f:  # one line per generate call
-                f.write(json.dumps({"llm": self.kwargs, "sampling": [p.kwargs for p in params], "prompts": prompts, "env": env,
-                                    "use_tqdm": use_tqdm}) + "\\n")
-            outputs = []
-            for k, (prompt, p) in enumerate(zip(prompts, params)):
-                ids = prompt["prompt_token_ids"]
-                completions = []
-                for j in range(p.kwargs["n"]):
-                    token = 10 + (sum(ids) + j) % 7
-                    if j % 3 == 0:  # stopped by the tokenizer's EOS
-                        completions.append(CompletionOutput(j, f"t{token}", [token, EOS], finish_reason="stop", stop_reason=None))
-                    elif j % 3 == 1:  # stopped by a stop_token_ids token
-                        stop = p.kwargs["stop_token_ids"][0]
-                        completions.append(CompletionOutput(j, f"t{token}", [token, stop], finish_reason="stop", stop_reason=stop))
-                    else:
-                        completions.append(CompletionOutput(j, f"t{token}", [token] * p.kwargs["max_tokens"], finish_reason="length"))
-                outputs.append(RequestOutput(str(k), None, ids, completions))
-            if os.environ.get("FAKE_VLLM_DROP"):
-                outputs = outputs[:-1]
-            return outputs
-''')
+FAKE_VLLM = Path(__file__).with_name("fake_vllm") / "vllm" / "__init__.py"  # a stand-in vllm package
 
 
 def expected_generation(prompt, j, max_tokens):
@@ -239,7 +238,7 @@ def expected_generation(prompt, j, max_tokens):
 def fake_vllm(tmp_path, monkeypatch):
     package = tmp_path / "fake" / "vllm"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text(FAKE_VLLM)
+    shutil.copy(FAKE_VLLM, package / "__init__.py")
     record = tmp_path / "record"
     record.mkdir()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
@@ -251,35 +250,90 @@ PROMPTS = [[3, 4, 5], [4, 9], [7, 7, 7, 8], [5], [6, 10, 11]]
 
 
 def recorded(record_dir, gpu):
-    """What the stand-in engine on one GPU was given, its generate calls joined: (llm kwargs, sampling, prompts, env, calls)."""
+    """What the stand-in engine on one GPU was given, its generate calls joined:
+    (llm kwargs, sampling, prompts, env, calls)."""
     calls = [json.loads(line) for line in (record_dir / f"gpu{gpu}.jsonl").read_text().splitlines()]
-    return {"llm": calls[0]["llm"], "sampling": [s for c in calls for s in c["sampling"]], "prompts": [p for c in calls for p in c["prompts"]],
-            "env": calls[0]["env"], "calls": len(calls)}
+    return {
+        "llm": calls[0]["llm"],
+        "sampling": [s for c in calls for s in c["sampling"]],
+        "prompts": [p for c in calls for p in c["prompts"]],
+        "env": calls[0]["env"],
+        "calls": len(calls),
+    }
 
 
 def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeypatch):
-    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "TORCHELASTIC_RUN_ID": "x",
-                        "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5"}.items():
+    for name, value in {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "10.0.0.1",
+        "TORCHELASTIC_RUN_ID": "x",
+        "LOCAL_RANK": "1",
+        "CUDA_VISIBLE_DEVICES": "4,5",
+    }.items():
         monkeypatch.setenv(name, value)  # as torchrun would set them (no process group here)
-    results = generate(PROMPTS, n=3, temperature=0.8, top_p=0.95, max_new_tokens=4, seed=11, backend="vllm",
-                       model_path=str(toy_dir), workdir=tmp_path / "work", gpu_memory_utilization=0.4)
+    results = generate(
+        PROMPTS,
+        n=3,
+        temperature=0.8,
+        top_p=0.95,
+        max_new_tokens=4,
+        seed=11,
+        backend="vllm",
+        model_path=str(toy_dir),
+        workdir=tmp_path / "work",
+        gpu_memory_utilization=0.4,
+    )
     assert results == [[expected_generation(p, j, 4) for j in range(3)] for p in PROMPTS]
     record = recorded(fake_vllm, 5)
     # CUDA graphs on, and a context of the longest prompt (4 tokens) + max_new_tokens
-    assert record["llm"] == {"model": str(toy_dir), "dtype": "bfloat16", "tensor_parallel_size": 1, "enforce_eager": False,
-                             "gpu_memory_utilization": 0.4, "seed": 11, "max_model_len": 4 + 4}
-    # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's number);
+    assert record["llm"] == {
+        "model": str(toy_dir),
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 1,
+        "enforce_eager": False,
+        "gpu_memory_utilization": 0.4,
+        "seed": 11,
+        "max_model_len": 4 + 4,
+    }
+    # one SamplingParams per prompt: prompt i's n samples get seeds 11 + 3i, 11 + 3i + 1, ... (vLLM adds the sample's
+    # number);
     # no top-k filter (0 in vLLM 0.33), the template's end of turn (the toy's <eos>, id 2) as a stop token
-    assert record["sampling"] == [{"n": 3, "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 4, "seed": 11 + 3 * i, "stop_token_ids": [2]}
-                                  for i in range(len(PROMPTS))]
+    assert record["sampling"] == [
+        {
+            "n": 3,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "top_k": 0,
+            "max_tokens": 4,
+            "seed": 11 + 3 * i,
+            "stop_token_ids": [2],
+        }
+        for i in range(len(PROMPTS))
+    ]
     assert record["prompts"] == [{"prompt_token_ids": p} for p in PROMPTS]
-    assert record["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "WORLD_SIZE": None, "MASTER_ADDR": None, "LOCAL_RANK": None,
-                             "TORCHELASTIC_RUN_ID": None}
+    assert record["env"] == {
+        "CUDA_VISIBLE_DEVICES": "5",
+        "RANK": None,
+        "WORLD_SIZE": None,
+        "MASTER_ADDR": None,
+        "LOCAL_RANK": None,
+        "TORCHELASTIC_RUN_ID": None,
+    }
 
 
 def test_vllm_generation_killed_mid_way_keeps_its_finished_chunks(fake_vllm, toy_dir, tmp_path, monkeypatch):
     prompts = [[i, i + 1] for i in range(10)]
-    args = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=7, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
+    args = dict(
+        n=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=4,
+        seed=7,
+        backend="vllm",
+        model_path=str(toy_dir),
+        workdir=tmp_path / "work",
+    )
     monkeypatch.setenv("FAKE_VLLM_DIE_AT_CALL", "3")  # killed during its third chunk (of 4: 3, 3, 3, 1 prompts)
     with pytest.raises(RuntimeError, match="the vLLM worker exited with status 137"):
         generate(prompts, **args)
@@ -297,10 +351,25 @@ def test_vllm_generation_killed_mid_way_keeps_its_finished_chunks(fake_vllm, toy
 
 def test_vllm_greedy_with_several_answers_and_eager_mode(fake_vllm, toy_dir, tmp_path):
     """vLLM 0.33 refuses greedy sampling with n > 1: the worker asks for one answer and repeats it."""
-    results = generate(PROMPTS[:2], n=3, temperature=0.0, top_p=1.0, max_new_tokens=4, seed=5, backend="vllm", model_path=str(toy_dir),
-                       workdir=tmp_path / "work", enforce_eager=True, max_model_len=64)
+    results = generate(
+        PROMPTS[:2],
+        n=3,
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=4,
+        seed=5,
+        backend="vllm",
+        model_path=str(toy_dir),
+        workdir=tmp_path / "work",
+        enforce_eager=True,
+        max_model_len=64,
+    )
     record = recorded(fake_vllm, 0)
-    assert [s["n"] for s in record["sampling"]] == [1, 1] and record["llm"]["enforce_eager"] is True and record["llm"]["max_model_len"] == 64
+    assert (
+        [s["n"] for s in record["sampling"]] == [1, 1]
+        and record["llm"]["enforce_eager"] is True
+        and record["llm"]["max_model_len"] == 64
+    )
     assert all(r == [expected_generation(p, 0, 4)] * 3 for r, p in zip(results, PROMPTS[:2]))
 
 
@@ -313,7 +382,11 @@ def test_child_environment_without_cuda_visible_devices(monkeypatch):
 
 def test_vllm_worker_failure_is_a_clear_error(fake_vllm, toy_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_VLLM_FAIL_SEED", "11")
-    with pytest.raises(RuntimeError, match="(?s)vLLM generation failed; no result is used.*rank 0: the vLLM worker exited with status 1.*CUDA out of memory"):
+    with pytest.raises(
+        RuntimeError,
+        match="(?s)vLLM generation failed; no result is used.*rank 0: the vLLM worker exited with status 1.*CUDA out "
+        "of memory",
+    ):
         generate(PROMPTS, 3, 1.0, 1.0, 4, 11, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work")
 
 
@@ -351,7 +424,12 @@ def _vllm_two_ranks(rank, world_size, init_file, toy_dir, workdir, out_dir, brok
 
 
 def test_vllm_sharded_over_two_ranks(fake_vllm, toy_dir, tmp_path):
-    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _vllm_two_ranks,
+        args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     expected = [[[*vars(expected_generation(p, j, 4)).values()] for j in range(3)] for p in PROMPTS]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"results": expected}
@@ -360,13 +438,20 @@ def test_vllm_sharded_over_two_ranks(fake_vllm, toy_dir, tmp_path):
     assert [p["prompt_token_ids"] for p in shares[1]["prompts"]] == PROMPTS[1::2]
     assert shares[0]["env"]["CUDA_VISIBLE_DEVICES"] == "0" and shares[1]["env"]["CUDA_VISIBLE_DEVICES"] == "1"
     # the seeds follow the prompts' global positions, as in one process: nothing depends on the number of ranks
-    assert [p["seed"] for p in shares[0]["sampling"]] == [20, 26, 32] and [p["seed"] for p in shares[1]["sampling"]] == [23, 29]
+    assert [p["seed"] for p in shares[0]["sampling"]] == [20, 26, 32] and [
+        p["seed"] for p in shares[1]["sampling"]
+    ] == [23, 29]
     assert shares[0]["llm"]["seed"] == shares[1]["llm"]["seed"] == 20
 
 
 def test_vllm_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_VLLM_FAIL_GPU", "1")  # rank 1's worker fails
-    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _vllm_two_ranks,
+        args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     for rank in (0, 1):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "results" not in outcome and "rank 1: the vLLM worker exited" in outcome["error"]
@@ -374,11 +459,19 @@ def test_vllm_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path, monke
 
 def test_vllm_glue_failure_on_one_rank_stops_both(fake_vllm, toy_dir, tmp_path):
     """An exception on one rank before the collective must not leave the other rank waiting in it."""
-    mp.spawn(_vllm_two_ranks, args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path), 1), nprocs=2, join=True)
+    mp.spawn(
+        _vllm_two_ranks,
+        args=(2, str(tmp_path / "init"), str(toy_dir), str(tmp_path / "work"), str(tmp_path), 1),
+        nprocs=2,
+        join=True,
+    )
     for rank in (0, 1):
         outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert "results" not in outcome and "no result is used" in outcome["error"]
-        assert "rank 1: PermissionError: [Errno 13] Permission denied" in outcome["error"] and "rank 0" not in outcome["error"]
+        assert (
+            "rank 1: PermissionError: [Errno 13] Permission denied" in outcome["error"]
+            and "rank 0" not in outcome["error"]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +485,11 @@ def gen(text, finish="stop"):
 
 
 def test_best_is_chosen_and_worst_is_rejected():
-    generations = [[gen("a b"), gen("a b c d"), gen("a"), gen("a b c")],
-                   [gen("x y"), gen("x z")],  # all equal rewards: no pair
-                   [gen("p q r s t", "length"), gen("p")]]
+    generations = [
+        [gen("a b"), gen("a b c d"), gen("a"), gen("a b c")],
+        [gen("x y"), gen("x z")],  # all equal rewards: no pair
+        [gen("p q r s t", "length"), gen("p")],
+    ]
     pairs, stats = make_online_pairs(MESSAGES, generations, LENGTH_REWARD)
     assert (pairs[0].chosen.text, pairs[0].rejected.text) == ("a b c d", "a")
     assert (pairs[0].chosen_reward, pairs[0].rejected_reward) == (4.0, 1.0)
@@ -419,8 +514,10 @@ def test_candidates_cut_at_the_length_limit_are_scored_as_unfinished():
 
 def test_selm_pool_includes_the_offline_answers():
     generations = [[gen("a b"), gen("a b c")], [gen("x y z"), gen("x")]]
-    offline = [(("a b c d e", [9, 9, 9, 9, 9, 2]), ("a", [9, 2])),  # both offline answers outrank the generations
-               (("x y", [8, 8, 2]), ("x y", [8, 8, 2]))]  # both between the generations
+    offline = [
+        (("a b c d e", [9, 9, 9, 9, 9, 2]), ("a", [9, 2])),  # both offline answers outrank the generations
+        (("x y", [8, 8, 2]), ("x y", [8, 8, 2])),
+    ]  # both between the generations
     pairs, stats = make_online_pairs(MESSAGES[:2], generations, LENGTH_REWARD, offline=offline)
     assert pairs[0].chosen.source == "offline" and pairs[0].chosen.token_ids == [9, 9, 9, 9, 9, 2]
     assert pairs[0].rejected.source == "offline" and pairs[0].rejected.text == "a"

@@ -10,16 +10,27 @@ import train
 from conftest import TINY, fresh_run, metrics, run_train
 from train import ConfigError, parse_config
 
-STAGE = ["--method=stage", "--probe_ratio=0.25", "--probe_samples=2"] + TINY  # 2 iterations of 96 prompts: 24 probe prompts each
+STAGE = [
+    "--method=stage",
+    "--probe_ratio=0.25",
+    "--probe_samples=2",
+] + TINY  # 2 iterations of 96 prompts: 24 probe prompts each
 
 
-@pytest.mark.parametrize("own, static, expected", [
-    ([[3.0, 4.0]], [[1.0, 2.0]], (1.0, 4, 0, 4)),  # on-policy answers win every comparison
-    ([[0.0, -1.0]], [[1.0, 2.0]], (0.0, 0, 0, 4)),  # and lose every one
-    ([[1.0]], [[1.0, 1.0]], (0.5, 0, 2, 2)),  # ties count half
-    ([[2.0, 0.0], [5.0]], [[1.0, 3.0], [4.0, 6.0]], ((1 + 0 + 1) / 6, 2, 0, 6)),  # prompts compared only within themselves
-    ([[1.0, 2.0, 3.0]], [[2.0, 2.5]], ((0 + 0.5 + 0 + 0 + 1 + 1) / 6, 2, 1, 6)),
-])
+@pytest.mark.parametrize(
+    "own, static, expected",
+    [
+        ([[3.0, 4.0]], [[1.0, 2.0]], (1.0, 4, 0, 4)),  # on-policy answers win every comparison
+        ([[0.0, -1.0]], [[1.0, 2.0]], (0.0, 0, 0, 4)),  # and lose every one
+        ([[1.0]], [[1.0, 1.0]], (0.5, 0, 2, 2)),  # ties count half
+        (
+            [[2.0, 0.0], [5.0]],
+            [[1.0, 3.0], [4.0, 6.0]],
+            ((1 + 0 + 1) / 6, 2, 0, 6),
+        ),  # prompts compared only within themselves
+        ([[1.0, 2.0, 3.0]], [[2.0, 2.5]], ((0 + 0.5 + 0 + 0 + 1 + 1) / 6, 2, 1, 6)),
+    ],
+)
 def test_boundary_score_by_hand(own, static, expected):
     score, wins, ties, comparisons = train.boundary_score(own, static)
     assert (round(score, 6), wins, ties, comparisons) == (round(expected[0], 6), *expected[1:])
@@ -32,8 +43,12 @@ def test_stage_config_refusals():
         parse_config(["--method=stage", "--iterations=2", "--schedule=off,maybe"])
     with pytest.raises(ConfigError, match="--objective=slic: only --method=online_dpo or stage"):
         parse_config(["--method=metaapo", "--objective=slic"])
-    assert train.stage_name(parse_config(["--method=stage", "--objective=slic", "--iterations=2", "--schedule=off,on"]), "stage") == \
-        "stage-objective_slic-schedule_off-on"
+    assert (
+        train.stage_name(
+            parse_config(["--method=stage", "--objective=slic", "--iterations=2", "--schedule=off,on"]), "stage"
+        )
+        == "stage-objective_slic-schedule_off-on"
+    )
 
 
 def boundary(path):
@@ -48,26 +63,40 @@ def test_a_fixed_schedule_trains_on_static_then_on_policy_data(base_run, tmp_pat
     records = boundary(stage / "metrics.jsonl")
     assert [r["choice"] for r in records] == ["static", "on-policy"] and all(r["by"] == "schedule" for r in records)
     for r in records:  # measured and logged even when the schedule decides
-        assert 0 <= r["boundary_score"] <= 1 and r["wins"] + r["ties"] + r["losses"] == r["probe_prompts"] * 2 * 2 == 24 * 4
-        assert r["boundary_score"] == pytest.approx((r["wins"] + 0.5 * r["ties"]) / (r["wins"] + r["ties"] + r["losses"]))
+        assert (
+            0 <= r["boundary_score"] <= 1
+            and r["wins"] + r["ties"] + r["losses"] == r["probe_prompts"] * 2 * 2 == 24 * 4
+        )
+        assert r["boundary_score"] == pytest.approx(
+            (r["wins"] + 0.5 * r["ties"]) / (r["wins"] + r["ties"] + r["losses"])
+        )
     phases = [r for r in metrics(stage / "metrics.jsonl") if r.get("phase") == "generate"]
     assert [p["selected"] for p in phases] == [0, 96]  # generation only where on-policy data is used
     assert phases[0]["augmented"] == 96  # the static iteration trains on the chunk's offline pairs
     assert phases[1]["augmented"] == phases[1]["pairs"] <= 96
     probe_share = 24 * (2 + 2) / (96 * 8)
-    assert phases[0]["annotation_ratio"] == pytest.approx(probe_share) and phases[1]["annotation_ratio"] == pytest.approx(1 + probe_share)
+    assert phases[0]["annotation_ratio"] == pytest.approx(probe_share) and phases[1][
+        "annotation_ratio"
+    ] == pytest.approx(1 + probe_share)
     assert (stage / "done.json").exists() and (stage / "iter2" / "model" / "model.safetensors").exists()
 
 
 def test_the_boundary_score_chooses_on_one_and_two_processes(base_run, tmp_path):
     one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
     for out, processes in ((one, 0), (two, 2)):
-        run_train(STAGE + [f"--out_dir={out}", "--stage_threshold=0.0"], torchrun=processes)  # BS >= 0 always: on-policy
+        run_train(
+            STAGE + [f"--out_dir={out}", "--stage_threshold=0.0"], torchrun=processes
+        )  # BS >= 0 always: on-policy
     records = {out: boundary(out / "stage" / "metrics.jsonl") for out in (one, two)}
-    assert [r["choice"] for r in records[one]] == ["on-policy"] * 2 and all(r["by"] == "boundary score" for r in records[one])
+    assert [r["choice"] for r in records[one]] == ["on-policy"] * 2 and all(
+        r["by"] == "boundary score" for r in records[one]
+    )
     for a, b in zip(records[one], records[two]):  # the same probes, answers, votes and choice on 2 processes
         assert (a["wins"], a["ties"], a["losses"], a["choice"]) == (b["wins"], b["ties"], b["losses"], b["choice"])
-    first = {out: next(r["loss"] for r in metrics(out / "stage" / "metrics.jsonl") if r.get("step") == 1) for out in (one, two)}
+    first = {
+        out: next(r["loss"] for r in metrics(out / "stage" / "metrics.jsonl") if r.get("step") == 1)
+        for out in (one, two)
+    }
     assert first[two] == pytest.approx(first[one], rel=1e-4)
     out = fresh_run(base_run, tmp_path, "static")
     run_train(STAGE + [f"--out_dir={out}", "--stage_threshold=1.0"])  # BS < 1 here: static data

@@ -39,61 +39,91 @@ def test_defaults_presets_and_overrides():
     assert cfg.resume is True and cfg.seed == 3 and cfg.generator == "vllm" and cfg.out_dir == "out/tulu8b-seed3"
     assert parse_config(["--model=qwen7b"]).top_p == 0.95
     custom = parse_config(["--model=my-org/my-sft", "--keep_unsampled=false"])
-    assert custom.model == "my-org/my-sft" and custom.preset == "" and custom.batch_size == 128 and custom.keep_unsampled is False
+    assert (
+        custom.model == "my-org/my-sft"
+        and custom.preset == ""
+        and custom.batch_size == 128
+        and custom.keep_unsampled is False
+    )
     assert parse_config(["--sampling=random"]).sampling == "random"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lerning_rate=1"], r"unknown config key --lerning_rate; the closest valid one is --lr \(python train.py --help lists them all\)"),
-    (["--batchsize=1"], "the closest valid one is --batch_size"),
-    (["--micro_train_batch_size=2"], "the closest valid one is --micro_batch_size"),  # OpenRLHF's name
-    (["--lr=fast"], "--lr: expected float, got 'fast'"),
-    (["--batch_size=1.5"], "--batch_size: expected int"),
-    (["--resume=maybe"], "--resume: expected bool"),
-    (["--method=rlhf"], "--method: must be one of pipeline, sft, rm"),
-    (["--method=kto", "--batch_size=1"], "--method=kto needs --batch_size of at least 2"),
-    (["--sampling=sometimes"], "--sampling: must be one of meta, random, threshold, all"),
-    (["--batch_size=0"], "--batch_size: must be at least 1"),
-    (["--keep_ratio=0"], "--keep_ratio: must be in"),
-    (["lr=1"], "unexpected argument 'lr=1'"),
-    (["--lr"], "--lr needs a value"),
-    # runs that could not train, refused before anything runs
-    (["--num_samples=1"], "--num_samples: must be at least 2"),
-    (["--max_train_pairs=-60"], "--max_train_pairs: must be at least 0, got -60"),
-    (["--max_prompt_len=40", "--max_len=40"], r"--max_prompt_len \(40\) must be positive and below --max_len \(40\)"),
-    (["--keep_checkpoints=0"], "--keep_checkpoints: must be at least 1"),
-    (["--save_every=-1"], "--save_every: must be at least 0"),
-    (["--betas=0.9"], "--betas: must be two numbers in \\[0, 1\\)"),
-    (["--betas=0.9,1.5"], "--betas: must be two numbers"),
-    (["--lr=nan"], "--lr: must be finite, got 'nan'"),
-    (["--lr=inf"], "--lr: must be finite"),
-    (["--lr=-1"], "--lr: must be positive, got -1.0"),
-    (["--meta_lr=0"], "--meta_lr: must be positive"),
-    (["--top_p=0"], "--top_p: must be in \\(0, 1\\]"),
-    (["--warmup_ratio=1"], "--warmup_ratio: must be in \\[0, 1\\)"),
-    (["--temperature=-0.5"], "--temperature: must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--lerning_rate=1"],
+            r"unknown config key --lerning_rate; the closest valid one is --lr \(python train.py --help lists them "
+            r"all\)",
+        ),
+        (["--batchsize=1"], "the closest valid one is --batch_size"),
+        (["--micro_train_batch_size=2"], "the closest valid one is --micro_batch_size"),  # OpenRLHF's name
+        (["--lr=fast"], "--lr: expected float, got 'fast'"),
+        (["--batch_size=1.5"], "--batch_size: expected int"),
+        (["--resume=maybe"], "--resume: expected bool"),
+        (["--method=rlhf"], "--method: must be one of pipeline, sft, rm"),
+        (["--method=kto", "--batch_size=1"], "--method=kto needs --batch_size of at least 2"),
+        (["--sampling=sometimes"], "--sampling: must be one of meta, random, threshold, all"),
+        (["--batch_size=0"], "--batch_size: must be at least 1"),
+        (["--keep_ratio=0"], "--keep_ratio: must be in"),
+        (["lr=1"], "unexpected argument 'lr=1'"),
+        (["--lr"], "--lr needs a value"),
+        # runs that could not train, refused before anything runs
+        (["--num_samples=1"], "--num_samples: must be at least 2"),
+        (["--max_train_pairs=-60"], "--max_train_pairs: must be at least 0, got -60"),
+        (
+            ["--max_prompt_len=40", "--max_len=40"],
+            r"--max_prompt_len \(40\) must be positive and below --max_len \(40\)",
+        ),
+        (["--keep_checkpoints=0"], "--keep_checkpoints: must be at least 1"),
+        (["--save_every=-1"], "--save_every: must be at least 0"),
+        (["--betas=0.9"], "--betas: must be two numbers in \\[0, 1\\)"),
+        (["--betas=0.9,1.5"], "--betas: must be two numbers"),
+        (["--lr=nan"], "--lr: must be finite, got 'nan'"),
+        (["--lr=inf"], "--lr: must be finite"),
+        (["--lr=-1"], "--lr: must be positive, got -1.0"),
+        (["--meta_lr=0"], "--meta_lr: must be positive"),
+        (["--top_p=0"], "--top_p: must be in \\(0, 1\\]"),
+        (["--warmup_ratio=1"], "--warmup_ratio: must be in \\[0, 1\\)"),
+        (["--temperature=-0.5"], "--temperature: must be at least 0"),
+    ],
+)
 def test_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
 
 
 def test_help_lists_every_key_with_its_default_and_comment():
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "unknown config key" not in result.stderr
     text = result.stdout
     for field in dataclasses.fields(Config):
         default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
         assert f"  --{field.name}={default}" in text, field.name
     assert "  --lr=5e-07  peak learning rate" in text and "  --betas=0.9,0.95  AdamW betas" in text
-    groups = ["what to run:", "data:", "models:", "optimisation of the preference stages:", "MetaAPO and the online methods:", "system:"]
+    # a comment too long for its key's line sits on the line above, and still reaches --help
+    assert "  --dry_run=False  print each stage's steps" in text and "  --schedule=  stage: fixed data" in text
+    groups = [
+        "what to run:",
+        "data:",
+        "models:",
+        "optimisation of the preference stages:",
+        "MetaAPO and the online methods:",
+        "system:",
+    ]
     assert all(g in text for g in groups) and [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
     assert text.index("  --seed=") < text.index("data:") < text.index("  --dataset=")  # each key under its own group
     assert "presets" in text and "tulu8b: model=allenai/Llama-3.1-Tulu-3-8B-SFT" in text
     for script, option in (("evaluate.py", "--compare"), ("sample.py", "--max_new_tokens"), ("reward.py", "--max_len")):
-        shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        shown = subprocess.run(
+            [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert shown.returncode == 0 and option in shown.stdout and "(default: " in shown.stdout, script
-    evaluate_help = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    evaluate_help = subprocess.run(
+        [sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    ).stdout
     assert "  --reward_model=" in evaluate_help and "  --generator=transformers" in evaluate_help  # train.py's keys too
 
 
@@ -120,12 +150,16 @@ def test_wandb_gets_a_copy_of_the_metrics(base_run, tmp_path, monkeypatch):
     (init,) = calls["init"]
     assert init["project"] == "metaapo-tests" and init["config"]["method"] == "dpo" and calls["finish"] == 1
     logged = [v for v in calls["log"] if "dpo/loss" in v]
-    assert len(logged) == len(metrics(out / "dpo" / "metrics.jsonl")) and all(isinstance(x, (int, float)) for v in logged for x in v.values())
+    assert len(logged) == len(metrics(out / "dpo" / "metrics.jsonl")) and all(
+        isinstance(x, (int, float)) for v in logged for x in v.values()
+    )
     assert [v["dpo/step"] for v in logged] == list(range(1, len(logged) + 1))
 
 
 def test_config_error_exits_with_the_message():
-    result = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "train.py: unknown config key --bogus" in result.stderr
 
 
@@ -137,7 +171,9 @@ def test_meta_input_score_scales_only_h_input():
     assert train.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
     reference_code = parse_config(["--meta_input_beta=1"])
     delta = (policy[0] - ref[0]) - (policy[1] - ref[1])
-    torch.testing.assert_close(train.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta))
+    torch.testing.assert_close(
+        train.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta)
+    )
     simpo = parse_config(["--meta_input_beta=1", "--objective=simpo"])
     assert train.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
     with pytest.raises(ConfigError, match="meta_input_beta"):
@@ -146,12 +182,28 @@ def test_meta_input_score_scales_only_h_input():
 
 def test_every_config_field_is_commented():
     source = (ROOT / "train.py").read_text()
-    block = source[source.index("class Config:"): source.index("def toy_preset")]
+    block = source[source.index("class Config:") : source.index("def toy_preset")]
     for name in Config.__dataclass_fields__:
         line = next(line for line in block.splitlines() if line.strip().startswith(f"{name}:"))
-        assert "#" in line or name in ("train_split", "test_split", "weight_decay", "sft_lr", "sft_epochs", "rm_lr", "simpo_beta", "simpo_gamma",
-                                       "kto_desirable_weight", "kto_undesirable_weight", "slic_delta", "slic_nll_weight", "temperature",
-                                       "top_p", "max_new_tokens", "meta_lr", "label_smoothing"), name
+        assert "#" in line or name in (
+            "train_split",
+            "test_split",
+            "weight_decay",
+            "sft_lr",
+            "sft_epochs",
+            "rm_lr",
+            "simpo_beta",
+            "simpo_gamma",
+            "kto_desirable_weight",
+            "kto_undesirable_weight",
+            "slic_delta",
+            "slic_nll_weight",
+            "temperature",
+            "top_p",
+            "max_new_tokens",
+            "meta_lr",
+            "label_smoothing",
+        ), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +214,13 @@ def test_unfinished_stage_needs_resume(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
     (out / "metaapo").mkdir()
     (out / "metaapo" / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = subprocess.run([sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}"] + TINY, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}"] + TINY,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "holds an unfinished run; pass --resume" in result.stderr
     assert (out / "metaapo" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing written over
 
@@ -178,16 +235,25 @@ def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     records = metrics(stage / "metrics.jsonl")
     phases = [r for r in records if r.get("phase") == "generate"]
     assert [p["iteration"] for p in phases] == [1, 2]
-    assert all(0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_dropped_all_equal"] for p in phases)
+    assert all(
+        0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_dropped_all_equal"] for p in phases
+    )
     steps = [r for r in records if "step" in r and "phase" not in r]
     assert steps and all({"loss", "lr", "grad_norm", "l_off", "l_on", "w"} <= set(r) for r in steps)
     summaries = [r for r in records if r.get("phase") == "train"]
-    assert [r["iteration"] for r in summaries] == [1, 2] and all({"mean_loss", "mean_l_off", "mean_l_on", "mean_w"} <= set(r) for r in summaries)
+    assert [r["iteration"] for r in summaries] == [1, 2] and all(
+        {"mean_loss", "mean_l_off", "mean_l_on", "mean_w"} <= set(r) for r in summaries
+    )
     # one meta update (one AdamW step) every T_meta = 2 policy steps; an iteration's leftover step is dropped
     for summary in summaries:
         updates = [r for r in steps if r["iteration"] == summary["iteration"] and "meta_loss" in r]
-        assert summary["meta_updates"] == len(updates) == summary["steps"] // 2 and summary["meta_steps_dropped"] == summary["steps"] % 2
-        assert [r["step"] for r in updates] == [r["step"] for r in steps if r["iteration"] == summary["iteration"]][1::2]
+        assert (
+            summary["meta_updates"] == len(updates) == summary["steps"] // 2
+            and summary["meta_steps_dropped"] == summary["steps"] % 2
+        )
+        assert [r["step"] for r in updates] == [r["step"] for r in steps if r["iteration"] == summary["iteration"]][
+            1::2
+        ]
         assert all(len(r["h_curve"]) == 11 and all(0 < h < 1 for h in r["h_curve"]) for r in updates)
     meta_state = torch.load(stage / "meta_learner.pt", weights_only=False)
     assert meta_state["updates"] == sum(s["steps"] // 2 for s in summaries) > 0
@@ -221,18 +287,27 @@ def test_two_process_run_matches_one_process_first_step(base_run, tmp_path, meth
     run_train(args + [f"--out_dir={two}"], torchrun=2)
     stage = "dpo" if method == "dpo" else "metaapo"
     assert (two / stage / "done.json").exists() and (two / stage / "model" / "model.safetensors").exists()
-    assert first_step_loss(two / stage / "metrics.jsonl") == pytest.approx(first_step_loss(one / stage / "metrics.jsonl"), rel=1e-4)
+    assert first_step_loss(two / stage / "metrics.jsonl") == pytest.approx(
+        first_step_loss(one / stage / "metrics.jsonl"), rel=1e-4
+    )
     if method == "metaapo":  # both processes made the same gating decisions (the generations differ by rank seed)
         gen = lambda path: [r["selected"] for r in metrics(path) if r.get("phase") == "generate"][:1]  # noqa: E731
         assert gen(two / stage / "metrics.jsonl") == gen(one / stage / "metrics.jsonl")
 
 
 def test_resume_after_sigkill_is_bit_exact(base_run, tmp_path):
-    args = ["--method=metaapo", "--save_every=1", "--deterministic", "--batch_size=8", "--micro_batch_size=8"] + [a for a in TINY if not a.startswith(("--batch_size", "--micro_batch_size"))]
+    args = ["--method=metaapo", "--save_every=1", "--deterministic", "--batch_size=8", "--micro_batch_size=8"] + [
+        a for a in TINY if not a.startswith(("--batch_size", "--micro_batch_size"))
+    ]
     whole, killed = fresh_run(base_run, tmp_path, "whole"), fresh_run(base_run, tmp_path, "killed")
     run_train(args + [f"--out_dir={whole}"])
 
-    process = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args, f"--out_dir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = killed / "metaapo" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -249,7 +324,9 @@ def test_resume_after_sigkill_is_bit_exact(base_run, tmp_path):
     b = load_file(killed / "metaapo" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = lambda path: [r["step"] for r in metrics(path) if "step" in r and "phase" not in r]  # noqa: E731
-    assert steps(killed / "metaapo" / "metrics.jsonl") == steps(whole / "metaapo" / "metrics.jsonl")  # no step logged twice
+    assert steps(killed / "metaapo" / "metrics.jsonl") == steps(
+        whole / "metaapo" / "metrics.jsonl"
+    )  # no step logged twice
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base_run, tmp_path, monkeypatch):
@@ -267,7 +344,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base_run, tmp_path,
 
     monkeypatch.setattr(losses, "dpo_loss", poisoned)
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit, match=r"\[dpo\] step 2 \(.*batch 1, dataset rows \[.*\]...\): loss nan.*last good checkpoint is kept"):
+    with pytest.raises(
+        SystemExit,
+        match=r"\[dpo\] step 2 \(.*batch 1, dataset rows \[.*\]...\): loss nan.*last good checkpoint is kept",
+    ):
         train.main(["--method=dpo", f"--out_dir={out}", "--save_every=1"] + TINY)
     checkpoints = sorted(p.name for p in (out / "dpo" / "checkpoints").iterdir())
     assert checkpoints == ["step-00000001"]
@@ -278,29 +358,58 @@ def test_a_run_that_trains_no_step_fails_instead_of_exporting_its_start(base_run
     """No tuple selected in any iteration: each iteration is skipped, and the stage is an error, not a
     "MetaAPO" model identical to the DPO warm-up."""
     out = fresh_run(base_run, tmp_path)
-    result = subprocess.run([sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}", "--sampling=threshold", "--threshold=-1e9"] + TINY,
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "trained no step in 2 iterations" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "train.py", "--method=metaapo", f"--out_dir={out}", "--sampling=threshold", "--threshold=-1e9"]
+        + TINY,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        result.returncode != 0
+        and "trained no step in 2 iterations" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     stage = out / "metaapo-sampling_threshold"
     records = metrics(stage / "metrics.jsonl")
     assert [r["skipped"] for r in records if r.get("phase") == "train"] == ["no augmented tuple"] * 2
     assert not (stage / "done.json").exists() and not (stage / "model").exists()
 
 
-EVERY_METHOD = [["--method=ipo"], ["--method=kto"], ["--method=simpo"], ["--method=slic"], ["--method=selective_dpo"],
-                ["--method=online_dpo"], ["--method=selm"], ["--method=adpo"],
-                ["--method=metaapo", "--sampling=random"], ["--method=metaapo", "--sampling=all"],
-                ["--method=metaapo", "--weighting=uniform"], ["--method=metaapo", "--weighting=fixed"],
-                ["--method=metaapo", "--keep_unsampled"], ["--method=metaapo", "--meta_depth=5", "--meta_inputs=multi"],
-                ["--method=metaapo", "--objective=simpo"], ["--method=online_dpo", "--objective=ipo"], ["--method=metaapo", "--meta_input_beta=1"],
-                ["--method=ppo", "--rollout_batch_size=32"], ["--method=kto", "--micro_batch_size=1"], ["--method=ipo", "--ipo_length_normalized"],
-                ["--method=slic", "--slic_nll=mean"]]
+EVERY_METHOD = [
+    ["--method=ipo"],
+    ["--method=kto"],
+    ["--method=simpo"],
+    ["--method=slic"],
+    ["--method=selective_dpo"],
+    ["--method=online_dpo"],
+    ["--method=selm"],
+    ["--method=adpo"],
+    ["--method=metaapo", "--sampling=random"],
+    ["--method=metaapo", "--sampling=all"],
+    ["--method=metaapo", "--weighting=uniform"],
+    ["--method=metaapo", "--weighting=fixed"],
+    ["--method=metaapo", "--keep_unsampled"],
+    ["--method=metaapo", "--meta_depth=5", "--meta_inputs=multi"],
+    ["--method=metaapo", "--objective=simpo"],
+    ["--method=online_dpo", "--objective=ipo"],
+    ["--method=metaapo", "--meta_input_beta=1"],
+    ["--method=ppo", "--rollout_batch_size=32"],
+    ["--method=kto", "--micro_batch_size=1"],
+    ["--method=ipo", "--ipo_length_normalized"],
+    ["--method=slic", "--slic_nll=mean"],
+]
 
 
 def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
     out = fresh_run(base_run, tmp_path)
     monkeypatch.chdir(ROOT)
-    small = [a for a in TINY if not a.startswith("--max_train_pairs")] + ["--max_train_pairs=64", "--batch_size=8", "--micro_batch_size=8"]
+    small = [a for a in TINY if not a.startswith("--max_train_pairs")] + [
+        "--max_train_pairs=64",
+        "--batch_size=8",
+        "--micro_batch_size=8",
+    ]
     for args in EVERY_METHOD:
         argv = args + [f"--out_dir={out}"] + small
         train.main(argv)
@@ -308,12 +417,19 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         stage = out / train.stage_name(cfg, cfg.method)
         assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
     assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
-    assert (out / "selective_dpo" / "seed0-half0" / "model").exists() and (out / "selective_dpo" / "final" / "model").exists()
+    assert (out / "selective_dpo" / "seed0-half0" / "model").exists() and (
+        out / "selective_dpo" / "final" / "model"
+    ).exists()
     # the reference code's unscaled input: h sees log sigmoid(Delta), the value terms keep beta
-    gating = [json.loads(line) for line in (out / "metaapo-meta_input_beta_1.0" / "iter1" / "gating.jsonl").read_text().splitlines()]
+    gating = [
+        json.loads(line)
+        for line in (out / "metaapo-meta_input_beta_1.0" / "iter1" / "gating.jsonl").read_text().splitlines()
+    ]
     h = MetaLearner()
     for row in gating:
-        delta = torch.logit(torch.tensor(math.exp(row["l_off"]), dtype=torch.float64)) / 0.1  # l_off = log sigmoid(0.1 Delta)
+        delta = (
+            torch.logit(torch.tensor(math.exp(row["l_off"]), dtype=torch.float64)) / 0.1
+        )  # l_off = log sigmoid(0.1 Delta)
         assert row["h_input"] == pytest.approx(torch.nn.functional.logsigmoid(delta).item(), abs=1e-4)
         assert row["w"] == pytest.approx(h(torch.tensor([[row["h_input"]]])).item(), abs=1e-6)
     selm = [r for r in metrics(out / "selm" / "metrics.jsonl") if r.get("phase") == "generate"]
