@@ -476,12 +476,11 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
     shared = train.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
-    starts = {}
+    starts, sft_args = {}, {}
     for label, key, method, extra in STAGE_STARTS:
-        cfg = train.parse_config(
-            [f"--out_dir={out / key}", "--seed=0", *extra, *rest]
-            + (["--sft_model=" + str(out / "sft" / "sft" / "model")] if method == "dpo" else [])
-        )
+        # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
+        sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
+        cfg = train.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
         train.ensure_stage(cfg, rt, method)
         starts[label] = str(out / key / method / "model")
     base = train.parse_config([f"--out_dir={out}", "--seed=0", *rest])
@@ -498,6 +497,7 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
                     f"--objective={objective}",
                     f"--reward_model={out / 'sft' / 'rm' / 'model'}",
                     f"--schedule={schedule}",
+                    *sft_args[label],
                     *rest,
                 ]
             )
