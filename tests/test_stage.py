@@ -102,3 +102,41 @@ def test_the_boundary_score_chooses_on_one_and_two_processes(base_run, tmp_path)
     run_train(STAGE + [f"--out_dir={out}", "--stage_threshold=1.0"])  # BS < 1 here: static data
     assert [r["choice"] for r in boundary(out / "stage" / "metrics.jsonl")] == ["static", "static"]
     assert json.loads((out / "stage" / "done.json").read_text())["annotation_ratio"] < 0.2  # the probes only
+
+
+def test_stage_grid_findings_and_table():
+    """evaluate.py's reading of the grid: gains per decision, which source was better, whether BS
+    pointed at it, and the stage method against the best fixed schedule."""
+    import evaluate
+
+    def run(schedule, gold, bs, choice=("static", "static")):
+        return {
+            "start": "s",
+            "objective": "dpo",
+            "schedule": schedule,
+            "gold": gold,
+            "boundary_score": bs,
+            "choice": list(choice),
+            "time_s": 1.0,
+            "probe_s": 0.5,
+            "annotation_ratio": 1.0,
+        }
+
+    runs = [
+        run("off,off", [5.0, 5.5, 5.6], [0.4, 0.3]),
+        run("off,on", [5.0, 5.5, 6.5], [0.4, 0.3]),
+        run("on,off", [5.0, 6.0, 6.2], [0.4, 0.6]),
+        run("on,on", [5.0, 6.0, 6.1], [0.4, 0.6]),
+        run("stage", [5.0, 5.5, 5.6], [0.4, 0.3]),
+    ]
+    (finding,) = evaluate.stage_findings(runs)
+    first, after_static, after_on = finding["points"]
+    assert (first["on_gain"], first["static_gain"]) == pytest.approx((1.0, 0.5)) and first["ratio"] == pytest.approx(
+        2.0
+    )
+    assert first["better"] == "on-policy" and first["predicted"] == "static"  # BS 0.4 pointed the wrong way
+    assert after_static["on_gain"] == pytest.approx(1.0) and after_static["static_gain"] == pytest.approx(0.1)
+    assert after_on["better"] == "static" and after_on["predicted"] == "on-policy"  # 0.2 > 0.1, BS 0.6
+    assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["stage_gold"] == 5.6
+    table = evaluate.stage_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
+    assert "| s | dpo | iteration 1 | +1.000 | +0.500 | 2.00 | on-policy | 0.400 | static (wrong) |" in table
