@@ -587,26 +587,28 @@ def stage_findings(runs: list[dict]) -> list[dict]:
 
 
 def stage_grid_markdown(results: dict, plot: Path | None) -> str:
+    """results.md of --stage_grid. Costs are annotation ratios (reward-model calls per prompt, in
+    units of K), not seconds: on a shared machine the runs' times say more about their neighbours."""
     lines = [
         "# Seed 004's grid on the toy: static or on-policy data per iteration",
         "",
-        f"Made by `python evaluate.py --stage_grid` in {results['minutes']:.1f} minutes: DPO and SLiC-HF, two "
-        "iterations of 1200 "
-        "offline pairs each, from three starting policies; on-policy pairs are the reward model's best and worst of K "
-        "= 8 answers, "
-        "static pairs the offline ones; the boundary score BS is measured before every iteration on 3% of its prompts "
-        "(4 answers each "
-        "against the 2 static answers). Gold judge (0-10) on the held-out prompts; one seed.",
+        f"Made by `python evaluate.py --stage_grid` ({results['minutes']:.1f} minutes in its last invocation, which",
+        "reuses finished runs): DPO and SLiC-HF, two iterations of 1200 offline pairs each, from three starting",
+        "policies; on-policy pairs are the reward",
+        "model's best and worst of K = 8 answers, static pairs the offline ones; the boundary score BS is",
+        "measured before every iteration on 3% of its prompts (4 answers each against the 2 static answers).",
+        "Gold judge (0-10) on the held-out prompts; one seed.",
         "",
-        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | time "
-        "(s) |",
+        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen "
+        "| annotation ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
+        gold, bs = " -> ".join(f"{g:.3f}" for g in r["gold"]), ", ".join(f"{b:.3f}" for b in r["boundary_score"])
+        chosen = ", ".join(r["choice"]) if r["schedule"] == "stage" else "-"
         lines.append(
-            f"| {r['start']} | {r['objective']} | {r['schedule']} | {' -> '.join(f'{g:.3f}' for g in r['gold'])} | "
-            f"{', '.join(f'{b:.3f}' for b in r['boundary_score'])} | "
-            f"{', '.join(r['choice']) if r['schedule'] == 'stage' else '-'} | {r['time_s']:.0f} |"
+            f"| {r['start']} | {r['objective']} | {r['schedule']} | {gold} | {bs} | {chosen} | "
+            f"{r['annotation_ratio']:.1%} |"
         )
     lines += [
         "",
@@ -617,23 +619,21 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
     ]
     for f in results["findings"]:
         for p in f["points"]:
+            said = p["predicted"] + ("" if p["predicted"] == p["better"] else " (wrong)")
             lines.append(
-                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | "
-                f"{p['ratio']:.2f} | "
-                f"{p['better']} | {p['boundary_score']:.3f} | "
-                f"{p['predicted']}{'' if p['predicted'] == p['better'] else ' (wrong)'} |"
+                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} "
+                f"| {p['ratio']:.2f} | {p['better']} | {p['boundary_score']:.3f} | {said} |"
             )
     lines += [
         "",
         "## The stage method against the best fixed schedule",
         "",
-        "| start | objective | stage's choices | stage gold | best fixed | its gold | probe time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| start | objective | stage's choices | stage gold | best fixed | its gold |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | "
-        f"{f['best_fixed']} | {f['best_fixed_gold']:.3f} | "
-        f"{f['stage_extra_s']:.1f} |"
+        f"{f['best_fixed']} | {f['best_fixed_gold']:.3f} |"
         for f in results["findings"]
     ]
     if plot:
