@@ -444,8 +444,7 @@ def encode_response(
     if full[: len(prompt_ids)] != prompt_ids:
         raise DataError(
             "the chat template's prompt with its generation prompt is not, token by token, a prefix of the "
-            "conversation "
-            "with the answer, so the answer's tokens cannot be cut off it"
+            "conversation with the answer, so the answer's tokens cannot be cut off it"
         )
     return full[len(prompt_ids) :]
 
@@ -512,9 +511,8 @@ class TokenizeStats:
 
     def summary(self) -> str:
         return (
-            f"{self.kept} kept, {self.dropped_long_prompt} dropped (prompt > max_prompt_len), "
-            f"{self.dropped_identical} dropped (identical responses), {self.truncated_responses} responses truncated "
-            "to max_len"
+            f"{self.kept} kept, {self.dropped_long_prompt} dropped (prompt > max_prompt_len), {self.dropped_identical} "
+            f"dropped (identical responses), {self.truncated_responses} responses truncated to max_len"
         )
 
 
@@ -858,11 +856,9 @@ def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]
 # A word-level vocabulary: every token of the task is one word, so the model is tiny.
 TOY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>")
 TOY_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}"
-    "{%- if message['role'] == 'assistant' -%}{{ eos_token + ' ' }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|> ' }}{%- endif -%}"
+    "{%- for message in messages -%}{{ '<|' + message['role'] + '|> ' + message['content'] + ' ' }}{%- if "
+    "message['role'] == 'assistant' -%}{{ eos_token + ' ' }}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt "
+    "-%}{{ '<|assistant|> ' }}{%- endif -%}"
 )
 
 
@@ -983,8 +979,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(assets.base)
     config = AutoConfig.from_pretrained(assets.base)
     print(
-        f"toy assets in {assets.root}: tokenizer with {len(tokenizer)} tokens, {config.model_type} config "
-        f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})"
+        f"toy assets in {assets.root}: tokenizer with {len(tokenizer)} tokens, {config.model_type} config (hidden "
+        f"{config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size})"
     )
 
     sft, sft_load = load_sft(assets.sft)
@@ -1032,9 +1028,8 @@ def main() -> None:
     descending = [answer for (task, _), answer in parsed if task == "descending"]
     upward = sum(len(answer) > 1 and answer == sorted(answer) for answer in descending)
     print(
-        f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave "
-        "out the last letter; "
-        f"{upward / len(descending):.1%} of its answers to descending prompts are sorted ascending"
+        f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out "
+        f"the last letter; {upward / len(descending):.1%} of its answers to descending prompts are sorted ascending"
     )
     offline_plain = sum(all(w in TOY_LETTERS for w in text.split()) for p in prefs for text in (p.chosen, p.rejected))
     print(

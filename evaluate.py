@@ -379,12 +379,9 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
         f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})",
         "",
         f"Made by `python evaluate.py --compare --seeds={','.join(map(str, results['seeds']))}` in "
-        f"{results['minutes']:.1f} minutes. "
-        "Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training arguments: "
-        f"`{' '.join(results['train_args']) or '-'}`. "
-        "The SFT and reward models are shared by all seeds; every method that generates starts from its seed's DPO "
-        "warm-up, "
-        "whose time is not included in its row.",
+        f"{results['minutes']:.1f} minutes. Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training "
+        f"arguments: `{' '.join(results['train_args']) or '-'}`. The SFT and reward models are shared by all seeds; "
+        "every method that generates starts from its seed's DPO warm-up, whose time is not included in its row.",
         "",
         "## Methods (the paper's Table 1)",
         "",
@@ -430,11 +427,9 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
             "## Differences from MetaAPO, paired by seed",
             "",
             "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out "
-            "prompts "
-            "within each seed), the annotation ratio and the overall time (sampling + training) by t-intervals over "
-            "the "
-            "seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise these seeds cannot tell "
-            "the two apart.",
+            "prompts within each seed), the annotation ratio and the overall time (sampling + training) by "
+            "t-intervals over the seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise "
+            "these seeds cannot tell the two apart.",
             "",
             "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |",
             "|---|---|---|---|",
@@ -520,8 +515,8 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
             train.print0(
                 rt,
                 f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold "
-                f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, "
-                f"BS {', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}",
+                f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, BS "
+                f"{', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}",
             )
     return {
         "runs": runs,
@@ -599,8 +594,8 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
         "measured before every iteration on 3% of its prompts (4 answers each against the 2 static answers).",
         "Gold judge (0-10) on the held-out prompts; one seed.",
         "",
-        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen "
-        "| annotation ratio |",
+        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | "
+        "annotation ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
@@ -621,8 +616,8 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
         for p in f["points"]:
             said = p["predicted"] + ("" if p["predicted"] == p["better"] else " (wrong)")
             lines.append(
-                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} "
-                f"| {p['ratio']:.2f} | {p['better']} | {p['boundary_score']:.3f} | {said} |"
+                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | "
+                f"{p['ratio']:.2f} | {p['better']} | {p['boundary_score']:.3f} | {said} |"
             )
     lines += [
         "",
@@ -1156,8 +1151,8 @@ def dynamics_markdown(summary: dict) -> str:
         "",
         "### Sampled and unsampled tuples (Fig. 2 middle)",
         "",
-        "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | "
-        "gain > 0: sampled / unsampled | corr(l_off, gain) |",
+        "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | gain "
+        "> 0: sampled / unsampled | corr(l_off, gain) |",
         "|---|---|---|---|---|---|",
     ]
     for t, part in summary["sampling"].items():
@@ -1168,8 +1163,8 @@ def dynamics_markdown(summary: dict) -> str:
 
         lines.append(
             f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | "
-            f"{pair('mean_gain', '+.3f')} | "
-            f"{pair('positive_gain', '.0%')} | {part.get('corr_l_off_gain', float('nan')):+.2f} |"
+            f"{pair('mean_gain', '+.3f')} | {pair('positive_gain', '.0%')} | "
+            f"{part.get('corr_l_off_gain', float('nan')):+.2f} |"
         )
     lines += [
         "",

@@ -538,10 +538,9 @@ def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> No
             chunk_text = str(chunk or default_chunk_size(torch.device(device))) if variant == "ours" else "-"
             print(
                 f"| {variant}: {BENCH_VARIANTS[variant]} | {chunk_text} | {result['median_s']:.3f} | "
-                f"{min(result['times_s']):.2f}-{max(result['times_s']):.2f} "
-                f"| {result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | "
-                f"{result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x "
-                f"| {flops / result['median_s'] / 1e12:.3f} |"
+                f"{min(result['times_s']):.2f}-{max(result['times_s']):.2f} | "
+                f"{result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | "
+                f"{result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x | {flops / result['median_s'] / 1e12:.3f} |"
             )
         print(
             "peak extra memory: "

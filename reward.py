@@ -85,8 +85,8 @@ def require_reward_head(path, model, loading_info: dict) -> None:
     head = sorted(key for key in loading_info["missing_keys"] if not key.startswith(prefix))
     if head:
         raise ValueError(
-            f"{path}: not a reward model; the checkpoint has no weights for the score head ({', '.join(head)}), "
-            "which would be randomly initialised. Pass a sequence-classification checkpoint with one label (train.py "
+            f"{path}: not a reward model; the checkpoint has no weights for the score head ({', '.join(head)}), which "
+            "would be randomly initialised. Pass a sequence-classification checkpoint with one label (train.py "
             "--method rm)"
         )
 

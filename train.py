@@ -408,13 +408,13 @@ def check_config(cfg: Config) -> None:
         )
     if not 0 < cfg.max_prompt_len < cfg.max_len:
         raise ConfigError(
-            f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): "
-            "the response needs room"
+            f"--max_prompt_len ({cfg.max_prompt_len}) must be positive and below --max_len ({cfg.max_len}): the "
+            "response needs room"
         )
     if cfg.method == "kto" and cfg.batch_size < 2:
         raise ConfigError(
-            "--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another "
-            f"prompt of the batch, got {cfg.batch_size}"
+            "--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another prompt "
+            f"of the batch, got {cfg.batch_size}"
         )
     if cfg.objective == "slic" and cfg.method not in ("online_dpo", "stage"):
         raise ConfigError(
@@ -854,9 +854,9 @@ class Stage:
                     f"  --{key}: {before} when it started, {now} now" for key, (before, now) in changed.items()
                 )
                 raise ConfigError(
-                    f"--resume: {self.dir} started with other settings that change its result:\n{lines}\n"
-                    f"Resume with the values it started with (in {self.dir / 'config.json'}), or remove {self.dir} "
-                    "to start the stage afresh with the new ones."
+                    f"--resume: {self.dir} started with other settings that change its result:\n{lines}\nResume with "
+                    f"the values it started with (in {self.dir / 'config.json'}), or remove {self.dir} to start the "
+                    "stage afresh with the new ones."
                 )
             record = saved
             if harmless:
@@ -1159,8 +1159,8 @@ def optimizer_step(
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         rows = [getattr(item, "index", None) for item in batch[:8]]
         raise NonFiniteLoss(
-            f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): "
-            f"loss {loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept"
+            f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): loss "
+            f"{loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept"
         )
     optimizer.step()
     if scheduler is not None:
@@ -1189,8 +1189,8 @@ def request_stop(signum, frame) -> None:
     STOP_SIGNAL.append(signum)
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-            "(send it again to exit at once)",
+            f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint (send it "
+            "again to exit at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -1664,9 +1664,8 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     if test_source(cfg) is None:
         print0(
             rt,
-            f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is "
-            "training data "
-            "only): no accuracy measured; pass --test_dataset for one",
+            f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is training "
+            "data only): no accuracy measured; pass --test_dataset for one",
         )
     else:
         test, source = load_heldout(cfg, "the reward model's accuracy")
@@ -1827,8 +1826,8 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
     print0(
         rt,
         f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models "
-        "that did not "
-        f"see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy to hard",
+        f"that did not see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy "
+        "to hard",
     )
     if not Stage(cfg, rt, "selective_dpo/final").done:
         run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: easiest, shuffle=False)
@@ -2423,9 +2422,8 @@ class IterativeRun:
         if self.loop.step == 0:
             raise NothingTrained(
                 f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an "
-                "augmented "
-                f"one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); "
-                "the stage is not marked done"
+                f"augmented one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); the "
+                "stage is not marked done"
             )
         if self.rt.main:
             copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
@@ -2757,8 +2755,7 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
     base = scores[rows[0][0]]
     lines = [
         f"Toy results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} "
-        "samples "
-        f"at temperature {cfg.temperature}",
+        f"samples at temperature {cfg.temperature}",
         "",
         "| model | gold mean | win rate vs SFT | annotation ratio | time |",
         "|---|---|---|---|---|",
@@ -2924,9 +2921,8 @@ def dry_run(cfg: Config, world: int) -> None:
     pairs = count_pairs(cfg)
     lines = [
         f"plan for {world} GPU(s) of {gpu_gib:.0f} GiB: policy {sft_path(cfg)} ({policy.params / 1e9:.2f}B "
-        "parameters), "
-        f"reward model {annotator.params / 1e9:.2f}B, {pairs if pairs is not None else 'an unknown number of'} "
-        "offline pairs",
+        f"parameters), reward model {annotator.params / 1e9:.2f}B, "
+        f"{pairs if pairs is not None else 'an unknown number of'} offline pairs",
         "",
     ]
     if pairs is not None:
@@ -2948,9 +2944,9 @@ def dry_run(cfg: Config, world: int) -> None:
             + [f"| {n} | {s:,} | {t:,} |" for n, s, t in rows]
             + [
                 f"MetaAPO: {cfg.iterations} iterations of {chunk:,} tuples, K = {cfg.num_samples} generations per "
-                "sampled prompt "
-                f"(at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} policy steps and "
-                f"{math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per iteration)",
+                f"sampled prompt (at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} "
+                f"policy steps and {math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per "
+                "iteration)",
                 "",
             ]
         )
