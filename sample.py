@@ -243,84 +243,17 @@ def vllm_generate(
     pieces of the same request (same weights, prompts, sampling and seed) in `workdir` keeps them
     and generates only the rest. A kill loses at most one piece."""
     rank, world = _distributed()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     workdir = Path(workdir) / f"rank{rank}"
     share = list(range(rank, len(prompts), world))
-    prompts_path, output_path, log_path = (
-        workdir / "prompts.jsonl",
-        workdir / "generations.jsonl",
-        workdir / "worker.log",
-    )
-    request = {
-        "model": str(model_path),
-        "weights": _weights_stamp(str(model_path)),
-        "n": n,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "prompts": [[i, prompts[i]] for i in share],
-    }
-    key = hashlib.sha1(json.dumps(request).encode()).hexdigest()
+    sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    # the same context on every rank: the longest prompt of all + max_new_tokens, unless given
+    max_model_len = max_model_len or max(map(len, prompts)) + max_new_tokens
+    engine = {"gpu_memory_utilization": gpu_memory_utilization, "chunks": chunks, "max_model_len": max_model_len}
     error, results = None, {}
     try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
-        workdir.mkdir(parents=True, exist_ok=True)
-        if (
-            not (workdir / "request.sha1").exists() or (workdir / "request.sha1").read_text() != key
-        ):  # another request: start afresh
-            output_path.unlink(missing_ok=True)
-            write_jsonl(
-                prompts_path, [{"index": i, "prompt_token_ids": prompts[i]} for i in share]
-            )  # the index sets the prompt's seed
-            (workdir / "request.sha1").write_text(key)
+        _prepare_request(workdir, model_path, prompts, share, sampling)
         if share:
-            command = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--backend",
-                "vllm",
-                "--model",
-                str(model_path),
-                "--prompts",
-                str(prompts_path),
-                "--output",
-                str(output_path),
-                "--n",
-                str(n),
-                "--temperature",
-                str(temperature),
-                "--top_p",
-                str(top_p),
-                "--max_new_tokens",
-                str(max_new_tokens),
-                "--seed",
-                str(seed),
-                "--gpu_memory_utilization",
-                str(gpu_memory_utilization),
-                "--chunks",
-                str(chunks),
-                # the same context on every rank: the longest prompt of all + max_new_tokens, unless given
-                "--max_model_len",
-                str(max_model_len or max(map(len, prompts)) + max_new_tokens),
-            ] + ["--enforce_eager"] * enforce_eager
-            with open(log_path, "a") as log:
-                returncode = subprocess.run(
-                    command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT
-                ).returncode
-            if returncode != 0:
-                tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-                error = f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}"
-            else:
-                for _, row in iter_rows(output_path):
-                    if isinstance(row, DataError):
-                        raise row
-                    results[row["index"]] = [
-                        Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]
-                    ]
-                missing = sorted(set(share) - set(results))
-                if missing or any(len(results[i]) != n for i in share):
-                    error = f"rank {rank}: the vLLM worker's output {output_path} is incomplete"
-                    error += f" ({len(missing)} prompts missing)"
+            error, results = _run_worker(workdir, model_path, sampling, engine, enforce_eager, share, rank)
     except Exception as err:
         error, results = f"rank {rank}: {type(err).__name__}: {err}", {}
     gathered = [(error, results)]
@@ -332,6 +265,57 @@ def vllm_generate(
         raise RuntimeError("vLLM generation failed; no result is used.\n" + "\n".join(errors))
     merged = {index: generations for _, part in gathered for index, generations in part.items()}
     return [merged[i] for i in range(len(prompts))]
+
+
+def _prepare_request(
+    workdir: Path, model_path: str, prompts: list[list[int]], share: list[int], sampling: dict
+) -> None:
+    """This rank's prompts file; a workdir that holds another request's pieces is started afresh."""
+    request = {"model": str(model_path), "weights": _weights_stamp(str(model_path)), **sampling}
+    key = hashlib.sha1(json.dumps({**request, "prompts": [[i, prompts[i]] for i in share]}).encode()).hexdigest()
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = workdir / "request.sha1"
+    if not stamp.exists() or stamp.read_text() != key:
+        (workdir / "generations.jsonl").unlink(missing_ok=True)
+        # the index sets the prompt's seed
+        write_jsonl(workdir / "prompts.jsonl", [{"index": i, "prompt_token_ids": prompts[i]} for i in share])
+        stamp.write_text(key)
+
+
+def _run_worker(
+    workdir: Path, model_path: str, sampling: dict, engine: dict, enforce_eager: bool, share: list[int], rank: int
+) -> tuple[str | None, dict]:
+    """Run this rank's vLLM worker (this file with --backend vllm) on its prompts file; returns
+    (error or None, {prompt index: its generations})."""
+    output_path, log_path = workdir / "generations.jsonl", workdir / "worker.log"
+    flags = {
+        "backend": "vllm",
+        "model": model_path,
+        "prompts": workdir / "prompts.jsonl",
+        "output": output_path,
+        **sampling,
+        **engine,
+    }
+    command = [sys.executable, str(Path(__file__).resolve())] + [
+        s for k, v in flags.items() for s in (f"--{k}", str(v))
+    ]
+    command += ["--enforce_eager"] * enforce_eager
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    with open(log_path, "a") as log:
+        env = vllm_child_environment(local_rank)
+        returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        return f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}", {}
+    results = {}
+    for _, row in iter_rows(output_path):
+        if isinstance(row, DataError):
+            raise row
+        results[row["index"]] = [Generation(r["token_ids"], r["text"], r["finish_reason"]) for r in row["responses"]]
+    missing = sorted(set(share) - set(results))
+    if missing or any(len(results[i]) != sampling["n"] for i in share):
+        return f"rank {rank}: the vLLM worker's output {output_path} is incomplete ({len(missing)} prompts missing)", {}
+    return None, results
 
 
 def generate(
