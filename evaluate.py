@@ -34,7 +34,7 @@ What it does
   seeds), marking the differences these seeds resolve.
 
 Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (24 minutes on 2 CPU cores)
+    python evaluate.py --compare                         # toy tables, 3 seeds (25 minutes on 2 CPU cores)
     python evaluate.py --stage_grid                      # seed 004's grid: static or on-policy data per iteration
     python evaluate.py --compare --seeds=0,1,2,3,4
     python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there (the stage's config)
