@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import shutil
 import signal
@@ -1420,6 +1421,7 @@ def main(argv: list[str] | None = None) -> None:
         if train.WANDB:
             train.WANDB.pop().finish()
         if rt.distributed:
+            gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
             torch.distributed.destroy_process_group()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -3094,6 +3094,9 @@ def main(argv: list[str] | None = None) -> None:
         if WANDB:
             WANDB.pop().finish()
         if rt.distributed:
+            # models and optimizers caught in reference cycles go while the process group still
+            # exists: freed after it, at interpreter exit, a rank could abort in a C++ destructor
+            gc.collect()
             dist.destroy_process_group()
         for signum, handler in handlers.items():  # main() may run inside another program (the tests)
             signal.signal(signum, handler)
