@@ -141,29 +141,20 @@ def transformers_generate(
     per_call = (
         n if temperature > 0 else 1
     )  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
-    if temperature > 0:
-        config = GenerationConfig(
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-        )
-    else:
-        config = GenerationConfig(
-            do_sample=False,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=1,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-        )
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    config = GenerationConfig(
+        **sampling,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=per_call,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
