@@ -5,9 +5,9 @@ What it does
 - `sequence_logprobs`: for each sequence of a batch, the sum (or mean) of its response tokens'
   log-probs, computed from the final hidden states and the LM-head weight by a hand-written
   autograd Function that never materialises the [tokens, vocab] logits. Only response rows are
-  selected (after the one-token shift) before any matmul; rows are processed in chunks whose
-  logits are recomputed in backward; logsumexp and the target logit are fp32 whatever the input
-  dtype.
+  selected (after the one-token shift) before any matmul; the vocabulary is processed in tiles
+  whose logits are recomputed in backward; logsumexp, the target logit and every reduction of the
+  gradients are fp32 whatever the input dtype (each bf16 gradient element is rounded once).
 - `LogprobModel`: the thin wrapper that runs trunk -> final norm -> kernel inside one `forward`,
   so that under FSDP2 it can be the root module and the kernel sees the gathered head weight.
 - The objectives, pure functions of per-sequence log-prob tensors with the SPEC equation in the
@@ -19,20 +19,26 @@ Run
     python losses.py              # self-check: kernel against the naive logits path, small shapes
     python losses.py --bench      # fwd+bwd time and peak extra memory: naive, torch's
                                   # F.linear_cross_entropy, ours (CPU, and CUDA when present)
+    python losses.py --bench --devices cuda --chunk_sizes 256,1024,4096   # the CUDA table only
+    python losses.py --bench --shape 8192,4096,128256 --dtype bfloat16    # tokens,hidden,vocab
 Nothing here is distributed; train.py normalises losses by the global pair count.
 
 Deliberate simplifications
-- The kernel is plain PyTorch: each chunk's logits are one matmul into an fp32 buffer (on CUDA a
-  bf16 x bf16 -> fp32 matmul, on CPU an fp32 matmul), so a chunk costs chunk_size x vocab x 4
-  bytes; no Triton, no online softmax across vocabulary tiles.
-- In bf16 the weight gradient is accumulated chunk by chunk in bf16 (an fp32 accumulator for a
-  128k x 4096 head would cost 2 GiB); the tests state the resulting tolerance.
+- The kernel is plain PyTorch: each vocabulary tile's logits are one matmul into an fp32 buffer
+  (on CUDA a bf16 x bf16 -> fp32 matmul, on CPU an fp32 matmul), so a tile of the chunk_size x
+  vocab budget costs chunk_size x vocab x 4 bytes; no Triton, no fused softmax in the matmul.
+- In bf16 the backward keeps an fp32 (rows, hidden) accumulator for the hidden gradient and
+  rounds each tile of the weight gradient once from an fp32 matmul output: about 3 x rows x
+  hidden x 4 bytes more than a bf16 running sum (0.4 GiB at 8192 x 4096); the weight gradient's
+  error is then within 1.3x of one rounding's (0.7x on CPU), where the running sum measured 2.9x
+  (tests/test_losses.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -49,10 +55,10 @@ import torch.nn.functional as F
 
 
 def default_chunk_size(device: torch.device) -> int:
-    """Rows per chunk. A chunk holds chunk_size x vocab fp32 logits (and, in bf16, a bf16 copy of
-    their gradient). CPU: 512 was the fastest in `python losses.py --bench --chunk_sizes ...`
-    (README). CUDA: 256 keeps the extra memory of an 8192 x 4096 x 128256 bf16 call, the 1 GiB
-    weight gradient included, near 1.4 GiB; not yet timed on a GPU."""
+    """The kernel's working set, in rows of the vocabulary: it holds chunk_size x vocab fp32 logits
+    at a time (see FusedTokenLogprobs). CPU: 512 was the fastest in `python losses.py --bench
+    --chunk_sizes ...` (README). CUDA: 256 (a 125 MiB logits buffer at V = 128256), not yet timed
+    on a GPU: `scripts/gpu_check.sh` prints the table that should choose it."""
     return 256 if device.type == "cuda" else 512
 
 
@@ -61,33 +67,54 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits (rows, vocab) of one chunk in the compute dtype, accumulated in fp32 or better."""
-    if hidden.dtype in (torch.float32, torch.float64):
-        return hidden @ weight.t()
-    if hidden.is_cuda:  # cuBLAS accumulates in fp32 and writes fp32: no bf16 rounding of logits
-        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    return (hidden @ weight.t()).float()  # CPU bf16 (tests only): rounded like the naive path
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in the compute dtype (fp32, or fp64 for fp64 inputs). On CUDA
+    cuBLAS reads bf16 / fp16 and writes fp32 directly (torch.mm out_dtype), so a long reduction is
+    rounded once, to fp32; the CPU gets fp32 inputs (FusedTokenLogprobs upcasts them there)."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
+def _vocab_tiles(rows: int, vocab: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Column ranges of the vocabulary such that a (rows, tile) logits block holds about
+    chunk_size x vocab values."""
+    width = max(1, min(vocab, chunk_size * vocab // max(1, rows)))
+    return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
+
+
+def _target_in_tile(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows whose target lies in columns [start, end), each row's target column clamped into the
+    tile): masks and gathers without a host-device synchronisation."""
+    return (targets >= start) & (targets < end), (targets - start).clamp(0, end - start - 1)[:, None]
 
 
 class FusedTokenLogprobs(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] per row, without the (rows, vocab) logits.
 
-    forward saves only the inputs and the per-row logsumexp; backward recomputes each chunk's
-    logits. d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient.
+    The vocabulary is cut into column tiles (_vocab_tiles); a tile's logits for every row are one
+    matmul into an fp32 buffer. forward keeps a running logsumexp over the tiles and the target
+    logit; it saves only the inputs and the per-row logsumexp. backward recomputes each tile's
+    logits; d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient; the
+    tile's weight gradient is one matmul over all rows (each element rounded once, from fp32), the
+    hidden gradient is summed over the tiles in fp32 and rounded once at the end.
+    Tiling the vocabulary rather than the rows streams the (V, H) head once per pass instead of
+    once per row chunk: for N < V rows that is V / N times less memory traffic for the same buffer.
+    On CPU, bf16 / fp16 inputs are upcast to fp32 first (tests only; CUDA reads bf16 directly).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
         # hidden (N, H), weight (V, H), targets (N,) -> token log-probs (N,), fp32 (fp64 for fp64 inputs)
         n, dtype = hidden.shape[0], _compute_dtype(hidden.dtype)
-        logsumexp = torch.empty(n, dtype=dtype, device=hidden.device)
-        target_logit = torch.empty(n, dtype=dtype, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight)  # (C, V) fp32
-            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
-            target_logit[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1)
+        h, w = (hidden, weight) if hidden.is_cuda else (hidden.to(dtype), weight.to(dtype))
+        logsumexp = torch.full((n,), -math.inf, dtype=dtype, device=hidden.device)
+        target_logit = torch.zeros(n, dtype=dtype, device=hidden.device)
+        for start, end in _vocab_tiles(n, weight.shape[0], chunk_size):
+            logits = _mm(h, w[start:end].t())  # (N, tile) fp32
+            logsumexp = torch.logaddexp(logsumexp, torch.logsumexp(logits, dim=-1))
+            inside, column = _target_in_tile(targets, start, end)
+            target_logit = torch.where(inside, logits.gather(1, column).squeeze(1), target_logit)
             del logits
         ctx.save_for_backward(hidden, weight, targets, logsumexp)
         ctx.chunk_size = chunk_size
@@ -97,22 +124,23 @@ class FusedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_logprobs = grad_logprobs.to(logsumexp.dtype)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            grad = grad_logprobs[start:end, None]  # (C, 1)
-            # softmax, then d logp / d logits scaled by grad, all in the one (C, V) fp32 buffer
-            grad_logits = _chunk_logits(hidden[start:end], weight).sub_(logsumexp[start:end, None]).exp_().mul_(-grad)
-            grad_logits.scatter_add_(1, targets[start:end, None], grad)
-            grad_logits = grad_logits.to(weight.dtype)  # bf16: frees the fp32 buffer before the matmuls
+        dtype = logsumexp.dtype
+        h, w = (hidden, weight) if hidden.is_cuda else (hidden.to(dtype), weight.to(dtype))
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad = grad_logprobs.to(dtype)[:, None]  # (N, 1)
+        for start, end in _vocab_tiles(hidden.shape[0], weight.shape[0], ctx.chunk_size):
+            # softmax, then d logp / d logits scaled by grad, all in the one (N, tile) fp32 buffer
+            grad_logits = _mm(h, w[start:end].t()).sub_(logsumexp[:, None]).exp_().mul_(-grad)
+            inside, column = _target_in_tile(targets, start, end)
+            grad_logits.scatter_add_(1, column, torch.where(inside[:, None], grad, 0.0))
+            grad_logits = grad_logits.to(h.dtype)  # bf16 on CUDA: frees the fp32 buffer before the matmuls
             if need_hidden:
-                grad_hidden[start:end] = grad_logits @ weight  # (C, H)
+                grad_hidden += _mm(grad_logits, w[start:end])  # (N, H), summed over the tiles in fp32
             if need_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden[start:end])  # (V, H), chunk by chunk
+                grad_weight[start:end] = _mm(grad_logits.t(), h)  # (tile, H): every row in one matmul
             del grad_logits
-        return grad_hidden, grad_weight, None, None
+        return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight, None, None
 
 
 def select_response_rows(hidden_states: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor):
@@ -432,8 +460,14 @@ BENCH_VARIANTS = {
 }
 
 
-def _bench_inputs(device: str, chunk_size: int | None = None):
-    dtype, batch, tokens, hidden_size, vocab = BENCH_SHAPES[device]
+def torch_kernel_available() -> bool:
+    """torch's chunked F.linear_cross_entropy with options= (newer than torch 2.12; the GPU machine's
+    2.11 lacks it): the bench's 'torch' row, marked unavailable without it."""
+    return hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")
+
+
+def _bench_inputs(device: str, shape: tuple):
+    dtype, batch, tokens, hidden_size, vocab = shape
     dtype = getattr(torch, dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     length = tokens // batch + 1  # one prompt token per sequence, the rest is response
@@ -463,12 +497,12 @@ def _bench_step(variant: str, hidden, weight, input_ids, response_mask, coeffici
     hidden.grad = weight.grad = None
 
 
-def _bench_worker(variant: str, device: str, repeats: int, chunk_size: int | None) -> dict:
+def _bench_worker(variant: str, device: str, repeats: int, chunk_size: int | None, shape: tuple) -> dict:
     """Runs in a fresh process (CPU) so that peak RSS belongs to one variant alone."""
     import resource
 
     torch.manual_seed(0)
-    inputs = _bench_inputs(device)
+    inputs = _bench_inputs(device, shape)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if variant == "inputs":  # the baseline: the inputs alone (the gradients count as extra memory)
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -495,38 +529,49 @@ def _bench_worker(variant: str, device: str, repeats: int, chunk_size: int | Non
     return result
 
 
-def _run_worker(variant: str, device: str, repeats: int, chunk_size: int | None) -> dict:
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--bench_worker",
-        variant,
-        "--device",
-        device,
-        "--repeats",
-        str(repeats),
-    ]
+def _run_worker(variant: str, device: str, repeats: int, chunk_size: int | None, shape: tuple) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--bench_worker", variant, "--device", device]
+    command += ["--repeats", str(repeats), "--dtype", shape[0], "--shape", ",".join(map(str, shape[2:]))]
     if chunk_size:
         command += ["--chunk_size", str(chunk_size)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> None:
+def bench_shape(device: str, dtype: str | None = None, shape: tuple[int, int, int] | None = None) -> tuple:
+    """(dtype, sequences, tokens, hidden, vocab): the device's BENCH_SHAPES, with dtype and
+    (tokens, hidden, vocab) replaced where given."""
+    default = BENCH_SHAPES[device]
+    return (dtype or default[0], default[1], *(shape or default[2:]))
+
+
+def _ratio(value: float, naive: float) -> str:
+    return f"{value / naive:.2f}x" if naive > 0 else "-"  # tiny shapes can leave the naive RSS at its baseline
+
+
+def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None], dtype=None, shape=None) -> None:
+    """Print one table per device: forward+backward time, 8NHV/time and peak extra memory of the
+    naive path, torch's kernel (where this torch has it) and ours at each chunk size."""
     for device in devices:
-        dtype, batch, tokens, hidden_size, vocab = BENCH_SHAPES[device]
+        spec = bench_shape(device, dtype, shape)
+        _, batch, tokens, hidden_size, vocab = spec
         print(
-            f"\n{device.upper()}: {dtype}, {batch} sequences, N={tokens} response tokens, H={hidden_size}, V={vocab}; "
-            f"forward+backward, median of {repeats} after a warm-up"
+            f"\n{device.upper()}: {spec[0]}, {batch} sequences, N={tokens} response tokens, H={hidden_size}, "
+            f"V={vocab}; forward+backward, median of {repeats} after a warm-up"
         )
         rows = [("naive", None), ("torch", None)] + [("ours", c) for c in chunk_sizes]
+        results = {}
+        for variant, chunk in rows:
+            if variant == "torch" and not torch_kernel_available():
+                results[(variant, chunk)] = None  # printed as unavailable
+            elif device == "cpu":
+                results[(variant, chunk)] = _run_worker(variant, device, repeats, chunk, spec)
+            else:
+                results[(variant, chunk)] = _bench_worker(variant, device, repeats, chunk, spec)
         if device == "cpu":
-            baseline = _run_worker("inputs", device, repeats, None)["peak_rss_mb"]
-            results = {row: _run_worker(row[0], device, repeats, row[1]) for row in rows}
-            for result in results.values():
+            baseline = _run_worker("inputs", device, repeats, None, spec)["peak_rss_mb"]
+            for result in filter(None, results.values()):
                 result["peak_extra_mb"] = result["peak_rss_mb"] - baseline
-        else:
-            results = {row: _bench_worker(row[0], device, repeats, row[1]) for row in rows}
         naive = results[("naive", None)]
         flops = 8 * tokens * hidden_size * vocab
         print(
@@ -536,11 +581,17 @@ def bench(devices: list[str], repeats: int, chunk_sizes: list[int | None]) -> No
         print("|---|---|---|---|---|---|---|---|")
         for (variant, chunk), result in results.items():
             chunk_text = str(chunk or default_chunk_size(torch.device(device))) if variant == "ours" else "-"
+            if result is None:
+                print(
+                    f"| {variant}: {BENCH_VARIANTS[variant]} | - | unavailable: torch {torch.__version__} has no "
+                    "F.linear_cross_entropy(options=) | - | - | - | - | - |"
+                )
+                continue
             print(
                 f"| {variant}: {BENCH_VARIANTS[variant]} | {chunk_text} | {result['median_s']:.3f} | "
                 f"{min(result['times_s']):.2f}-{max(result['times_s']):.2f} | "
-                f"{result['median_s'] / naive['median_s']:.2f}x | {result['peak_extra_mb']:.0f} | "
-                f"{result['peak_extra_mb'] / naive['peak_extra_mb']:.2f}x | {flops / result['median_s'] / 1e12:.3f} |"
+                f"{_ratio(result['median_s'], naive['median_s'])} | {result['peak_extra_mb']:.0f} | "
+                f"{_ratio(result['peak_extra_mb'], naive['peak_extra_mb'])} | {flops / result['median_s'] / 1e12:.3f} |"
             )
         print(
             "peak extra memory: "
@@ -563,16 +614,30 @@ def main() -> None:
         default=None,
         help="comma-separated chunk sizes for our kernel (default: the device default)",
     )
+    parser.add_argument(
+        "--devices",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated devices to bench, e.g. cuda (default: cpu, and cuda when present)",
+    )
+    parser.add_argument(
+        "--shape",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=None,
+        help="N,H,V: response tokens, hidden size, vocabulary (default: the device's BENCH_SHAPES)",
+    )
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the device's BENCH_SHAPES)")
     parser.add_argument("--bench_worker", choices=["inputs", *BENCH_VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--chunk_size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.bench_worker:
-        print(json.dumps(_bench_worker(args.bench_worker, args.device, args.repeats, args.chunk_size)))
+        spec = bench_shape(args.device, args.dtype, args.shape)
+        print(json.dumps(_bench_worker(args.bench_worker, args.device, args.repeats, args.chunk_size, spec)))
     elif args.bench:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        bench(devices, args.repeats, args.chunk_sizes or [None])
+        devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        bench(devices, args.repeats, args.chunk_sizes or [None], args.dtype, args.shape)
     else:
         print(
             "fused kernel vs naive log_softmax + gather (3 sequences, one without response tokens, chunks of 4 rows):"
