@@ -27,8 +27,10 @@ What it does
     `SamplingParams(n, temperature, top_p, top_k=0 (no top-k filter), max_tokens, seed,
     stop_token_ids=[the template's end of turn])` per token-id prompt (vLLM adds the generation
     config's EOS ids itself, and ends token_ids with the stop token); seed = seed + (the prompt's
-    global index) * n, so every prompt has its own random streams and the samples depend neither
-    on the number of ranks nor on the chunks. Greedy decoding (which vLLM refuses with n > 1)
+    global index) * n, so every prompt has its own random streams, whatever the number of ranks
+    or chunks. That makes vLLM's samples reproducible in distribution, not bit for bit: its logits
+    depend on which requests share a batch and on the CUDA-graph batch size, so a rerun (or a
+    resumed phase) can draw other tokens. Greedy decoding (which vLLM refuses with n > 1)
     samples once and repeats. It appends each of 4 chunks to its jsonl output as the chunk ends
     and exits, which frees all of its GPU memory. A rerun of the same request (same weights,
     prompts, sampling, seed) keeps the finished chunks: a kill during a long generation phase
@@ -188,18 +190,31 @@ def transformers_generate(
     return results
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
+# Variables a vLLM child must not inherit: a user's VLLM_PORT would make eight children bind one
+# port; the training process's allocator settings (e.g. expandable_segments) are not vLLM's.
+CHILD_DROPPED_VARIABLES = ("VLLM_PORT", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def vllm_child_environment(local_rank: int) -> dict[str, str]:
-    """The environment of a vLLM worker: the parent's, minus torchrun's variables, with only the
-    rank's own GPU visible."""
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    """The environment of a vLLM worker: the parent's, minus torchrun's variables and
+    CHILD_DROPPED_VARIABLES, with only the rank's own GPU visible and compile caches of its own
+    (vLLM's and inductor's, under a rank<local_rank> folder of the usual place), so that eight
+    children starting at once never write one cache file together; later iterations reuse them."""
+    dropped = TORCHRUN_VARIABLES + CHILD_DROPPED_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("TORCHELASTIC_")}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local_rank] if visible else str(local_rank)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    vllm_cache = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(cache, "vllm")
+    env["VLLM_CACHE_ROOT"] = os.path.join(vllm_cache, f"rank{local_rank}")
+    inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(vllm_cache, "inductor")
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(inductor_cache, f"rank{local_rank}")
     return env
 
 
@@ -226,14 +241,22 @@ def vllm_generate(
     chunks: int = 4,
     max_model_len: int = 0,
     enforce_eager: bool = False,
+    group=None,
+    python: str = "",
 ) -> list[list[Generation]]:
     """Sample with one vLLM child process per rank (see the module docstring). Collective when
-    distributed: every rank passes the same prompts and gets every result.
+    distributed: every rank passes the same prompts and gets every result, gathered over `group`
+    (default: the default process group; train.py passes a gloo group with a long timeout, so
+    the results never travel through GPU memory and ranks that finish early can wait).
 
     Resumable: the worker writes its share in `chunks` pieces; a call that finds the finished
     pieces of the same request (same weights, prompts, sampling and seed) in `workdir` keeps them
-    and generates only the rest. A kill loses at most one piece."""
-    rank, world = _distributed()
+    and generates only the rest. A kill loses at most one piece. `python`: the interpreter the
+    child runs (default this one), e.g. a virtual environment of its own when vLLM pins another
+    torch than training uses."""
+    if not prompts:  # every rank has the same prompts, so every rank returns here (vLLM is never started)
+        return []
+    rank, world = _distributed(group)
     workdir = Path(workdir) / f"rank{rank}"
     share = list(range(rank, len(prompts), world))
     sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
@@ -244,13 +267,13 @@ def vllm_generate(
     try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
         _prepare_request(workdir, model_path, prompts, share, sampling)
         if share:
-            error, results = _run_worker(workdir, model_path, sampling, engine, enforce_eager, share, rank)
+            error, results = _run_worker(workdir, model_path, sampling, engine, enforce_eager, share, rank, python)
     except Exception as err:
         error, results = f"rank {rank}: {type(err).__name__}: {err}", {}
     gathered = [(error, results)]
     if world > 1:  # agree on success before any rank uses a result
         gathered = [None] * world
-        dist.all_gather_object(gathered, (error, results))
+        dist.all_gather_object(gathered, (error, results), group=group)
     errors = [e for e, _ in gathered if e]
     if errors:
         raise RuntimeError("vLLM generation failed; no result is used.\n" + "\n".join(errors))
@@ -274,7 +297,14 @@ def _prepare_request(
 
 
 def _run_worker(
-    workdir: Path, model_path: str, sampling: dict, engine: dict, enforce_eager: bool, share: list[int], rank: int
+    workdir: Path,
+    model_path: str,
+    sampling: dict,
+    engine: dict,
+    enforce_eager: bool,
+    share: list[int],
+    rank: int,
+    python: str = "",
 ) -> tuple[str | None, dict]:
     """Run this rank's vLLM worker (this file with --backend vllm) on its prompts file; returns
     (error or None, {prompt index: its generations})."""
@@ -287,7 +317,7 @@ def _run_worker(
         **sampling,
         **engine,
     }
-    command = [sys.executable, str(Path(__file__).resolve())] + [
+    command = [python or sys.executable, str(Path(__file__).resolve())] + [
         s for k, v in flags.items() for s in (f"--{k}", str(v))
     ]
     command += ["--enforce_eager"] * enforce_eager
@@ -326,6 +356,8 @@ def generate(
     gpu_memory_utilization: float = 0.5,
     max_model_len: int = 0,
     enforce_eager: bool = False,
+    group=None,
+    vllm_python: str = "",
 ) -> list[list[Generation]]:
     """n responses for each token-id prompt, in the prompts' order.
 
@@ -353,6 +385,8 @@ def generate(
             gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
+            group=group,
+            python=vllm_python,
         )
     raise ValueError(f"generator backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -463,8 +497,9 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list
     """Runs in the child process: one engine, then the prompts not yet in args.output in
     args.chunks generate calls, each appended to args.output (and flushed to disk) as it ends.
     Prompt `indices[i]` samples with seed args.seed + indices[i] * n (vLLM seeds the n samples of
-    a request seed, seed + 1, ...), so no two prompts share a random stream and the results do
-    not depend on the chunks."""
+    a request seed, seed + 1, ...), so no two prompts share a random stream, whatever the chunks
+    (the samples still depend on the batch composition through vLLM's numerics: see the module
+    docstring)."""
     done = {row["index"] for row in _finished_rows(Path(args.output))}
     todo = [i for i, index in enumerate(indices) if index not in done]
     if not todo:

@@ -270,8 +270,12 @@ def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeyp
         "TORCHELASTIC_RUN_ID": "x",
         "LOCAL_RANK": "1",
         "CUDA_VISIBLE_DEVICES": "4,5",
+        "VLLM_PORT": "12345",  # a user's: eight children would bind this one port
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # the training process's allocator, not vLLM's
+        "VLLM_CACHE_ROOT": str(tmp_path / "vllm_cache"),
     }.items():
         monkeypatch.setenv(name, value)  # as torchrun would set them (no process group here)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # torch sets it once inductor ran in this process
     results = generate(
         PROMPTS,
         n=3,
@@ -319,6 +323,12 @@ def test_vllm_worker_arguments_and_results(fake_vllm, toy_dir, tmp_path, monkeyp
         "MASTER_ADDR": None,
         "LOCAL_RANK": None,
         "TORCHELASTIC_RUN_ID": None,
+        "VLLM_PORT": None,
+        "PYTORCH_CUDA_ALLOC_CONF": None,
+        # compile caches of the rank's own: eight children never write one cache file together
+        "VLLM_CACHE_ROOT": str(tmp_path / "vllm_cache" / "rank1"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "vllm_cache" / "inductor" / "rank1"),
+        "FAKE_VLLM_INTERPRETER": None,  # this interpreter (--vllm_python unset)
     }
 
 
@@ -378,6 +388,35 @@ def test_child_environment_without_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     env = vllm_child_environment(3)
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and "MASTER_PORT" not in env
+
+
+def test_vllm_with_no_prompts_returns_nothing_and_starts_no_engine(fake_vllm, toy_dir, tmp_path):
+    """A MetaAPO iteration whose gate selects nothing, or a static iteration of the boundary method:
+    an empty list back, no worker, no engine (the context length of no prompt is undefined)."""
+    assert generate([], 8, 1.0, 1.0, 4, 0, backend="vllm", model_path=str(toy_dir), workdir=tmp_path / "work") == []
+    assert not list(fake_vllm.iterdir()) and not (tmp_path / "work").exists()
+
+
+def test_vllm_child_runs_the_given_interpreter(fake_vllm, toy_dir, tmp_path):
+    """--vllm_python: the child runs another environment's interpreter (here a wrapper that marks
+    its environment), e.g. a venv whose vLLM pins another torch than training's."""
+    python = tmp_path / "vllm-venv" / "python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nFAKE_VLLM_INTERPRETER=vllm-venv exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    results = generate(
+        PROMPTS[:2],
+        2,
+        1.0,
+        1.0,
+        4,
+        3,
+        backend="vllm",
+        model_path=str(toy_dir),
+        workdir=tmp_path / "w",
+        vllm_python=str(python),
+    )
+    assert len(results) == 2 and recorded(fake_vllm, 0)["env"]["FAKE_VLLM_INTERPRETER"] == "vllm-venv"
 
 
 def test_vllm_worker_failure_is_a_clear_error(fake_vllm, toy_dir, tmp_path, monkeypatch):

@@ -123,7 +123,19 @@ class LLM:
             os._exit(137)
         env = {
             k: os.environ.get(k)
-            for k in ("CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+            for k in (
+                "CUDA_VISIBLE_DEVICES",
+                "RANK",
+                "WORLD_SIZE",
+                "MASTER_ADDR",
+                "LOCAL_RANK",
+                "TORCHELASTIC_RUN_ID",
+                "VLLM_PORT",
+                "PYTORCH_CUDA_ALLOC_CONF",
+                "VLLM_CACHE_ROOT",
+                "TORCHINDUCTOR_CACHE_DIR",
+                "FAKE_VLLM_INTERPRETER",
+            )
         }
         with open(
             os.path.join(RECORD_DIR, f"gpu{env['CUDA_VISIBLE_DEVICES']}.jsonl"), "a"
