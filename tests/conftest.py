@@ -14,6 +14,21 @@ from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassi
 import data
 
 
+def run_on_cpu(monkeypatch):
+    """What every test not marked `cuda` runs under: no GPU, in this process (torch.cuda.is_available
+    answers False) and in the processes it starts (CUDA_VISIBLE_DEVICES is empty). On a GPU host the
+    suite then runs as on CI: the toy's numbers, 1 vs 2 gloo processes, no set_device(1) on a
+    machine with one GPU. The `cuda` tests (pytest -m cuda, the GPU check) see the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    if request.node.get_closest_marker("cuda") is None:
+        run_on_cpu(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """A directory with the toy tokenizer and a tiny random LlamaForCausalLM (the policy)."""

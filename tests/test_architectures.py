@@ -203,6 +203,34 @@ def test_memory_plan_arithmetic():
     assert train.vllm_need_gib(cfg, shapes) == pytest.approx((2 * 8e9 + 4096 * 32 * 2 * 1024 * 2) / gib + 1)
 
 
+def test_memory_plan_counts_what_is_resident():
+    """W2: the fused kernel's whole working set (logits tile, the head's bf16 weight gradient, the
+    fp32 hidden gradient); C6: PPO trains actor and critic (gradients and AdamW state for both,
+    AdamW state still held while it generates), so grad_accumulation=auto keeps PPO's gradients
+    sharded on 8 x 80 GB where MetaAPO's fit unsharded."""
+    shapes = train.Shapes(8_000_000_000, 1_000_000_000, 32, 4096, 14336, 128256, 1024)
+    gib = 2**30
+    metaapo = train.parse_config(["--model=tulu8b"])
+    kernel = train.memory_plan(metaapo, 8, 80, shapes, shapes, False)["training (phase 2)"][
+        "log-prob kernel chunk (fp32 logits tile, bf16 head gradient, fp32 hidden gradient)"
+    ]
+    assert kernel == pytest.approx((256 * 128256 * 6 + 128256 * 4096 * 2 + 2 * 16384 * 4096 * 4) / gib)
+    ppo = train.parse_config(["--model=tulu8b", "--method=ppo"])
+    plan = train.memory_plan(ppo, 8, 80, shapes, shapes, False)
+    training = plan["training (phase 2)"]
+    assert training["gradients (fp32, unsharded while accumulating)"] == pytest.approx(4 * 16e9 / gib)
+    assert training["AdamW state (fp32 shards)"] == pytest.approx(8 * 16e9 / 8 / gib)
+    assert training["critic weights (fp32 shards)"] == pytest.approx(4 * 8e9 / 8 / gib)
+    assert training["reward model (bf16 shards)"] == pytest.approx(2 * 8e9 / 8 / gib)
+    assert plan["generation (phase 1)"]["AdamW state (fp32 shards)"] == pytest.approx(8 * 16e9 / 8 / gib)
+    assert (
+        "AdamW state (fp32 shards)"
+        not in train.memory_plan(metaapo, 8, 80, shapes, shapes, False)["generation (phase 1)"]
+    )
+    assert train.needs_sharded_gradients(ppo, 8, 80, shapes, shapes)
+    assert not train.needs_sharded_gradients(metaapo, 8, 80, shapes, shapes)
+
+
 def test_sharded_and_unsharded_gradient_accumulation_agree(base_run, tmp_path):
     """Two processes, 4 micro-batches per step: syncing gradients on every micro-batch (they stay
     sharded) or only on the last gives the same training."""

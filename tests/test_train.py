@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import losses
 import train
 from conftest import TINY, fresh_run, metrics, run_train
@@ -86,6 +87,8 @@ def test_defaults_presets_and_overrides():
         (["--top_p=0"], "--top_p: must be in \\(0, 1\\]"),
         (["--warmup_ratio=1"], "--warmup_ratio: must be in \\[0, 1\\)"),
         (["--temperature=-0.5"], "--temperature: must be at least 0"),
+        (["--dist_timeout_minutes=0"], "--dist_timeout_minutes: must be positive"),
+        (["--vllm_python=/no/such/venv/bin/python"], "--vllm_python: /no/such/venv/bin/python is not an executable"),
     ],
 )
 def test_config_errors(argv, message):
@@ -161,6 +164,43 @@ def test_config_error_exits_with_the_message():
         [sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode != 0 and "train.py: unknown config key --bogus" in result.stderr
+
+
+def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
+    """S3: MetaAPO's four answers per tuple go through one padded forward, unless the online pair
+    (much shorter here) padded apart saves a quarter of the tokens; either way the same log-probs
+    and lengths, in the same rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args: calls.append(args[0].shape) or forward(*args)
+
+    def tuples(online_length):
+        return [
+            train.PolicyPair(
+                index=i,
+                prompt_id=str(i),
+                prompt_ids=[5, 6, 7],
+                chosen_ids=[8 + i] * 30,
+                rejected_ids=[9] * 28,
+                online_chosen_ids=[10] * online_length,
+                online_rejected_ids=[11 + i] * (online_length - 1),
+            )
+            for i in range(2)
+        ]
+
+    rt = train.Runtime()
+    for online_length, forwards in ((6, 2), (27, 1)):
+        items = tuples(online_length)
+        calls.clear()
+        logps, lengths = train.pair_forward(model, items, rt, online=True)
+        assert len(calls) == forwards, calls
+        batch = data.collate_preferences(items, 0, online=True)
+        expected = forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).view(4, 2)
+        torch.testing.assert_close(logps, expected, rtol=1e-12, atol=1e-12)
+        assert lengths.tolist() == [[30, 30], [28, 28], [online_length] * 2, [online_length - 1] * 2]
 
 
 def test_meta_input_score_scales_only_h_input():

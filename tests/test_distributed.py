@@ -1,0 +1,217 @@
+"""Distributed set-up and FSDP2 loading as a GPU run meets them, shown on CPU: a single process
+that shards without torchrun (a group of one), the deterministic environment, the process
+group's timeout and device binding, each rank loading only its shard, no whole model moved
+before sharding, memory released before a vLLM child starts, and the suite's CPU-only rule."""
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import run_on_cpu
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_script(tmp_path, script: str, *args, torchrun: int = 0) -> list[dict]:
+    """Run a Python script, alone (no torchrun variables in its environment) or under torchrun on
+    gloo; each process prints one JSON line, returned in rank order."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [])
+    result = subprocess.run(
+        launcher + [str(path), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return sorted(rows, key=lambda row: row["rank"])
+
+
+STEP = """
+import dataclasses, json, os, sys
+from pathlib import Path
+import torch
+from torch.distributed.tensor import DTensor
+import losses, train
+
+toy_dir, out = sys.argv[1], Path(sys.argv[2])
+cfg = train.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", f"--out_dir={out}"])
+ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 7, 8, 9, 0, 0]])
+attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
+response[:, 3:] = ids[:, 3:] > 0
+
+def one_step(rt):
+    policy, tokenizer = train.load_logprob_model(toy_dir, cfg, rt, trainable=True)
+    optimizer = train.make_optimizer(policy, 1e-2, cfg)
+    (-policy(ids, attention, response).sum()).backward()
+    optimizer.step()
+    return policy, tokenizer
+
+plain, _ = one_step(train.Runtime())  # one CPU process, no sharding: the reference
+expected = {k: v.detach().clone() for k, v in plain.lm.state_dict().items()}
+"""
+
+
+def test_single_process_shards_without_torchrun(toy_dir, tmp_path):
+    """C1: one GPU without torchrun runs FSDP2 in a process group of one (gloo here, NCCL there):
+    load, a training step, a reshard before a vLLM child, an export; the same weights as the
+    unsharded step. C4: the model is never moved to the device whole before sharding."""
+    script = (
+        STEP
+        + """
+assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+rt = train.Runtime(fsdp=True)  # what setup_distributed makes of a lone GPU process, on CPU
+train.start_process_group(rt, cfg.dist_timeout_minutes)
+
+def whole_move(self, *args, **kwargs):
+    raise AssertionError("the whole model was moved to the device before sharding")
+
+losses.LogprobModel.to = whole_move
+policy, tokenizer = one_step(rt)
+with torch.no_grad():  # a forward without gradients leaves the root's own weights gathered
+    policy(ids, attention, response)
+gathered = not all(isinstance(p, DTensor) for p in policy.parameters())
+seen = {}
+
+def vllm_stand_in(prompts, n, *args, **kwargs):  # what distributed_generate hands to vLLM, and when
+    seen.update(sharded=all(isinstance(p, DTensor) for p in policy.parameters()), backend=kwargs["backend"])
+    return [[] for _ in prompts]
+
+train.generate = vllm_stand_in
+vllm_cfg = dataclasses.replace(cfg, generator="vllm")
+train.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
+train.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
+from transformers import AutoModelForCausalLM
+exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+diff = max((exported[k] - expected[k]).abs().max().item() for k in expected)
+print(json.dumps({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": train.dist.get_world_size()}))
+train.dist.destroy_process_group()
+"""
+    )
+    (row,) = run_script(tmp_path, script, toy_dir, tmp_path / "out")
+    assert row["world"] == 1 and row["backend"] == "vllm"
+    assert row["gathered"] and row["sharded"]  # gathered after the no-grad forward, resharded before vLLM
+    assert row["max_diff"] < 1e-6, row
+
+
+def test_each_rank_loads_only_its_shard(toy_dir, toy_rm_dir, tmp_path):
+    """S2: under FSDP2 a checkpoint is read shard by shard after sharding (parameters built on the
+    meta device): each rank's shard holds its rows of the checkpoint, and the policy's log-probs
+    and the reward model's scores equal those of the whole model loaded by from_pretrained."""
+    script = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+import losses, train
+from reward import RewardModel
+
+toy_dir, rm_dir = sys.argv[1], sys.argv[2]
+cfg = train.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false"])
+rt = train.setup_distributed(cfg)
+files = train.load_causal_lm(toy_dir, cfg, rt)[2]
+policy, tokenizer = train.load_logprob_model(toy_dir, cfg, rt, trainable=False)
+whole = AutoModelForCausalLM.from_pretrained(toy_dir)
+ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 7, 8, 9, 0, 0]])
+attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
+response[:, 3:] = ids[:, 3:] > 0
+with torch.no_grad():
+    same_logps = torch.equal(policy(ids, attention, response), losses.LogprobModel(whole)(ids, attention, response))
+embedding = policy.lm.get_input_embeddings().weight  # a frozen root reshards after its forward: a shard again
+rows = -(-embedding.shape[0] // rt.world)
+mine = whole.get_input_embeddings().weight[rt.rank * rows : (rt.rank + 1) * rows]
+reward = train.load_reward_model(rm_dir, cfg, rt)
+prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 2, ["a b", "b a"]
+whole_reward = RewardModel.from_pretrained(rm_dir, device="cpu")
+same_rewards = reward.score(prompts, answers) == whole_reward.score(prompts, answers)
+print(json.dumps({"rank": rt.rank, "files": len(files), "logps": same_logps, "rewards": same_rewards,
+                  "shard": torch.equal(embedding.to_local(), mine), "shard_rows": embedding.to_local().shape[0]}))
+train.dist.destroy_process_group()
+"""
+    rows = run_script(tmp_path, script, toy_dir, toy_rm_dir, torchrun=2)
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["files"] == 1 and row["logps"] and row["rewards"] and row["shard"], row
+    assert sum(row["shard_rows"] for row in rows) == json.loads((toy_dir / "config.json").read_text())["vocab_size"]
+
+
+def test_a_gpu_without_torchrun_gets_a_group_of_one(monkeypatch):
+    """C1's decision: on a GPU (faked here) without torchrun's variables the models are sharded, so
+    a process group is started; on the CPU without torchrun there is none."""
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    started = []
+    monkeypatch.setattr(train, "start_process_group", lambda rt, minutes: started.append((rt.device, minutes)))
+    rt = train.setup_distributed(train.parse_config([]))
+    assert not rt.fsdp and started == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    rt = train.setup_distributed(train.parse_config(["--dist_timeout_minutes=45"]))
+    assert rt.fsdp and rt.device == torch.device("cuda", 0) and started == [(torch.device("cuda", 0), 45.0)]
+
+
+def test_process_group_timeout_device_and_object_group(monkeypatch):
+    """C5: NCCL bound to the rank's GPU with the configured timeout (not NCCL's 10 minutes), and a
+    gloo group with the same timeout for pickled objects; without torchrun, a group of one."""
+    calls = []
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(train.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "gloo-group")
+    for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(name, value)
+    rt = train.Runtime(rank=3, world=8, local_rank=3, device=torch.device("cuda", 3), fsdp=True)
+    train.start_process_group(rt, 120.0)
+    assert calls == [
+        ("init", "nccl", {"timeout": timedelta(hours=2), "device_id": torch.device("cuda", 3)}),
+        ("group", {"backend": "gloo", "timeout": timedelta(hours=2)}),
+    ]
+    assert rt.distributed and rt.objects == "gloo-group"
+    calls.clear()
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    rt = train.Runtime(device=torch.device("cuda", 0), fsdp=True)
+    train.start_process_group(rt, 30.0)
+    (_, backend, kwargs), _ = calls
+    assert backend == "nccl" and kwargs["rank"] == 0 and kwargs["world_size"] == 1 and "store" in kwargs
+    assert kwargs["device_id"] == torch.device("cuda", 0) and kwargs["timeout"] == timedelta(minutes=30)
+
+
+def test_deterministic_sets_the_cublas_workspace(monkeypatch):
+    """C2: --deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG before the first matmul, or cuBLAS
+    refuses; the run sets it (a value the user chose is kept)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train.setup_distributed(train.parse_config(["--deterministic"]))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        train.setup_distributed(train.parse_config(["--deterministic"]))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_the_suite_hides_a_gpu_from_unmarked_tests(monkeypatch):
+    """C8: on a GPU host a test not marked `cuda` runs on the CPU, and so do the processes it starts
+    (the 2-process tests would otherwise call set_device(1) on a machine with one GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    run_on_cpu(monkeypatch)
+    assert not torch.cuda.is_available() and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"],
+        capture_output=True,
+        text=True,
+    )
+    assert child.stdout.strip() == "''"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_marked_test_sees_the_gpu():
+    assert torch.cuda.is_available() and torch.cuda.device_count() >= 1
