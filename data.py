@@ -529,12 +529,16 @@ def _fit(response_ids: list[int], room: int, stats) -> list[int]:
 
 
 def tokenize_preferences(
-    pairs: list[PreferencePair], tokenizer, max_prompt_len: int, max_len: int
+    pairs: list[PreferencePair], tokenizer, max_prompt_len: int, max_len: int, limit: int = 0
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Tokenize pairs through the chat template. `index` is the pair's position in `pairs`."""
+    """Tokenize pairs through the chat template. `index` is the pair's position in `pairs`.
+    limit > 0: stop once that many pairs are kept (the first `limit` usable ones; the statistics
+    then count the rows read up to there)."""
     _check_lengths(max_prompt_len, max_len)
     out, stats = [], TokenizeStats()
     for index, pair in enumerate(pairs):
+        if limit and len(out) == limit:
+            break
         prompt_ids, (chosen, rejected) = _encode_pair_of(
             tokenizer, pair.prompt, [pair.chosen, pair.rejected], pair.where
         )

@@ -351,6 +351,19 @@ def test_long_prompts_dropped_and_long_responses_truncated(tokenizer, tmp_path):
         tokenize_preferences(pairs, tokenizer, max_prompt_len=12, max_len=12)
 
 
+def test_a_limit_keeps_the_first_usable_pairs_and_reads_no_further(tokenizer, tmp_path):
+    """--max_train_pairs: the first N usable pairs, the same as the first N of all of them, without
+    tokenizing the rest of the data (the statistics count the rows read)."""
+    rows = [uf_row("ascending : f a b c d e", "a b c d e f", "a b")] + [
+        uf_row(f"ascending : {a} {b}", f"{b} {a}", f"{a} {b}") for a, b in ("ba", "dc", "fe", "hg")
+    ]
+    pairs, _ = load_preferences(write_lines(tmp_path / "p.jsonl", rows))
+    every, _ = tokenize_preferences(pairs, tokenizer, max_prompt_len=8, max_len=12)
+    first, stats = tokenize_preferences(pairs, tokenizer, max_prompt_len=8, max_len=12, limit=2)
+    assert first == every[:2] and [p.index for p in first] == [1, 2]
+    assert stats.kept == 2 and stats.dropped_long_prompt == 1  # rows 0-2 read, 3 and 4 not
+
+
 def test_pairs_identical_after_truncation_are_dropped(tokenizer, tmp_path):
     pairs, _ = load_preferences(write_lines(tmp_path / "p.jsonl", [uf_row("ascending : b a", "a b", "a b c")]))
     tokenized, stats = tokenize_preferences(
