@@ -1614,20 +1614,24 @@ def load_heldout(cfg: Config, purpose: str) -> tuple[list[data.PreferencePair], 
     return data.load_preferences(*source, cfg.skip_bad_rows)[0], source
 
 
-def load_pairs(cfg: Config, rt: Runtime, tokenizer, source: tuple[str, str | None], max_len: int | None = None):
+def load_pairs(
+    cfg: Config, rt: Runtime, tokenizer, source: tuple[str, str | None], max_len: int | None = None, limit: int = 0
+):
     """(tokenized pairs, raw pairs) of one (source, split); tokenized[i].index points into raw.
-    No usable pair at all is an error: a stage would train nothing."""
+    limit > 0: only the first `limit` usable pairs are tokenized and returned. No usable pair at
+    all is an error: a stage would train nothing."""
     raw, load_stats = data.load_preferences(*source, cfg.skip_bad_rows)
-    tokenized, stats = data.tokenize_preferences(raw, tokenizer, cfg.max_prompt_len, max_len or cfg.max_len)
-    print0(rt, f"data {describe(source)}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    tokenized, stats = data.tokenize_preferences(raw, tokenizer, cfg.max_prompt_len, max_len or cfg.max_len, limit)
+    read = f" (the first {limit} usable pairs: --max_train_pairs)" if limit and len(tokenized) == limit else ""
+    print0(rt, f"data {describe(source)}: {load_stats.summary()}; tokenized{read}: {stats.summary()}")
     if not tokenized:
         raise data.DataError(f"{describe(source)}: no usable preference pair after tokenization ({stats.summary()})")
     return [PolicyPair(**dataclasses.asdict(t), pad_id=tokenizer.pad_token_id) for t in tokenized], raw
 
 
 def train_pairs(cfg: Config, rt: Runtime, tokenizer, max_len: int | None = None):
-    tokenized, raw = load_pairs(cfg, rt, tokenizer, train_source(cfg), max_len)
-    return (tokenized[: cfg.max_train_pairs] if cfg.max_train_pairs else tokenized), raw
+    """The training pairs: every usable pair of the training data, or its first max_train_pairs."""
+    return load_pairs(cfg, rt, tokenizer, train_source(cfg), max_len, limit=cfg.max_train_pairs)
 
 
 # ==============================================================================================
