@@ -65,9 +65,10 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -243,6 +244,7 @@ def vllm_generate(
     enforce_eager: bool = False,
     group=None,
     python: str = "",
+    should_stop=None,
 ) -> list[list[Generation]]:
     """Sample with one vLLM child process per rank (see the module docstring). Collective when
     distributed: every rank passes the same prompts and gets every result, gathered over `group`
@@ -253,7 +255,8 @@ def vllm_generate(
     pieces of the same request (same weights, prompts, sampling and seed) in `workdir` keeps them
     and generates only the rest. A kill loses at most one piece. `python`: the interpreter the
     child runs (default this one), e.g. a virtual environment of its own when vLLM pins another
-    torch than training uses."""
+    torch than training uses. `should_stop()`, polled while the children run: when it turns true
+    they are terminated and GenerationStopped is raised on every rank (their finished chunks stay)."""
     if not prompts:  # every rank has the same prompts, so every rank returns here (vLLM is never started)
         return []
     rank, world = _distributed(group)
@@ -267,7 +270,9 @@ def vllm_generate(
     try:  # whatever fails here, every rank must still reach the collective below, or the others would hang in it
         _prepare_request(workdir, model_path, prompts, share, sampling)
         if share:
-            error, results = _run_worker(workdir, model_path, sampling, engine, enforce_eager, share, rank, python)
+            error, results = _run_worker(
+                workdir, model_path, sampling, engine, enforce_eager, share, rank, python, should_stop
+            )
     except Exception as err:
         error, results = f"rank {rank}: {type(err).__name__}: {err}", {}
     gathered = [(error, results)]
@@ -275,6 +280,8 @@ def vllm_generate(
         gathered = [None] * world
         dist.all_gather_object(gathered, (error, results), group=group)
     errors = [e for e, _ in gathered if e]
+    if STOPPED in errors:
+        raise GenerationStopped(f"the vLLM workers were stopped; their finished chunks are kept in {workdir.parent}")
     if errors:
         raise RuntimeError("vLLM generation failed; no result is used.\n" + "\n".join(errors))
     merged = {index: generations for _, part in gathered for index, generations in part.items()}
@@ -296,6 +303,14 @@ def _prepare_request(
         stamp.write_text(key)
 
 
+class GenerationStopped(Exception):
+    """A stop was asked for (should_stop) while the vLLM workers ran: they were terminated, and the
+    chunks they had finished are kept for the next call of the same request."""
+
+
+STOPPED = "stopped"  # _run_worker's outcome when should_stop() ended the worker
+
+
 def _run_worker(
     workdir: Path,
     model_path: str,
@@ -305,9 +320,12 @@ def _run_worker(
     share: list[int],
     rank: int,
     python: str = "",
+    should_stop=None,
 ) -> tuple[str | None, dict]:
     """Run this rank's vLLM worker (this file with --backend vllm) on its prompts file; returns
-    (error or None, {prompt index: its generations})."""
+    (error or None, {prompt index: its generations}), error STOPPED when should_stop() turned true
+    while it ran (checked twice a second): the worker is then sent SIGTERM (and killed if it has
+    not exited 30 s later)."""
     output_path, log_path = workdir / "generations.jsonl", workdir / "worker.log"
     flags = {
         "backend": "vllm",
@@ -323,8 +341,21 @@ def _run_worker(
     command += ["--enforce_eager"] * enforce_eager
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     with open(log_path, "a") as log:
-        env = vllm_child_environment(local_rank)
-        returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        child = subprocess.Popen(command, env=vllm_child_environment(local_rank), stdout=log, stderr=subprocess.STDOUT)
+        while child.poll() is None:
+            try:
+                child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if should_stop is not None and should_stop():
+                    child.terminate()
+                    try:
+                        child.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
+        returncode = child.returncode
+    if returncode != 0 and should_stop is not None and should_stop():  # ended by us, or by the same signal
+        return STOPPED, {}
     if returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         return f"rank {rank}: the vLLM worker exited with status {returncode}; the end of {log_path}:\n{tail}", {}
@@ -358,6 +389,7 @@ def generate(
     enforce_eager: bool = False,
     group=None,
     vllm_python: str = "",
+    should_stop=None,
 ) -> list[list[Generation]]:
     """n responses for each token-id prompt, in the prompts' order.
 
@@ -387,6 +419,7 @@ def generate(
             enforce_eager=enforce_eager,
             group=group,
             python=vllm_python,
+            should_stop=should_stop,
         )
     raise ValueError(f"generator backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -420,6 +453,15 @@ class PairStats:
     offline_chosen: int = 0  # SELM: pairs whose chosen answer came from the dataset
     offline_rejected: int = 0
     rewards: list[float] = field(default_factory=list)  # every online candidate's reward
+
+    @staticmethod
+    def combined(parts: list[PairStats]) -> PairStats:
+        """The counts of several make_online_pairs calls (pieces of one set of prompts) added up."""
+        total = PairStats()
+        for part in parts:
+            for name in (f.name for f in fields(PairStats)):  # counts add, the rewards' lists join
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+        return total
 
 
 def best_and_worst(pool: list[Candidate], rewards: list[float]) -> OnlinePair | None:
@@ -510,6 +552,9 @@ def _vllm_worker(args, rows: list[dict], prompts: list[list[int]], indices: list
         raise SystemExit(
             "the vllm backend needs vLLM installed (pip install vllm); it is an optional GPU extra"
         ) from None
+    # a SIGTERM (the trainer stopping, or a scheduler) unwinds Python, so vLLM's own shutdown runs and
+    # takes its engine process with it; what was appended to args.output stays
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tokenizer = load_tokenizer(args.model)
     # bf16 whatever the checkpoint's dtype (train.py writes the intermediate iterations' exports in fp32); max_model_len
     # bounds the KV cache to what the prompts need (Llama-3.1's own 131k would ask for ~16 GiB at 0.5 utilisation)

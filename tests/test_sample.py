@@ -359,6 +359,29 @@ def test_vllm_generation_killed_mid_way_keeps_its_finished_chunks(fake_vllm, toy
     assert len(recorded(fake_vllm, 0)["prompts"]) == 10
 
 
+def test_vllm_workers_stopped_by_a_signal_keep_their_finished_chunks(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    """should_stop() turning true (train.py: a SIGTERM or SIGINT) while the worker generates: it is
+    terminated within a second, GenerationStopped is raised, and the chunks it finished stay for the
+    next call of the same request, which generates only the rest."""
+    prompts = [[i, i + 1] for i in range(10)]
+    args = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=7, backend="vllm", model_path=str(toy_dir))
+    work = tmp_path / "work"
+    monkeypatch.setenv("FAKE_VLLM_SECONDS_PER_CALL", "2")  # each of the 4 chunks
+    output = work / "vllm" / "rank0" / "generations.jsonl"
+
+    def should_stop():  # once the first chunk is on disk
+        return output.exists() and bool(output.read_text())
+
+    with pytest.raises(sample.GenerationStopped, match="finished chunks are kept"):
+        generate(prompts, **args, workdir=work / "vllm", should_stop=should_stop)
+    assert recorded(fake_vllm, 0)["calls"] <= 2 and len(output.read_text().splitlines()) == 3
+    monkeypatch.delenv("FAKE_VLLM_SECONDS_PER_CALL")
+    (fake_vllm / "gpu0.jsonl").unlink()
+    results = generate(prompts, **args, workdir=work / "vllm")
+    assert recorded(fake_vllm, 0)["prompts"] == [{"prompt_token_ids": p} for p in prompts[3:]]  # only the rest
+    assert results == [[expected_generation(p, j, 4) for j in range(2)] for p in prompts]
+
+
 def test_vllm_greedy_with_several_answers_and_eager_mode(fake_vllm, toy_dir, tmp_path):
     """vLLM 0.33 refuses greedy sampling with n > 1: the worker asks for one answer and repeats it."""
     results = generate(
@@ -536,6 +559,21 @@ def test_best_is_chosen_and_worst_is_rejected():
     assert pairs[2].chosen.truncated and pairs[2].chosen.text == "p q r s t"  # cut answers stay candidates
     assert stats.truncated_candidates == 1 and stats.pairs == 2 and stats.prompts == 3
     assert len(stats.rewards) == 8 and stats.offline_chosen == 0
+
+
+def test_pairs_made_in_pieces_are_those_made_at_once():
+    """train.py annotates in pieces of prompts (kept as they finish): the pairs and the combined
+    counts equal one call's."""
+    generations = [
+        [gen("a b"), gen("a b c d"), gen("a"), gen("a b c")],
+        [gen("x y"), gen("x z")],
+        [gen("p q r s t", "length"), gen("p")],
+    ]
+    whole = make_online_pairs(MESSAGES, generations, LENGTH_REWARD)
+    parts = [make_online_pairs(MESSAGES[:2], generations[:2], LENGTH_REWARD)]
+    parts.append(make_online_pairs(MESSAGES[2:], generations[2:], LENGTH_REWARD))
+    assert [p for pairs, _ in parts for p in pairs] == whole[0]
+    assert sample.PairStats.combined([stats for _, stats in parts]) == whole[1]
 
 
 def test_candidates_cut_at_the_length_limit_are_scored_as_unfinished():

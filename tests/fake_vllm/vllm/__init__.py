@@ -5,6 +5,7 @@ the token id for a stop_token_ids stop)."""
 
 import json
 import os
+import time
 
 RECORD_DIR = os.environ["FAKE_VLLM_RECORD"]
 EOS = 2  # the toy tokenizer's
@@ -121,6 +122,7 @@ class LLM:
         self.calls += 1
         if os.environ.get("FAKE_VLLM_DIE_AT_CALL") == str(self.calls):  # a kill in the middle of the work
             os._exit(137)
+        time.sleep(float(os.environ.get("FAKE_VLLM_SECONDS_PER_CALL", "0")))  # a generate call that takes time
         env = {
             k: os.environ.get(k)
             for k in (
