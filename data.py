@@ -133,7 +133,9 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
                     try:
                         yield where, json.loads(line)
                     except json.JSONDecodeError as err:
-                        yield where, DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+                        # json's messages can end in "at" (their position follows): the column goes first
+                        message = err.msg.removesuffix(" at")
+                        yield where, DataError(f"{where}: invalid JSON at column {err.colno}: {message}")
         elif path.suffix == ".json":
             try:
                 with open(path, encoding="utf-8") as f:
@@ -201,7 +203,11 @@ def download_hub_dataset(repo_id: str, split: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns))
     except Exception as err:  # network, authentication, missing repository: all end the same way
-        raise DataError(f"{repo_id}: could not download the hub dataset (split {split!r}): {err}") from err
+        reason = " ".join(str(err).split())[:300]
+        raise DataError(
+            f"{repo_id}: the hub dataset (split {split!r}) cannot be downloaded ({reason}); pass a local file or "
+            "directory instead, connect to the network, or set HF_HUB_OFFLINE=1 with it in the local cache"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------

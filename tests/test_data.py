@@ -145,7 +145,8 @@ def test_sft_rows(tmp_path):
 
 
 BAD_ROWS = [
-    ('{"prompt": "p", "chosen": "c", "rejected": ', "invalid JSON"),
+    ('{"prompt": "p", "chosen": "c", "rejected": ', "invalid JSON at column"),
+    ('{"prompt": "p, "chosen"', "invalid JSON at column 17: Expecting ',' delimiter"),
     ('["a", "list"]', "expected a JSON object"),
     ({"prompt": "p", "chosen": "c"}, "missing key 'rejected'"),
     ({"chosen": "c", "rejected": "r"}, "missing key 'prompt'"),
@@ -174,6 +175,15 @@ def test_bad_row_error_names_file_line_and_problem(tmp_path, bad, problem):
         load_preferences(path)
     assert str(err.value).startswith(f"{path}:2: ")
     assert problem in str(err.value)
+
+
+def test_json_errors_name_the_column_first(tmp_path):
+    """json's message "Unterminated string starting at" expects its position after it: the column
+    goes first, so the error never reads "... starting at at column 27"."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c')  # a last line cut mid-string, as a full disk leaves it
+    ((where, error),) = list(data.iter_rows(path))
+    assert str(error) == f"{path}:1: invalid JSON at column 27: Unterminated string starting"
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path):
