@@ -18,10 +18,12 @@ checkpoints/ (resumable, torch.distributed.checkpoint) and model/ (HF safetensor
 
 Stopping and resuming
 - Every optimisation pass writes a checkpoint every tenth of its steps (--save_every to choose),
-  every --save_minutes, and at phase boundaries; the vLLM generation phase keeps its finished
-  chunks. `--resume` continues from the latest, bit-exact with --deterministic.
-- SIGTERM or SIGINT: the current step finishes, a checkpoint is written, and the run exits with
-  a one-line message and status 128 + the signal; a second signal exits at once.
+  every --save_minutes, and at phase boundaries; phase 1 (scoring, generation, annotation) keeps
+  its work in pieces as they finish (Pieces). `--resume` continues from the latest complete
+  checkpoint (a damaged one is moved aside), bit-exact with --deterministic.
+- SIGTERM or SIGINT: in training the current step finishes and a checkpoint is written; in phase 1
+  the run stops before its next piece (vLLM workers terminated); either way it exits within
+  seconds with a one-line message and status 128 + the signal; a second signal exits at once.
 - `--resume` checks the config against the stage's config.json: a key that changes the result
   (optimisation, data, method, seeds, iterations, ...) must be the same, or the run stops and
   lists the differences; the harmless ones (RESUME_HARMLESS) are taken and recorded there.
@@ -86,7 +88,7 @@ import data
 import losses
 from meta import INPUT_MODES, SAMPLING_MODES, WEIGHTING_MODES, MetaController, meta_features
 from reward import RewardModel, require_reward_head, toy_gold_judge
-from sample import BACKENDS, generate, make_online_pairs
+from sample import BACKENDS, GenerationStopped, PairStats, generate, make_online_pairs
 
 # ==============================================================================================
 # Config
@@ -1012,6 +1014,10 @@ class Stage:
             raise ConfigError(
                 f"{self.dir} holds an unfinished run; pass --resume to continue it, or remove the directory"
             )
+        if self.cfg.resume and not begun:
+            print0(self.rt, f"[{self.name}] --resume: nothing to resume in {self.dir}; the stage starts afresh")
+        if latest is not None:
+            latest = self.usable_checkpoint()
         record = {**config_dict(self.cfg), "stage": self.name}
         if begun and (self.dir / "config.json").exists():
             saved = read_json(self.dir / "config.json")
@@ -1058,13 +1064,40 @@ class Stage:
                 )
         self.metric_lines += 1
 
+    def checkpoint_dirs(self) -> list[Path]:
+        """The stage's checkpoints, oldest first (not the .tmp of one being written, nor a .damaged one)."""
+        if not self.checkpoints.exists():
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
+
     def latest_checkpoint(self) -> Path | None:
-        found = (
-            sorted(p for p in self.checkpoints.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-            if self.checkpoints.exists()
-            else []
-        )
+        found = self.checkpoint_dirs()
         return found[-1] if found else None
+
+    def usable_checkpoint(self) -> Path:
+        """The newest checkpoint that is complete (checkpoint_problem): a damaged newer one (a full
+        disk, a node lost while copying) is named in a warning and moved aside to <name>.damaged,
+        so that it is neither used nor counted among the kept ones; none usable is a refusal that
+        leaves everything as it is."""
+        found = self.checkpoint_dirs()
+        problems = [(path, checkpoint_problem(path)) for path in reversed(found)]
+        usable = next((path for path, problem in problems if problem is None), None)
+        if usable is None:
+            reasons = "; ".join(f"{path.name}: {problem}" for path, problem in problems)
+            raise ConfigError(
+                f"--resume: no usable checkpoint in {self.checkpoints} ({reasons}); remove {self.dir} to start the "
+                "stage afresh"
+            )
+        barrier(self.rt)  # every rank has judged them before any is moved
+        for path, problem in problems:
+            if path == usable:
+                break
+            print0(self.rt, f"[{self.name}] checkpoint {path} is damaged ({problem}): moved aside, using {usable.name}")
+            if self.rt.main:
+                shutil.rmtree(path.with_name(path.name + ".damaged"), ignore_errors=True)
+                os.replace(path, path.with_name(path.name + ".damaged"))
+        barrier(self.rt)
+        return usable
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict) -> None:
         """Model + optimizer through torch.distributed.checkpoint (model=None: a state-only
@@ -1101,9 +1134,7 @@ class Stage:
         if self.rt.main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in sorted(p for p in self.checkpoints.glob("step-*") if not p.name.endswith(".tmp"))[
-                : -self.cfg.keep_checkpoints
-            ]:
+            for old in self.checkpoint_dirs()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.rt)
 
@@ -1137,6 +1168,36 @@ class Stage:
         if self.rt.main:
             write_json(self.dir / "done.json", summary)
         barrier(self.rt)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None: state.pt and every rank<r>.pt load; with a
+    model, torch.distributed.checkpoint's .metadata loads and every file it names holds at least the
+    bytes it points to (a truncated or missing shard shows here, before any rank reads it)."""
+    for name in ["state.pt"] + sorted(p.name for p in path.glob("rank*.pt")):
+        try:
+            record = torch.load(path / name, weights_only=False)
+        except Exception as err:  # missing, truncated, not a pickle: all mean the same here
+            return f"{name} unreadable: {_short(err)}"
+        if name == "state.pt":
+            state = record
+    if not (path / "rank0.pt").exists():
+        return "rank0.pt missing"
+    if state.get("has_model"):
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        except Exception as err:
+            return f".metadata unreadable: {_short(err)}"
+        needed: dict[str, int] = {}
+        for item in metadata.storage_data.values():
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+        for name, size in sorted(needed.items()):
+            have = (path / name).stat().st_size if (path / name).exists() else None
+            if have is None or have < size:
+                return f"{name} {'missing' if have is None else f'truncated ({have} of {size} bytes)'}"
+    return None
 
 
 def capture_rng() -> dict:
@@ -1352,8 +1413,8 @@ def request_stop(signum, frame) -> None:
     STOP_SIGNAL.append(signum)
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step with a checkpoint (send it "
-            "again to exit at once)",
+            f"\ntrain.py: {signal.Signals(signum).name}: stopping after the current step or piece of work, keeping "
+            "what is done (send it again to exit at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -1363,6 +1424,49 @@ def check_stop(rt: Runtime, where: str) -> None:
     """Collective: raise Stopped when any rank got a stop signal. `where` says what a resume redoes."""
     if all_reduce_sum(rt, torch.tensor([float(bool(STOP_SIGNAL))])).item() > 0:
         raise Stopped(where)
+
+
+PIECE = 256  # tuples (or prompts) per piece of phase-1 work: l_off scores, rewards
+
+
+class Pieces:
+    """Phase-1 work kept as it finishes, so that a stop signal costs seconds, not the phase: the
+    work is cut into pieces (the l_off scores of PIECE tuples, one round of generate calls, the
+    rewards of PIECE prompts' answers); each piece's result, once every rank has it, is written by
+    rank 0 to <directory>/<name>-<k>.pt (atomically), and every rank checks for a stop signal
+    before each piece. A rerun of the same phase (--resume) reads the finished pieces back and
+    computes the rest: the phase is deterministic given its inputs (the iteration's policy and
+    reference as exported, the seeds), so the result is the uninterrupted one. directory=None keeps
+    nothing but still stops between pieces (evaluation)."""
+
+    def __init__(self, directory: Path | None, rt: Runtime, where: str):
+        self.directory, self.rt, self.where = directory, rt, where
+        barrier(rt)  # pieces a previous run finished, the same list on every rank
+        self.done = {p.stem for p in directory.glob("*.pt")} if directory and directory.exists() else set()
+
+    def run(self, name: str, count: int, compute) -> list:
+        """[compute(k) for k in range(count)], compute(k) being a collective that gives every rank
+        the same result; finished pieces are read back instead of computed."""
+        results = []
+        for k in range(count):
+            key = f"{name}-{k:05d}"
+            if key in self.done:
+                results.append(torch.load(self.directory / f"{key}.pt", weights_only=False))
+                continue
+            kept = f" ({name}: {k} of {count} pieces kept)" if self.directory else ""
+            check_stop(self.rt, f"{self.where}{kept}")
+            results.append(compute(k))
+            if self.directory is not None and self.rt.main:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                torch.save(results[-1], self.directory / f"{key}.tmp")
+                os.replace(self.directory / f"{key}.tmp", self.directory / f"{key}.pt")
+        return results
+
+    def remove(self) -> None:
+        """Once the phase's result is in a checkpoint, its pieces are not needed any more."""
+        if self.directory is not None and self.rt.main:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        barrier(self.rt)
 
 
 def normalise_metrics(sums: dict) -> dict:
@@ -1658,7 +1762,26 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _short(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    """An exception's message on one line (its lines joined: the first alone can end mid-sentence)."""
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+HUB_HINT = "pass a local path instead, connect to the network, or set HF_HUB_OFFLINE=1 with it in the local cache"
+
+
+def load_config(flag: str, path: str):
+    """The model config at `path` (a directory or hub id), or a one-line error naming `flag`: for a
+    hub id that cannot be reached (no network, HF_HUB_OFFLINE, a typo) it says how to go on."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, ... for the many ways a path is wrong
+        if Path(path).expanduser().exists():
+            raise ConfigError(f"{flag}: {path} is not a model transformers can load: {_short(err)}") from None
+        raise ConfigError(
+            f"{flag}: {path} cannot be read from the Hugging Face hub ({_short(err)}); {HUB_HINT}"
+        ) from None
 
 
 def check_model(flag: str, path: str, produced_by: str = "", reward: bool = False) -> None:
@@ -1666,8 +1789,6 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
     config.json or tokenizer, a hub id that does not resolve, a causal LM given as reward model.
     Reads only the config and the tokenizer, so it costs seconds even for an 8B model.
     `produced_by`: the stage whose output `path` is when the flag is unset."""
-    from transformers import AutoConfig
-
     if not Path(path).expanduser().exists():
         if produced_by:
             raise ConfigError(
@@ -1678,15 +1799,13 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
             raise ConfigError(
                 f"{flag}: {path} does not exist (neither a local directory nor a hub id of the form owner/name)"
             )
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers raises OSError, ValueError, ... for the many ways a path is wrong
-        raise ConfigError(f"{flag}: {path} is not a model transformers can load: {_short(err)}") from None
+    config = load_config(flag, path)
     try:
         data.load_tokenizer(path)
     except Exception as err:
         raise ConfigError(
             f"{flag}: {path} has no tokenizer that loads (save it with the model): {_short(err)}"
+            + ("" if Path(path).expanduser().exists() else f"; {HUB_HINT}")
         ) from None
     if reward and any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
         raise ConfigError(
@@ -1695,8 +1814,21 @@ def check_model(flag: str, path: str, produced_by: str = "", reward: bool = Fals
         )
 
 
+def check_lengths(cfg: Config, path: str) -> None:
+    """Refuse, naming both flags, length limits no prompt can meet: the chat template of `path`'s
+    tokenizer (the one the data is tokenized with) wraps even a one-word prompt in tokens of its
+    own, and the answer needs room after the longest prompt."""
+    shortest = len(data.encode_prompt(data.load_tokenizer(path), [{"role": "user", "content": "a"}]))
+    if shortest > cfg.max_prompt_len or shortest >= cfg.max_len:
+        raise ConfigError(
+            f"--max_prompt_len={cfg.max_prompt_len} with --max_len={cfg.max_len}: the chat template of {path} makes "
+            f"a one-word prompt {shortest} tokens long, so no prompt (and answer) fits; raise --max_prompt_len to the "
+            "longest prompt you want and --max_len above it"
+        )
+
+
 def check_data(flag: str, source: str, split: str | None = None) -> None:
-    """A data path exists (a local one holds the split's files; a hub id is fetched when loaded)."""
+    """A data path exists and holds the split's files (a hub id is fetched now)."""
     if not source:
         return
     if not Path(source).exists() and (not HUB_ID.fullmatch(source) or Path(source).suffix in data.DATA_EXTENSIONS):
@@ -1704,11 +1836,10 @@ def check_data(flag: str, source: str, split: str | None = None) -> None:
             f"{flag}: {source} does not exist (neither a local file or directory nor a hub dataset id of the form "
             "owner/name)"
         )
-    if Path(source).exists():
-        try:
-            data.resolve_files(source, split)
-        except data.DataError as err:
-            raise ConfigError(f"{flag}: {err}") from None
+    try:  # a hub id is downloaded here, where a failure can name the flag (the data is needed anyway)
+        data.resolve_files(source, split)
+    except data.DataError as err:
+        raise ConfigError(f"{flag}: {err}") from None
 
 
 def check_inputs(cfg: Config, method: str) -> None:
@@ -1738,6 +1869,7 @@ def check_inputs(cfg: Config, method: str) -> None:
         models = [m for m in (sft, reference, policy, reward) if not m[2]]
     for flag, path, produced_by in dict.fromkeys(models):
         check_model(flag, path, produced_by, reward=flag == "--reward_model")
+    check_lengths(cfg, models[0][1] if models else cfg.model)
     if method != "sft":
         check_data("--dataset", *train_source(cfg))
     if cfg.test_dataset:
@@ -2065,42 +2197,47 @@ def distributed_generate(
     seed: int,
     workdir: Path,
     backend: str | None = None,
+    pieces: Pieces | None = None,
+    name: str = "generation",
 ):
     """n responses per prompt, on every rank: vLLM workers on the exported policy, or the
     sharded policy's own `generate`. There the prompts are cut into batches of gen_batch_size,
     batch k sampled with seed + k by rank k % world (in lockstep, synced_gpus), so the answers do
-    not depend on the number of ranks."""
+    not depend on the number of ranks; each round (one batch per rank) is a piece of `pieces`
+    (`name`), kept as it finishes. A stop signal ends it between rounds, or terminates the vLLM
+    workers (which keep their finished chunks): Stopped, naming where."""
+    pieces = pieces or Pieces(None, rt, "stopped while generating")
     backend = backend or cfg.generator
     if backend == "vllm":
         # the child's start-up check needs gpu_memory_utilization x total free: nothing gathered, nothing cached
         release_memory(policy)
-        return generate(
-            prompts,
-            n,
-            cfg.temperature,
-            cfg.top_p,
-            cfg.max_new_tokens,
-            seed,
-            backend="vllm",
-            model_path=model_path,
-            workdir=workdir / "vllm",
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.vllm_max_model_len,
-            enforce_eager=cfg.vllm_enforce_eager,
-            group=rt.objects,
-            vllm_python=cfg.vllm_python,
-        )
+        try:
+            return generate(
+                prompts,
+                n,
+                cfg.temperature,
+                cfg.top_p,
+                cfg.max_new_tokens,
+                seed,
+                backend="vllm",
+                model_path=model_path,
+                workdir=workdir / "vllm",
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_len=cfg.vllm_max_model_len,
+                enforce_eager=cfg.vllm_enforce_eager,
+                group=rt.objects,
+                vllm_python=cfg.vllm_python,
+                should_stop=lambda: bool(STOP_SIGNAL),
+            )
+        except GenerationStopped as err:
+            raise Stopped(f"{pieces.where} ({name}: {err})") from None
     batches = list(range(math.ceil(len(prompts) / cfg.gen_batch_size)))
     mine = batches[rt.rank :: rt.world]
-    rounds = math.ceil(len(batches) / rt.world)  # every rank makes the same number of generate calls
-    if rt.fsdp:
-        policy.unshard()  # the root's own weights (embeddings, final norm, head) are shards outside its forward
-    results = {}
-    for r in range(rounds):
-        k = mine[r] if r < len(mine) else batches[0]  # a rank out of batches repeats one (results unused)
-        chunk = prompts[k * cfg.gen_batch_size : (k + 1) * cfg.gen_batch_size]
+
+    def one_round(r: int) -> dict:  # every rank generates one batch (or repeats one, unused); all get every batch
+        k = mine[r] if r < len(mine) else batches[0]
         out = generate(
-            chunk,
+            prompts[k * cfg.gen_batch_size : (k + 1) * cfg.gen_batch_size],
             n,
             cfg.temperature,
             cfg.top_p,
@@ -2111,13 +2248,14 @@ def distributed_generate(
             batch_size=cfg.gen_batch_size,
             synced_gpus=rt.world > 1,
         )
-        if r < len(mine):
-            results[k] = out
+        return {b: o for part in all_gather_objects(rt, {k: out} if r < len(mine) else {}) for b, o in part.items()}
+
+    if rt.fsdp:
+        policy.unshard()  # the root's own weights (embeddings, final norm, head) are shards outside its forward
+    rounds = pieces.run(name, math.ceil(len(batches) / rt.world), one_round)  # the same number on every rank
     if rt.fsdp:
         policy.reshard()
-    merged = {}
-    for part in all_gather_objects(rt, results):
-        merged.update(part)
+    merged = {k: out for done in rounds for k, out in done.items()}
     return [generation for k in batches for generation in merged[k]]
 
 
@@ -2155,14 +2293,24 @@ def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[f
 
 
 def boundary_measurement(
-    cfg: Config, rt: Runtime, policy, tokenizer, policy_path: str, chunk: list, raw: list, stage: Stage, t: int
+    cfg: Config,
+    rt: Runtime,
+    policy,
+    tokenizer,
+    policy_path: str,
+    chunk: list,
+    raw: list,
+    stage: Stage,
+    t: int,
+    pieces: Pieces,
 ) -> dict:
     """Seed 004's alignment-stage boundary, measured before iteration t on the first probe_ratio of
     its (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
     with each static answer (the pair's chosen and rejected) by the reward model; the boundary
     score BS is the share of comparisons the on-policy answers win (ties count half). BS >=
     stage_threshold: the fine-tuning stage, train on on-policy pairs; below: the injection stage,
-    train on the static pairs. --schedule overrides the choice (BS is still measured and logged)."""
+    train on the static pairs. --schedule overrides the choice (BS is still measured and logged).
+    Its generation and scores are pieces of the iteration's phase 1 (`pieces`)."""
     tic = time.time()
     probe = chunk[: max(1, math.ceil(cfg.probe_ratio * len(chunk)))]
     generations = distributed_generate(
@@ -2175,15 +2323,20 @@ def boundary_measurement(
         rt,
         cfg.seed * 1000 + 500 + t,
         stage.dir,
+        pieces=pieces,
+        name="boundary-generation",
     )
-    rm = load_reward_model(reward_path(cfg), cfg, rt)
     statics = [(raw[p.index].chosen, raw[p.index].rejected) for p in probe]
-    rewards = rm.score(
-        [raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
-        [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
-        [done for answers in generations for done in [a.finish_reason == "stop" for a in answers] + [True, True]],
-    )
-    del rm
+
+    def score_probe(_: int) -> list[float]:
+        rm = load_reward_model(reward_path(cfg), cfg, rt)
+        return rm.score(
+            [raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
+            [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
+            [done for answers in generations for done in [a.finish_reason == "stop" for a in answers] + [True, True]],
+        )
+
+    (rewards,) = pieces.run("boundary-rewards", 1, score_probe)
     group = cfg.probe_samples + 2  # each prompt's on-policy answers, then its 2 static ones
     score, wins, ties, comparisons = boundary_score(
         [rewards[i : i + cfg.probe_samples] for i in range(0, len(rewards), group)],
@@ -2357,8 +2510,10 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     for t in range(run.state.iteration, cfg.iterations):  # Alg. 1 line 3: for t = 1..T
         policy, ref, policy_path = run.load_models(t)  # pi_theta, and pi_ref as line 23 left it
         if run.state.augmented is None:  # phase 1 (lines 4-12), unless a resumed run had finished it
-            run.state.augmented = online_sampling(run, t, policy, ref, policy_path)
+            pieces = run.phase_one_pieces(t)  # kept as they finish: a stop loses seconds, not the phase
+            run.state.augmented = online_sampling(run, t, policy, ref, policy_path, pieces)
             run.save_phase_boundary()
+            pieces.remove()
         preference_optimization(run, t, policy, ref)  # phase 2 (lines 13-22): Eq. 5 steps, Eq. 6 every T_meta
         run.end_iteration(t, policy)  # line 23: pi_theta exported, the next start and the reference after it
         del policy, ref
@@ -2366,27 +2521,34 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
     return run.finish()
 
 
-def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str) -> list[PolicyPair]:
-    """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t."""
+def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pieces: Pieces) -> list[PolicyPair]:
+    """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t,
+    its work kept in `pieces` as it finishes."""
     cfg, rt, method, chunk = run.cfg, run.rt, run.method, run.chunks[t]
     tic = time.time()
     scores, offline_scores, features, boundary = [(None, None)] * len(chunk), None, None, None
     if method in ("metaapo", "adpo"):  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-        scores = pair_scores(policy, ref, chunk, cfg, rt)
+        parts = pieces.run(
+            "scores",
+            math.ceil(len(chunk) / PIECE),
+            lambda k: pair_scores(policy, ref, chunk[k * PIECE : (k + 1) * PIECE], cfg, rt),
+        )
+        scores = [score for part in parts for score in part]
         offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
         features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
     if method == "stage":  # seed 004: the boundary measurement decides the iteration's data
-        boundary = boundary_measurement(cfg, rt, policy, run.tokenizer, policy_path, chunk, run.raw, run.stage, t)
+        boundary = boundary_measurement(
+            cfg, rt, policy, run.tokenizer, policy_path, chunk, run.raw, run.stage, t, pieces
+        )
     # lines 7-8: w = h(l_off), generate when u > w (the baselines: every prompt, a threshold, the boundary score)
     selected, weights = select_for_generation(cfg, method, run.meta, offline_scores, features, len(chunk), boundary)
     chosen = [i for i, s in enumerate(selected) if s]
     prompts, seed = [chunk[i].prompt_ids for i in chosen], cfg.seed * 1000 + t
     # line 9: K responses from the current policy
     generations = distributed_generate(
-        policy, run.tokenizer, prompts, policy_path, cfg.num_samples, cfg, rt, seed, run.stage.dir
+        policy, run.tokenizer, prompts, policy_path, cfg.num_samples, cfg, rt, seed, run.stage.dir, pieces=pieces
     )
-    check_stop(rt, f"[{run.name}] stopped during iteration {t + 1}'s generation phase; --resume generates it again")
-    pairs, pair_stats = annotate(run, chunk, chosen, generations)  # lines 10-11: ranked by r, best and worst
+    pairs, pair_stats = annotate(run, chunk, chosen, generations, pieces)  # lines 10-11: ranked by r, best and worst
     # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code: a greedy one)
     own = [g[0].token_ids for g in generations] if method == "selm" else None
     augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # line 12: D_aug
@@ -2394,18 +2556,27 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str) ->
     return augmented
 
 
-def annotate(run: IterativeRun, chunk: list[PolicyPair], chosen: list[int], generations: list) -> tuple[list, object]:
+def annotate(
+    run: IterativeRun, chunk: list[PolicyPair], chosen: list[int], generations: list, pieces: Pieces
+) -> tuple[list, PairStats]:
     """Alg. 1 lines 10-11: the reward model scores each selected prompt's K answers; its best and
-    worst are the online pair (SELM also ranks the offline pair's two answers with them)."""
-    rm = load_reward_model(reward_path(run.cfg), run.cfg, run.rt)
+    worst are the online pair (SELM also ranks the offline pair's two answers with them). In
+    pieces of PIECE prompts, kept as they finish; the reward model is loaded only if one is left."""
     rows = [run.raw[chunk[i].index] for i in chosen]
     pool = [((row.chosen, chunk[i].chosen_ids), (row.rejected, chunk[i].rejected_ids)) for i, row in zip(chosen, rows)]
-    pairs, stats = make_online_pairs(
-        [row.prompt for row in rows], generations, rm, offline=pool if run.method == "selm" else None
-    )
-    del rm  # phase 2 does not need it
+    loaded = []  # the reward model, once a piece needs it
+
+    def piece(k: int):
+        if not loaded:
+            loaded.append(load_reward_model(reward_path(run.cfg), run.cfg, run.rt))
+        part = slice(k * PIECE, (k + 1) * PIECE)
+        offline = pool[part] if run.method == "selm" else None
+        return make_online_pairs([row.prompt for row in rows[part]], generations[part], loaded[0], offline=offline)
+
+    parts = pieces.run("rewards", math.ceil(len(rows) / PIECE), piece)
+    loaded.clear()  # phase 2 does not need it
     release_memory()
-    return pairs, stats
+    return [pair for pairs, _ in parts for pair in pairs], PairStats.combined([stats for _, stats in parts])
 
 
 def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
@@ -2521,6 +2692,11 @@ class IterativeRun:
             },
             "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None,
         }
+
+    def phase_one_pieces(self, t: int) -> Pieces:
+        """Where iteration t's phase 1 keeps its work as it finishes (until its result is in a checkpoint)."""
+        where = f"[{self.name}] stopped during iteration {t + 1}'s phase 1"
+        return Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
 
     def save_phase_boundary(self) -> None:
         """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
@@ -2797,24 +2973,49 @@ def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
     return ppo_loss
 
 
+def rollout_pieces(stage: Stage, rt: Runtime, r: int) -> Pieces:
+    """Where rollout r keeps its generation and scores as they finish. The actor that generates them
+    is the one rollout r - 1's pass left: a resumed run retrains the same steps to it (bit for bit
+    with --deterministic) before it reads them back."""
+    return Pieces(stage.dir / f"rollout{r + 1}", rt, f"[ppo] stopped during rollout {r + 1}'s generation and scoring")
+
+
 def collect_rollout(
     cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list, raw: list, tokenizer, actor, ref, critic, rm
 ) -> list[Rollout]:
     """Rollout r: one answer per prompt from the current actor, scored by the reward model, then
-    per-token KL to the SFT model, values and GAE advantages (score_rollouts)."""
+    per-token KL to the SFT model, values and GAE advantages (score_rollouts). Generation and
+    scores are kept in pieces (rollout_pieces) as they finish."""
     tic = time.time()
+    pieces = rollout_pieces(stage, rt, r)
     policy_path = sft_path(cfg)
     if cfg.generator == "vllm":  # the worker reads the current actor from disk
         policy_path = str(stage.dir / "rollout_actor")
         export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
     generations = distributed_generate(
-        actor, tokenizer, [p.prompt_ids for p in chunk], policy_path, 1, cfg, rt, cfg.seed * 1000 + r, stage.dir
+        actor,
+        tokenizer,
+        [p.prompt_ids for p in chunk],
+        policy_path,
+        1,
+        cfg,
+        rt,
+        cfg.seed * 1000 + r,
+        stage.dir,
+        pieces=pieces,
     )
-    check_stop(rt, f"[ppo] stopped during rollout {r + 1}'s generation; --resume generates it again")
     answers = [g[0] for g in generations]
-    scores = rm.score(
-        [raw[p.index].prompt for p in chunk], [a.text for a in answers], [a.finish_reason == "stop" for a in answers]
+    parts = pieces.run(
+        "rewards",
+        math.ceil(len(chunk) / PIECE),
+        lambda k: rm.score(
+            [raw[p.index].prompt for p in chunk[k * PIECE : (k + 1) * PIECE]],
+            [a.text for a in answers[k * PIECE : (k + 1) * PIECE]],
+            [a.finish_reason == "stop" for a in answers[k * PIECE : (k + 1) * PIECE]],
+        ),
     )
+    scores = [score for part in parts for score in part]
+    check_stop(rt, pieces.where)
     room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
     samples = [
         Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
@@ -2903,6 +3104,7 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
         state["times"]["training_s"] += time.time() - tic
         state.update(rollout=r + 1, samples=None)
         loop.batch = 0
+        rollout_pieces(stage, rt, r).remove()
     export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {
         "annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples,
@@ -2998,11 +3200,12 @@ class Shapes:
     kv_width: int  # key/value heads x head dim: the KV cache per token and layer is 2 x this
 
 
-def model_shapes(path: str) -> Shapes:
-    """Shapes of a model directory or hub id, counting its parameters on the meta device (no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_shapes(path: str, flag: str = "--model") -> Shapes:
+    """Shapes of a model directory or hub id, counting its parameters on the meta device (no memory).
+    A config that does not load is a one-line error naming `flag`."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path).get_text_config()
+    config = load_config(flag, path).get_text_config()
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in lm.parameters())
@@ -3100,9 +3303,10 @@ def vllm_need_gib(cfg: Config, s: Shapes) -> float:
 def plan_shapes(cfg: Config) -> tuple[Shapes, Shapes]:
     """(the policy's shapes, the annotating reward model's): the latter is the policy's architecture
     when this run trains it (the rm stage starts from the SFT model)."""
-    policy = model_shapes(sft_path(cfg) if Path(sft_path(cfg)).exists() or not cfg.init_from_config else cfg.model)
+    path = sft_path(cfg) if Path(sft_path(cfg)).exists() or not cfg.init_from_config else cfg.model
+    policy = model_shapes(path, "--sft_model" if cfg.sft_model else "--model")
     given = cfg.reward_model and (Path(cfg.reward_model).exists() or HUB_ID.fullmatch(cfg.reward_model))
-    return policy, model_shapes(cfg.reward_model) if given else policy
+    return policy, model_shapes(cfg.reward_model, "--reward_model") if given else policy
 
 
 def needs_sharded_gradients(cfg: Config, world: int, gpu_gib: float, policy: Shapes, annotator: Shapes) -> bool:
@@ -3285,6 +3489,7 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as err:
             raise SystemExit(f"train.py: {err}") from None
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     rt = setup_distributed(cfg)
     try:
         if cfg.preset == "toy":
@@ -3320,7 +3525,12 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
         for signum, handler in handlers.items():  # main() may run inside another program (the tests)
             signal.signal(signum, handler)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's main, so that what checkpoints pickle (PolicyPair, Rollout, ...) is
+    # train.X, which any program can load, not __main__.X, which only `python train.py` could
+    import train
+
+    train.main()
