@@ -663,16 +663,42 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
 # Benchmark answer files
 
 
-def alpaca_eval_answers(cfg, rt, model_path: str, questions_path: str, name: str, temperature: float) -> list[dict]:
+def alpaca_eval_problem(q) -> str | None:
+    if isinstance(q, dict) and isinstance(q.get("instruction"), str):
+        return None
+    return "an AlpacaEval question needs an 'instruction' string"
+
+
+def arena_hard_problem(q) -> str | None:
+    if (
+        isinstance(q, dict)
+        and "question_id" in q
+        and isinstance(q.get("turns"), list)
+        and q["turns"]
+        and all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in q["turns"])
+    ):
+        return None
+    return "an Arena-Hard question needs 'question_id' and 'turns': [{'content': str}]"
+
+
+def mt_bench_problem(q) -> str | None:
+    if (
+        isinstance(q, dict)
+        and "question_id" in q
+        and isinstance(q.get("turns"), list)
+        and q["turns"]
+        and all(isinstance(t, str) for t in q["turns"])
+    ):
+        return None
+    return "an MT-Bench question needs 'question_id' and 'turns': [str, ...]"
+
+
+# flag: what a row of its question file must be (None: fine, else the problem)
+QUESTION_CHECKS = {"alpaca_eval": alpaca_eval_problem, "arena_hard": arena_hard_problem, "mt_bench": mt_bench_problem}
+
+
+def alpaca_eval_answers(cfg, rt, model_path: str, questions: list[dict], name: str, temperature: float) -> list[dict]:
     """AlpacaEval 2: the question file is a list of {"instruction", ...}; the answers keep its order."""
-    questions = _read_questions(
-        questions_path,
-        lambda q: (
-            None
-            if isinstance(q, dict) and isinstance(q.get("instruction"), str)
-            else "an AlpacaEval question needs an 'instruction' string"
-        ),
-    )
     answers, _ = generate_answers(
         cfg, rt, model_path, [[{"role": "user", "content": q["instruction"]}] for q in questions], temperature, cfg.seed
     )
@@ -682,7 +708,8 @@ def alpaca_eval_answers(cfg, rt, model_path: str, questions_path: str, name: str
     ]
 
 
-def _read_questions(path: str, check) -> list[dict]:
+def read_questions(path: str, check) -> list[dict]:
+    """The rows of a question file, each passing `check` (a one-line error names the first that does not)."""
     questions = []
     for where, row in data.iter_rows(path):
         if isinstance(row, data.DataError):
@@ -696,21 +723,9 @@ def _read_questions(path: str, check) -> list[dict]:
     return questions
 
 
-def arena_hard_answers(cfg, rt, model_path: str, questions_path: str, name: str, temperature: float) -> list[dict]:
+def arena_hard_answers(cfg, rt, model_path: str, questions: list[dict], name: str, temperature: float) -> list[dict]:
     """Arena-Hard v0.1: question rows {"question_id", "turns": [{"content"}], ...}; answer rows as
     its gen_answer.py writes them."""
-    questions = _read_questions(
-        questions_path,
-        lambda q: (
-            None
-            if isinstance(q, dict)
-            and "question_id" in q
-            and isinstance(q.get("turns"), list)
-            and q["turns"]
-            and all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in q["turns"])
-            else "an Arena-Hard question needs 'question_id' and 'turns': [{'content': str}]"
-        ),
-    )
     conversations = [[{"role": "user", "content": q["turns"][0]["content"]}] for q in questions]
     answers, tokenizer = generate_answers(cfg, rt, model_path, conversations, temperature, cfg.seed)
     return [
@@ -732,21 +747,9 @@ def arena_hard_answers(cfg, rt, model_path: str, questions_path: str, name: str,
     ]
 
 
-def mt_bench_answers(cfg, rt, model_path: str, questions_path: str, name: str) -> list[dict]:
+def mt_bench_answers(cfg, rt, model_path: str, questions: list[dict], name: str) -> list[dict]:
     """MT-Bench: question rows {"question_id", "category", "turns": [str, str]}; both turns are
     answered, the second after the first answer, at FastChat's temperature for the category."""
-    questions = _read_questions(
-        questions_path,
-        lambda q: (
-            None
-            if isinstance(q, dict)
-            and "question_id" in q
-            and isinstance(q.get("turns"), list)
-            and q["turns"]
-            and all(isinstance(t, str) for t in q["turns"])
-            else "an MT-Bench question needs 'question_id' and 'turns': [str, ...]"
-        ),
-    )
     conversations = [[] for _ in questions]
     turns = [[] for _ in questions]
     loaded = load_generator(cfg, rt, model_path)  # once for every turn and temperature
@@ -1339,6 +1342,16 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
         ):
             if path:
                 train.check_model(flag, path, reward=flag == "--reward_model")
+    # every question file is read and checked before any answer is generated (or written)
+    questions = {
+        kind: read_questions(path, QUESTION_CHECKS[kind])
+        for kind, path in (
+            ("alpaca_eval", args.alpaca_eval),
+            ("arena_hard", args.arena_hard),
+            ("mt_bench", args.mt_bench),
+        )
+        if path
+    }
     name = args.name or default_name(model)
     given = any(
         arg.split("=")[0] == "--max_new_tokens" for arg in rest
@@ -1349,18 +1362,18 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
         out = Path("out") / "eval" / name
     written = []
     if args.alpaca_eval:
-        answers = alpaca_eval_answers(answer_cfg, rt, model, args.alpaca_eval, name, args.alpaca_temperature)
+        answers = alpaca_eval_answers(answer_cfg, rt, model, questions["alpaca_eval"], name, args.alpaca_temperature)
         written.append(out / "alpaca_eval" / f"{name}.json")
         if rt.main:
             written[-1].parent.mkdir(parents=True, exist_ok=True)
             written[-1].write_text(json.dumps(answers, indent=2, ensure_ascii=False))
     if args.arena_hard:
-        answers = arena_hard_answers(answer_cfg, rt, model, args.arena_hard, name, args.arena_temperature)
+        answers = arena_hard_answers(answer_cfg, rt, model, questions["arena_hard"], name, args.arena_temperature)
         written.append(out / "arena-hard" / "model_answer" / f"{name}.jsonl")
         if rt.main:
             data.write_jsonl(written[-1], answers)
     if args.mt_bench:
-        answers = mt_bench_answers(answer_cfg, rt, model, args.mt_bench, name)
+        answers = mt_bench_answers(answer_cfg, rt, model, questions["mt_bench"], name)
         written.append(out / "mt_bench" / "model_answer" / f"{name}.jsonl")
         if rt.main:
             data.write_jsonl(written[-1], answers)
@@ -1393,6 +1406,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     handlers = {signum: signal.signal(signum, train.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     rt = train.setup_distributed(cfg)
     try:
         train.start_wandb(cfg, rt)
@@ -1425,6 +1439,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.destroy_process_group()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 if __name__ == "__main__":
