@@ -1,11 +1,15 @@
 """Shared fixtures: the toy tokenizer and tiny random Llama models saved the HF way, and the
 finished SFT, reward-model and DPO stages of a tiny toy run that the training tests copy."""
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -73,13 +77,49 @@ TINY = [
 ]
 
 
+@contextlib.contextmanager
+def in_directory(path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_train(args, cwd=ROOT, timeout=600, torchrun=0, env=None):
-    command = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"]
-        if torchrun
-        else [sys.executable, "train.py"]
-    )
-    result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    """train.py with `args` on the CPU (also on a GPU host, and from session fixtures, which start
+    before a test's own CPU rule), as a finished process (returncode, stdout, stderr). Under
+    torchrun, or with an environment of its own, it runs in processes of its own; otherwise
+    train.main runs in this process, its output captured, which spares the seconds an interpreter
+    takes to import torch and transformers (main restores what it sets globally: signal handlers,
+    determinism)."""
+    if torchrun or env is not None:
+        command = (
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "train.py"]
+            if torchrun
+            else [sys.executable, "train.py"]
+        )
+        env = {**(os.environ if env is None else env), "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run(command + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    else:
+        import train
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with (
+            in_directory(cwd),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            mock.patch.object(torch.cuda, "is_available", lambda: False),
+        ):
+            try:
+                train.main(list(args))
+                code = 0
+            except SystemExit as exit_:  # train.py's one-line errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+                print(exit_.code, file=sys.stderr)
+        result = subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

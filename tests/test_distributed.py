@@ -22,22 +22,30 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 
 def run_script(tmp_path, script: str, *args, torchrun: int = 0) -> list[dict]:
     """Run a Python script, alone (no torchrun variables in its environment) or under torchrun on
-    gloo; each process prints one JSON line, returned in rank order."""
-    path = tmp_path / "script.py"
-    path.write_text(script)
+    gloo; each process reports one dict with report(row) (to a file of its rank: two processes'
+    printed lines can interleave), returned in rank order."""
+    path, results = tmp_path / "script.py", tmp_path / "results"
+    results.mkdir()
+    path.write_text(REPORT + script)
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), RESULTS_DIR=str(results))
     launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [])
     result = subprocess.run(
         launcher + [str(path), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return sorted(rows, key=lambda row: row["rank"])
+    return [json.loads(file.read_text()) for file in sorted(results.glob("rank*.json"))]
 
+
+REPORT = """
+def report(row):
+    import json, os
+    with open(os.path.join(os.environ["RESULTS_DIR"], f"rank{row['rank']}.json"), "w") as f:
+        json.dump(row, f)
+"""
 
 STEP = """
-import dataclasses, json, os, sys
+import dataclasses, gc, json, os, sys
 from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
@@ -93,7 +101,9 @@ train.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm
 from transformers import AutoModelForCausalLM
 exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
 diff = max((exported[k] - expected[k]).abs().max().item() for k in expected)
-print(json.dumps({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": train.dist.get_world_size()}))
+report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": train.dist.get_world_size()})
+del policy, plain
+gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
 train.dist.destroy_process_group()
 """
     )
@@ -108,7 +118,7 @@ def test_each_rank_loads_only_its_shard(toy_dir, toy_rm_dir, tmp_path):
     meta device): each rank's shard holds its rows of the checkpoint, and the policy's log-probs
     and the reward model's scores equal those of the whole model loaded by from_pretrained."""
     script = """
-import json, sys, torch
+import gc, json, sys, torch
 from transformers import AutoModelForCausalLM
 import losses, train
 from reward import RewardModel
@@ -131,8 +141,10 @@ reward = train.load_reward_model(rm_dir, cfg, rt)
 prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 2, ["a b", "b a"]
 whole_reward = RewardModel.from_pretrained(rm_dir, device="cpu")
 same_rewards = reward.score(prompts, answers) == whole_reward.score(prompts, answers)
-print(json.dumps({"rank": rt.rank, "files": len(files), "logps": same_logps, "rewards": same_rewards,
-                  "shard": torch.equal(embedding.to_local(), mine), "shard_rows": embedding.to_local().shape[0]}))
+report({"rank": rt.rank, "files": len(files), "logps": same_logps, "rewards": same_rewards,
+        "shard": torch.equal(embedding.to_local(), mine), "shard_rows": embedding.to_local().shape[0]})
+del policy, reward, embedding
+gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
 train.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, toy_rm_dir, torchrun=2)

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import evaluate
 import train
-from conftest import TINY, fresh_run, metrics, run_train
+from conftest import TINY, fresh_run, in_directory, metrics, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 DPO = ["--method=dpo", "--deterministic"] + TINY  # 192 pairs, batch 16: 12 steps, an automatic checkpoint every 2
@@ -59,10 +60,52 @@ def steps_logged(stage):
 
 @pytest.fixture(scope="module")
 def whole_dpo(base_run, tmp_path_factory):
-    """The uninterrupted run every interrupted one must reproduce."""
+    """The uninterrupted run every interrupted one must reproduce (started with --resume, which with
+    nothing to resume says so and starts afresh)."""
     out = dpo_run(base_run, tmp_path_factory.mktemp("whole"), "whole")
-    run_train(DPO + [f"--out_dir={out}"])
+    result = run_train(DPO + [f"--out_dir={out}", "--resume"])
+    assert f"[dpo] --resume: nothing to resume in {out / 'dpo'}; the stage starts afresh" in result.stdout
     return out / "dpo"
+
+
+def unfinished_copy(stage, out):
+    """A finished stage's directory as a run stopped after its last checkpoint would have left it."""
+    shutil.copytree(stage, out / "dpo")
+    shutil.rmtree(out / "dpo" / "model")
+    (out / "dpo" / "done.json").unlink()
+    return sorted((out / "dpo" / "checkpoints").iterdir())
+
+
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(base_run, whole_dpo, tmp_path):
+    """A truncated shard (a full disk, a node lost mid-copy): named in one warning, moved aside to
+    <name>.damaged (neither used nor counted among the kept ones), the run resumes from the
+    checkpoint before it and ends with the uninterrupted run's weights."""
+    out = dpo_run(base_run, tmp_path, "damaged")
+    previous, latest = unfinished_copy(whole_dpo, out)
+    shard = next(latest.glob("*.distcp"))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    result = run_train(DPO + [f"--out_dir={out}", "--resume"])
+    assert (
+        f"[dpo] checkpoint {latest} is damaged ({shard.name} truncated ({size // 2} of {size} bytes)): moved aside, "
+        f"using {previous.name}" in result.stdout
+    )
+    assert f"resumed from {previous}" in result.stdout and latest.with_name(latest.name + ".damaged").exists()
+    a, b = weights(whole_dpo), weights(out / "dpo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_usable_checkpoint_is_a_refusal_that_changes_nothing(base_run, whole_dpo, tmp_path):
+    out = dpo_run(base_run, tmp_path, "ruined")
+    previous, latest = unfinished_copy(whole_dpo, out)
+    (latest / ".metadata").unlink()
+    (previous / "state.pt").write_bytes(b"")
+    message = refused(DPO + [f"--out_dir={out}", "--resume"])
+    assert message.startswith(f"train.py: --resume: no usable checkpoint in {out / 'dpo' / 'checkpoints'} (")
+    assert f"{latest.name}: .metadata unreadable" in message and f"{previous.name}: state.pt unreadable" in message
+    assert message.endswith(f"remove {out / 'dpo'} to start the stage afresh")
+    assert sorted((out / "dpo" / "checkpoints").iterdir()) == [previous, latest]  # nothing moved or removed
 
 
 def test_offline_stage_killed_under_defaults_resumes_mid_way(base_run, whole_dpo, tmp_path):
@@ -123,25 +166,12 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
     process.wait()
     saved = (out / "dpo" / "config.json").read_text()
     checkpoints = sorted((out / "dpo" / "checkpoints").iterdir())
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *DPO,
-            f"--out_dir={out}",
-            "--resume",
-            "--lr=1e-3",
-            "--batch_size=8",
-            "--beta=0.2",
-            "--save_every=5",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    message = refused.stderr
+    with in_directory(ROOT), pytest.raises(SystemExit) as refusal:
+        train.main(
+            [*DPO, f"--out_dir={out}", "--resume", "--lr=1e-3", "--batch_size=8", "--beta=0.2", "--save_every=5"]
+        )
+    message = refusal.value.code
+    assert isinstance(message, str)  # a message, not a traceback
     assert "started with other settings that change its result" in message
     for key, before, now in (("lr", "5e-05", "0.001"), ("batch_size", "16", "8"), ("beta", "0.1", "0.2")):
         assert f"--{key}: {before} when it started, {now} now" in message
@@ -185,69 +215,70 @@ def test_same_path_and_resume_changes():
     assert "micro_batch_size" in train.resume_changes(train.config_dict(train.parse_config(["--method=kto"])), kto)[0]
 
 
-def test_a_finished_stage_is_left_alone(base_run, tmp_path):
+def test_a_finished_stage_is_left_alone(base_run, tmp_path, capsys):
     out = fresh_run(base_run, tmp_path)
     stage = out / "dpo"
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stage.rglob("*") if p.is_file()}
     for extra in ([], ["--resume"], ["--resume", "--lr=1"]):
-        result = run_train(["--method=dpo", f"--out_dir={out}"] + TINY + extra)
-        assert "[dpo] already finished" in result.stdout and "left as it is" in result.stdout
+        with in_directory(ROOT):
+            train.main(["--method=dpo", f"--out_dir={out}"] + TINY + extra)
+        stdout = capsys.readouterr().out
+        assert "[dpo] already finished" in stdout and "left as it is" in stdout
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stage.rglob("*") if p.is_file()} == before
 
 
 def test_a_damaged_done_record_is_a_clear_error(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
     (out / "dpo" / "done.json").write_text("")
-    result = subprocess.run(
-        [sys.executable, "train.py", "--method=dpo", f"--out_dir={out}"] + TINY,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0 and "done.json: unreadable" in result.stderr and "Traceback" not in result.stderr
+    assert "done.json: unreadable" in one_line_error(train.main, ["--method=dpo", f"--out_dir={out}"] + TINY)
 
 
 # ---------------------------------------------------------------------------------------------
 # Refused at start-up, before any expensive work
 
 
-def refused(args, timeout=120):
-    started = time.time()
-    result = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "", time.time() - started
+def one_line_error(main, args) -> str:
+    """main(args) in this process (no interpreter start-up to wait for) must end in a clean exit
+    with an error message, not an exception (which would be a traceback on the command line);
+    returns the message's last line."""
+    with in_directory(ROOT), pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert isinstance(exit_info.value.code, str), exit_info.value.code
+    return exit_info.value.code.strip().splitlines()[-1]
+
+
+def refused(args):
+    return one_line_error(train.main, args)
 
 
 def test_missing_and_broken_model_paths_are_named_at_start_up(base_run, tmp_path, toy_dir):
     out = fresh_run(base_run, tmp_path)
-    message, _ = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={tmp_path / 'no-such-rm'}"] + TINY)
+    message = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={tmp_path / 'no-such-rm'}"] + TINY)
     assert (
         message
         == f"train.py: --reward_model: {tmp_path / 'no-such-rm'} does not exist (neither a local directory nor a hub "
         "id of the form owner/name)"
     )
     assert not (out / "metaapo").exists()  # refused before the stage began: no generation, no directory
-    message, _ = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={toy_dir}"] + TINY)
+    message = refused(["--method=metaapo", f"--out_dir={out}", f"--reward_model={toy_dir}"] + TINY)
     assert "--reward_model:" in message and "is a causal LM" in message
     shutil.rmtree(out / "rm")
-    message, _ = refused(["--method=metaapo", f"--out_dir={out}"] + TINY)
+    message = refused(["--method=metaapo", f"--out_dir={out}"] + TINY)
     assert message.startswith("train.py: --reward_model is not set and this run's rm stage has no model at")
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(toy_dir, no_tokenizer)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (no_tokenizer / name).unlink(missing_ok=True)
-    message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", f"--sft_model={no_tokenizer}"] + TINY)
+    message = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", f"--sft_model={no_tokenizer}"] + TINY)
     assert message.startswith(f"train.py: --sft_model: {no_tokenizer} has no tokenizer that loads")
-    message, _ = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", "--sft_model=out/nothing/here/model"] + TINY)
+    assert not message.rstrip().endswith(":")  # transformers' reason whole, not its first line ("... from one of:")
+    message = refused(["--method=dpo", f"--out_dir={tmp_path / 'x'}", "--sft_model=out/nothing/here/model"] + TINY)
     assert (
         message
         == "train.py: --sft_model: out/nothing/here/model does not exist (neither a local directory nor a hub id of "
         "the form owner/name)"
     )
-    message, _ = refused(
+    message = refused(
         [
             "--method=dpo",
             f"--out_dir={tmp_path / 'x'}",
@@ -258,6 +289,42 @@ def test_missing_and_broken_model_paths_are_named_at_start_up(base_run, tmp_path
     assert message.startswith(f"train.py: --dataset: {tmp_path / 'none.jsonl'} does not exist")
 
 
+def test_an_unreachable_hub_id_is_a_one_line_error_saying_how_to_go_on(tmp_path, toy_dir):
+    """Hub ids that cannot be reached (here: HF_HUB_OFFLINE=1 and nothing cached), for a model, the
+    dry run's config and a dataset: one line naming the flag and the id and how to go on. One
+    process for the three (HF_HUB_OFFLINE is read when huggingface_hub is imported)."""
+    script = tmp_path / "offline.py"
+    script.write_text(
+        "import json, sys, train\n"
+        "messages = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        train.main(argv)\n"
+        "    except SystemExit as exit_:\n"
+        "        messages.append(exit_.code)\n"
+        "print(json.dumps(messages))\n"
+    )
+    runs = [
+        ["--model=nobody/no-such-model", "--method=dpo", f"--out_dir={tmp_path / 'a'}"],
+        ["--model=tulu8b", "--dry_run"],
+        ["--method=dpo", f"--sft_model={toy_dir}", "--dataset=nobody/no-such-data", f"--out_dir={tmp_path / 'b'}"],
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(script), json.dumps(runs)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, dry, dataset = json.loads(result.stdout.strip().splitlines()[-1])
+    hint = "pass a local path instead, connect to the network, or set HF_HUB_OFFLINE=1 with it in the local cache"
+    assert model.startswith("train.py: --model: nobody/no-such-model cannot be read from the Hugging Face hub (")
+    assert dry.startswith("train.py: --model: allenai/Llama-3.1-Tulu-3-8B-SFT cannot be read from the Hugging Face hub")
+    assert model.endswith(hint) and dry.endswith(hint) and "\n" not in model + dry + dataset
+    assert dataset.startswith(
+        "train.py: --dataset: nobody/no-such-data: the hub dataset (split 'train_prefs') cannot be"
+    )
+    assert "set HF_HUB_OFFLINE=1 with it in the local cache" in dataset
+
+
 def write_pairs(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -265,7 +332,7 @@ def write_pairs(path, rows):
 
 def test_zero_usable_pairs_fail_before_training(base_run, tmp_path, toy_dir):
     same = write_pairs(tmp_path / "same.jsonl", [{"prompt": "ascending : b a", "chosen": "a b", "rejected": "a b"}] * 5)
-    message, _ = refused(
+    message = refused(
         ["--method=dpo", f"--out_dir={tmp_path / 'run'}", f"--sft_model={toy_dir}", f"--dataset={same}"] + TINY
     )
     assert (
@@ -276,11 +343,23 @@ def test_zero_usable_pairs_fail_before_training(base_run, tmp_path, toy_dir):
         tmp_path / "long.jsonl",
         [{"prompt": "ascending : " + " ".join("abcdefghij" * 3), "chosen": "a", "rejected": "b"}],
     )
-    message, _ = refused(
+    message = refused(
         ["--method=dpo", f"--out_dir={tmp_path / 'run2'}", f"--sft_model={toy_dir}", f"--dataset={long}"] + TINY
     )
     assert "no usable preference pair" in message and "1 dropped (prompt > max_prompt_len)" in message
     assert not (tmp_path / "run" / "dpo" / "done.json").exists()
+    # limits no prompt can meet are refused before any data is read, naming both flags
+    message = refused(
+        [
+            "--method=dpo",
+            f"--out_dir={tmp_path / 'run3'}",
+            f"--sft_model={toy_dir}",
+            "--max_len=2",
+            "--max_prompt_len=1",
+        ]
+    )
+    assert message.startswith(f"train.py: --max_prompt_len=1 with --max_len=2: the chat template of {toy_dir} makes")
+    assert not (tmp_path / "run3").exists()
 
 
 def test_a_single_data_file_is_training_data_only(base_run, tmp_path):
@@ -319,12 +398,8 @@ def test_heldout_rows_honour_skip_bad_rows(tmp_path):
 # evaluate.py: the same one-line errors
 
 
-def evaluate_error(args, cwd=ROOT):
-    result = subprocess.run(
-        [sys.executable, "evaluate.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
+def evaluate_error(args):
+    return one_line_error(evaluate.main, args)
 
 
 def test_evaluate_bad_inputs_are_one_line_errors(toy_dir, tmp_path):
@@ -347,3 +422,16 @@ def test_evaluate_bad_inputs_are_one_line_errors(toy_dir, tmp_path):
     assert (
         evaluate_error([f"--model={toy_dir}", "--reward_stats"]) == "evaluate.py: --reward_stats needs --reward_model"
     )
+    # every question file is checked before any answer is written: a good AlpacaEval file and a bad Arena-Hard one
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "ascending : b a"}]))
+    arena = tmp_path / "arena.jsonl"
+    arena.write_text('{"question_id": 1, "turns": "not a list"}\n')
+    message = evaluate_error(
+        [f"--model={toy_dir}", f"--alpaca_eval={alpaca}", f"--arena_hard={arena}", f"--out={tmp_path / 'eval'}"]
+    )
+    assert (
+        message
+        == f"evaluate.py: {arena}:1: an Arena-Hard question needs 'question_id' and 'turns': [{{'content': str}}]"
+    )
+    assert not (tmp_path / "eval").exists()

@@ -342,15 +342,31 @@ def test_two_process_run_matches_one_process_first_step(base_run, tmp_path, meth
         assert gen(two / stage / "metrics.jsonl") == gen(one / stage / "metrics.jsonl")
 
 
-def test_resume_after_sigkill_is_bit_exact(base_run, tmp_path):
-    args = ["--method=metaapo", "--save_every=1", "--deterministic", "--batch_size=8", "--micro_batch_size=8"] + [
-        a for a in TINY if not a.startswith(("--batch_size", "--micro_batch_size"))
-    ]
-    whole, killed = fresh_run(base_run, tmp_path, "whole"), fresh_run(base_run, tmp_path, "killed")
-    run_train(args + [f"--out_dir={whole}"])
+METAAPO_EXACT = ["--method=metaapo", "--save_every=1", "--deterministic", "--batch_size=8", "--micro_batch_size=8"] + [
+    a for a in TINY if not a.startswith(("--batch_size", "--micro_batch_size"))
+]
 
+
+@pytest.fixture(scope="module")
+def whole_metaapo(base_run, tmp_path_factory):
+    """The uninterrupted MetaAPO run every interrupted one must reproduce."""
+    whole = fresh_run(base_run, tmp_path_factory.mktemp("whole"), "whole")
+    run_train(METAAPO_EXACT + [f"--out_dir={whole}"])
+    return whole / "metaapo"
+
+
+def same_weights_and_steps(whole, resumed):
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(resumed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = lambda path: [r["step"] for r in metrics(path) if "step" in r and "phase" not in r]  # noqa: E731
+    assert steps(resumed / "metrics.jsonl") == steps(whole / "metrics.jsonl")  # no step logged twice
+
+
+def test_resume_after_sigkill_is_bit_exact(base_run, whole_metaapo, tmp_path):
+    killed = fresh_run(base_run, tmp_path, "killed")
     process = subprocess.Popen(
-        [sys.executable, "train.py", *args, f"--out_dir={killed}"],
+        [sys.executable, "train.py", *METAAPO_EXACT, f"--out_dir={killed}"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -365,15 +381,43 @@ def test_resume_after_sigkill_is_bit_exact(base_run, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "metaapo" / "done.json").exists()
-    run_train(args + [f"--out_dir={killed}", "--resume"])
+    run_train(METAAPO_EXACT + [f"--out_dir={killed}", "--resume"])
+    same_weights_and_steps(whole_metaapo, killed / "metaapo")
 
-    a = load_file(whole / "metaapo" / "model" / "model.safetensors")
-    b = load_file(killed / "metaapo" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = lambda path: [r["step"] for r in metrics(path) if "step" in r and "phase" not in r]  # noqa: E731
-    assert steps(killed / "metaapo" / "metrics.jsonl") == steps(
-        whole / "metaapo" / "metrics.jsonl"
-    )  # no step logged twice
+
+def test_a_signal_in_phase_one_stops_it_between_pieces_and_resume_is_exact(base_run, whole_metaapo, tmp_path):
+    """SIGTERM while iteration 2's phase 1 runs (its l_off scores kept, generation under way): the run
+    exits 143 before the next piece, with a line naming where --resume continues, no policy step of
+    iteration 2 taken and the finished pieces kept; --resume reads them back and ends with the
+    uninterrupted run's weights."""
+    stopped = fresh_run(base_run, tmp_path, "stopped")
+    pieces = stopped / "metaapo" / "iter2" / "phase1"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *METAAPO_EXACT, f"--out_dir={stopped}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (pieces / "scores-00000.pt").exists():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run finished before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: [metaapo] stopped during iteration 2's phase 1 (") and last.endswith(
+        "; continue with the same command and --resume"
+    )
+    assert "Traceback" not in stderr
+    log = metrics(stopped / "metaapo" / "metrics.jsonl")
+    assert not any(r.get("iteration") == 2 and "lr" in r for r in log)  # no policy step of iteration 2
+    assert (pieces / "scores-00000.pt").exists()
+    result = run_train(METAAPO_EXACT + [f"--out_dir={stopped}", "--resume"])
+    assert "resumed from" in result.stdout
+    same_weights_and_steps(whole_metaapo, stopped / "metaapo")
+    assert not pieces.exists()  # gone once phase 1's result is in a checkpoint
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base_run, tmp_path, monkeypatch):
