@@ -56,9 +56,9 @@ import torch.nn.functional as F
 
 def default_chunk_size(device: torch.device) -> int:
     """The kernel's working set, in rows of the vocabulary: it holds chunk_size x vocab fp32 logits
-    at a time (see FusedTokenLogprobs). CPU: 512 was the fastest in `python losses.py --bench
-    --chunk_sizes ...` (README). CUDA: 256 (a 125 MiB logits buffer at V = 128256), not yet timed
-    on a GPU: `scripts/gpu_check.sh` prints the table that should choose it."""
+    at a time (see FusedTokenLogprobs). CPU: 512; 256 to 1024 measured within each other's noise
+    in `python losses.py --bench --chunk_sizes ...` (README). CUDA: 256 (a 125 MiB logits buffer at
+    V = 128256), not yet timed on a GPU: `scripts/gpu_check.sh` prints the table that should choose it."""
     return 256 if device.type == "cuda" else 512
 
 

@@ -274,7 +274,11 @@ def test_hub_dataset_goes_through_snapshot_download(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_download)
-    with pytest.raises(DataError, match="owner/name: could not download the hub dataset .*network unreachable"):
+    with pytest.raises(
+        DataError,
+        match=r"owner/name: the hub dataset \(split 'train'\) cannot be downloaded \(network unreachable\); pass a "
+        "local file or directory instead, connect to the network, or set HF_HUB_OFFLINE=1",
+    ):
         load_preferences("owner/name", "train")
 
 

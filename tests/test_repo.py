@@ -38,7 +38,9 @@ def imported_scripts(name: str) -> set[str]:
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    return {module + ".py" for module in imported} & set(SCRIPTS)
+    # train.py's __main__ block imports the module by its own name (so that what checkpoints pickle is
+    # train.X): a file importing itself is no dependency
+    return {module + ".py" for module in imported} & set(SCRIPTS) - {name}
 
 
 def test_dependencies_flow_one_way():
