@@ -69,7 +69,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
+import config
 import data
+import dpo
+import fsdp
 import train
 from meta import CURVE_GRID, MetaController
 from reward import toy_gold_judge
@@ -119,17 +123,17 @@ MT_BENCH_TEMPERATURE = {
 # Generation and scores shared by the evaluations
 
 
-def load_generator(cfg: train.Config, rt: train.Runtime, model_path: str) -> tuple[object, object]:
+def load_generator(cfg: config.Config, rt: fsdp.Runtime, model_path: str) -> tuple[object, object]:
     """(policy, tokenizer) for generate_answers; the policy is None with the vLLM generator, whose
     workers load the checkpoint themselves."""
     if cfg.generator == "vllm":
         return None, data.load_tokenizer(model_path)
-    return train.load_logprob_model(model_path, cfg, rt, trainable=False)
+    return fsdp.load_logprob_model(model_path, cfg, rt, trainable=False)
 
 
 def generate_answers(
-    cfg: train.Config,
-    rt: train.Runtime,
+    cfg: config.Config,
+    rt: fsdp.Runtime,
     model_path: str,
     conversations: list[list[dict]],
     temperature: float,
@@ -142,20 +146,20 @@ def generate_answers(
     policy, tokenizer = loaded or load_generator(cfg, rt, model_path)
     prompts = [data.encode_prompt(tokenizer, c) for c in conversations]
     answer_cfg = dataclasses.replace(cfg, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0)
-    generations = train.distributed_generate(
+    generations = fsdp.distributed_generate(
         policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir)
     )
     if loaded is None:
         del policy
-        train.release_memory()
+        fsdp.release_memory()
     return [g[0] for g in generations], tokenizer
 
 
-def gold_scores(cfg: train.Config, rt: train.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
+def gold_scores(cfg: config.Config, rt: fsdp.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
     """Gold-judge scores of eval_samples answers per held-out toy prompt, cached in `cache`."""
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
-    test, _ = train.load_heldout(cfg, "the gold evaluation")
+    test, _ = dpo.load_heldout(cfg, "the gold evaluation")
     test = test[: cfg.eval_prompts or len(test)]
     tokenizer = data.load_tokenizer(model_path)
     scores = train.evaluate_policy_gold(
@@ -257,24 +261,24 @@ def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
     ]
 
 
-def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: train.Runtime) -> dict:
+def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: fsdp.Runtime) -> dict:
     """Run or read every row's run for every seed, score the models, aggregate over seeds."""
     started = time.time()
     # the shared SFT and reward model are the default run's (COMPARE_TRAIN_ARGS' data cut is for the methods only)
     shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
-    shared = train.parse_config(shared_args)
+    shared = config.parse_config(shared_args)
     if rt.main:
         data.ensure_toy_assets(0)
-    train.barrier(rt)
+    fsdp.barrier(rt)
     stage_times = {"SFT": train.ensure_stage(shared, rt, "sft"), "RM": train.ensure_stage(shared, rt, "rm")}
     sft = str(out / "shared" / "sft" / "model")
     per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
     gold: dict[str, list[list[float]]] = {label: [] for label, _, _ in rows}  # per seed, every answer's gold score
     for seed in seeds:
         args = seed_args(out, seed, train_args)
-        base = train.parse_config(args)  # --seed=seed is among args
+        base = config.parse_config(args)  # --seed=seed is among args
         train.ensure_stage(
-            train.parse_config(args + ["--method=dpo"]), rt, "dpo"
+            config.parse_config(args + ["--method=dpo"]), rt, "dpo"
         )  # the warm-up every generating method starts from
         baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
@@ -288,15 +292,15 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
                 )
                 gold[label].append(baseline)
                 continue
-            cfg = train.parse_config(args + [f"--method={method}", *extra])
+            cfg = config.parse_config(args + [f"--method={method}", *extra])
             summary = train.ensure_stage(cfg, rt, method)
-            name = train.stage_name(cfg, method)
+            name = config.stage_name(cfg, method)
             scores = gold_scores(
                 base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json"
             )
             per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
             gold[label].append(scores)
-            train.print0(
+            fsdp.print0(
                 rt,
                 f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT "
                 f"{win_rate(scores, baseline):.1%}",
@@ -326,7 +330,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
             "per_seed": runs,
         }
     if "MetaAPO" in per_seed:
-        eval_samples = train.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
+        eval_samples = config.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
         for label, _, _ in rows:
             if label != "MetaAPO":
                 results["rows"][label]["vs_metaapo"] = differences(
@@ -463,28 +467,28 @@ STAGE_OBJECTIVES = ["dpo", "slic"]
 STAGE_TRAIN_ARGS = ["--method=stage", "--iterations=2", "--max_train_pairs=2400"]
 
 
-def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
+def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     """Run (or read) every start x objective x schedule of the grid; return its results."""
     started = time.time()
     if rt.main:
         data.ensure_toy_assets(0)
-    train.barrier(rt)
-    shared = train.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
+    fsdp.barrier(rt)
+    shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
     starts, sft_args = {}, {}
     for label, key, method, extra in STAGE_STARTS:
         # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
         sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
-        cfg = train.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
+        cfg = config.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
         train.ensure_stage(cfg, rt, method)
         starts[label] = str(out / key / method / "model")
-    base = train.parse_config([f"--out_dir={out}", "--seed=0", *rest])
+    base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest])
     gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
     runs = []
     for (label, key, _, _), objective in [(s, o) for s in STAGE_STARTS for o in STAGE_OBJECTIVES]:
         for schedule in STAGE_SCHEDULES:
-            cfg = train.parse_config(
+            cfg = config.parse_config(
                 [
                     *STAGE_TRAIN_ARGS,
                     f"--out_dir={out / key}",
@@ -498,7 +502,7 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
                 ]
             )
             summary = train.ensure_stage(cfg, rt, "stage")
-            stage = out / key / train.stage_name(cfg, "stage")
+            stage = out / key / config.stage_name(cfg, "stage")
             boundary = [r for r in read_metrics(stage) if r.get("phase") == "boundary"]
             runs.append(
                 {
@@ -513,7 +517,7 @@ def stage_grid(out: Path, rest: list[str], rt: train.Runtime) -> dict:
                     "probe_s": sum(r["time_s"] for r in boundary),
                 }
             )
-            train.print0(
+            fsdp.print0(
                 rt,
                 f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold "
                 f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, BS "
@@ -768,7 +772,7 @@ def mt_bench_answers(cfg, rt, model_path: str, questions: list[dict], name: str)
                 conversations[i].append({"role": "assistant", "content": answer.text})
                 turns[i].append(answer.text)
     del loaded
-    train.release_memory()
+    fsdp.release_memory()
     return [
         {
             "question_id": q["question_id"],
@@ -789,13 +793,13 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
     """Reward of one generated answer per test prompt: mean, std, and the share beating the
     dataset's chosen answer."""
     answers, _ = generate_answers(cfg, rt, model_path, [p.prompt for p in pairs], cfg.temperature, cfg.seed)
-    rm = train.load_reward_model(reward_path, cfg, rt)
+    rm = fsdp.load_reward_model(reward_path, cfg, rt)
     generated = rm.score(
         [p.prompt for p in pairs], [a.text for a in answers], [a.finish_reason == "stop" for a in answers]
     )
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     del rm
-    train.release_memory()
+    fsdp.release_memory()
     return {
         "prompts": len(pairs),
         "reward_mean": float(np.mean(generated)),
@@ -807,14 +811,14 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
 
 def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     """Share of test pairs with beta * [log pi/pi_ref(y_w) - log pi/pi_ref(y_l)] > 0."""
-    policy, tokenizer = train.load_logprob_model(model_path, cfg, rt, trainable=False)
-    ref = train.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
-    pairs, _ = train.load_pairs(
-        cfg, rt, tokenizer, train.require_test_source(cfg, "--reward_stats' implicit-reward accuracy")
+    policy, tokenizer = fsdp.load_logprob_model(model_path, cfg, rt, trainable=False)
+    ref = fsdp.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
+    pairs, _ = dpo.load_pairs(
+        cfg, rt, tokenizer, config.require_test_source(cfg, "--reward_stats' implicit-reward accuracy")
     )
-    scores = train.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
+    scores = dpo.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
     del policy, ref
-    train.release_memory()
+    fsdp.release_memory()
     return {
         "pairs": len(pairs),
         "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, _, chosen, rejected in scores])),
@@ -840,7 +844,7 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path, plt, rt: train.Runtime) -> Path:
+def _save(figure, path: Path, plt, rt: fsdp.Runtime) -> Path:
     """Write the figure (the main rank only; every rank computed it, the data may need collectives)."""
     if rt.main:
         figure.tight_layout()
@@ -864,7 +868,7 @@ def meta_curve_history(stage: Path) -> list[dict]:
 
 def _stage_paths(cfg, rt, stage: Path, method: str, t: int) -> tuple[str, str | None]:
     """(policy at the start of iteration t + 1, its reference), t counting from 0."""
-    stage_obj = train.Stage(cfg, rt, stage.name)
+    stage_obj = checkpoint.Stage(cfg, rt, stage.name)
     stage_obj.dir = stage
     return train.iteration_paths(cfg, stage_obj, method, t)
 
@@ -884,12 +888,12 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
         records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
     policy_path, ref_path = _stage_paths(cfg, rt, stage, method, iteration - 1)
-    policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
-    ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-    pairs, raw = train.load_pairs(cfg, rt, tokenizer, train.train_source(cfg))
+    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    pairs, raw = dpo.load_pairs(cfg, rt, tokenizer, config.train_source(cfg))
     by_index = {p.index: p for p in pairs}
     items = [by_index[r["index"]] for r in records]
-    generations = train.distributed_generate(
+    generations = fsdp.distributed_generate(
         policy,
         tokenizer,
         [p.prompt_ids for p in items],
@@ -900,7 +904,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         cfg.seed + 777 + iteration,
         stage,
     )
-    rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
+    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
     online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
     del rm
     kept = [
@@ -915,9 +919,9 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         for r, p, o in zip(records, items, online)
         if o is not None
     ]  # a prompt whose K rewards all tie has no pair
-    online_scores = train.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
+    online_scores = dpo.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
     del policy, ref
-    train.release_memory()
+    fsdp.release_memory()
     rows = [
         {"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
         for (r, _), s in zip(kept, online_scores)
@@ -933,23 +937,23 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     preference score l_off of the held-out pairs under (policy, ref). Cached in `cache`."""
     if cache.exists():
         return json.loads(cache.read_text())
-    test, _ = train.load_heldout(cfg, "the held-out dynamics")
+    test, _ = dpo.load_heldout(cfg, "the held-out dynamics")
     test = test[: cfg.eval_prompts or len(test)]
-    policy, tokenizer = train.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
-    generations = train.distributed_generate(
+    generations = fsdp.distributed_generate(
         policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir)
     )
     conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
     answers = [a for per_prompt in generations for a in per_prompt]
-    rm = train.load_reward_model(train.reward_path(cfg), cfg, rt)
+    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
     rewards = rm.score(conversations, [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
     del rm
-    ref = train.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
-    pairs, _ = train.load_pairs(cfg, rt, tokenizer, train.require_test_source(cfg, "the held-out dynamics"))
-    scores = train.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
+    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    pairs, _ = dpo.load_pairs(cfg, rt, tokenizer, config.require_test_source(cfg, "the held-out dynamics"))
+    scores = dpo.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
     del policy, ref
-    train.release_memory()
+    fsdp.release_memory()
     point = {
         "prompts": len(test),
         "answers": len(answers),
@@ -1109,7 +1113,7 @@ def plot_heldout(points: list[dict], path: Path, plt, rt) -> Path:
     return _save(figure, path, plt, rt)
 
 
-def stage_config(stage: Path, argv: list[str]) -> train.Config:
+def stage_config(stage: Path, argv: list[str]) -> config.Config:
     """The config a stage was trained with (its config.json), with the train.py keys given in
     `argv` on top. The run directory is the stage's parent, wherever it lies now."""
     path = stage / "config.json"
@@ -1118,15 +1122,15 @@ def stage_config(stage: Path, argv: list[str]) -> train.Config:
             f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run"
         )
     recorded = json.loads(path.read_text())
-    defaults = {f.name: f.default for f in dataclasses.fields(train.Config)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config.Config)}
     values = {
         key: tuple(value) if isinstance(defaults[key], tuple) else value
         for key, value in recorded.items()
         if key in defaults
     }
-    cfg = train.Config(**{**values, "out_dir": str(stage.parent)})
+    cfg = config.Config(**{**values, "out_dir": str(stage.parent)})
     cfg.preset = recorded.get("preset", "")
-    given = train.parse_config(argv)
+    given = config.parse_config(argv)
     for arg in argv:
         key = arg[2:].partition("=")[0]
         if arg.startswith("--") and key in defaults:
@@ -1195,11 +1199,11 @@ def dynamics_markdown(summary: dict) -> str:
 def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
     """Measure the stage's dynamics, write them to <stage>/dynamics.json, and plot them (needs
     matplotlib). scatter_prompts: tuples of each kind per iteration in the scatter (0 = all)."""
-    config = json.loads((stage / "config.json").read_text())
-    method = config["method"] if config["method"] != "pipeline" else "metaapo"
+    saved = json.loads((stage / "config.json").read_text())
+    method = saved["method"] if saved["method"] != "pipeline" else "metaapo"
     history = meta_curve_history(stage)
     initial = MetaController(
-        config.get("meta_depth", 2), config.get("meta_inputs", "score"), weighting=config.get("weighting", "meta")
+        saved.get("meta_depth", 2), saved.get("meta_inputs", "score"), weighting=saved.get("weighting", "meta")
     ).curve()
     iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/gating.jsonl"))
     gains = {t: sampling_gains(cfg, rt, stage, method, t, scatter_prompts) for t in iterations}
@@ -1242,7 +1246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=Formatter,
-        epilog="Every other --key=value is train.py's config:\n\n" + train.config_help().split("\n\n", 2)[2],
+        epilog="Every other --key=value is train.py's config:\n\n" + config.config_help().split("\n\n", 2)[2],
     )
     parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
@@ -1288,7 +1292,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_compare(args, rest: list[str], rt: train.Runtime) -> None:
+def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
     """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics."""
     out = Path(args.compare_out)
     rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
@@ -1298,13 +1302,13 @@ def run_compare(args, rest: list[str], rt: train.Runtime) -> None:
     metaapo = out / f"seed{seed}" / "metaapo"
     if (metaapo / "done.json").exists():
         try:
-            plot_cfg = train.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
+            plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
             for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
                 if rt.main:
                     shutil.copy(plot, out / plot.name)
                 plots.append(out / plot.name)
         except SystemExit as err:  # no matplotlib: the tables stand without the plots
-            train.print0(rt, str(err))
+            fsdp.print0(rt, str(err))
         dynamics = json.loads((metaapo / "dynamics.json").read_text())
     if rt.main:
         (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
@@ -1312,36 +1316,36 @@ def run_compare(args, rest: list[str], rt: train.Runtime) -> None:
         if dynamics:
             text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
         (out / "results.md").write_text(text)
-    train.print0(rt, (out / "results.md").read_text() if rt.main else "")
+    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
 
 
-def run_stage_grid(args, rest: list[str], rt: train.Runtime) -> None:
+def run_stage_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
     out = Path(args.stage_out)
     results = stage_grid(out, rest, rt)
     plot = None
     try:
         plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
     except SystemExit as err:  # no matplotlib: the tables stand without the plot
-        train.print0(rt, str(err))
+        fsdp.print0(rt, str(err))
     if rt.main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(stage_grid_markdown(results, plot))
-    train.print0(rt, (out / "results.md").read_text() if rt.main else "")
+    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
 
 
-def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) -> None:
+def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: fsdp.Runtime) -> None:
     """Benchmark answer files and reward statistics of one model (--policy, else --model)."""
     model = cfg.policy or cfg.model
     if args.reward_stats and not cfg.reward_model:
-        raise train.ConfigError("--reward_stats needs --reward_model")
+        raise config.ConfigError("--reward_stats needs --reward_model")
     if args.alpaca_eval or args.arena_hard or args.mt_bench or args.reward_stats:
-        train.check_model("--policy" if cfg.policy else "--model", model)
+        config.check_model("--policy" if cfg.policy else "--model", model)
         for flag, path in (
             ("--reward_model", cfg.reward_model if args.reward_stats else ""),
             ("--reference", cfg.reference),
         ):
             if path:
-                train.check_model(flag, path, reward=flag == "--reward_model")
+                config.check_model(flag, path, reward=flag == "--reward_model")
     # every question file is read and checked before any answer is generated (or written)
     questions = {
         kind: read_questions(path, QUESTION_CHECKS[kind])
@@ -1378,7 +1382,7 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
         if rt.main:
             data.write_jsonl(written[-1], answers)
     if args.reward_stats:
-        test, _ = train.load_heldout(cfg, "--reward_stats")
+        test, _ = dpo.load_heldout(cfg, "--reward_stats")
         stats = reward_statistics(cfg, rt, model, cfg.reward_model, test[: args.max_prompts or len(test)])
         if cfg.reference:  # the implicit reward is a log-ratio against the reference the model was trained with
             stats.update(implicit_accuracy(cfg, rt, model, cfg.reference))
@@ -1386,30 +1390,30 @@ def run_benchmarks(args, cfg: train.Config, rest: list[str], rt: train.Runtime) 
         if rt.main:
             out.mkdir(parents=True, exist_ok=True)
             written[-1].write_text(json.dumps(stats, indent=2))
-        train.print0(rt, json.dumps(stats, indent=2))
+        fsdp.print0(rt, json.dumps(stats, indent=2))
     if not written and rt.main:
         raise SystemExit(
             "evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats"
         )
     for path in written:
-        train.print0(rt, f"wrote {path}")
+        fsdp.print0(rt, f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = build_parser().parse_known_args(argv)
     try:
-        cfg = train.parse_config(rest)
-    except train.ConfigError as err:
+        cfg = config.parse_config(rest)
+    except config.ConfigError as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    handlers = {signum: signal.signal(signum, train.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {signum: signal.signal(signum, fsdp.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     deterministic = torch.are_deterministic_algorithms_enabled()
-    rt = train.setup_distributed(cfg)
+    rt = fsdp.setup_distributed(cfg)
     try:
-        train.start_wandb(cfg, rt)
+        checkpoint.start_wandb(cfg, rt)
         if args.compare:
             run_compare(args, rest, rt)
         elif args.stage_grid:
@@ -1417,23 +1421,23 @@ def main(argv: list[str] | None = None) -> None:
         elif args.plots:
             stage = Path(args.plots)
             plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)
-            train.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
+            fsdp.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
             for plot in plots:
-                train.print0(rt, f"wrote {plot}")
+                fsdp.print0(rt, f"wrote {plot}")
         else:
             run_benchmarks(args, cfg, rest, rt)
-    except train.Stopped as err:
+    except fsdp.Stopped as err:
         print(
             f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on",
             file=sys.stderr,
             flush=True,
         )
-        raise SystemExit(128 + train.STOP_SIGNAL[0]) from None
-    except (train.ConfigError, train.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
+        raise SystemExit(128 + fsdp.STOP_SIGNAL[0]) from None
+    except (config.ConfigError, fsdp.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     finally:
-        if train.WANDB:
-            train.WANDB.pop().finish()
+        if checkpoint.WANDB:
+            checkpoint.WANDB.pop().finish()
         if rt.distributed:
             gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
             torch.distributed.destroy_process_group()

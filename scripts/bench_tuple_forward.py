@@ -30,8 +30,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import dpo  # noqa: E402
 import losses  # noqa: E402
-import train  # noqa: E402
 
 SHAPES = {  # name: (model config, tuples per micro-batch, prompt, offline answer, online answer lengths in tokens)
     "toy": (None, 16, (8, 16), (8, 24), (4, 24)),
@@ -45,11 +45,11 @@ SHAPES = {  # name: (model config, tuples per micro-batch, prompt, offline answe
 }
 
 
-def make_tuples(n: int, lengths: tuple, vocab: int, rng: random.Random) -> list[train.PolicyPair]:
+def make_tuples(n: int, lengths: tuple, vocab: int, rng: random.Random) -> list[dpo.PolicyPair]:
     prompt, offline, online = lengths
     ids = lambda span: [rng.randrange(3, vocab) for _ in range(rng.randint(*span))]  # noqa: E731
     return [
-        train.PolicyPair(
+        dpo.PolicyPair(
             index=i,
             prompt_id=str(i),
             prompt_ids=ids(prompt),
@@ -92,9 +92,11 @@ def main() -> None:
     print("| shapes | tuples | tokens padded: one forward / two | one forward (s) | two forwards (s) | one / two |")
     print("|---|---|---|---|---|---|")
     for name, (overrides, n, *lengths) in SHAPES.items():
-        config = data.toy_model_config(data.build_toy_tokenizer()) if overrides is None else LlamaConfig(**overrides)
-        model = losses.LogprobModel(LlamaForCausalLM(config)).to(device)
-        items = make_tuples(n, tuple(lengths), config.vocab_size, random.Random(0))
+        model_config = (
+            data.toy_model_config(data.build_toy_tokenizer()) if overrides is None else LlamaConfig(**overrides)
+        )
+        model = losses.LogprobModel(LlamaForCausalLM(model_config)).to(device)
+        items = make_tuples(n, tuple(lengths), model_config.vocab_size, random.Random(0))
         offline, online = ("chosen_ids", "rejected_ids"), ("online_chosen_ids", "online_rejected_ids")
         padded_one = 4 * n * longest(items, offline + online)
         padded_two = 2 * n * (longest(items, offline) + longest(items, online))

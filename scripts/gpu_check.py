@@ -32,8 +32,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import checkpoint  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import dpo  # noqa: E402
+import fsdp  # noqa: E402
 import losses  # noqa: E402
+import plan  # noqa: E402
 import train  # noqa: E402
 
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
@@ -116,18 +121,18 @@ def build(out: Path, layers: int) -> None:
     import chat_tokenizers
 
     tokenizer = chat_tokenizers.build("tulu3")
-    config = LlamaConfig.from_pretrained(ROOT / "tests" / "model_configs" / "llama-3.1-tulu-3-8b-sft")
-    config.num_hidden_layers = layers
-    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
+    llama = LlamaConfig.from_pretrained(ROOT / "tests" / "model_configs" / "llama-3.1-tulu-3-8b-sft")
+    llama.num_hidden_layers = layers
+    llama.pad_token_id, llama.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    llama.eos_token_id = tokenizer.eos_token_id
     if DRY:
-        config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-        config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 512
+        llama.hidden_size, llama.intermediate_size, llama.head_dim = 64, 128, 16
+        llama.num_attention_heads, llama.num_key_value_heads, llama.vocab_size = 4, 2, 512
     for name, cls in (("policy", LlamaForCausalLM), ("rm", LlamaForSequenceClassification)):
-        config.num_labels = 1 if name == "rm" else 2
+        llama.num_labels = 1 if name == "rm" else 2
         torch.manual_seed(0)
         with torch.device(DEVICE):
-            model = cls(config).to(torch.bfloat16)
+            model = cls(llama).to(torch.bfloat16)
         if name == "policy":
             model.generation_config = GenerationConfig(
                 eos_token_id=[tokenizer.eos_token_id],
@@ -147,7 +152,7 @@ def build(out: Path, layers: int) -> None:
     for split, n in (("train_prefs", 8), ("test_prefs", 2)):
         rows = [{"prompt": text(160), "chosen": text(460), "rejected": text(380)} for _ in range(n)]
         data.write_jsonl(out / "data" / f"{split}.jsonl", rows)
-    print(f"built {out} ({layers} layers, hidden {config.hidden_size}, vocabulary {config.vocab_size})")
+    print(f"built {out} ({layers} layers, hidden {llama.hidden_size}, vocabulary {llama.vocab_size})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +164,7 @@ def tokens_of(batch: list) -> int:
     tuple carries (offline chosen and rejected, and the online pair where there is one)."""
     total = 0
     for item in batch:
-        for role in train.OFFLINE_ROLES + train.ONLINE_ROLES:
+        for role in dpo.OFFLINE_ROLES + dpo.ONLINE_ROLES:
             answer = getattr(item, role, None)
             if answer is not None:
                 total += len(item.prompt_ids) + len(answer)
@@ -168,9 +173,9 @@ def tokens_of(batch: list) -> int:
 
 def measured_train(tag: str, argv: list[str]) -> None:
     """Run train.main(argv) with hooks: per optimizer step its time (forward, backward and step,
-    synchronised) and tokens; per stage the peak allocated / reserved memory of loading and of
-    training; at each generation phase the memory held and free. Written to $OUT/measure-TAG.json
-    on rank 0 when the run ends."""
+    synchronised) and tokens; per stage the peak allocated memory before training (loading, phase
+    1) and the peak allocated / reserved in training; at each generation phase the memory held and
+    free. Written to $OUT/measure-TAG.json on rank 0 when the run ends."""
     GIB = 2**30
     record: dict = {"steps": [], "stages": {}, "generation": []}
     current: dict = {}
@@ -180,27 +185,21 @@ def measured_train(tag: str, argv: list[str]) -> None:
             return 0.0, 0.0
         return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
 
-    start, optimize, accumulate = train.Stage.start, train.optimize, train.accumulate_gradients
-    step, generate = train.optimizer_step, train.distributed_generate
+    start, accumulate, step = checkpoint.Stage.start, fsdp.accumulate_gradients, fsdp.optimizer_step
+    generate = train.distributed_generate  # the name Algorithm 1's phase 1 calls
 
     def stage_start(self):
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
         return start(self)
 
-    def measured_optimize(stage, *args, **kwargs):
-        entry = record["stages"].setdefault(stage.name, {"load_peak_allocated_gib": 0.0})
-        entry["load_peak_allocated_gib"] = max(entry["load_peak_allocated_gib"], peaks()[0])
-        if DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            return optimize(stage, *args, **kwargs)
-        finally:
-            allocated, reserved = peaks()
-            entry["train_peak_allocated_gib"] = max(entry.get("train_peak_allocated_gib", 0.0), allocated)
-            entry["train_peak_reserved_gib"] = max(entry.get("train_peak_reserved_gib", 0.0), reserved)
-
     def timed_accumulate(stage, model, batch, *args, **kwargs):
+        entry = record["stages"].get(stage.name)
+        if entry is None:  # the stage's first step: the peak so far is loading's (and phase 1's)
+            entry = record["stages"][stage.name] = {"before_training_peak_allocated_gib": peaks()[0]}
+            entry.update(train_peak_allocated_gib=0.0, train_peak_reserved_gib=0.0)
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         sync()
         current.update(started=time.perf_counter(), tokens=tokens_of(batch), stage=stage.name)
         return accumulate(stage, model, batch, *args, **kwargs)
@@ -211,6 +210,9 @@ def measured_train(tag: str, argv: list[str]) -> None:
         record["steps"].append(
             {"stage": current["stage"], "time_s": time.perf_counter() - current["started"], "tokens": current["tokens"]}
         )
+        entry, (allocated, reserved) = record["stages"][current["stage"]], peaks()
+        entry["train_peak_allocated_gib"] = max(entry["train_peak_allocated_gib"], allocated)
+        entry["train_peak_reserved_gib"] = max(entry["train_peak_reserved_gib"], reserved)
         return out
 
     def measured_generate(*args, **kwargs):
@@ -226,8 +228,8 @@ def measured_train(tag: str, argv: list[str]) -> None:
             )
         return generate(*args, **kwargs)
 
-    train.Stage.start, train.optimize, train.accumulate_gradients = stage_start, measured_optimize, timed_accumulate
-    train.optimizer_step, train.distributed_generate = timed_step, measured_generate
+    checkpoint.Stage.start, fsdp.accumulate_gradients = stage_start, timed_accumulate
+    fsdp.optimizer_step, train.distributed_generate = timed_step, measured_generate
     try:
         train.main(argv)
     finally:
@@ -242,7 +244,7 @@ def measured_train(tag: str, argv: list[str]) -> None:
 
 def report(tags: list[str], argv: list[str]) -> bool:
     """Print tokens/s and MFU per stage (median over steps after the first) and the measured peak
-    memory beside train.memory_plan for the same config on this one GPU, for the runs measured
+    memory beside plan.memory_plan for the same config on this one GPU, for the runs measured
     under `tags`; True when the plan holds (measured reserved memory in training at most the
     plan's training total)."""
     record: dict = {"steps": [], "stages": {}, "generation": []}
@@ -251,10 +253,10 @@ def report(tags: list[str], argv: list[str]) -> bool:
         record["steps"] += part["steps"]
         record["stages"].update(part["stages"])
         record["generation"] += part["generation"]
-    cfg = train.parse_config(argv)
-    shapes = train.model_shapes(cfg.model)
+    cfg = config.parse_config(argv)
+    shapes = plan.model_shapes(cfg.model)
     gpu = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
-    total_gib = gpu.total_memory / train.GIB if gpu else 80.0
+    total_gib = gpu.total_memory / plan.GIB if gpu else 80.0
     peak = float(os.environ.get("GPU_PEAK_TFLOPS", 0)) or next(
         (tflops for name, tflops in PEAK_TFLOPS.items() if gpu and name in gpu.name), 0.0
     )
@@ -273,9 +275,9 @@ def report(tags: list[str], argv: list[str]) -> bool:
         tokens = statistics.median(s["tokens"] for s in timed)
         mfu = f"{flops_per_token * tokens / seconds / (peak * 1e12):.1%}" if peak else "n/a"
         print(f"| {stage} | {len(steps)} | {tokens:,.0f} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} |")
-    sharded = train.needs_sharded_gradients(cfg, 1, total_gib, shapes, shapes)
-    plan = train.memory_plan(cfg, 1, total_gib, shapes, shapes, sharded)
-    training = sum(plan["training (phase 2)"].values())
+    sharded = plan.needs_sharded_gradients(cfg, 1, total_gib, shapes, shapes)
+    memory = plan.memory_plan(cfg, 1, total_gib, shapes, shapes, sharded)
+    training = sum(memory["training (phase 2)"].values())
     print(f"memory, GiB on one GPU of {total_gib:.0f}: the plan's training phase {training:.1f}")
     if DEVICE != "cuda":
         print("no CUDA: peak memory not measured (dry run)")
@@ -283,9 +285,10 @@ def report(tags: list[str], argv: list[str]) -> bool:
     for name, stage in record["stages"].items():
         print(
             f"  {name}: training peak allocated {stage['train_peak_allocated_gib']:.1f}, reserved "
-            f"{stage['train_peak_reserved_gib']:.1f}; loading peak allocated {stage['load_peak_allocated_gib']:.1f}"
+            f"{stage['train_peak_reserved_gib']:.1f}; before training (loading, phase 1) allocated "
+            f"{stage['before_training_peak_allocated_gib']:.1f}"
         )
-    resident = sum(v for k, v in plan["generation (phase 1)"].items() if "vLLM" not in k)
+    resident = sum(v for k, v in memory["generation (phase 1)"].items() if "vLLM" not in k)
     for g in record["generation"]:
         print(
             f"  at generation: allocated {g['allocated_gib']:.1f}, reserved {g['reserved_gib']:.1f} (plan: "

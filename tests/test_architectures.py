@@ -26,8 +26,9 @@ from transformers import (
 )
 
 import chat_tokenizers
+import config
 import data
-import train
+import plan
 from conftest import TINY, fresh_run, metrics, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ def model_dirs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     tokenizer = chat_tokenizers.build(family)
     spec = chat_tokenizers.FAMILIES[family]
-    config = config_class(
+    model_config = config_class(
         vocab_size=8 * -(-len(tokenizer) // 8),
         hidden_size=32,
         intermediate_size=64,
@@ -71,7 +72,7 @@ def model_dirs(request, tmp_path_factory):
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(0)
-    policy = lm_class(config)
+    policy = lm_class(model_config)
     policy.generation_config = GenerationConfig(
         eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
         bos_token_id=tokenizer.bos_token_id,
@@ -79,8 +80,8 @@ def model_dirs(request, tmp_path_factory):
     )
     policy.save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
-    config.num_labels = 1
-    rm_class(config).save_pretrained(root / "rm")
+    model_config.num_labels = 1
+    rm_class(model_config).save_pretrained(root / "rm")
     tokenizer.save_pretrained(root / "rm")
     rows = data.make_toy_rows(0, {"train_prefs": 24, "test_prefs": 8})
     for split, split_rows in rows.items():
@@ -178,7 +179,7 @@ def test_the_8b_plan_fits_8_gpus_and_not_one(model, sft, params):
 
 
 def test_memory_plan_arithmetic():
-    shapes = train.Shapes(
+    shapes = plan.Shapes(
         params=8_000_000_000,
         outside_blocks=1_000_000_000,
         layers=32,
@@ -187,9 +188,9 @@ def test_memory_plan_arithmetic():
         vocab=128256,
         kv_width=1024,
     )
-    cfg = train.parse_config(["--model=tulu8b"])
-    unsharded = train.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=False)["training (phase 2)"]
-    sharded = train.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=True)["training (phase 2)"]
+    cfg = config.parse_config(["--model=tulu8b"])
+    unsharded = plan.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=False)["training (phase 2)"]
+    sharded = plan.memory_plan(cfg, 8, 80, shapes, shapes, sharded_gradients=True)["training (phase 2)"]
     gib = 2**30
     assert unsharded["policy weights (fp32 shards)"] == pytest.approx(4 * 8e9 / 8 / gib)
     assert unsharded["gradients (fp32, unsharded while accumulating)"] == pytest.approx(
@@ -200,7 +201,7 @@ def test_memory_plan_arithmetic():
     assert unsharded["activations (16384 tokens per micro-batch)"] == pytest.approx(
         (32 * 16384 * 4096 * 2 + 16384 * (10 * 4096 + 4 * 14336) * 2) / gib
     )
-    assert train.vllm_need_gib(cfg, shapes) == pytest.approx((2 * 8e9 + 4096 * 32 * 2 * 1024 * 2) / gib + 1)
+    assert plan.vllm_need_gib(cfg, shapes) == pytest.approx((2 * 8e9 + 4096 * 32 * 2 * 1024 * 2) / gib + 1)
 
 
 def test_memory_plan_counts_what_is_resident():
@@ -208,27 +209,27 @@ def test_memory_plan_counts_what_is_resident():
     fp32 hidden gradient); C6: PPO trains actor and critic (gradients and AdamW state for both,
     AdamW state still held while it generates), so grad_accumulation=auto keeps PPO's gradients
     sharded on 8 x 80 GB where MetaAPO's fit unsharded."""
-    shapes = train.Shapes(8_000_000_000, 1_000_000_000, 32, 4096, 14336, 128256, 1024)
+    shapes = plan.Shapes(8_000_000_000, 1_000_000_000, 32, 4096, 14336, 128256, 1024)
     gib = 2**30
-    metaapo = train.parse_config(["--model=tulu8b"])
-    kernel = train.memory_plan(metaapo, 8, 80, shapes, shapes, False)["training (phase 2)"][
+    metaapo = config.parse_config(["--model=tulu8b"])
+    kernel = plan.memory_plan(metaapo, 8, 80, shapes, shapes, False)["training (phase 2)"][
         "log-prob kernel chunk (fp32 logits tile, bf16 head gradient, fp32 hidden gradient)"
     ]
     assert kernel == pytest.approx((256 * 128256 * 6 + 128256 * 4096 * 2 + 2 * 16384 * 4096 * 4) / gib)
-    ppo = train.parse_config(["--model=tulu8b", "--method=ppo"])
-    plan = train.memory_plan(ppo, 8, 80, shapes, shapes, False)
-    training = plan["training (phase 2)"]
+    ppo = config.parse_config(["--model=tulu8b", "--method=ppo"])
+    ppo_plan = plan.memory_plan(ppo, 8, 80, shapes, shapes, False)
+    training = ppo_plan["training (phase 2)"]
     assert training["gradients (fp32, unsharded while accumulating)"] == pytest.approx(4 * 16e9 / gib)
     assert training["AdamW state (fp32 shards)"] == pytest.approx(8 * 16e9 / 8 / gib)
     assert training["critic weights (fp32 shards)"] == pytest.approx(4 * 8e9 / 8 / gib)
     assert training["reward model (bf16 shards)"] == pytest.approx(2 * 8e9 / 8 / gib)
-    assert plan["generation (phase 1)"]["AdamW state (fp32 shards)"] == pytest.approx(8 * 16e9 / 8 / gib)
+    assert ppo_plan["generation (phase 1)"]["AdamW state (fp32 shards)"] == pytest.approx(8 * 16e9 / 8 / gib)
     assert (
         "AdamW state (fp32 shards)"
-        not in train.memory_plan(metaapo, 8, 80, shapes, shapes, False)["generation (phase 1)"]
+        not in plan.memory_plan(metaapo, 8, 80, shapes, shapes, False)["generation (phase 1)"]
     )
-    assert train.needs_sharded_gradients(ppo, 8, 80, shapes, shapes)
-    assert not train.needs_sharded_gradients(metaapo, 8, 80, shapes, shapes)
+    assert plan.needs_sharded_gradients(ppo, 8, 80, shapes, shapes)
+    assert not plan.needs_sharded_gradients(metaapo, 8, 80, shapes, shapes)
 
 
 def test_sharded_and_unsharded_gradient_accumulation_agree(base_run, tmp_path):

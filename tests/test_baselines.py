@@ -18,8 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import config
+import dpo
+import fsdp
 import losses
 import train
+from baselines import ppo
 from conftest import TINY, fresh_run, metrics, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,17 +112,17 @@ class Stand(nn.Module):
 
 
 def pair(i):
-    return train.PolicyPair(
+    return dpo.PolicyPair(
         prompt_ids=[1, i + 2], chosen_ids=[10 + i, 3], rejected_ids=[20 + i, 4, 5], index=i, own_ids=[30 + i, 3]
     )
 
 
 def test_kto_reference_point_and_scaling_as_trl():
-    cfg = train.parse_config(["--method=kto", "--beta=0.1"])
-    rt = train.Runtime()
+    cfg = config.parse_config(["--method=kto", "--beta=0.1"])
+    rt = fsdp.Runtime()
     batch = [pair(i) for i in range(4)]
     policy, ref = Stand(1.0), Stand(0.7)
-    z0 = train.kto_reference_point(batch, policy, ref, cfg, rt)
+    z0 = dpo.kto_reference_point(batch, policy, ref, cfg, rt)
     examples = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
     mismatched = [(examples[j][0], examples[j - 1][1]) for j in range(8)]  # TRL: example i with completion i - 1
     expected = sum(policy.value(x, y) - ref.value(x, y) for x, y in mismatched) / 8
@@ -126,7 +130,7 @@ def test_kto_reference_point_and_scaling_as_trl():
     own = {(tuple(p.prompt_ids), tuple(a)) for p in batch for a in (p.chosen_ids, p.rejected_ids)}
     assert not own & set(policy.seen)  # never an answer with its own prompt
     # the batch loss is the mean over every answer (2 per pair), as TRL's
-    loss_fn = train.make_preference_loss(cfg, "kto", policy, ref, rt, {"z0": z0})
+    loss_fn = dpo.make_preference_loss(cfg, "kto", policy, ref, rt, {"z0": z0})
     loss, _ = loss_fn(batch, torch.ones(4), 4, 1)
     pol = torch.stack(
         [policy.value(p.prompt_ids, a) for p in batch for a in (p.chosen_ids,)]
@@ -138,14 +142,14 @@ def test_kto_reference_point_and_scaling_as_trl():
     )
     expected_loss = trl_kto(pol, rf, torch.arange(8) < 4, z0, 0.1, 1.0, 1.0).mean()
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
-    assert train.kto_reference_point(batch[:1], policy, ref, cfg, rt).item() == 0.0  # one pair: no other prompt
+    assert dpo.kto_reference_point(batch[:1], policy, ref, cfg, rt).item() == 0.0  # one pair: no other prompt
 
 
 def test_selm_optimism_wiring():
-    cfg = train.parse_config(["--method=selm", "--beta=0.1", "--selm_alpha=0.001"])
+    cfg = config.parse_config(["--method=selm", "--beta=0.1", "--selm_alpha=0.001"])
     batch = [pair(i) for i in range(3)]
     policy, ref = Stand(1.0), Stand(0.5)
-    loss_fn = train.make_preference_loss(cfg, "dpo", policy, ref, train.Runtime(), optimism=0.001)
+    loss_fn = dpo.make_preference_loss(cfg, "dpo", policy, ref, fsdp.Runtime(), optimism=0.001)
     loss, _ = loss_fn(batch, torch.ones(3), 3, 1)
     per_pair = [
         -F.logsigmoid(
@@ -162,7 +166,7 @@ def test_selm_optimism_wiring():
 
 
 def test_gae_by_hand():
-    advantages, returns = train.gae([0.0, 0.0, 1.0], [0.5, 0.4, 0.2], gamma=1.0, lam=0.5)
+    advantages, returns = ppo.gae([0.0, 0.0, 1.0], [0.5, 0.4, 0.2], gamma=1.0, lam=0.5)
     d2 = 1.0 - 0.2
     d1 = 0.0 + 0.2 - 0.4
     d0 = 0.0 + 0.4 - 0.5
@@ -179,13 +183,13 @@ def test_selective_dpo_as_the_original(base_run, tmp_path, monkeypatch):
     out = fresh_run(base_run, tmp_path)
     monkeypatch.chdir(ROOT)
     trained = {}
-    real = train.optimize
+    real = fsdp.optimize
 
     def recording(stage, *args, **kwargs):
         trained[stage.name] = [[item.index for item in batch] for batch in args[3]]
         return real(stage, *args, **kwargs)
 
-    monkeypatch.setattr(train, "optimize", recording)
+    monkeypatch.setattr(dpo, "optimize", recording)  # what run_offline calls
     small = [a for a in TINY if not a.startswith("--max_train_pairs")] + ["--max_train_pairs=64"]
     train.main(
         ["--method=selective_dpo", f"--out_dir={out}", "--selective_seeds=2", "--selective_checkpoints=2"] + small

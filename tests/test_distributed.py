@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import config
+import fsdp
 from conftest import run_on_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,22 +50,22 @@ import dataclasses, gc, json, os, sys
 from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
-import losses, train
+import config, fsdp, losses
 
 toy_dir, out = sys.argv[1], Path(sys.argv[2])
-cfg = train.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", f"--out_dir={out}"])
+cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", f"--out_dir={out}"])
 ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 7, 8, 9, 0, 0]])
 attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
 response[:, 3:] = ids[:, 3:] > 0
 
 def one_step(rt):
-    policy, tokenizer = train.load_logprob_model(toy_dir, cfg, rt, trainable=True)
-    optimizer = train.make_optimizer(policy, 1e-2, cfg)
+    policy, tokenizer = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=True)
+    optimizer = fsdp.make_optimizer(policy, 1e-2, cfg)
     (-policy(ids, attention, response).sum()).backward()
     optimizer.step()
     return policy, tokenizer
 
-plain, _ = one_step(train.Runtime())  # one CPU process, no sharding: the reference
+plain, _ = one_step(fsdp.Runtime())  # one CPU process, no sharding: the reference
 expected = {k: v.detach().clone() for k, v in plain.lm.state_dict().items()}
 """
 
@@ -77,8 +78,8 @@ def test_single_process_shards_without_torchrun(toy_dir, tmp_path):
         STEP
         + """
 assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
-rt = train.Runtime(fsdp=True)  # what setup_distributed makes of a lone GPU process, on CPU
-train.start_process_group(rt, cfg.dist_timeout_minutes)
+rt = fsdp.Runtime(fsdp=True)  # what setup_distributed makes of a lone GPU process, on CPU
+fsdp.start_process_group(rt, cfg.dist_timeout_minutes)
 
 def whole_move(self, *args, **kwargs):
     raise AssertionError("the whole model was moved to the device before sharding")
@@ -94,17 +95,17 @@ def vllm_stand_in(prompts, n, *args, **kwargs):  # what distributed_generate han
     seen.update(sharded=all(isinstance(p, DTensor) for p in policy.parameters()), backend=kwargs["backend"])
     return [[] for _ in prompts]
 
-train.generate = vllm_stand_in
+fsdp.generate = vllm_stand_in
 vllm_cfg = dataclasses.replace(cfg, generator="vllm")
-train.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
-train.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
+fsdp.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
+fsdp.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
 from transformers import AutoModelForCausalLM
 exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
 diff = max((exported[k] - expected[k]).abs().max().item() for k in expected)
-report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": train.dist.get_world_size()})
+report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": fsdp.dist.get_world_size()})
 del policy, plain
 gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
-train.dist.destroy_process_group()
+fsdp.dist.destroy_process_group()
 """
     )
     (row,) = run_script(tmp_path, script, toy_dir, tmp_path / "out")
@@ -120,14 +121,14 @@ def test_each_rank_loads_only_its_shard(toy_dir, toy_rm_dir, tmp_path):
     script = """
 import gc, json, sys, torch
 from transformers import AutoModelForCausalLM
-import losses, train
+import config, fsdp, losses
 from reward import RewardModel
 
 toy_dir, rm_dir = sys.argv[1], sys.argv[2]
-cfg = train.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false"])
-rt = train.setup_distributed(cfg)
-files = train.load_causal_lm(toy_dir, cfg, rt)[2]
-policy, tokenizer = train.load_logprob_model(toy_dir, cfg, rt, trainable=False)
+cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false"])
+rt = fsdp.setup_distributed(cfg)
+files = fsdp.load_causal_lm(toy_dir, cfg, rt)[2]
+policy, tokenizer = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=False)
 whole = AutoModelForCausalLM.from_pretrained(toy_dir)
 ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 7, 8, 9, 0, 0]])
 attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
@@ -137,7 +138,7 @@ with torch.no_grad():
 embedding = policy.lm.get_input_embeddings().weight  # a frozen root reshards after its forward: a shard again
 rows = -(-embedding.shape[0] // rt.world)
 mine = whole.get_input_embeddings().weight[rt.rank * rows : (rt.rank + 1) * rows]
-reward = train.load_reward_model(rm_dir, cfg, rt)
+reward = fsdp.load_reward_model(rm_dir, cfg, rt)
 prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 2, ["a b", "b a"]
 whole_reward = RewardModel.from_pretrained(rm_dir, device="cpu")
 same_rewards = reward.score(prompts, answers) == whole_reward.score(prompts, answers)
@@ -145,7 +146,7 @@ report({"rank": rt.rank, "files": len(files), "logps": same_logps, "rewards": sa
         "shard": torch.equal(embedding.to_local(), mine), "shard_rows": embedding.to_local().shape[0]})
 del policy, reward, embedding
 gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
-train.dist.destroy_process_group()
+fsdp.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, toy_rm_dir, torchrun=2)
     assert [row["rank"] for row in rows] == [0, 1]
@@ -160,12 +161,12 @@ def test_a_gpu_without_torchrun_gets_a_group_of_one(monkeypatch):
     for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     started = []
-    monkeypatch.setattr(train, "start_process_group", lambda rt, minutes: started.append((rt.device, minutes)))
-    rt = train.setup_distributed(train.parse_config([]))
+    monkeypatch.setattr(fsdp, "start_process_group", lambda rt, minutes: started.append((rt.device, minutes)))
+    rt = fsdp.setup_distributed(config.parse_config([]))
     assert not rt.fsdp and started == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    rt = train.setup_distributed(train.parse_config(["--dist_timeout_minutes=45"]))
+    rt = fsdp.setup_distributed(config.parse_config(["--dist_timeout_minutes=45"]))
     assert rt.fsdp and rt.device == torch.device("cuda", 0) and started == [(torch.device("cuda", 0), 45.0)]
 
 
@@ -173,12 +174,12 @@ def test_process_group_timeout_device_and_object_group(monkeypatch):
     """C5: NCCL bound to the rank's GPU with the configured timeout (not NCCL's 10 minutes), and a
     gloo group with the same timeout for pickled objects; without torchrun, a group of one."""
     calls = []
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
-    monkeypatch.setattr(train.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "gloo-group")
+    monkeypatch.setattr(fsdp.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(fsdp.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "gloo-group")
     for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
         monkeypatch.setenv(name, value)
-    rt = train.Runtime(rank=3, world=8, local_rank=3, device=torch.device("cuda", 3), fsdp=True)
-    train.start_process_group(rt, 120.0)
+    rt = fsdp.Runtime(rank=3, world=8, local_rank=3, device=torch.device("cuda", 3), fsdp=True)
+    fsdp.start_process_group(rt, 120.0)
     assert calls == [
         ("init", "nccl", {"timeout": timedelta(hours=2), "device_id": torch.device("cuda", 3)}),
         ("group", {"backend": "gloo", "timeout": timedelta(hours=2)}),
@@ -187,8 +188,8 @@ def test_process_group_timeout_device_and_object_group(monkeypatch):
     calls.clear()
     for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    rt = train.Runtime(device=torch.device("cuda", 0), fsdp=True)
-    train.start_process_group(rt, 30.0)
+    rt = fsdp.Runtime(device=torch.device("cuda", 0), fsdp=True)
+    fsdp.start_process_group(rt, 30.0)
     (_, backend, kwargs), _ = calls
     assert backend == "nccl" and kwargs["rank"] == 0 and kwargs["world_size"] == 1 and "store" in kwargs
     assert kwargs["device_id"] == torch.device("cuda", 0) and kwargs["timeout"] == timedelta(minutes=30)
@@ -199,10 +200,10 @@ def test_deterministic_sets_the_cublas_workspace(monkeypatch):
     refuses; the run sets it (a value the user chose is kept)."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        train.setup_distributed(train.parse_config(["--deterministic"]))
+        fsdp.setup_distributed(config.parse_config(["--deterministic"]))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-        train.setup_distributed(train.parse_config(["--deterministic"]))
+        fsdp.setup_distributed(config.parse_config(["--deterministic"]))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(False)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import config
 import data
 import evaluate
+import fsdp
 import losses
-import train
 from conftest import TINY
 from sample import Generation
 
@@ -122,7 +123,7 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
     ]
     (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     calls, loads = [], []
-    real, real_load = evaluate.generate_answers, train.load_logprob_model
+    real, real_load = evaluate.generate_answers, fsdp.load_logprob_model
 
     def recording(cfg, rt, model_path, conversations, temperature, seed, loaded=None):
         calls.append(([list(c) for c in conversations], temperature))
@@ -133,7 +134,7 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate_answers", recording)
-    monkeypatch.setattr(train, "load_logprob_model", counting_load)
+    monkeypatch.setattr(fsdp, "load_logprob_model", counting_load)
     evaluate.main(
         [f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"]
         + GENERATION
@@ -165,11 +166,11 @@ def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
         seen.append((policy, model_path, cfg.generator))
         return [[Generation([2], f"answer {i}", "stop")] for i in range(len(prompts))]
 
-    monkeypatch.setattr(train, "load_logprob_model", no_policy)
-    monkeypatch.setattr(train, "distributed_generate", fake_generate)
-    cfg = train.parse_config([f"--model={toy_dir}", "--generator=vllm"])
+    monkeypatch.setattr(fsdp, "load_logprob_model", no_policy)
+    monkeypatch.setattr(fsdp, "distributed_generate", fake_generate)
+    cfg = config.parse_config([f"--model={toy_dir}", "--generator=vllm"])
     answers, tokenizer = evaluate.generate_answers(
-        cfg, train.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0
+        cfg, fsdp.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0
     )
     assert [a.text for a in answers] == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
     assert seen == [(None, str(toy_dir), "vllm")]
@@ -347,7 +348,7 @@ def test_results_markdown_tables():
 
 def test_plots_use_the_stages_own_config(tmp_path):
     """--plots reads the run's config.json; only keys given on the command line change it."""
-    trained = train.parse_config(
+    trained = config.parse_config(
         [
             "--model=Qwen/Qwen2.5-0.5B-Instruct",
             "--seed=3",
@@ -361,7 +362,7 @@ def test_plots_use_the_stages_own_config(tmp_path):
     )
     stage = tmp_path / "run" / "metaapo"
     stage.mkdir(parents=True)
-    (stage / "config.json").write_text(json.dumps({**train.config_dict(trained), "stage": "metaapo"}))
+    (stage / "config.json").write_text(json.dumps({**config.config_dict(trained), "stage": "metaapo"}))
     cfg = evaluate.stage_config(stage, ["--seed=7", "--eval_prompts", "5"])
     assert (cfg.model, cfg.num_samples, cfg.beta, cfg.objective, cfg.reward_model) == (
         "Qwen/Qwen2.5-0.5B-Instruct",
@@ -382,7 +383,7 @@ def test_only_the_main_rank_writes_a_plot(tmp_path):
     for rank in (1, 0):
         figure, axis = plt.subplots()
         axis.plot([0, 1], [1, 0])
-        evaluate._save(figure, tmp_path / "plot.png", plt, train.Runtime(rank=rank, world=2))
+        evaluate._save(figure, tmp_path / "plot.png", plt, fsdp.Runtime(rank=rank, world=2))
         assert (tmp_path / "plot.png").exists() is (rank == 0)
 
 

@@ -16,8 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import config
 import data
+import dpo
 import evaluate
+import fsdp
 import train
 from conftest import TINY, fresh_run, in_directory, metrics, run_train
 
@@ -150,11 +154,11 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     """The handler itself (two signals sent at once merge into one in the kernel, so this is not
     tested through a process): the first asks for a stop, the second exits with 128 + signal."""
     exits = []
-    monkeypatch.setattr(train, "STOP_SIGNAL", [])
-    monkeypatch.setattr(train.os, "_exit", exits.append)
-    train.request_stop(signal.SIGTERM, None)
-    assert train.STOP_SIGNAL == [signal.SIGTERM] and exits == []
-    train.request_stop(signal.SIGINT, None)
+    monkeypatch.setattr(fsdp, "STOP_SIGNAL", [])
+    monkeypatch.setattr(fsdp.os, "_exit", exits.append)
+    fsdp.request_stop(signal.SIGTERM, None)
+    assert fsdp.STOP_SIGNAL == [signal.SIGTERM] and exits == []
+    fsdp.request_stop(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
 
 
@@ -191,28 +195,31 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
             f"--dataset={(ROOT / json.loads(saved)['dataset']).resolve()}",
         ]
     )
-    config = json.loads((out / "dpo" / "config.json").read_text())
+    recorded = json.loads((out / "dpo" / "config.json").read_text())
     assert (
-        config["save_every"] == 0 and config["micro_batch_size"] == 8 and config["lr"] == 5e-05
+        recorded["save_every"] == 0 and recorded["micro_batch_size"] == 8 and recorded["lr"] == 5e-05
     )  # the values it started with
-    (resume,) = config["resumes"]
+    (resume,) = recorded["resumes"]
     assert resume["changes"] == {"save_every": [0, 5], "keep_checkpoints": [2, 3], "micro_batch_size": [8, 4]}
     assert (out / "dpo" / "done.json").exists()
 
 
 def test_same_path_and_resume_changes():
-    cfg = train.parse_config(["--lr=1e-4"])
-    saved = train.config_dict(train.parse_config([]))
+    cfg = config.parse_config(["--lr=1e-4"])
+    saved = config.config_dict(config.parse_config([]))
     saved["betas"] = list(saved["betas"])
-    changed, harmless = train.resume_changes(saved, cfg)
+    changed, harmless = checkpoint.resume_changes(saved, cfg)
     assert changed == {"lr": (5e-05, 1e-4)} and harmless == {}
     del saved["test_dataset"]  # a config.json written before the key existed: it had the default
-    assert train.resume_changes(saved, train.parse_config([])) == ({}, {})
-    assert train.same_path("data.py", str(ROOT / "data.py")) or not Path("data.py").exists()
-    assert train.same_path(str(ROOT / "data.py"), str(ROOT / "tests" / ".." / "data.py"))
-    assert not train.same_path("org/model-a", "org/model-b")
-    kto = train.parse_config(["--method=kto", "--micro_batch_size=4"])
-    assert "micro_batch_size" in train.resume_changes(train.config_dict(train.parse_config(["--method=kto"])), kto)[0]
+    assert checkpoint.resume_changes(saved, config.parse_config([])) == ({}, {})
+    assert checkpoint.same_path("data.py", str(ROOT / "data.py")) or not Path("data.py").exists()
+    assert checkpoint.same_path(str(ROOT / "data.py"), str(ROOT / "tests" / ".." / "data.py"))
+    assert not checkpoint.same_path("org/model-a", "org/model-b")
+    kto = config.parse_config(["--method=kto", "--micro_batch_size=4"])
+    assert (
+        "micro_batch_size"
+        in checkpoint.resume_changes(config.config_dict(config.parse_config(["--method=kto"])), kto)[0]
+    )
 
 
 def test_a_finished_stage_is_left_alone(base_run, tmp_path, capsys):
@@ -374,10 +381,10 @@ def test_a_single_data_file_is_training_data_only(base_run, tmp_path):
     run_train(["--method=rm", f"--out_dir={out}", f"--dataset={train_file}", f"--test_dataset={test_file}"] + TINY)
     done = json.loads((out / "rm" / "done.json").read_text())
     assert done["test_source"] == str(test_file) and done["test_pairs"] == len(test_file.read_text().splitlines())
-    cfg = train.parse_config([f"--dataset={train_file}"])
-    assert train.train_source(cfg) == (str(train_file), None) and train.test_source(cfg) is None
-    with pytest.raises(train.ConfigError, match="needs held-out pairs.*pass --test_dataset"):
-        train.load_heldout(cfg, "the results table")
+    cfg = config.parse_config([f"--dataset={train_file}"])
+    assert config.train_source(cfg) == (str(train_file), None) and config.test_source(cfg) is None
+    with pytest.raises(config.ConfigError, match="needs held-out pairs.*pass --test_dataset"):
+        dpo.load_heldout(cfg, "the results table")
 
 
 def test_heldout_rows_honour_skip_bad_rows(tmp_path):
@@ -387,9 +394,9 @@ def test_heldout_rows_honour_skip_bad_rows(tmp_path):
     (test_dir / "test_prefs.jsonl").write_text(json.dumps(good) + "\n{broken\n" + json.dumps(good) + "\n")
     (test_dir / "train_prefs.jsonl").write_text(json.dumps(good) + "\n")
     with pytest.raises(data.DataError, match="test_prefs.jsonl:2: invalid JSON"):
-        train.load_heldout(train.parse_config([f"--dataset={test_dir}"]), "the results table")
-    pairs, source = train.load_heldout(
-        train.parse_config([f"--dataset={test_dir}", "--skip_bad_rows"]), "the results table"
+        dpo.load_heldout(config.parse_config([f"--dataset={test_dir}"]), "the results table")
+    pairs, source = dpo.load_heldout(
+        config.parse_config([f"--dataset={test_dir}", "--skip_bad_rows"]), "the results table"
     )
     assert len(pairs) == 2 and source == (str(test_dir), "test_prefs")
 

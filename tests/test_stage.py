@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-import train
+import config
+from baselines.boundary import boundary_score
+from config import ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, run_train
-from train import ConfigError, parse_config
 
 STAGE = [
     "--method=stage",
@@ -32,7 +33,7 @@ STAGE = [
     ],
 )
 def test_boundary_score_by_hand(own, static, expected):
-    score, wins, ties, comparisons = train.boundary_score(own, static)
+    score, wins, ties, comparisons = boundary_score(own, static)
     assert (round(score, 6), wins, ties, comparisons) == (round(expected[0], 6), *expected[1:])
 
 
@@ -44,7 +45,7 @@ def test_stage_config_refusals():
     with pytest.raises(ConfigError, match="--objective=slic: only --method=online_dpo or stage"):
         parse_config(["--method=metaapo", "--objective=slic"])
     assert (
-        train.stage_name(
+        config.stage_name(
             parse_config(["--method=stage", "--objective=slic", "--iterations=2", "--schedule=off,on"]), "stage"
         )
         == "stage-objective_slic-schedule_off-on"
@@ -59,7 +60,7 @@ def boundary(path):
 def test_a_fixed_schedule_trains_on_static_then_on_policy_data(base_run, tmp_path, objective):
     out = fresh_run(base_run, tmp_path)
     run_train(STAGE + [f"--out_dir={out}", "--schedule=off,on", f"--objective={objective}"])
-    stage = out / train.stage_name(parse_config(STAGE + ["--schedule=off,on", f"--objective={objective}"]), "stage")
+    stage = out / config.stage_name(parse_config(STAGE + ["--schedule=off,on", f"--objective={objective}"]), "stage")
     records = boundary(stage / "metrics.jsonl")
     assert [r["choice"] for r in records] == ["static", "on-policy"] and all(r["by"] == "schedule" for r in records)
     for r in records:  # measured and logged even when the schedule decides

@@ -17,12 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
+import dpo
+import fsdp
 import losses
 import train
+from config import Config, ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, run_train
 from meta import MetaLearner
-from train import Config, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +182,7 @@ def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
 
     def tuples(online_length):
         return [
-            train.PolicyPair(
+            dpo.PolicyPair(
                 index=i,
                 prompt_id=str(i),
                 prompt_ids=[5, 6, 7],
@@ -191,11 +194,11 @@ def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
             for i in range(2)
         ]
 
-    rt = train.Runtime()
+    rt = fsdp.Runtime()
     for online_length, forwards in ((6, 2), (27, 1)):
         items = tuples(online_length)
         calls.clear()
-        logps, lengths = train.pair_forward(model, items, rt, online=True)
+        logps, lengths = dpo.pair_forward(model, items, rt, online=True)
         assert len(calls) == forwards, calls
         batch = data.collate_preferences(items, 0, online=True)
         expected = forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).view(4, 2)
@@ -208,14 +211,14 @@ def test_meta_input_score_scales_only_h_input():
     ref = torch.tensor([[-4.0, -4.0], [-4.0, -4.0]])
     score = losses.preference_score(policy[0], policy[1], ref[0], ref[1], 0.1)
     default = parse_config([])
-    assert train.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
+    assert dpo.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
     reference_code = parse_config(["--meta_input_beta=1"])
     delta = (policy[0] - ref[0]) - (policy[1] - ref[1])
     torch.testing.assert_close(
-        train.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta)
+        dpo.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta)
     )
     simpo = parse_config(["--meta_input_beta=1", "--objective=simpo"])
-    assert train.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
+    assert dpo.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
     with pytest.raises(ConfigError, match="meta_input_beta"):
         parse_config(["--meta_input_beta=-1"])
 
@@ -505,7 +508,7 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         argv = args + [f"--out_dir={out}"] + small
         train.main(argv)
         cfg = parse_config(argv)
-        stage = out / train.stage_name(cfg, cfg.method)
+        stage = out / config.stage_name(cfg, cfg.method)
         assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
     assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
     assert (out / "selective_dpo" / "seed0-half0" / "model").exists() and (
