@@ -11,11 +11,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import compare
 import config
 import data
+import dynamics
 import evaluate
 import fsdp
 import losses
+import toy
 from conftest import TINY
 from sample import Generation
 
@@ -237,9 +240,9 @@ def test_bad_question_file_names_file_and_line(toy_dir, tmp_path):
 def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
     reference = tmp_path / "reference"
     torch.manual_seed(5)
-    LlamaForCausalLM(data.toy_model_config(AutoTokenizer.from_pretrained(toy_dir))).save_pretrained(reference)
+    LlamaForCausalLM(toy.toy_model_config(AutoTokenizer.from_pretrained(toy_dir))).save_pretrained(reference)
     AutoTokenizer.from_pretrained(toy_dir).save_pretrained(reference)
-    rows = data.make_toy_rows(0, {"test_prefs": 12})["test_prefs"]
+    rows = toy.make_toy_rows(0, {"test_prefs": 12})["test_prefs"]
     data.write_jsonl(tmp_path / "set" / "test_prefs.jsonl", rows)
     evaluate.main(
         [
@@ -279,31 +282,31 @@ def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
 
 
 def test_win_rate_counts_ties_half():
-    assert evaluate.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert compare.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
 def test_paired_t_interval_by_hand():
-    diff = evaluate.paired_t_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
+    diff = compare.paired_t_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])  # mean 2, sd 1, n 3: 2 +- 4.303 / sqrt(3)
     assert diff["mean"] == pytest.approx(2.0) and diff["low"] == pytest.approx(2 - 4.303 / 3**0.5, abs=1e-3)
     assert diff["high"] == pytest.approx(2 + 4.303 / 3**0.5, abs=1e-3) and not diff["resolved"]
-    assert evaluate.paired_t_interval([3.0, 3.1, 2.9, 3.05, 2.95], [1.0] * 5)["resolved"]  # df 4: t = 2.776
-    assert evaluate.paired_t_interval([0.9, 1.1], [1.0, 1.0])["mean"] == pytest.approx(0.0, abs=1e-12)
-    assert evaluate.paired_t_interval([1.0], [0.0]) is None  # one seed: no interval
+    assert compare.paired_t_interval([3.0, 3.1, 2.9, 3.05, 2.95], [1.0] * 5)["resolved"]  # df 4: t = 2.776
+    assert compare.paired_t_interval([0.9, 1.1], [1.0, 1.0])["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert compare.paired_t_interval([1.0], [0.0]) is None  # one seed: no interval
 
 
 def test_paired_bootstrap_over_seeds_and_prompts():
     rng = np.random.default_rng(0)
     base = [rng.uniform(0, 10, 400 * 2).tolist() for _ in range(3)]  # 3 seeds, 400 prompts x 2 samples
-    same = evaluate.paired_bootstrap(base, base, 2)
+    same = compare.paired_bootstrap(base, base, 2)
     assert same == {"mean": 0.0, "low": 0.0, "high": 0.0, "resolved": False}
-    shifted = evaluate.paired_bootstrap([[x + 1.0 for x in b] for b in base], base, 2)
+    shifted = compare.paired_bootstrap([[x + 1.0 for x in b] for b in base], base, 2)
     assert shifted["mean"] == pytest.approx(1.0) and shifted["low"] == pytest.approx(1.0) and shifted["resolved"]
     # a real effect of 0.3 under per-answer noise of std 2: resolved, and the interval covers it
     noisy = [[x + 0.3 + rng.normal(0, 2) for x in b] for b in base]
-    effect = evaluate.paired_bootstrap(noisy, base, 2)
+    effect = compare.paired_bootstrap(noisy, base, 2)
     assert effect["low"] < 0.3 < effect["high"] and effect["resolved"]
     # seeds that disagree (one +1, one -1, one 0) leave the difference unresolved however many prompts
-    split = evaluate.paired_bootstrap([[x + d for x in b] for b, d in zip(base, (1.0, -1.0, 0.0))], base, 2)
+    split = compare.paired_bootstrap([[x + d for x in b] for b, d in zip(base, (1.0, -1.0, 0.0))], base, 2)
     assert split["low"] < 0 < split["high"] and not split["resolved"]
 
 
@@ -322,14 +325,14 @@ def test_results_markdown_tables():
             "training_s": stat(5.0, 0.5),
             "per_seed": [],
         }
-        for i, (label, method, extra) in enumerate(evaluate.COMPARE_ROWS)
+        for i, (label, method, extra) in enumerate(compare.COMPARE_ROWS)
     }
     rows["DPO"]["vs_metaapo"] = {
-        "gold": evaluate.interval(-0.6, -0.8, -0.4),
-        "annotation_ratio": evaluate.interval(-0.5, -0.6, -0.4),
-        "time_s": evaluate.interval(-5.0, -12.0, 2.0),
+        "gold": compare.interval(-0.6, -0.8, -0.4),
+        "annotation_ratio": compare.interval(-0.5, -0.6, -0.4),
+        "time_s": compare.interval(-5.0, -12.0, 2.0),
     }
-    text = evaluate.results_markdown(
+    text = compare.results_markdown(
         {"seeds": [0, 1, 2], "train_args": ["--max_train_pairs=2400"], "minutes": 12.3, "rows": rows}, [], Path("out")
     )
     assert (
@@ -338,7 +341,7 @@ def test_results_markdown_tables():
         and "## Time (Table 8)" in text
     )
     assert "| DPO | 8.100 ± 0.050 | 51.0 ± 1.0% | - |" in text
-    i = [label for label, _, _ in evaluate.COMPARE_ROWS].index("MetaAPO")
+    i = [label for label, _, _ in compare.COMPARE_ROWS].index("MetaAPO")
     assert f"| MetaAPO | {8.0 + i / 10:.3f} ± 0.050 | {50 + i:.1f} ± 1.0% | 50.0 ± 10.0% |" in text
     ablations = text[text.index("Table 2") : text.index("Table 8")]
     assert "w/ random sampling" in ablations and "Online DPO" not in ablations
@@ -363,7 +366,7 @@ def test_plots_use_the_stages_own_config(tmp_path):
     stage = tmp_path / "run" / "metaapo"
     stage.mkdir(parents=True)
     (stage / "config.json").write_text(json.dumps({**config.config_dict(trained), "stage": "metaapo"}))
-    cfg = evaluate.stage_config(stage, ["--seed=7", "--eval_prompts", "5"])
+    cfg = dynamics.stage_config(stage, ["--seed=7", "--eval_prompts", "5"])
     assert (cfg.model, cfg.num_samples, cfg.beta, cfg.objective, cfg.reward_model) == (
         "Qwen/Qwen2.5-0.5B-Instruct",
         4,
@@ -374,16 +377,16 @@ def test_plots_use_the_stages_own_config(tmp_path):
     assert cfg.betas == (0.8, 0.9) and (cfg.seed, cfg.eval_prompts) == (7, 5)
     assert cfg.out_dir == str(tmp_path / "run") and cfg.preset == ""  # the run directory is where the stage lies
     with pytest.raises(SystemExit, match="no config.json there"):
-        evaluate.stage_config(tmp_path, [])
+        dynamics.stage_config(tmp_path, [])
 
 
 def test_only_the_main_rank_writes_a_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    plt = evaluate._pyplot()
+    plt = dynamics._pyplot()
     for rank in (1, 0):
         figure, axis = plt.subplots()
         axis.plot([0, 1], [1, 0])
-        evaluate._save(figure, tmp_path / "plot.png", plt, fsdp.Runtime(rank=rank, world=2))
+        dynamics._save(figure, tmp_path / "plot.png", plt, fsdp.Runtime(rank=rank, world=2))
         assert (tmp_path / "plot.png").exists() is (rank == 0)
 
 
@@ -397,13 +400,13 @@ def test_missing_matplotlib_is_a_clear_message(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit, match="the plots need matplotlib, an optional dependency: pip install matplotlib"):
-        evaluate._pyplot()
+        dynamics._pyplot()
 
 
 def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(evaluate, "COMPARE_TRAIN_ARGS", [])
+    monkeypatch.setattr(compare, "COMPARE_TRAIN_ARGS", [])
     out = tmp_path / "compare"
     args = [
         "--compare",

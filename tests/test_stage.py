@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import compare
 import config
 from baselines.boundary import boundary_score
 from config import ConfigError, parse_config
@@ -108,7 +109,6 @@ def test_the_boundary_score_chooses_on_one_and_two_processes(base_run, tmp_path)
 def test_stage_grid_findings_and_table():
     """evaluate.py's reading of the grid: gains per decision, which source was better, whether BS
     pointed at it, and the stage method against the best fixed schedule."""
-    import evaluate
 
     def run(schedule, gold, bs, choice=("static", "static")):
         return {
@@ -130,7 +130,7 @@ def test_stage_grid_findings_and_table():
         run("on,on", [5.0, 6.0, 6.1], [0.4, 0.6]),
         run("stage", [5.0, 5.5, 5.6], [0.4, 0.3]),
     ]
-    (finding,) = evaluate.stage_findings(runs)
+    (finding,) = compare.stage_findings(runs)
     first, after_static, after_on = finding["points"]
     assert (first["on_gain"], first["static_gain"]) == pytest.approx((1.0, 0.5)) and first["ratio"] == pytest.approx(
         2.0
@@ -139,5 +139,5 @@ def test_stage_grid_findings_and_table():
     assert after_static["on_gain"] == pytest.approx(1.0) and after_static["static_gain"] == pytest.approx(0.1)
     assert after_on["better"] == "static" and after_on["predicted"] == "on-policy"  # 0.2 > 0.1, BS 0.6
     assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["stage_gold"] == 5.6
-    table = evaluate.stage_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
+    table = compare.stage_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
     assert "| s | dpo | iteration 1 | +1.000 | +0.500 | 2.00 | on-policy | 0.400 | static (wrong) |" in table

@@ -1,0 +1,634 @@
+"""
+The toy comparison grids: many runs, scored with the gold judge, set side by side.
+
+What it does
+- `python evaluate.py --compare`: the toy counterparts of the paper's Tables 1, 2 and 8. Runs (or
+  reads the finished runs of) SFT, DPO, IPO, KTO, SimPO, Selective DPO, PPO, Online DPO, SELM,
+  ADPO, MetaAPO and its ablations (random, threshold and all sampling; uniform and fixed
+  weighting; all offline samples; the unscaled meta input) on the toy for several seeds, scores
+  every model with the gold judge on the held-out prompts, and writes results.md and results.json:
+  gold mean +- std over seeds, win rate against SFT, annotation ratio, sampling and training time,
+  and every row's paired difference from MetaAPO with 95% intervals (gold: a bootstrap over seeds
+  and held-out prompts; annotation ratio and time: t-intervals over seeds). The toy data, the SFT
+  model and the reward model are shared by all seeds (the paper's fixed starting point); each seed
+  has its own DPO warm-up and runs. Seed 0's MetaAPO dynamics (dynamics.py) join the report.
+- `python evaluate.py --stage_grid`: seed 004's experiment on the toy (train.py --method=stage):
+  starting policies of three strengths x {DPO, SLiC-HF} x {the four fixed schedules, the stage
+  method}; gold after each iteration, the boundary score before each, the on-policy / static gains
+  at each decision and whether the boundary score pointed at the better source, the stage method
+  against the best fixed schedule; results.md, results.json and a plot of the boundary scores.
+
+Run
+    python evaluate.py --compare                         # toy tables, 3 seeds (25 minutes on 2 CPU cores)
+    python evaluate.py --compare --seeds=0,1,2,3,4 --methods=MetaAPO,DPO
+    python evaluate.py --stage_grid
+Every run is a train.py stage (resumable: a stopped grid goes on with --resume); single process.
+
+Deliberate simplifications
+- Gold is the toy's programmatic judge; real models are compared with the benchmarks' own judges
+  on evaluate.py's answer files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import config
+import data
+import dpo
+import fsdp
+import toy
+import train
+from dynamics import _pyplot, _save, dynamics_markdown, make_plots, read_metrics
+
+# ==============================================================================================
+# The rows, and the gold judge's scores
+
+# (label, method, extra train.py arguments): the rows of the comparison
+COMPARE_ROWS = [
+    ("SFT", None, []),
+    ("DPO", "dpo", []),
+    ("IPO", "ipo", []),
+    ("KTO", "kto", []),
+    ("SimPO", "simpo", []),
+    ("Selective DPO", "selective_dpo", []),
+    ("PPO", "ppo", []),
+    ("Online DPO", "online_dpo", []),
+    ("SELM", "selm", []),
+    ("ADPO", "adpo", []),
+    ("MetaAPO", "metaapo", []),
+    ("w/ random sampling", "metaapo", ["--sampling=random"]),
+    ("w/ threshold sampling", "metaapo", ["--sampling=threshold"]),
+    ("w/ all sampling", "metaapo", ["--sampling=all"]),
+    ("w/ uniform weighting", "metaapo", ["--weighting=uniform"]),
+    ("w/o meta-learner (fixed weights)", "metaapo", ["--weighting=fixed"]),
+    ("w/ all offline samples", "metaapo", ["--keep_unsampled"]),
+    ("w/ unscaled meta input (reference code)", "metaapo", ["--meta_input_beta=1"]),
+]
+
+ABLATIONS = {"MetaAPO"} | {label for label, _, extra in COMPARE_ROWS if extra}
+
+# The comparison trains every method on the first 3000 offline pairs (the shared reward model on
+# all 6000, as in the default run): 1000 per iteration, so MetaAPO takes about 30 policy steps and 3 meta
+# updates per iteration, and 3 seeds x 18 rows fit in half an hour on 2 cores.
+COMPARE_TRAIN_ARGS = ["--max_train_pairs=3000"]
+
+
+def gold_scores(cfg: config.Config, rt: fsdp.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
+    """Gold-judge scores of eval_samples answers per held-out toy prompt, cached in `cache`."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
+    test, _ = dpo.load_heldout(cfg, "the gold evaluation")
+    test = test[: cfg.eval_prompts or len(test)]
+    tokenizer = data.load_tokenizer(model_path)
+    scores = train.evaluate_policy_gold(
+        model_path, cfg, rt, [data.encode_prompt(tokenizer, p.prompt) for p in test], [p.prompt for p in test]
+    )
+    if cache is not None and rt.main:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(scores))
+    return scores
+
+
+def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Share of answers scoring above the baseline's answer to the same prompt (ties count half)."""
+    return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]))
+
+
+# ==============================================================================================
+# Paired differences and their intervals
+
+# Student's t quantile t(0.975, df) for df = 1..30 (a normal quantile beyond): the 95% t-interval
+T_975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def interval(mean: float, low: float, high: float) -> dict:
+    """A difference with its 95% interval; resolved when the interval excludes 0."""
+    return {"mean": float(mean), "low": float(low), "high": float(high), "resolved": bool(low > 0 or high < 0)}
+
+
+def paired_bootstrap(
+    scores: list[list[float]], baseline: list[list[float]], samples_per_prompt: int, draws: int = 2000, seed: int = 0
+) -> dict:
+    """Mean paired difference (scores - baseline) with a 95% two-level bootstrap interval: seeds
+    resampled with replacement, then held-out prompts within each drawn seed. scores[s] holds one
+    seed's gold scores, prompt-major with samples_per_prompt answers per prompt, as is baseline[s]."""
+    per_prompt = np.stack(
+        [(np.asarray(a) - np.asarray(b)).reshape(-1, samples_per_prompt).mean(1) for a, b in zip(scores, baseline)]
+    )
+    n_seeds, n_prompts = per_prompt.shape  # (S, P) differences of per-prompt means
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    for k in range(draws):
+        seeds = rng.integers(n_seeds, size=n_seeds)
+        prompts = rng.integers(n_prompts, size=(n_seeds, n_prompts))
+        means[k] = per_prompt[seeds[:, None], prompts].mean()
+    return interval(per_prompt.mean(), *np.percentile(means, [2.5, 97.5]))
+
+
+def paired_t_interval(values: list[float], baseline: list[float]) -> dict | None:
+    """Mean paired difference over seeds with a 95% t-interval (None with fewer than 2 seeds)."""
+    differences = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    if len(differences) < 2:
+        return None
+    t = T_975[len(differences) - 2] if len(differences) <= len(T_975) + 1 else 1.960
+    half = t * differences.std(ddof=1) / np.sqrt(len(differences))
+    return interval(differences.mean(), differences.mean() - half, differences.mean() + half)
+
+
+# ==============================================================================================
+# The toy Tables 1, 2 and 8 over seeds (--compare)
+
+
+def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
+    """train.py arguments of one seed of the comparison: its own runs, the shared data, SFT and reward model."""
+    return [
+        f"--seed={seed}",
+        "--data_seed=0",
+        f"--out_dir={out / f'seed{seed}'}",
+        f"--sft_model={out / 'shared' / 'sft' / 'model'}",
+        f"--reward_model={out / 'shared' / 'rm' / 'model'}",
+        *train_args,
+    ]
+
+
+def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: fsdp.Runtime) -> dict:
+    """Run or read every row's run for every seed, score the models, aggregate over seeds."""
+    started = time.time()
+    # the shared SFT and reward model are the default run's (COMPARE_TRAIN_ARGS' data cut is for the methods only)
+    shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
+    shared = config.parse_config(shared_args)
+    if rt.main:
+        toy.ensure_toy_assets(0)
+    fsdp.barrier(rt)
+    stage_times = {"SFT": train.ensure_stage(shared, rt, "sft"), "RM": train.ensure_stage(shared, rt, "rm")}
+    sft = str(out / "shared" / "sft" / "model")
+    per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
+    gold: dict[str, list[list[float]]] = {label: [] for label, _, _ in rows}  # per seed, every answer's gold score
+    for seed in seeds:
+        args = seed_args(out, seed, train_args)
+        base = config.parse_config(args)  # --seed=seed is among args
+        train.ensure_stage(
+            config.parse_config(args + ["--method=dpo"]), rt, "dpo"
+        )  # the warm-up every generating method starts from
+        baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
+        for label, method, extra in rows:
+            if method is None:
+                per_seed[label].append(
+                    {
+                        "gold": float(np.mean(baseline)),
+                        "win": 0.5,
+                        **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"},
+                    }
+                )
+                gold[label].append(baseline)
+                continue
+            cfg = config.parse_config(args + [f"--method={method}", *extra])
+            summary = train.ensure_stage(cfg, rt, method)
+            name = config.stage_name(cfg, method)
+            scores = gold_scores(
+                base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json"
+            )
+            per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
+            gold[label].append(scores)
+            fsdp.print0(
+                rt,
+                f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT "
+                f"{win_rate(scores, baseline):.1%}",
+            )
+    results = {
+        "seeds": seeds,
+        "train_args": train_args,
+        "shared": stage_times,
+        "minutes": (time.time() - started) / 60,
+        "rows": {},
+    }
+    for label, method, extra in rows:
+        runs = per_seed[label]
+
+        def stat(key, runs=runs):
+            values = [r[key] for r in runs if key in r]
+            return {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
+
+        results["rows"][label] = {
+            "method": method,
+            "args": extra,
+            "gold": stat("gold"),
+            "win_rate": stat("win"),
+            "annotation_ratio": stat("annotation_ratio"),
+            "sampling_s": stat("sampling_s"),
+            "training_s": stat("training_s") or stat("train_time_s"),
+            "per_seed": runs,
+        }
+    if "MetaAPO" in per_seed:
+        eval_samples = config.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
+        for label, _, _ in rows:
+            if label != "MetaAPO":
+                results["rows"][label]["vs_metaapo"] = differences(
+                    per_seed[label], per_seed["MetaAPO"], gold[label], gold["MetaAPO"], eval_samples
+                )
+    return results
+
+
+def overall_time(run: dict) -> float:
+    """A run's sampling plus training seconds (an offline method's train_time_s)."""
+    return run.get("sampling_s", 0.0) + run.get("training_s", run.get("train_time_s", 0.0))
+
+
+def differences(
+    runs: list[dict],
+    reference: list[dict],
+    scores: list[list[float]],
+    reference_scores: list[list[float]],
+    samples_per_prompt: int,
+) -> dict:
+    """A row minus MetaAPO, paired by seed (and by held-out prompt for the gold score): gold with a
+    prompts x seeds bootstrap interval; annotation ratio and overall time with t-intervals over seeds."""
+    ratio = [r.get("annotation_ratio", 0.0) for r in runs]
+    return {
+        "gold": paired_bootstrap(scores, reference_scores, samples_per_prompt),
+        "annotation_ratio": paired_t_interval(ratio, [r["annotation_ratio"] for r in reference]),
+        "time_s": paired_t_interval([overall_time(r) for r in runs], [overall_time(r) for r in reference]),
+    }
+
+
+def _fmt(stat, percent: bool = False, digits: int = 3) -> str:
+    if stat is None:
+        return "-"
+    if percent:
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _fmt_interval(diff: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    if diff is None:
+        return "-"
+    text = f"{scale * diff['mean']:+.{digits}f} [{scale * diff['low']:+.{digits}f}, {scale * diff['high']:+.{digits}f}]"
+    return f"**{text}**" if diff["resolved"] else text
+
+
+def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
+    rows = results["rows"]
+    main = [label for label in rows if label not in ABLATIONS or label == "MetaAPO"]
+    n = len(results["seeds"])
+    lines = [
+        f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})",
+        "",
+        f"Made by `python evaluate.py --compare --seeds={','.join(map(str, results['seeds']))}` in "
+        f"{results['minutes']:.1f} minutes. Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training "
+        f"arguments: `{' '.join(results['train_args']) or '-'}`. The SFT and reward models are shared by all seeds; "
+        "every method that generates starts from its seed's DPO warm-up, whose time is not included in its row.",
+        "",
+        "## Methods (the paper's Table 1)",
+        "",
+        "| method | gold mean | win rate vs SFT | annotation ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | "
+        f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        for label in main
+    ]
+    lines += [
+        "",
+        "## MetaAPO ablations (Table 2)",
+        "",
+        "| variant | gold mean | win rate vs SFT | annotation ratio |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {_fmt(rows[label]['gold'])} | {_fmt(rows[label]['win_rate'], True)} | "
+        f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        for label in rows
+        if label in ABLATIONS
+    ]
+    lines += [
+        "",
+        "## Time (Table 8), seconds on this machine",
+        "",
+        "| method | sampling | training | overall | annotation ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for label in rows:
+        sampling, training = rows[label]["sampling_s"], rows[label]["training_s"]
+        overall = (sampling["mean"] if sampling else 0.0) + (training["mean"] if training else 0.0)
+        lines.append(
+            f"| {label} | {_fmt(sampling, digits=0)} | {_fmt(training, digits=0)} | {overall:.0f} | "
+            f"{_fmt(rows[label]['annotation_ratio'], True)} |"
+        )
+    compared = [label for label in rows if "vs_metaapo" in rows[label]]
+    if compared:
+        lines += [
+            "",
+            "## Differences from MetaAPO, paired by seed",
+            "",
+            "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out "
+            "prompts within each seed), the annotation ratio and the overall time (sampling + training) by "
+            "t-intervals over the seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise "
+            "these seeds cannot tell the two apart.",
+            "",
+            "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |",
+            "|---|---|---|---|",
+        ]
+        for label in compared:
+            vs = rows[label]["vs_metaapo"]
+            lines.append(
+                f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | "
+                f"{_fmt_interval(vs['time_s'], digits=0)} |"
+            )
+    if plots:
+        lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [
+            f"![{p.stem}]({p.relative_to(out)})" for p in plots
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
+    """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics."""
+    out = Path(args.compare_out)
+    rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
+    results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt)
+    plots, dynamics = [], None
+    seed = results["seeds"][0]
+    metaapo = out / f"seed{seed}" / "metaapo"
+    if (metaapo / "done.json").exists():
+        try:
+            plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
+            for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
+                if rt.main:
+                    shutil.copy(plot, out / plot.name)
+                plots.append(out / plot.name)
+        except SystemExit as err:  # no matplotlib: the tables stand without the plots
+            fsdp.print0(rt, str(err))
+        dynamics = json.loads((metaapo / "dynamics.json").read_text())
+    if rt.main:
+        (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
+        text = results_markdown(results, plots, out)
+        if dynamics:
+            text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
+        (out / "results.md").write_text(text)
+    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
+
+
+# ==============================================================================================
+# Seed 004's grid: static or on-policy data per iteration (--stage_grid)
+
+# (label, directory, how the starting policy is made): train.py arguments of its stage and the stage
+STAGE_STARTS = [
+    ("weak SFT (2 epochs)", "weak", "sft", ["--sft_epochs=2"]),
+    ("SFT (10 epochs, the default)", "sft", "sft", []),
+    ("strong: SFT + DPO warm-up", "strong", "dpo", []),
+]
+
+STAGE_SCHEDULES = ["off,off", "off,on", "on,off", "on,on", ""]  # "" = the stage method's own choice
+
+STAGE_OBJECTIVES = ["dpo", "slic"]
+
+# Two iterations as in the seed's experiments, over the first 2400 offline pairs (1200 per iteration)
+STAGE_TRAIN_ARGS = ["--method=stage", "--iterations=2", "--max_train_pairs=2400"]
+
+
+def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
+    """Run (or read) every start x objective x schedule of the grid; return its results."""
+    started = time.time()
+    if rt.main:
+        toy.ensure_toy_assets(0)
+    fsdp.barrier(rt)
+    shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
+    train.ensure_stage(shared, rt, "sft")
+    reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
+    starts, sft_args = {}, {}
+    for label, key, method, extra in STAGE_STARTS:
+        # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
+        sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
+        cfg = config.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
+        train.ensure_stage(cfg, rt, method)
+        starts[label] = str(out / key / method / "model")
+    base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest])
+    gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
+    runs = []
+    for (label, key, _, _), objective in [(s, o) for s in STAGE_STARTS for o in STAGE_OBJECTIVES]:
+        for schedule in STAGE_SCHEDULES:
+            cfg = config.parse_config(
+                [
+                    *STAGE_TRAIN_ARGS,
+                    f"--out_dir={out / key}",
+                    "--seed=0",
+                    f"--policy={starts[label]}",
+                    f"--objective={objective}",
+                    f"--reward_model={out / 'sft' / 'rm' / 'model'}",
+                    f"--schedule={schedule}",
+                    *sft_args[label],
+                    *rest,
+                ]
+            )
+            summary = train.ensure_stage(cfg, rt, "stage")
+            stage = out / key / config.stage_name(cfg, "stage")
+            boundary = [r for r in read_metrics(stage) if r.get("phase") == "boundary"]
+            runs.append(
+                {
+                    "start": label,
+                    "objective": objective,
+                    "schedule": schedule or "stage",
+                    "time_s": summary["sampling_s"] + summary["training_s"],
+                    "annotation_ratio": summary["annotation_ratio"],
+                    "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
+                    "boundary_score": [r["boundary_score"] for r in boundary],
+                    "choice": [r["choice"] for r in boundary],
+                    "probe_s": sum(r["time_s"] for r in boundary),
+                }
+            )
+            fsdp.print0(
+                rt,
+                f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold "
+                f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, BS "
+                f"{', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}",
+            )
+    return {
+        "runs": runs,
+        "reward_model_accuracy": reward.get("test_accuracy"),
+        "minutes": (time.time() - started) / 60,
+        "findings": stage_findings(runs),
+    }
+
+
+def stage_findings(runs: list[dict]) -> list[dict]:
+    """Per start and objective, at each decision (iteration 1; iteration 2 after static or after
+    on-policy data): the gold gains of on-policy and of static data, their ratio, the boundary
+    score measured there and whether it pointed at the better source; and the stage method's final
+    score against the best fixed schedule's."""
+    findings = []
+    by = {(r["start"], r["objective"], r["schedule"]): r for r in runs}
+    for start, objective in dict.fromkeys((r["start"], r["objective"]) for r in runs):
+        run = lambda schedule, start=start, objective=objective: by[(start, objective, schedule)]  # noqa: E731
+        points = [
+            (
+                "iteration 1",
+                run("on,on")["gold"][1] - run("on,on")["gold"][0],
+                run("off,off")["gold"][1] - run("off,off")["gold"][0],
+                run("off,off")["boundary_score"][0],
+            )
+        ]
+        for first in ("off", "on"):
+            on, off = run(f"{first},on"), run(f"{first},off")
+            points.append(
+                (
+                    f"iteration 2 after {'static' if first == 'off' else 'on-policy'} data",
+                    on["gold"][2] - on["gold"][1],
+                    off["gold"][2] - off["gold"][1],
+                    off["boundary_score"][1],
+                )
+            )
+        fixed = [run(s) for s in STAGE_SCHEDULES if s]
+        best = max(fixed, key=lambda r: r["gold"][2])
+        findings.append(
+            {
+                "start": start,
+                "objective": objective,
+                "points": [
+                    {
+                        "at": at,
+                        "on_gain": on_gain,
+                        "static_gain": off_gain,
+                        "ratio": on_gain / off_gain if off_gain else float("nan"),
+                        "better": "on-policy" if on_gain > off_gain else "static",
+                        "boundary_score": bs,
+                        "predicted": "on-policy" if bs >= 0.5 else "static",
+                    }
+                    for at, on_gain, off_gain, bs in points
+                ],
+                "stage_gold": run("stage")["gold"][2],
+                "stage_choices": run("stage")["choice"],
+                "best_fixed": best["schedule"],
+                "best_fixed_gold": best["gold"][2],
+                "stage_extra_s": run("stage")["probe_s"],
+            }
+        )
+    return findings
+
+
+def stage_grid_markdown(results: dict, plot: Path | None) -> str:
+    """results.md of --stage_grid. Costs are annotation ratios (reward-model calls per prompt, in
+    units of K), not seconds: on a shared machine the runs' times say more about their neighbours."""
+    lines = [
+        "# Seed 004's grid on the toy: static or on-policy data per iteration",
+        "",
+        f"Made by `python evaluate.py --stage_grid` ({results['minutes']:.1f} minutes in its last invocation, which",
+        "reuses finished runs): DPO and SLiC-HF, two iterations of 1200 offline pairs each, from three starting",
+        "policies; on-policy pairs are the reward",
+        "model's best and worst of K = 8 answers, static pairs the offline ones; the boundary score BS is",
+        "measured before every iteration on 3% of its prompts (4 answers each against the 2 static answers).",
+        "Gold judge (0-10) on the held-out prompts; one seed.",
+        "",
+        "| start | objective | schedule | gold: start -> iter 1 -> iter 2 | BS before iter 1, 2 | data chosen | "
+        "annotation ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        gold, bs = " -> ".join(f"{g:.3f}" for g in r["gold"]), ", ".join(f"{b:.3f}" for b in r["boundary_score"])
+        chosen = ", ".join(r["choice"]) if r["schedule"] == "stage" else "-"
+        lines.append(
+            f"| {r['start']} | {r['objective']} | {r['schedule']} | {gold} | {bs} | {chosen} | "
+            f"{r['annotation_ratio']:.1%} |"
+        )
+    lines += [
+        "",
+        "## At each decision: which data helped more, and what BS said",
+        "",
+        "| start | objective | decision | gain on-policy | gain static | on / static | better | BS | BS says |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in results["findings"]:
+        for p in f["points"]:
+            said = p["predicted"] + ("" if p["predicted"] == p["better"] else " (wrong)")
+            lines.append(
+                f"| {f['start']} | {f['objective']} | {p['at']} | {p['on_gain']:+.3f} | {p['static_gain']:+.3f} | "
+                f"{p['ratio']:.2f} | {p['better']} | {p['boundary_score']:.3f} | {said} |"
+            )
+    lines += [
+        "",
+        "## The stage method against the best fixed schedule",
+        "",
+        "| start | objective | stage's choices | stage gold | best fixed | its gold |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | "
+        f"{f['best_fixed']} | {f['best_fixed_gold']:.3f} |"
+        for f in results["findings"]
+    ]
+    if plot:
+        lines += ["", f"![boundary scores]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
+    """BS before each iteration: every run, coloured by its start, dashed for SLiC-HF."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    colours = dict(zip([s[0] for s in STAGE_STARTS], ["tab:red", "tab:blue", "tab:green"]))
+    for r in results["runs"]:
+        axis.plot(
+            [1, 2],
+            r["boundary_score"],
+            marker="o",
+            color=colours[r["start"]],
+            alpha=0.6,
+            linestyle="--" if r["objective"] == "slic" else "-",
+            label=r["start"] if r["schedule"] == "stage" and r["objective"] == "dpo" else None,
+        )
+    axis.axhline(0.5, color="gray", linewidth=0.8)
+    axis.set_xticks([1, 2])
+    axis.set_xlabel("before iteration")
+    axis.set_ylabel("boundary score (on-policy win share)")
+    axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def run_stage_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
+    out = Path(args.stage_out)
+    results = stage_grid(out, rest, rt)
+    plot = None
+    try:
+        plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
+    except SystemExit as err:  # no matplotlib: the tables stand without the plot
+        fsdp.print0(rt, str(err))
+    if rt.main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(stage_grid_markdown(results, plot))
+    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")

@@ -1,0 +1,444 @@
+"""
+The training dynamics of a finished MetaAPO stage, as the paper plots them (Fig. 2 left and
+middle, Fig. 3 right): the meta-learner curve h(l) after every meta update (logged by train.py);
+for every tuple of every iteration, l_off against the potential gain l_on - l_off, sampled vs
+unsampled; and on the held-out prompts before and after each iteration, the reward model's mean
+and std over generated answers (the gold score on the toy, and the reward model's agreement with
+it) and the mean l_off of the held-out pairs. Written to <stage>/dynamics.json, printed as tables
+and plotted (matplotlib, optional).
+
+Run
+    python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there
+    torchrun --nproc_per_node 8 evaluate.py --plots=...  # generation and scoring sharded
+evaluate.py's --plots and compare.py's --compare (seed 0's MetaAPO) call make_plots.
+
+Deliberate simplifications
+- The sampled / unsampled scatter generates a fresh online pair for every tuple of an iteration
+  (or --scatter_prompts of each kind) with the iteration's starting policy, since unsampled
+  tuples had none; the gains are therefore those of new samples, not of the pairs trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+import checkpoint
+import config
+import data
+import dpo
+import fsdp
+import train
+from meta import CURVE_GRID, MetaController
+from reward import toy_gold_judge
+from sample import make_online_pairs
+
+# ==============================================================================================
+# Reading a stage's records, and plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit(
+            "evaluate.py: the plots need matplotlib, an optional dependency: pip install matplotlib"
+        ) from None
+    return plt
+
+
+def _save(figure, path: Path, plt, rt: fsdp.Runtime) -> Path:
+    """Write the figure (the main rank only; every rank computed it, the data may need collectives)."""
+    if rt.main:
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def read_metrics(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def meta_curve_history(stage: Path) -> list[dict]:
+    """Fig. 3 right as a sequence: h on meta.CURVE_GRID after every meta update, as logged by train.py."""
+    return [
+        {"iteration": r["iteration"], "step": r["step"], "h": r["h_curve"]}
+        for r in read_metrics(stage)
+        if "h_curve" in r
+    ]
+
+
+# ==============================================================================================
+# The dynamics: sampled and unsampled gains, held-out reward and l_off
+
+
+def _stage_paths(cfg, rt, stage: Path, method: str, t: int) -> tuple[str, str | None]:
+    """(policy at the start of iteration t + 1, its reference), t counting from 0."""
+    stage_obj = checkpoint.Stage(cfg, rt, stage.name)
+    stage_obj.dir = stage
+    return train.iteration_paths(cfg, stage_obj, method, t)
+
+
+def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: int = 0) -> list[dict]:
+    """Fig. 2 middle's points for one iteration: for every offline tuple of its chunk (or per_kind
+    sampled and per_kind unsampled ones), l_off at gating time, whether the gate sent it to
+    generation, and its potential gain l_on - l_off. The online pair is generated afresh for every
+    tuple, sampled or not, with the iteration's starting policy, the reward model and the same
+    reference as l_off (unsampled tuples had none). Cached in iter<t>/gains.json."""
+    cache = stage / f"iter{iteration}" / "gains.json"
+    if cache.exists() and json.loads(cache.read_text())["per_kind"] == per_kind:
+        return json.loads(cache.read_text())["rows"]
+    records = [json.loads(line) for line in (stage / f"iter{iteration}" / "gating.jsonl").read_text().splitlines()]
+    if per_kind > 0:
+        rng = np.random.default_rng(cfg.seed)
+        kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
+        records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
+    policy_path, ref_path = _stage_paths(cfg, rt, stage, method, iteration - 1)
+    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    pairs, raw = dpo.load_pairs(cfg, rt, tokenizer, config.train_source(cfg))
+    by_index = {p.index: p for p in pairs}
+    items = [by_index[r["index"]] for r in records]
+    generations = fsdp.distributed_generate(
+        policy,
+        tokenizer,
+        [p.prompt_ids for p in items],
+        policy_path,
+        cfg.num_samples,
+        cfg,
+        rt,
+        cfg.seed + 777 + iteration,
+        stage,
+    )
+    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
+    del rm
+    kept = [
+        (
+            r,
+            dataclasses.replace(
+                p,
+                chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
+                rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)],
+            ),
+        )
+        for r, p, o in zip(records, items, online)
+        if o is not None
+    ]  # a prompt whose K rewards all tie has no pair
+    online_scores = dpo.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
+    del policy, ref
+    fsdp.release_memory()
+    rows = [
+        {"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
+        for (r, _), s in zip(kept, online_scores)
+    ]
+    if rt.main:
+        cache.write_text(json.dumps({"per_kind": per_kind, "rows": rows}))
+    return rows
+
+
+def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) -> dict:
+    """Fig. 2 left's measurements for one policy on the held-out split: the reward model's score of
+    eval_samples answers per prompt (mean, std), the gold judge's on the toy, and the mean
+    preference score l_off of the held-out pairs under (policy, ref). Cached in `cache`."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    test, _ = dpo.load_heldout(cfg, "the held-out dynamics")
+    test = test[: cfg.eval_prompts or len(test)]
+    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
+    generations = fsdp.distributed_generate(
+        policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir)
+    )
+    conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
+    answers = [a for per_prompt in generations for a in per_prompt]
+    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    rewards = rm.score(conversations, [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
+    del rm
+    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    pairs, _ = dpo.load_pairs(cfg, rt, tokenizer, config.require_test_source(cfg, "the held-out dynamics"))
+    scores = dpo.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
+    del policy, ref
+    fsdp.release_memory()
+    point = {
+        "prompts": len(test),
+        "answers": len(answers),
+        "reward_mean": float(np.mean(rewards)),
+        "reward_std": float(np.std(rewards)),
+        "l_off_mean": float(np.mean([s[0] for s in scores])),
+    }
+    if cfg.preset == "toy":
+        gold = toy_gold_judge().score(conversations, [a.text for a in answers])
+        point.update(gold_mean=float(np.mean(gold)), **reward_model_fidelity(rewards, gold, cfg.eval_samples))
+    if rt.main:
+        cache.write_text(json.dumps(point))
+    return point
+
+
+def reward_model_fidelity(rewards: list[float], gold: list[float], per_prompt: int) -> dict:
+    """How far the reward model can be trusted on the policy's own answers (toy): among answers
+    to the same prompt that the gold judge and the reward model both tell apart, the share they
+    order alike; and the gold score of the reward model's favourite answer of each prompt."""
+    rewards, gold = np.asarray(rewards).reshape(-1, per_prompt), np.asarray(gold).reshape(-1, per_prompt)
+    agree = total = 0
+    for r, g in zip(rewards, gold):
+        for i in range(per_prompt):
+            for j in range(i + 1, per_prompt):
+                if r[i] != r[j] and g[i] != g[j]:
+                    total += 1
+                    agree += (r[i] > r[j]) == (g[i] > g[j])
+    return {
+        "rm_gold_agreement": agree / total if total else float("nan"),
+        "rm_pairs": total,
+        "gold_of_rm_best": float(gold[np.arange(len(gold)), rewards.argmax(1)].mean()),
+    }
+
+
+def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
+    """heldout_point for the starting policy (with iteration 1's reference) and the policy after
+    each iteration (with the reference that iteration trained against)."""
+    iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/model"))
+    points = [
+        {
+            "iteration": 0,
+            **heldout_point(cfg, rt, *_stage_paths(cfg, rt, stage, method, 0), stage / "heldout_start.json"),
+        }
+    ]
+    for t in iterations:
+        ref_path = _stage_paths(cfg, rt, stage, method, t - 1)[1]
+        points.append(
+            {
+                "iteration": t,
+                **heldout_point(
+                    cfg, rt, str(stage / f"iter{t}" / "model"), ref_path, stage / f"iter{t}" / "heldout.json"
+                ),
+            }
+        )
+    return points
+
+
+def summarise_gains(rows: list[dict]) -> dict:
+    """Fig. 2 middle in numbers: where sampled and unsampled tuples lie."""
+    summary = {}
+    for kind, name in ((True, "sampled"), (False, "unsampled")):
+        chosen = [r for r in rows if r["selected"] == kind]
+        summary[name] = {
+            "tuples": len(chosen),
+            "mean_l_off": float(np.mean([r["l_off"] for r in chosen])) if chosen else None,
+            "mean_gain": float(np.mean([r["gain"] for r in chosen])) if chosen else None,
+            "positive_gain": float(np.mean([r["gain"] > 0 for r in chosen])) if chosen else None,
+        }
+    if len(rows) > 2:
+        summary["corr_l_off_gain"] = float(np.corrcoef([r["l_off"] for r in rows], [r["gain"] for r in rows])[0, 1])
+    return summary
+
+
+# ==============================================================================================
+# Plots and tables
+
+
+def plot_meta_curves(history: list[dict], initial: list[float], path: Path, plt, rt) -> Path:
+    """Fig. 3 right, update by update: left, h over the score grid after each meta update (colour =
+    update number, the last of each iteration drawn thick); right, h at a few scores against the
+    update number, iteration boundaries dashed."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.get_cmap("viridis")
+    left.plot(CURVE_GRID, initial, color="gray", linewidth=2, label="initial")
+    last_of_iteration = {r["iteration"]: k for k, r in enumerate(history)}
+    for k, record in enumerate(history):
+        final = last_of_iteration[record["iteration"]] == k
+        left.plot(
+            CURVE_GRID,
+            record["h"],
+            color=colours(k / max(1, len(history) - 1)),
+            linewidth=2 if final else 0.7,
+            label=f"after iteration {record['iteration']} ({k + 1} updates)" if final else None,
+        )
+    left.set_xlabel("offline preference score l_off")
+    left.set_ylabel("meta weight h(l_off)")
+    left.legend(fontsize=7)
+    steps = list(range(len(history) + 1))
+    for score in (-2.0, -1.0, -0.75, -0.5, -0.25, 0.0):
+        column = CURVE_GRID.index(score)
+        right.plot(steps, [initial[column]] + [r["h"][column] for r in history], marker=".", label=f"h({score:g})")
+    for k in list(last_of_iteration.values())[:-1]:
+        right.axvline(k + 1.5, color="gray", linestyle="--", linewidth=0.8)
+    right.set_xlabel("meta update")
+    right.set_ylabel("meta weight")
+    right.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def plot_sampling_scatter(gains: dict[int, list[dict]], path: Path, plt, rt) -> Path:
+    """Fig. 2 middle for every iteration: l_off against the potential gain l_on - l_off."""
+    figure, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.6), squeeze=False)
+    for axis, (iteration, rows) in zip(axes[0], sorted(gains.items())):
+        for kind, colour, label in ((False, "tab:orange", "unsampled"), (True, "tab:blue", "sampled")):
+            chosen = [r for r in rows if r["selected"] == kind]
+            axis.scatter(
+                [r["l_off"] for r in chosen],
+                [r["gain"] for r in chosen],
+                s=4,
+                alpha=0.4,
+                color=colour,
+                label=f"{label} ({len(chosen)})",
+            )
+        axis.axhline(0, color="gray", linewidth=0.8)
+        axis.set_xlabel("offline preference score l_off")
+        axis.set_ylabel("potential gain l_on - l_off")
+        axis.set_title(f"iteration {iteration}")
+        axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def plot_heldout(points: list[dict], path: Path, plt, rt) -> Path:
+    """Fig. 2 left: on held-out prompts, the reward of generated answers (mean +- std; gold on the
+    toy) and the mean offline preference score, before iteration 1 and after each iteration."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    iterations = [p["iteration"] for p in points]
+    left.errorbar(
+        iterations,
+        [p["reward_mean"] for p in points],
+        yerr=[p["reward_std"] for p in points],
+        marker="o",
+        capsize=3,
+        color="tab:green",
+        label="reward-model score of answers (mean +- std)",
+    )
+    left.set_xlabel("iteration (0 = starting policy)")
+    left.set_xticks(iterations)
+    left.set_ylabel("reward-model score")
+    handles = [left.get_legend_handles_labels()[0][0]]
+    if all("gold_mean" in p for p in points):
+        twin = left.twinx()
+        handles += twin.plot(
+            iterations, [p["gold_mean"] for p in points], marker="s", color="tab:purple", label="gold score (0-10)"
+        )
+        twin.set_ylabel("gold score")
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+    right.plot(iterations, [p["l_off_mean"] for p in points], marker="o", color="tab:red")
+    right.set_xlabel("iteration (0 = starting policy)")
+    right.set_xticks(iterations)
+    right.set_ylabel("mean l_off of held-out pairs")
+    return _save(figure, path, plt, rt)
+
+
+def stage_config(stage: Path, argv: list[str]) -> config.Config:
+    """The config a stage was trained with (its config.json), with the train.py keys given in
+    `argv` on top. The run directory is the stage's parent, wherever it lies now."""
+    path = stage / "config.json"
+    if not path.exists():
+        raise SystemExit(
+            f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run"
+        )
+    recorded = json.loads(path.read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(config.Config)}
+    values = {
+        key: tuple(value) if isinstance(defaults[key], tuple) else value
+        for key, value in recorded.items()
+        if key in defaults
+    }
+    cfg = config.Config(**{**values, "out_dir": str(stage.parent)})
+    cfg.preset = recorded.get("preset", "")
+    given = config.parse_config(argv)
+    for arg in argv:
+        key = arg[2:].partition("=")[0]
+        if arg.startswith("--") and key in defaults:
+            setattr(cfg, key, getattr(given, key))
+    return cfg
+
+
+def dynamics_markdown(summary: dict) -> str:
+    """dynamics.json as tables: the numbers behind the paper's Fig. 2 left and middle and Fig. 3 right."""
+    grid = summary["curve_grid"]
+    shown = [-2.0, -1.0, -0.75, -0.5, -0.25, 0.0]  # where the toy's scores lie
+    lines = [
+        "### Meta-learner curve (Fig. 3 right): h at a few scores",
+        "",
+        "| after | meta updates | " + " | ".join(f"h({x:g})" for x in shown) + " |",
+        "|---" * (len(shown) + 2) + "|",
+        "| initialisation | - | " + " | ".join(f"{summary['h_initial'][grid.index(x)]:.3f}" for x in shown) + " |",
+    ]
+    curve = summary["h_initial"]
+    for t, updates in summary["meta_updates"].items():
+        curve = summary["h_after_iteration"].get(t, curve)  # an iteration without a meta update leaves h as it was
+        lines.append(
+            f"| iteration {t} | {updates} | " + " | ".join(f"{curve[grid.index(x)]:.3f}" for x in shown) + " |"
+        )
+    lines += [
+        "",
+        "### Sampled and unsampled tuples (Fig. 2 middle)",
+        "",
+        "| iteration | sampled | mean l_off: sampled / unsampled | mean gain l_on - l_off: sampled / unsampled | gain "
+        "> 0: sampled / unsampled | corr(l_off, gain) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t, part in summary["sampling"].items():
+        a, b = part["sampled"], part["unsampled"]
+
+        def pair(key, fmt, a=a, b=b):
+            return " / ".join("-" if x[key] is None else format(x[key], fmt) for x in (a, b))
+
+        lines.append(
+            f"| {t} | {a['tuples']} of {a['tuples'] + b['tuples']} | {pair('mean_l_off', '.3f')} | "
+            f"{pair('mean_gain', '+.3f')} | {pair('positive_gain', '.0%')} | "
+            f"{part.get('corr_l_off_gain', float('nan')):+.2f} |"
+        )
+    lines += [
+        "",
+        "### Held-out prompts over iterations (Fig. 2 left)",
+        "",
+        "| policy | reward mean | reward std | mean l_off | gold mean | RM-gold agreement | gold of RM's best answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in summary["heldout"]:
+        name = "start (DPO warm-up)" if p["iteration"] == 0 else f"after iteration {p['iteration']}"
+        toy = (
+            [f"{p['gold_mean']:.3f}", f"{p['rm_gold_agreement']:.1%}", f"{p['gold_of_rm_best']:.3f}"]
+            if "gold_mean" in p
+            else ["-"] * 3
+        )
+        lines.append(
+            f"| {name} | {p['reward_mean']:.3f} | {p['reward_std']:.3f} | {p['l_off_mean']:.3f} | "
+            + " | ".join(toy)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
+    """Measure the stage's dynamics, write them to <stage>/dynamics.json, and plot them (needs
+    matplotlib). scatter_prompts: tuples of each kind per iteration in the scatter (0 = all)."""
+    saved = json.loads((stage / "config.json").read_text())
+    method = saved["method"] if saved["method"] != "pipeline" else "metaapo"
+    history = meta_curve_history(stage)
+    initial = MetaController(
+        saved.get("meta_depth", 2), saved.get("meta_inputs", "score"), weighting=saved.get("weighting", "meta")
+    ).curve()
+    iterations = sorted(int(p.parent.name[4:]) for p in stage.glob("iter*/gating.jsonl"))
+    gains = {t: sampling_gains(cfg, rt, stage, method, t, scatter_prompts) for t in iterations}
+    points = heldout_dynamics(cfg, rt, stage, method)
+    after = {r["iteration"]: r["h"] for r in history}  # the last update of each iteration
+    summary = {
+        "curve_grid": list(CURVE_GRID),
+        "h_initial": initial,
+        "meta_updates": {t: sum(r["iteration"] == t for r in history) for t in iterations},
+        "h_after_iteration": after,
+        "sampling": {t: summarise_gains(rows) for t, rows in gains.items()},
+        "heldout": points,
+    }
+    if rt.main:
+        (stage / "dynamics.json").write_text(json.dumps(summary, indent=2))
+    plt = _pyplot()
+    plots = [plot_meta_curves(history, initial, stage / "meta_curves.png", plt, rt)] if history else []
+    if gains:
+        plots.append(plot_sampling_scatter(gains, stage / "sampling_scatter.png", plt, rt))
+    plots.append(plot_heldout(points, stage / "heldout_dynamics.png", plt, rt))
+    return plots
