@@ -183,7 +183,7 @@ class Config:
 
 def toy_preset(data_seed: int) -> dict:
     """The embedded toy task (data.py): tiny Llama, CPU, a few minutes end to end."""
-    root = Path("out/toy") / f"seed{data_seed}"  # built by data.ensure_toy_assets
+    root = Path("out/toy") / f"seed{data_seed}"  # built by toy.ensure_toy_assets
     return dict(
         model=str(root / "base"),
         init_from_config=True,

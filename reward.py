@@ -12,7 +12,7 @@ What it does
   gathered, so every rank gets all of them. `from_pretrained` refuses a checkpoint without score
   head weights (a causal LM would get a random head), and the model pools by the tokenizer's pad id.
 - `RuleReward`: a plain function of (prompt text, response text) behind the same `score` API;
-  `toy_gold_judge()` wraps the toy task's gold judge (`data.toy_gold_score`, part of the toy's
+  `toy_gold_judge()` wraps the toy task's gold judge (`toy.toy_gold_score`, part of the toy's
   definition), the stand-in for the GPT-4o judge.
 
 Run
@@ -45,9 +45,9 @@ from data import (
     encode_response,
     iter_rows,
     load_tokenizer,
-    toy_gold_score,
     write_jsonl,
 )
+from toy import toy_gold_score
 
 # ----------------------------------------------------------------------------------------------
 # Rule-based rewards

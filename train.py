@@ -53,6 +53,7 @@ import transformers
 import data
 import losses
 import plan
+import toy
 from baselines.boundary import boundary_measurement
 from baselines.ppo import run_ppo
 from baselines.selective_dpo import run_selective_dpo
@@ -864,7 +865,7 @@ def main(argv: list[str] | None = None) -> None:
         rt.sharded_gradients = plan.sharded_gradients(cfg, rt)
         if cfg.preset == "toy":
             if rt.main:
-                data.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
+                toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
             barrier(rt)
         print0(rt, json.dumps(config_dict(cfg), indent=2))
         start_wandb(cfg, rt)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import dpo  # noqa: E402
 import losses  # noqa: E402
+import toy  # noqa: E402
 
 SHAPES = {  # name: (model config, tuples per micro-batch, prompt, offline answer, online answer lengths in tokens)
     "toy": (None, 16, (8, 16), (8, 24), (4, 24)),
@@ -93,7 +94,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (overrides, n, *lengths) in SHAPES.items():
         model_config = (
-            data.toy_model_config(data.build_toy_tokenizer()) if overrides is None else LlamaConfig(**overrides)
+            toy.toy_model_config(toy.build_toy_tokenizer()) if overrides is None else LlamaConfig(**overrides)
         )
         model = losses.LogprobModel(LlamaForCausalLM(model_config)).to(device)
         items = make_tuples(n, tuple(lengths), model_config.vocab_size, random.Random(0))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
-import data
+import toy
 
 
 def run_on_cpu(monkeypatch):
@@ -37,10 +37,10 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
 def toy_dir(tmp_path_factory):
     """A directory with the toy tokenizer and a tiny random LlamaForCausalLM (the policy)."""
     path = tmp_path_factory.mktemp("toy_policy")
-    tokenizer = data.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
-    LlamaForCausalLM(data.toy_model_config(tokenizer)).save_pretrained(path)
+    LlamaForCausalLM(toy.toy_model_config(tokenizer)).save_pretrained(path)
     return path
 
 
@@ -48,9 +48,9 @@ def toy_dir(tmp_path_factory):
 def toy_rm_dir(tmp_path_factory):
     """A directory with the toy tokenizer and a tiny random reward model (num_labels = 1)."""
     path = tmp_path_factory.mktemp("toy_rm")
-    tokenizer = data.build_toy_tokenizer()
+    tokenizer = toy.build_toy_tokenizer()
     tokenizer.save_pretrained(path)
-    config = data.toy_model_config(tokenizer)
+    config = toy.toy_model_config(tokenizer)
     config.num_labels = 1
     torch.manual_seed(1)
     LlamaForSequenceClassification(config).save_pretrained(path)

@@ -29,6 +29,7 @@ import chat_tokenizers
 import config
 import data
 import plan
+import toy
 from conftest import TINY, fresh_run, metrics, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +84,7 @@ def model_dirs(request, tmp_path_factory):
     model_config.num_labels = 1
     rm_class(model_config).save_pretrained(root / "rm")
     tokenizer.save_pretrained(root / "rm")
-    rows = data.make_toy_rows(0, {"train_prefs": 24, "test_prefs": 8})
+    rows = toy.make_toy_rows(0, {"train_prefs": 24, "test_prefs": 8})
     for split, split_rows in rows.items():
         data.write_jsonl(root / "data" / f"{split}.jsonl", split_rows)
     return root / "policy", root / "rm", root / "data", request.param

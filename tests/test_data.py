@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 import data
+import toy
 from data import (
     DataError,
     TokenizedPair,
@@ -21,8 +22,8 @@ from data import (
     split_into_chunks,
     tokenize_preferences,
     tokenize_sft,
-    toy_gold_score,
 )
+from toy import toy_gold_score
 
 
 def user(text):
@@ -56,7 +57,7 @@ def write_lines(path, lines):
 def tokenizer(tmp_path_factory):
     """The toy tokenizer after a save_pretrained / from_pretrained round trip."""
     path = tmp_path_factory.mktemp("tok")
-    data.build_toy_tokenizer().save_pretrained(path)
+    toy.build_toy_tokenizer().save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -302,14 +303,14 @@ def test_parquet_needs_pyarrow_or_reads_rows(tmp_path):
 
 
 def test_tokenizer_round_trip(tokenizer):
-    built = data.build_toy_tokenizer()
+    built = toy.build_toy_tokenizer()
     text = "<|user|> descending : j a e <|assistant|> j e a <eos>"
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == built(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(tokenizer("c , f , h")["input_ids"]) == "c , f , h"
-    assert tokenizer.chat_template == data.TOY_CHAT_TEMPLATE
+    assert tokenizer.chat_template == toy.TOY_CHAT_TEMPLATE
     assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token) == ("<pad>", "<eos>", "<unk>")
-    assert len(tokenizer) == len(data.TOY_SPECIAL_TOKENS) + len(data.TOY_TASKS) + len(data.TOY_STYLE_TOKENS) + len(
-        data.TOY_LETTERS
+    assert len(tokenizer) == len(toy.TOY_SPECIAL_TOKENS) + len(toy.TOY_TASKS) + len(toy.TOY_STYLE_TOKENS) + len(
+        toy.TOY_LETTERS
     )
     assert tokenizer.convert_ids_to_tokens(tokenizer("zebra")["input_ids"]) == ["<unk>"]
 
@@ -397,14 +398,14 @@ def test_tokenize_sft(tokenizer, tmp_path):
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error(tokenizer):
-    bare = data.build_toy_tokenizer()
+    bare = toy.build_toy_tokenizer()
     bare.chat_template = None
     with pytest.raises(DataError, match="has no chat template"):
         encode_prompt(bare, [user("ascending : a b")])
 
 
 def test_chat_template_failure_names_the_row(tmp_path):
-    strict = data.build_toy_tokenizer()
+    strict = toy.build_toy_tokenizer()
     strict.chat_template = (
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn must come first') }}{% endif %}"
     )
@@ -472,15 +473,15 @@ SMALL = {"sft": 300, "train_prefs": 400, "test_prefs": 50}
 
 
 def test_toy_rows_are_deterministic_for_a_seed():
-    assert data.make_toy_rows(3, SMALL) == data.make_toy_rows(3, SMALL)
-    assert data.make_toy_rows(3, SMALL) != data.make_toy_rows(4, SMALL)
+    assert toy.make_toy_rows(3, SMALL) == toy.make_toy_rows(3, SMALL)
+    assert toy.make_toy_rows(3, SMALL) != toy.make_toy_rows(4, SMALL)
 
 
 def test_toy_assets_build_once_and_load_through_the_normal_paths(tmp_path):
-    assets = data.ensure_toy_assets(seed=1, out_dir=tmp_path, sizes=SMALL)
+    assets = toy.ensure_toy_assets(seed=1, out_dir=tmp_path, sizes=SMALL)
     assert assets.root == tmp_path / "seed1"
     built_at = os.path.getmtime(assets.train_prefs)
-    assert data.ensure_toy_assets(seed=1, out_dir=tmp_path, sizes=SMALL) == assets
+    assert toy.ensure_toy_assets(seed=1, out_dir=tmp_path, sizes=SMALL) == assets
     assert os.path.getmtime(assets.train_prefs) == built_at  # cached, not rebuilt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary build left
 
@@ -504,33 +505,33 @@ def test_toy_assets_build_once_and_load_through_the_normal_paths(tmp_path):
 
 
 def test_toy_assets_identical_across_builds_and_rebuilt_when_stale(tmp_path):
-    a = data.ensure_toy_assets(seed=2, out_dir=tmp_path / "a", sizes=SMALL)
-    b = data.ensure_toy_assets(seed=2, out_dir=tmp_path / "b", sizes=SMALL)
+    a = toy.ensure_toy_assets(seed=2, out_dir=tmp_path / "a", sizes=SMALL)
+    b = toy.ensure_toy_assets(seed=2, out_dir=tmp_path / "b", sizes=SMALL)
     for name in ("sft.jsonl", "train_prefs.jsonl", "test_prefs.jsonl", "base/tokenizer.json", "base/config.json"):
         assert (a.root / name).read_bytes() == (b.root / name).read_bytes(), name
     manifest = json.loads((a.root / "manifest.json").read_text())
     manifest["code_sha1"] = "an older version"
     (a.root / "manifest.json").write_text(json.dumps(manifest))
     (a.root / "train_prefs.jsonl").write_text("stale\n")
-    data.ensure_toy_assets(seed=2, out_dir=tmp_path / "a", sizes=SMALL)
+    toy.ensure_toy_assets(seed=2, out_dir=tmp_path / "a", sizes=SMALL)
     assert (a.root / "train_prefs.jsonl").read_bytes() == (b.root / "train_prefs.jsonl").read_bytes()
 
 
 def test_toy_task_has_the_properties_of_the_real_setting():
-    rows = data.make_toy_rows(0, {"sft": 2000, "train_prefs": 2000})
+    rows = toy.make_toy_rows(0, {"sft": 2000, "train_prefs": 2000})
 
     def letters(text):
-        return [w for w in text.split() if w in data.TOY_LETTERS]
+        return [w for w in text.split() if w in toy.TOY_LETTERS]
 
     # SFT demonstrations: plain style only, well below the ceiling, with two habits: mostly wrong on
     # long lists (the last letter left out) and on descending prompts (sorted ascending).
     sft = [(r["prompt"], r["messages"][1]["content"]) for r in rows["sft"]]
-    assert all(all(w in data.TOY_LETTERS for w in answer.split()) for _, answer in sft)
+    assert all(all(w in toy.TOY_LETTERS for w in answer.split()) for _, answer in sft)
     gold = [toy_gold_score(prompt, answer) for prompt, answer in sft]
     assert 5.5 < sum(gold) / len(gold) < 7.5
-    long = [(p, a) for p, a in sft if len(data.toy_parse_prompt(p)[1]) >= data.TOY_LONG_LIST]
+    long = [(p, a) for p, a in sft if len(toy.toy_parse_prompt(p)[1]) >= toy.TOY_LONG_LIST]
     forgot = sum(
-        letters(a) in (sorted(data.toy_parse_prompt(p)[1])[:-1], sorted(data.toy_parse_prompt(p)[1], reverse=True)[:-1])
+        letters(a) in (sorted(toy.toy_parse_prompt(p)[1])[:-1], sorted(toy.toy_parse_prompt(p)[1], reverse=True)[:-1])
         for p, a in long
     )
     assert forgot / len(long) > 0.5
@@ -540,7 +541,7 @@ def test_toy_task_has_the_properties_of_the_real_setting():
     # Offline pairs: mostly other styles than the SFT data, noisy labels that are still mostly right,
     # and the wrong sorting direction among the mistakes the pairs teach.
     prefs = rows["train_prefs"]
-    styled = sum(any(t in r["chosen"][1]["content"].split() for t in data.TOY_STYLE_TOKENS) for r in prefs)
+    styled = sum(any(t in r["chosen"][1]["content"].split() for t in toy.TOY_STYLE_TOKENS) for r in prefs)
     assert 0.65 < styled / len(prefs) < 0.85
     wrong_way = [
         r

@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
-from data import edit_distance, encode_prompt, encode_response, toy_gold_score
+from data import encode_prompt, encode_response
 from reward import RewardModel, toy_gold_judge
+from toy import edit_distance, toy_gold_score
 
 
 @pytest.mark.parametrize("response", ["a c f", "a , c , f", "[ a c f ]", "answer : a c f"])
