@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from config import Config, ConfigError, _short, config_dict
-from fsdp import Loop, Runtime, barrier, make_optimizer, make_scheduler, print0
+from fsdp import Progress, Runtime, barrier, make_optimizer, make_scheduler, print0, saved_progress
 
 # ==============================================================================================
 # Resuming with other settings
@@ -88,9 +88,8 @@ def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
         now = list(now) if isinstance(now, tuple) else now
         if before == now or (key in PATH_KEYS and same_path(str(before), str(now))):
             continue
-        kto_batch = (
-            key == "micro_batch_size" and cfg.method == "kto"
-        )  # KTO's reference point comes from the micro-batch
+        # KTO's reference point comes from the micro-batch
+        kto_batch = key == "micro_batch_size" and cfg.method == "kto"
         (harmless if (key in RESUME_HARMLESS and not kto_batch) or key == "out_dir" else result)[key] = (before, now)
     return result, harmless
 
@@ -360,8 +359,9 @@ def restore_rng(state: dict) -> None:
 
 def prepare_pass(stage: Stage, latest: Path | None, model, lr: float, steps: int, cfg: Config):
     """AdamW and its schedule over `steps`, restored with the model from `latest` when resuming;
-    returns (optimizer, scheduler, loop)."""
+    returns (optimizer, scheduler, progress)."""
     optimizer = make_optimizer(model, lr, cfg)
     scheduler = make_scheduler(optimizer, steps, cfg)
-    loop = Loop(**stage.load_checkpoint(latest, model, optimizer, scheduler)["loop"]) if latest is not None else Loop()
-    return optimizer, scheduler, loop
+    restored = stage.load_checkpoint(latest, model, optimizer, scheduler) if latest is not None else None
+    progress = saved_progress(restored) if restored is not None else Progress()
+    return optimizer, scheduler, progress

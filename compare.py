@@ -12,16 +12,17 @@ What it does
   and held-out prompts; annotation ratio and time: t-intervals over seeds). The toy data, the SFT
   model and the reward model are shared by all seeds (the paper's fixed starting point); each seed
   has its own DPO warm-up and runs. Seed 0's MetaAPO dynamics (dynamics.py) join the report.
-- `python evaluate.py --stage_grid`: seed 004's experiment on the toy (train.py --method=stage):
-  starting policies of three strengths x {DPO, SLiC-HF} x {the four fixed schedules, the stage
-  method}; gold after each iteration, the boundary score before each, the on-policy / static gains
-  at each decision and whether the boundary score pointed at the better source, the stage method
-  against the best fixed schedule; results.md, results.json and a plot of the boundary scores.
+- `python evaluate.py --boundary_grid`: seed 004's experiment on the toy (train.py
+  --method=boundary): starting policies of three strengths x {DPO, SLiC-HF} x {the four fixed
+  schedules, the boundary method}; gold after each iteration, the boundary score before each,
+  the on-policy / static gains at each decision and whether the boundary score pointed at the
+  better source, the boundary method against the best fixed schedule; results.md, results.json
+  and a plot of the boundary scores.
 
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (25 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4 --methods=MetaAPO,DPO
-    python evaluate.py --stage_grid
+    python evaluate.py --boundary_grid                   # (--stage_grid, its old name, still works)
 Every run is a train.py stage (resumable: a stopped grid goes on with --resume); single process.
 
 Deliberate simplifications
@@ -204,9 +205,8 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     for seed in seeds:
         args = seed_args(out, seed, train_args)
         base = config.parse_config(args)  # --seed=seed is among args
-        train.ensure_stage(
-            config.parse_config(args + ["--method=dpo"]), rt, "dpo"
-        )  # the warm-up every generating method starts from
+        # the warm-up every generating method starts from
+        train.ensure_stage(config.parse_config(args + ["--method=dpo"]), rt, "dpo")
         baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
             if method is None:
@@ -407,24 +407,24 @@ def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
 
 
 # ==============================================================================================
-# Seed 004's grid: static or on-policy data per iteration (--stage_grid)
+# Seed 004's grid: static or on-policy data per iteration (--boundary_grid)
 
 # (label, directory, how the starting policy is made): train.py arguments of its stage and the stage
-STAGE_STARTS = [
+BOUNDARY_STARTS = [
     ("weak SFT (2 epochs)", "weak", "sft", ["--sft_epochs=2"]),
     ("SFT (10 epochs, the default)", "sft", "sft", []),
     ("strong: SFT + DPO warm-up", "strong", "dpo", []),
 ]
 
-STAGE_SCHEDULES = ["off,off", "off,on", "on,off", "on,on", ""]  # "" = the stage method's own choice
+BOUNDARY_SCHEDULES = ["off,off", "off,on", "on,off", "on,on", ""]  # "" = the boundary method's own choice
 
-STAGE_OBJECTIVES = ["dpo", "slic"]
+BOUNDARY_OBJECTIVES = ["dpo", "slic"]
 
 # Two iterations as in the seed's experiments, over the first 2400 offline pairs (1200 per iteration)
-STAGE_TRAIN_ARGS = ["--method=stage", "--iterations=2", "--max_train_pairs=2400"]
+BOUNDARY_TRAIN_ARGS = ["--method=boundary", "--iterations=2", "--max_train_pairs=2400"]
 
 
-def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
+def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     """Run (or read) every start x objective x schedule of the grid; return its results."""
     started = time.time()
     if rt.main:
@@ -434,7 +434,7 @@ def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
     starts, sft_args = {}, {}
-    for label, key, method, extra in STAGE_STARTS:
+    for label, key, method, extra in BOUNDARY_STARTS:
         # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
         sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
         cfg = config.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
@@ -443,11 +443,11 @@ def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest])
     gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
     runs = []
-    for (label, key, _, _), objective in [(s, o) for s in STAGE_STARTS for o in STAGE_OBJECTIVES]:
-        for schedule in STAGE_SCHEDULES:
+    for (label, key, _, _), objective in [(s, o) for s in BOUNDARY_STARTS for o in BOUNDARY_OBJECTIVES]:
+        for schedule in BOUNDARY_SCHEDULES:
             cfg = config.parse_config(
                 [
-                    *STAGE_TRAIN_ARGS,
+                    *BOUNDARY_TRAIN_ARGS,
                     f"--out_dir={out / key}",
                     "--seed=0",
                     f"--policy={starts[label]}",
@@ -458,14 +458,14 @@ def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
                     *rest,
                 ]
             )
-            summary = train.ensure_stage(cfg, rt, "stage")
-            stage = out / key / config.stage_name(cfg, "stage")
+            summary = train.ensure_stage(cfg, rt, "boundary")
+            stage = out / key / config.stage_name(cfg, "boundary")
             boundary = [r for r in read_metrics(stage) if r.get("phase") == "boundary"]
             runs.append(
                 {
                     "start": label,
                     "objective": objective,
-                    "schedule": schedule or "stage",
+                    "schedule": schedule or "boundary",
                     "time_s": summary["sampling_s"] + summary["training_s"],
                     "annotation_ratio": summary["annotation_ratio"],
                     "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
@@ -476,7 +476,7 @@ def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
             )
             fsdp.print0(
                 rt,
-                f"[stage grid] {label}, {objective}, {schedule or 'stage'}: gold "
+                f"[boundary grid] {label}, {objective}, {schedule or 'boundary'}: gold "
                 f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, BS "
                 f"{', '.join(f'{b:.3f}' for b in runs[-1]['boundary_score'])}",
             )
@@ -484,14 +484,14 @@ def stage_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
         "runs": runs,
         "reward_model_accuracy": reward.get("test_accuracy"),
         "minutes": (time.time() - started) / 60,
-        "findings": stage_findings(runs),
+        "findings": boundary_findings(runs),
     }
 
 
-def stage_findings(runs: list[dict]) -> list[dict]:
+def boundary_findings(runs: list[dict]) -> list[dict]:
     """Per start and objective, at each decision (iteration 1; iteration 2 after static or after
     on-policy data): the gold gains of on-policy and of static data, their ratio, the boundary
-    score measured there and whether it pointed at the better source; and the stage method's final
+    score measured there and whether it pointed at the better source; and the boundary method's final
     score against the best fixed schedule's."""
     findings = []
     by = {(r["start"], r["objective"], r["schedule"]): r for r in runs}
@@ -515,7 +515,7 @@ def stage_findings(runs: list[dict]) -> list[dict]:
                     off["boundary_score"][1],
                 )
             )
-        fixed = [run(s) for s in STAGE_SCHEDULES if s]
+        fixed = [run(s) for s in BOUNDARY_SCHEDULES if s]
         best = max(fixed, key=lambda r: r["gold"][2])
         findings.append(
             {
@@ -533,23 +533,23 @@ def stage_findings(runs: list[dict]) -> list[dict]:
                     }
                     for at, on_gain, off_gain, bs in points
                 ],
-                "stage_gold": run("stage")["gold"][2],
-                "stage_choices": run("stage")["choice"],
+                "boundary_gold": run("boundary")["gold"][2],
+                "boundary_choices": run("boundary")["choice"],
                 "best_fixed": best["schedule"],
                 "best_fixed_gold": best["gold"][2],
-                "stage_extra_s": run("stage")["probe_s"],
+                "boundary_extra_s": run("boundary")["probe_s"],
             }
         )
     return findings
 
 
-def stage_grid_markdown(results: dict, plot: Path | None) -> str:
-    """results.md of --stage_grid. Costs are annotation ratios (reward-model calls per prompt, in
+def boundary_grid_markdown(results: dict, plot: Path | None) -> str:
+    """results.md of --boundary_grid. Costs are annotation ratios (reward-model calls per prompt, in
     units of K), not seconds: on a shared machine the runs' times say more about their neighbours."""
     lines = [
         "# Seed 004's grid on the toy: static or on-policy data per iteration",
         "",
-        f"Made by `python evaluate.py --stage_grid` ({results['minutes']:.1f} minutes in its last invocation, which",
+        f"Made by `python evaluate.py --boundary_grid` ({results['minutes']:.1f} minutes in its last invocation, which",
         "reuses finished runs): DPO and SLiC-HF, two iterations of 1200 offline pairs each, from three starting",
         "policies; on-policy pairs are the reward",
         "model's best and worst of K = 8 answers, static pairs the offline ones; the boundary score BS is",
@@ -562,7 +562,7 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
     ]
     for r in results["runs"]:
         gold, bs = " -> ".join(f"{g:.3f}" for g in r["gold"]), ", ".join(f"{b:.3f}" for b in r["boundary_score"])
-        chosen = ", ".join(r["choice"]) if r["schedule"] == "stage" else "-"
+        chosen = ", ".join(r["choice"]) if r["schedule"] == "boundary" else "-"
         lines.append(
             f"| {r['start']} | {r['objective']} | {r['schedule']} | {gold} | {bs} | {chosen} | "
             f"{r['annotation_ratio']:.1%} |"
@@ -583,13 +583,13 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
             )
     lines += [
         "",
-        "## The stage method against the best fixed schedule",
+        "## The boundary method against the best fixed schedule",
         "",
-        "| start | objective | stage's choices | stage gold | best fixed | its gold |",
+        "| start | objective | its choices | its gold | best fixed | that one's gold |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {f['start']} | {f['objective']} | {', '.join(f['stage_choices'])} | {f['stage_gold']:.3f} | "
+        f"| {f['start']} | {f['objective']} | {', '.join(f['boundary_choices'])} | {f['boundary_gold']:.3f} | "
         f"{f['best_fixed']} | {f['best_fixed_gold']:.3f} |"
         for f in results["findings"]
     ]
@@ -601,7 +601,7 @@ def stage_grid_markdown(results: dict, plot: Path | None) -> str:
 def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
     """BS before each iteration: every run, coloured by its start, dashed for SLiC-HF."""
     figure, axis = plt.subplots(figsize=(6, 4))
-    colours = dict(zip([s[0] for s in STAGE_STARTS], ["tab:red", "tab:blue", "tab:green"]))
+    colours = dict(zip([s[0] for s in BOUNDARY_STARTS], ["tab:red", "tab:blue", "tab:green"]))
     for r in results["runs"]:
         axis.plot(
             [1, 2],
@@ -610,7 +610,7 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
             color=colours[r["start"]],
             alpha=0.6,
             linestyle="--" if r["objective"] == "slic" else "-",
-            label=r["start"] if r["schedule"] == "stage" and r["objective"] == "dpo" else None,
+            label=r["start"] if r["schedule"] == "boundary" and r["objective"] == "dpo" else None,
         )
     axis.axhline(0.5, color="gray", linewidth=0.8)
     axis.set_xticks([1, 2])
@@ -620,9 +620,9 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
     return _save(figure, path, plt, rt)
 
 
-def run_stage_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
-    out = Path(args.stage_out)
-    results = stage_grid(out, rest, rt)
+def run_boundary_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
+    out = Path(args.boundary_out)
+    results = boundary_grid(out, rest, rt)
     plot = None
     try:
         plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
@@ -630,5 +630,5 @@ def run_stage_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
         fsdp.print0(rt, str(err))
     if rt.main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(stage_grid_markdown(results, plot))
+        (out / "results.md").write_text(boundary_grid_markdown(results, plot))
     fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")

@@ -23,6 +23,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,12 @@ METHODS = (
     "selm",
     "adpo",
     "ppo",
-    "stage",
+    "boundary",
 )
 
 OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
 
-ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo", "stage")
+ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo", "boundary")
 
 OBJECTIVES = ("dpo", "ipo", "simpo")
 
@@ -120,7 +121,7 @@ class Config:
     selective_checkpoints: int = 5
     keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
     adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
-    # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and stage)
+    # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and boundary)
     objective: str = "dpo"
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
@@ -146,12 +147,12 @@ class Config:
     vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
     vllm_python: str = ""  # the vLLM child's interpreter, e.g. a venv whose vLLM pins another torch; "" = this one
-    # --- the alignment-stage method (seed 004): static or on-policy data per iteration
-    # stage: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
+    # --- the alignment-stage boundary method (seed 004): static or on-policy data per iteration
+    # boundary: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
     schedule: str = ""
-    probe_ratio: float = 0.03  # stage: share of an iteration's prompts in its boundary measurement
-    probe_samples: int = 4  # stage: on-policy answers per probe prompt, each compared with the 2 static ones
-    stage_threshold: float = 0.5  # stage: a boundary score at or above it means the fine-tuning stage: on-policy data
+    probe_ratio: float = 0.03  # boundary: share of an iteration's prompts in its boundary measurement
+    probe_samples: int = 4  # boundary: on-policy answers per probe prompt, each compared with the 2 static ones
+    boundary_threshold: float = 0.5  # boundary: a score at or above it means the fine-tuning stage: on-policy data
     # --- PPO (OpenRLHF's defaults): actor = the SFT model, critic = the reward model with per-token values
     critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
     kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
@@ -260,6 +261,39 @@ OTHER_NAMES = {
 }
 
 
+# Names this project used before, still accepted: a notice says what they are called now
+RENAMED_KEYS = {"stage_threshold": "boundary_threshold"}
+RENAMED_VALUES = {("method", "stage"): "boundary"}  # seed 004's method, renamed so "stage" means a pipeline step
+
+
+def renamed(old: str, new: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {old} is now {new} (the old name is still accepted)", file=sys.stderr)
+
+
+# Every seed a run draws from --seed, in one place: the purpose and the integers it gives. Some
+# integers recur (phase 2's shuffle of iteration 0 and phase 1's generation seed of iteration 1 are
+# both 1000 seed + ... ); they feed different random generators, so nothing is shared.
+SEEDS = {
+    "batches": lambda seed: 1000 * seed,  # SFT's and the offline methods' shuffles (epoch e: + e)
+    "reward model batches": lambda seed: seed,
+    "slices": lambda seed: seed,  # D_off shuffled and cut into D_1..D_T
+    "phase 1 generation": lambda seed, t: 1000 * seed + t,  # iteration t (batch k of the transformers backend: + k)
+    "phase 2 batches": lambda seed, t: 1000 * seed + 10 * t,
+    "boundary probe": lambda seed, t: 1000 * seed + 500 + t,
+    "selective halves": lambda seed, s: seed + 17 + s,  # Selective DPO's random halving s
+    "ppo prompts": lambda seed: seed,
+    "ppo rollout": lambda seed, r: 1000 * seed + r,  # rollout r's generation and its batches
+    "results table": lambda seed: seed + 4242,  # the toy's held-out answers
+    "dynamics": lambda seed, t: seed + 777 + t,  # dynamics.py's fresh pairs of iteration t
+}
+
+
+def seed_for(cfg: Config, purpose: str, *ids: int) -> int:
+    """The seed of `purpose` (a key of SEEDS) for this run, e.g. seed_for(cfg, "phase 1 generation", t)."""
+    return SEEDS[purpose](cfg.seed, *ids)
+
+
 # ==============================================================================================
 # Parsing and checking the command line
 
@@ -356,7 +390,7 @@ LIMITS = [
     (("lr_floor",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("label_smoothing",), lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     (("top_p", "gpu_memory_utilization", "keep_ratio", "probe_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("stage_threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("boundary_threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
 
@@ -383,9 +417,9 @@ def check_config(cfg: Config) -> None:
             "--method=kto needs --batch_size of at least 2: its reference point pairs each answer with another prompt "
             f"of the batch, got {cfg.batch_size}"
         )
-    if cfg.objective == "slic" and cfg.method not in ("online_dpo", "stage"):
+    if cfg.objective == "slic" and cfg.method not in ("online_dpo", "boundary"):
         raise ConfigError(
-            "--objective=slic: only --method=online_dpo or stage train on it (SLiC-HF has no preference score), got "
+            "--objective=slic: only --method=online_dpo or boundary train on it (SLiC-HF has no preference score), got "
             f"{cfg.method}"
         )
     if cfg.schedule and (
@@ -410,6 +444,9 @@ def parse_config(argv: list[str]) -> Config:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         key, has_value, value = arg[2:].partition("=")
+        if key in RENAMED_KEYS:
+            renamed(f"--{key}", f"--{RENAMED_KEYS[key]}")
+            key = RENAMED_KEYS[key]
         if key not in fields:
             names = {**{name: name for name in fields}, **OTHER_NAMES}
             closest = names[difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]]
@@ -425,6 +462,9 @@ def parse_config(argv: list[str]) -> Config:
             else:
                 raise ConfigError(f"--{key} needs a value")
         overrides[key] = _convert(key, value, fields[key])
+        if (key, overrides[key]) in RENAMED_VALUES:
+            renamed(f"--{key}={overrides[key]}", f"--{key}={RENAMED_VALUES[key, overrides[key]]}")
+            overrides[key] = RENAMED_VALUES[key, overrides[key]]
         i += 1
     cfg = Config()
     preset = overrides.get("model", cfg.model)
@@ -658,7 +698,7 @@ def check_inputs(cfg: Config, method: str) -> None:
 
 def stage_name(cfg: Config, method: str) -> str:
     """A method's directory; MetaAPO ablations and other objectives get their own, e.g.
-    metaapo-sampling_random, online_dpo-objective_simpo or stage-objective_slic-schedule_off-on."""
+    metaapo-sampling_random, online_dpo-objective_simpo or boundary-objective_slic-schedule_off-on."""
     switches = {
         "metaapo": (
             "sampling",
@@ -671,7 +711,7 @@ def stage_name(cfg: Config, method: str) -> str:
         ),
         "online_dpo": ("objective",),
         "selm": ("objective",),
-        "stage": ("objective", "schedule"),
+        "boundary": ("objective", "schedule"),
     }.get(method, ())
     defaults = Config()
     return "-".join(

@@ -582,20 +582,20 @@ def collate_preferences(
     return batch
 
 
-def split_into_chunks(items: list, n_chunks: int, seed: int) -> list[list]:
-    """Shuffle with `seed`, then cut into `n_chunks` consecutive chunks of equal size (the first
-    len(items) % n_chunks chunks hold one more item). Algorithm 1's D_1..D_T."""
-    if n_chunks < 1 or n_chunks > len(items):
-        raise ValueError(f"cannot split {len(items)} items into {n_chunks} chunks")
+def split_into_slices(items: list, n_slices: int, seed: int) -> list[list]:
+    """Shuffle with `seed`, then cut into `n_slices` consecutive slices of equal size (the first
+    len(items) % n_slices slices hold one more item). Algorithm 1's D_1..D_T."""
+    if n_slices < 1 or n_slices > len(items):
+        raise ValueError(f"cannot split {len(items)} items into {n_slices} slices")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    size, extra = divmod(len(items), n_chunks)
-    chunks, start = [], 0
-    for c in range(n_chunks):
-        end = start + size + (1 if c < extra else 0)
-        chunks.append([items[i] for i in order[start:end]])
+    size, extra = divmod(len(items), n_slices)
+    slices, start = [], 0
+    for k in range(n_slices):
+        end = start + size + (1 if k < extra else 0)
+        slices.append([items[i] for i in order[start:end]])
         start = end
-    return chunks
+    return slices
 
 
 # ----------------------------------------------------------------------------------------------

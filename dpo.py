@@ -21,6 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,7 @@ from config import (
     describe,
     reference_path,
     require_test_source,
+    seed_for,
     sft_path,
     train_source,
 )
@@ -47,6 +49,7 @@ from fsdp import (
     load_logprob_model,
     optimize,
     print0,
+    progress_state,
 )
 
 # ==============================================================================================
@@ -169,11 +172,11 @@ def meta_input_score(
     )
 
 
-def pair_metrics(out: losses.PairLoss, weights: torch.Tensor, prefix: str = "") -> dict:
-    n = weights.sum().item()
+def pair_metrics(out: losses.PairLoss, mask: torch.Tensor, prefix: str = "") -> dict:
+    n = mask.sum().item()
     return {
-        f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * weights).sum().item(),
-        f"{prefix}margin_sum": ((out.chosen_rewards - out.rejected_rewards) * weights).sum().item(),
+        f"{prefix}reward_accuracy_sum": ((out.chosen_rewards > out.rejected_rewards).float() * mask).sum().item(),
+        f"{prefix}margin_sum": ((out.chosen_rewards - out.rejected_rewards) * mask).sum().item(),
         f"{prefix}reward_accuracy_count": n,
         f"{prefix}margin_count": n,
     }
@@ -188,7 +191,7 @@ def make_preference_loss(
     term on each pair's own_ids."""
     extra = ("own_ids",) if optimism and ref is not None else ()
 
-    def preference_loss(items, weights, batch_size, world):
+    def preference_loss(items, mask, batch_size, world):
         logps, lengths = pair_forward(policy, items, rt, extra_roles=extra)
         ref_logps = None
         if ref is not None:
@@ -216,8 +219,8 @@ def make_preference_loss(
             )
         if extra:
             out = out._replace(losses=out.losses + losses.selm_optimism(logps[2], ref_logps[2], optimism, cfg.beta))
-        total = (out.losses * weights).sum()
-        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
+        total = (out.losses * mask).sum()
+        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, mask)}
 
     return preference_loss
 
@@ -234,20 +237,20 @@ def kto_reference_point(batch: list, policy, ref, cfg: Config, rt: Runtime) -> t
     mismatched = [(examples[j][0], examples[j - 1][1]) for j in range(len(examples))]
     share = mismatched[rt.rank :: rt.world]
     rounds = math.ceil(len(mismatched) / rt.world)
-    chunk = max(1, cfg.micro_batch_size) * 2
-    policy_logps, ref_logps, weights = [], [], []
-    for start in range(0, rounds, chunk):  # the same number of forwards on every rank (padding weighted 0)
-        part = share[start : start + chunk]
-        weights.append(
-            torch.tensor([1.0] * len(part) + [0.0] * (min(chunk, rounds - start) - len(part)), device=rt.device)
+    forward_batch = max(1, cfg.micro_batch_size) * 2
+    policy_logps, ref_logps, mask = [], [], []
+    for start in range(0, rounds, forward_batch):  # the same number of forwards on every rank (padding weighted 0)
+        part = share[start : start + forward_batch]
+        mask.append(
+            torch.tensor([1.0] * len(part) + [0.0] * (min(forward_batch, rounds - start) - len(part)), device=rt.device)
         )
-        part = part + [mismatched[0]] * (len(weights[-1]) - len(part))
+        part = part + [mismatched[0]] * (len(mask[-1]) - len(part))
         tensors = data.collate_sequences([x for x, _ in part], [y for _, y in part], batch[0].pad_id)
         inputs = [tensors[k].to(rt.device) for k in ("input_ids", "attention_mask", "response_mask")]
         policy_logps.append(policy(*inputs))
         ref_logps.append(ref(*inputs))
     return losses.kto_reference_kl(
-        torch.cat(policy_logps), torch.cat(ref_logps), torch.cat(weights), lambda totals: all_reduce_sum(rt, totals)
+        torch.cat(policy_logps), torch.cat(ref_logps), torch.cat(mask), lambda totals: all_reduce_sum(rt, totals)
     )
 
 
@@ -278,11 +281,11 @@ def run_offline(
     policy, tokenizer = load_logprob_model(sft_path(cfg), cfg, rt, trainable=True)
     ref = None if method in ("simpo", "slic") else load_logprob_model(reference_path(cfg), cfg, rt, trainable=False)[0]
     batches = (
-        epoch_batches(pairs, cfg.epochs, cfg.batch_size, cfg.seed * 1000)
+        epoch_batches(pairs, cfg.epochs, cfg.batch_size, seed_for(cfg, "batches"))
         if shuffle
         else global_batches(pairs * cfg.epochs, cfg.batch_size)
     )
-    optimizer, scheduler, loop = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
+    optimizer, scheduler, progress = prepare_pass(stage, latest, policy, cfg.lr, len(batches), cfg)
     kto = {"z0": None}  # KTO's reference point, set per global batch
     before_batch = (
         (lambda batch: kto.update(z0=kto_reference_point(batch, policy, ref, cfg, rt))) if method == "kto" else None
@@ -297,12 +300,11 @@ def run_offline(
         # collective: every rank scores, rank 0 writes; a step written before a resume is not scored again
         def after_step():
             done = json.loads(path.read_text()) if path.exists() else {}
-            if loop.step in checkpoints and str(loop.step) not in done:
+            if progress.step in checkpoints and str(progress.step) not in done:
                 scores = pair_scores(policy, ref, validate, dataclasses.replace(cfg, objective="dpo"), rt)
                 if rt.main:
-                    write_json(
-                        path, {**done, str(loop.step): {str(p.index): -score[0] for p, score in zip(validate, scores)}}
-                    )
+                    losses_now = {str(p.index): -s.score for p, s in zip(validate, scores)}  # DPO loss = -l
+                    write_json(path, {**done, str(progress.step): losses_now})
                 barrier(rt)
             return {}
 
@@ -313,41 +315,45 @@ def run_offline(
         scheduler,
         batches,
         make_preference_loss(cfg, method, policy, ref, rt, kto),
-        loop,
+        progress,
         f"{len(pairs)} pairs",
-        lambda: {"loop": vars(loop).copy()},
-        after_step,
+        checkpoint_extras=progress_state(progress),
         before_batch=before_batch,
+        after_step=after_step,
     )
     export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
-    summary = {"train_time_s": time.time() - started, "steps": loop.step, "pairs": len(pairs)}
+    summary = {"train_time_s": time.time() - started, "steps": progress.step, "pairs": len(pairs)}
     stage.finish(summary)
     return summary
 
 
+class PairScores(NamedTuple):
+    """What pair_scores gives per pair (l_off, for Algorithm 1's offline tuples)."""
+
+    score: float  # the preference score l (Eq. 4; A.9 for simpo)
+    meta_input: float  # h's input: l with meta_input_beta (meta_input_score)
+    chosen_logratio: float  # log pi(y_w|x) - log pi_ref(y_w|x)
+    rejected_logratio: float  # log pi(y_l|x) - log pi_ref(y_l|x)
+
+
 @torch.no_grad()
-def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[tuple[float, float, float, float]]:
-    """(l, h's input score, chosen log-ratio, rejected log-ratio) of every pair, on every rank. Each rank scores a
-    strided share, padded to equal length so that sharded models run the same forwards, in
-    forwards of 4 micro-batches (no gradients, so no activations kept)."""
-    chunk = max(1, cfg.micro_batch_size) * 4
+def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[PairScores]:
+    """The PairScores of every pair, on every rank. Each rank scores a strided share, padded to
+    equal length so that sharded models run the same forwards, in forwards of 4 micro-batches (no
+    gradients, so no activations kept)."""
+    forward_batch = max(1, cfg.micro_batch_size) * 4
     share = list(range(rt.rank, len(items), rt.world))
     padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
     results = []
-    for start in range(0, len(padded), chunk):
-        batch = [items[i] for i in padded[start : start + chunk]]
+    for start in range(0, len(padded), forward_batch):
+        batch = [items[i] for i in padded[start : start + forward_batch]]
         logps, lengths = pair_forward(policy, batch, rt)
         ref_logps = pair_forward(ref, batch, rt)[0] if ref is not None else torch.zeros_like(logps)
         score = objective_losses(cfg, logps, ref_logps, lengths)[1]
         ratios = logps - ref_logps
-        results += list(
-            zip(
-                score.tolist(),
-                meta_input_score(cfg, score, logps, ref_logps).tolist(),
-                ratios[0].tolist(),
-                ratios[1].tolist(),
-            )
-        )
+        meta_input = meta_input_score(cfg, score, logps, ref_logps)
+        columns = (score.tolist(), meta_input.tolist(), ratios[0].tolist(), ratios[1].tolist())
+        results += [PairScores(*values) for values in zip(*columns)]
     merged = {}
     for part in all_gather_objects(rt, list(zip(share, results))):
         merged.update(part)

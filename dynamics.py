@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoint
 import config
 import data
 import dpo
@@ -79,15 +78,8 @@ def meta_curve_history(stage: Path) -> list[dict]:
 # The dynamics: sampled and unsampled gains, held-out reward and l_off
 
 
-def _stage_paths(cfg, rt, stage: Path, method: str, t: int) -> tuple[str, str | None]:
-    """(policy at the start of iteration t + 1, its reference), t counting from 0."""
-    stage_obj = checkpoint.Stage(cfg, rt, stage.name)
-    stage_obj.dir = stage
-    return train.iteration_paths(cfg, stage_obj, method, t)
-
-
 def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: int = 0) -> list[dict]:
-    """Fig. 2 middle's points for one iteration: for every offline tuple of its chunk (or per_kind
+    """Fig. 2 middle's points for one iteration: for every offline tuple of its D_t (or per_kind
     sampled and per_kind unsampled ones), l_off at gating time, whether the gate sent it to
     generation, and its potential gain l_on - l_off. The online pair is generated afresh for every
     tuple, sampled or not, with the iteration's starting policy, the reward model and the same
@@ -100,7 +92,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         rng = np.random.default_rng(cfg.seed)
         kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
         records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
-    policy_path, ref_path = _stage_paths(cfg, rt, stage, method, iteration - 1)
+    policy_path, ref_path = train.iteration_paths(cfg, stage, method, iteration - 1)
     policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
     ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
     pairs, raw = dpo.load_pairs(cfg, rt, tokenizer, config.train_source(cfg))
@@ -114,29 +106,35 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         cfg.num_samples,
         cfg,
         rt,
-        cfg.seed + 777 + iteration,
+        config.seed_for(cfg, "dynamics", iteration),
         stage,
     )
     rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
     online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
     del rm
-    kept = [
-        (
-            r,
-            dataclasses.replace(
-                p,
-                chosen_ids=o.chosen.token_ids[: cfg.max_len - len(p.prompt_ids)],
-                rejected_ids=o.rejected.token_ids[: cfg.max_len - len(p.prompt_ids)],
-            ),
-        )
-        for r, p, o in zip(records, items, online)
-        if o is not None
-    ]  # a prompt whose K rewards all tie has no pair
+    kept = []  # (gating record, the tuple with its fresh online pair); a prompt whose K rewards all tie has none
+    for r, p, o in zip(records, items, online):
+        if o is not None:
+            room = cfg.max_len - len(p.prompt_ids)
+            kept.append(
+                (
+                    r,
+                    dataclasses.replace(
+                        p, chosen_ids=o.chosen.token_ids[:room], rejected_ids=o.rejected.token_ids[:room]
+                    ),
+                )
+            )
     online_scores = dpo.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
     del policy, ref
     fsdp.release_memory()
     rows = [
-        {"index": r["index"], "selected": r["selected"], "l_off": r["l_off"], "l_on": s[0], "gain": s[0] - r["l_off"]}
+        {
+            "index": r["index"],
+            "selected": r["selected"],
+            "l_off": r["l_off"],
+            "l_on": s.score,
+            "gain": s.score - r["l_off"],
+        }
         for (r, _), s in zip(kept, online_scores)
     ]
     if rt.main:
@@ -155,7 +153,15 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
     generations = fsdp.distributed_generate(
-        policy, tokenizer, prompts, policy_path, cfg.eval_samples, cfg, rt, cfg.seed + 4242, Path(cfg.out_dir)
+        policy,
+        tokenizer,
+        prompts,
+        policy_path,
+        cfg.eval_samples,
+        cfg,
+        rt,
+        config.seed_for(cfg, "results table"),
+        Path(cfg.out_dir),
     )
     conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
     answers = [a for per_prompt in generations for a in per_prompt]
@@ -172,7 +178,7 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
         "answers": len(answers),
         "reward_mean": float(np.mean(rewards)),
         "reward_std": float(np.std(rewards)),
-        "l_off_mean": float(np.mean([s[0] for s in scores])),
+        "l_off_mean": float(np.mean([s.score for s in scores])),
     }
     if cfg.preset == "toy":
         gold = toy_gold_judge().score(conversations, [a.text for a in answers])
@@ -208,11 +214,11 @@ def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
     points = [
         {
             "iteration": 0,
-            **heldout_point(cfg, rt, *_stage_paths(cfg, rt, stage, method, 0), stage / "heldout_start.json"),
+            **heldout_point(cfg, rt, *train.iteration_paths(cfg, stage, method, 0), stage / "heldout_start.json"),
         }
     ]
     for t in iterations:
-        ref_path = _stage_paths(cfg, rt, stage, method, t - 1)[1]
+        ref_path = train.iteration_paths(cfg, stage, method, t - 1)[1]
         points.append(
             {
                 "iteration": t,

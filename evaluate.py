@@ -12,11 +12,11 @@ What it does
 - Reward statistics on test_prefs prompts (mean and std of the reward of generated answers, win
   rate against the dataset's chosen answers) and the implicit-reward preference accuracy
   (beta-scaled log-ratio margin > 0 on the test pairs).
-- `--compare` and `--stage_grid` run compare.py's grids; `--plots` dynamics.py's measurements.
+- `--compare` and `--boundary_grid` run compare.py's grids; `--plots` dynamics.py's measurements.
 
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (compare.py)
-    python evaluate.py --stage_grid                      # seed 004's grid (compare.py)
+    python evaluate.py --boundary_grid                   # seed 004's grid (compare.py)
     python evaluate.py --plots=out/toy-seed0/metaapo     # a stage's dynamics (dynamics.py)
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
@@ -263,7 +263,7 @@ def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     fsdp.release_memory()
     return {
         "pairs": len(pairs),
-        "implicit_reward_accuracy": float(np.mean([chosen > rejected for _, _, chosen, rejected in scores])),
+        "implicit_reward_accuracy": float(np.mean([s.chosen_logratio > s.rejected_logratio for s in scores])),
     }
 
 
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=Formatter,
-        epilog="Every other --key=value is train.py's config:\n\n" + config.config_help().split("\n\n", 2)[2],
+        epilog="Every other --key=value is train.py's config:\n\n" + config.config_help("").split("\n\n", 2)[2],
     )
     parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
@@ -295,10 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused"
     )
     parser.add_argument(
-        "--stage_grid", action="store_true", help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, stage}"
+        "--boundary_grid",
+        "--stage_grid",  # its name before seed 004's method was renamed boundary
+        action="store_true",
+        help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, boundary}",
     )
     parser.add_argument(
-        "--stage_out", default="out/stage_grid", help="--stage_grid: run directory; finished runs in it are reused"
+        "--boundary_out",
+        "--stage_out",
+        default="out/boundary_grid",
+        help="--boundary_grid: run directory; finished runs in it are reused",
     )
     parser.add_argument(
         "--plots",
@@ -356,9 +362,8 @@ def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: fsdp.Runtime) 
         if path
     }
     name = args.name or default_name(model)
-    given = any(
-        arg.split("=")[0] == "--max_new_tokens" for arg in rest
-    )  # answers get the paper's 4096 (B.5) unless told
+    # answers get the paper's 4096 (B.5) unless told
+    given = any(arg.split("=")[0] == "--max_new_tokens" for arg in rest)
     answer_cfg = cfg if given else dataclasses.replace(cfg, max_new_tokens=ANSWER_MAX_NEW_TOKENS)
     out = Path(args.out) if args.out else Path(model).parent / "eval"
     if not args.out and not Path(model).exists():  # a hub id: not next to it
@@ -415,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint.start_wandb(cfg, rt)
         if args.compare:
             compare.run_compare(args, rest, rt)
-        elif args.stage_grid:
-            compare.run_stage_grid(args, rest, rt)
+        elif args.boundary_grid:
+            compare.run_boundary_grid(args, rest, rt)
         elif args.plots:
             stage = Path(args.plots)
             plots = dynamics.make_plots(dynamics.stage_config(stage, rest), rt, stage, args.scatter_prompts)

@@ -20,6 +20,7 @@ Deliberate simplifications
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -516,11 +517,21 @@ def shuffled(items: list, seed: int) -> list:
 
 
 @dataclass
-class Loop:
-    """Where an optimisation pass is: restored from checkpoints, advanced by `optimize`."""
+class Progress:
+    """Where a stage's optimisation is: restored from checkpoints, advanced by each optimizer step."""
 
     step: int = 0  # optimizer steps of this stage so far
     batch: int = 0  # global batches done in the current pass
+
+
+def saved_progress(saved: dict) -> Progress:
+    """The Progress a checkpoint recorded (its key was "loop" in checkpoints written before 2026-11-30)."""
+    return Progress(**(saved["progress"] if "progress" in saved else saved["loop"]))
+
+
+def progress_state(progress: Progress):
+    """The checkpoint_extras of a stage whose checkpoints need only its Progress beside model and optimizer."""
+    return lambda: {"progress": dataclasses.asdict(progress)}
 
 
 def normalise_metrics(sums: dict) -> dict:
@@ -543,6 +554,99 @@ def epoch_batches(items: list, epochs: int, batch_size: int, seed: int) -> list[
     return [b for epoch in range(epochs) for b in global_batches(shuffled(items, seed + epoch), batch_size)]
 
 
+class TrainingPass:
+    """One optimisation pass over global batches (identical on every rank), from progress.batch:
+    what a training loop needs besides its algorithm, so that the loop itself can be written out
+    where the algorithm is (train.py's phase 2, `optimize` for the other stages):
+
+        training = TrainingPass(stage, model, optimizer, scheduler, batches, progress, desc, ...)
+        for batch in training:                               # the batches left
+            record, outputs = training.step(batch, loss_fn)  # micro-batches, gradient sync, clip, AdamW
+            ...                                              # what the algorithm does after a step
+            training.end_step(record)                        # logged; a checkpoint at the cadence; a stop
+
+    loss_fn(items, mask, batch_size, world) returns (loss to backward, dict of metric sums) and,
+    optionally, a third value per micro-batch that step() hands back in `outputs` (MetaAPO: the
+    step's detached scores); see accumulate_gradients. A checkpoint (checkpoint_extras() with model and
+    optimizer) is written every save_every steps of the pass (default: every tenth of it;
+    `save_period`: every that many steps of the stage instead, for stages made of many short
+    passes), once save_minutes have passed since the last, and after the step during which a stop
+    signal came (then Stopped is raised)."""
+
+    def __init__(
+        self,
+        stage,
+        model,
+        optimizer,
+        scheduler,
+        batches: list[list],
+        progress: Progress,
+        desc: str,
+        *,
+        checkpoint_extras=None,
+        log_extra: dict | None = None,
+        save_period: int = 0,
+    ):
+        self.stage, self.model, self.optimizer, self.scheduler = stage, model, optimizer, scheduler
+        self.batches, self.progress, self.desc = batches, progress, desc
+        self.checkpoint_extras, self.log_extra, self.save_period = checkpoint_extras, log_extra or {}, save_period
+        self.every = stage.cfg.save_every or max(1, math.ceil(len(batches) / 10))
+        self.records: list[dict] = []  # one per step taken in this pass
+        self.stop = self.save_due = False
+        self.bar = tqdm(
+            total=len(batches),
+            initial=progress.batch,
+            desc=f"[{stage.name}] {desc}",
+            disable=not stage.rt.main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    def __iter__(self):
+        while self.progress.batch < len(self.batches):
+            yield self.batches[self.progress.batch]
+        self.bar.close()
+
+    def step(self, batch: list, loss_fn, size: float | None = None) -> tuple[dict, list]:
+        """One optimizer step on `batch`: (the step's record, loss_fn's third values). `size`: what
+        the loss is normalised by (default the batch's size in pairs; SFT gives tokens)."""
+        sums, outputs = accumulate_gradients(self.stage, self.model, batch, loss_fn, size or len(batch))
+        metrics, self.stop, self.save_due = reduce_metrics(self.stage, sums)
+        loss = metrics.get("loss", 0.0)
+        grad_norm = optimizer_step(
+            self.stage, self.model, self.optimizer, self.scheduler, loss, batch, self.progress, self.desc
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"step": self.progress.step, **self.log_extra, "lr": lr, "grad_norm": grad_norm}
+        return {**record, **normalise_metrics(metrics)}, outputs
+
+    def end_step(self, record: dict) -> None:
+        """Log the step's record; write a checkpoint at the cadence, when save_minutes are up or
+        when a stop signal came; then, after a stop signal, raise Stopped."""
+        stage, progress = self.stage, self.progress
+        stage.log(record)
+        self.records.append(record)
+        self.bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
+        self.bar.update()
+        if self.save_period:
+            cadence = progress.step % self.save_period == 0
+        else:
+            cadence = progress.batch % self.every == 0 and progress.batch < len(self.batches)
+        if self.checkpoint_extras is not None and (self.stop or self.save_due or cadence):
+            stage.save_checkpoint(progress.step, self.model, self.optimizer, self.scheduler, self.checkpoint_extras())
+        if self.stop:
+            self.bar.close()
+            kept = (
+                f"; checkpoint {stage.latest_checkpoint()}"
+                if self.checkpoint_extras is not None
+                else "; no checkpoint (none is kept here)"
+            )
+            raise Stopped(
+                f"[{stage.name}] stopped after step {progress.step} ({self.desc}, {progress.batch} of "
+                f"{len(self.batches)} batches){kept}"
+            )
+
+
 def optimize(
     stage,
     model,
@@ -550,96 +654,69 @@ def optimize(
     scheduler,
     batches: list[list],
     loss_fn,
-    loop: Loop,
+    progress: Progress,
     desc: str,
-    save_state=None,
-    after_step=None,
+    *,
+    checkpoint_extras=None,
     log_extra: dict | None = None,
     sizes: list[float] | None = None,
     save_period: int = 0,
     before_batch=None,
+    after_step=None,
 ) -> list[dict]:
-    """Run the optimizer over `batches` (global batches, identical on every rank) from loop.batch.
-
-    loss_fn(items, weights, batch_size, world) returns (loss to backward, dict of metric sums);
-    batch_size is the global batch's size (pairs, or tokens when `sizes` says so); see
-    accumulate_gradients. A checkpoint (save_state() with model and optimizer) is written every
-    save_every steps of the pass (default: every tenth of it; `save_period`: every that many steps
-    of the stage instead, for stages made of many short passes), once save_minutes have passed
-    since the last, and after the step during which a stop signal came (then Stopped is raised).
-    before_batch(batch), if given, runs on every rank before a global batch's micro-batches (KTO's
-    reference point over the whole batch); after_step() after each optimizer step, its dict
-    joining the step's record (the meta update). Returns the records logged for each step.
-    """
-    cfg, rt = stage.cfg, stage.rt
-    bar = tqdm(
-        total=len(batches),
-        initial=loop.batch,
-        desc=f"[{stage.name}] {desc}",
-        disable=not rt.main,
-        leave=False,
-        dynamic_ncols=True,
+    """The optimisation loop of the stages that need nothing between steps but these hooks (SFT,
+    the reward model, the offline methods, PPO): a TrainingPass over `batches`. sizes[k]: what batch
+    k's loss is normalised by (default its size in pairs); before_batch(batch) runs on every rank
+    before a batch's micro-batches (KTO's reference point over the whole batch); after_step() after
+    each optimizer step, its dict joining the step's record. Returns the records logged."""
+    training = TrainingPass(
+        stage,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        progress,
+        desc,
+        checkpoint_extras=checkpoint_extras,
+        log_extra=log_extra,
+        save_period=save_period,
     )
-    records = []
-    every = cfg.save_every or max(1, math.ceil(len(batches) / 10))
-    sync_every_micro_batch = rt.sharded_gradients
-    while loop.batch < len(batches):
-        batch = batches[loop.batch]
+    for batch in training:
         if before_batch is not None:
             before_batch(batch)
-        size = sizes[loop.batch] if sizes is not None else len(batch)
-        sums = accumulate_gradients(stage, model, batch, loss_fn, size, sync_every_micro_batch)
-        metrics, stop, save_due = reduce_metrics(stage, sums)
-        grad_norm = optimizer_step(stage, model, optimizer, scheduler, metrics.get("loss", 0.0), batch, loop, desc)
-        record = {"step": loop.step, **(log_extra or {}), "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
-        record.update(normalise_metrics(metrics))
+        record, _ = training.step(batch, loss_fn, sizes[progress.batch] if sizes is not None else None)
         if after_step is not None:
             record.update(after_step() or {})
-        stage.log(record)
-        records.append(record)
-        bar.set_postfix(loss=f"{record.get('loss', 0):.4f}")
-        bar.update()
-        cadence = loop.step % save_period == 0 if save_period else loop.batch % every == 0 and loop.batch < len(batches)
-        if save_state is not None and (stop or save_due or cadence):
-            stage.save_checkpoint(loop.step, model, optimizer, scheduler, save_state())
-        if stop:
-            bar.close()
-            raise Stopped(
-                f"[{stage.name}] stopped after step {loop.step} ({desc}, {loop.batch} of {len(batches)} batches)"
-                + (
-                    f"; checkpoint {stage.latest_checkpoint()}"
-                    if save_state is not None
-                    else "; no checkpoint (none is kept here)"
-                )
-            )
-    bar.close()
-    return records
+        training.end_step(record)
+    return training.records
 
 
-def accumulate_gradients(stage, model, batch: list, loss_fn, size: float, sync_every_micro_batch: bool) -> dict:
+def accumulate_gradients(stage, model, batch: list, loss_fn, size: float) -> tuple[dict, list]:
     """Backward over this rank's strided share of a global batch, in micro-batches; a rank with
-    fewer items runs zero-weighted padding so every rank does the same number of forwards.
-    Gradients are reduced on the last micro-batch only, or on every one (grad_accumulation).
-    Returns the summed metrics of this rank."""
+    fewer items runs padding masked out (mask 0) so every rank does the same number of forwards.
+    Gradients are reduced on the last micro-batch only, or on every one (rt.sharded_gradients).
+    Returns this rank's summed metrics and the third values loss_fn returned, one per micro-batch."""
     cfg, rt = stage.cfg, stage.rt
     micro = cfg.micro_batch_size
     share = batch[rt.rank :: rt.world]
     n_micro = math.ceil(math.ceil(len(batch) / rt.world) / micro)
     sums: dict[str, float] = {}
+    outputs = []
     for m in range(n_micro):
         items = share[m * micro : (m + 1) * micro]
-        weights = [1.0] * len(items)
-        if not items:  # padding: the same computation, weighted 0
-            items, weights = [batch[0]], [0.0]
+        mask = [1.0] * len(items)
+        if not items:  # padding: the same computation, masked out
+            items, mask = [batch[0]], [0.0]
         if rt.fsdp:
             # reduce-scatter on the last micro-batch only (unsharded fp32 gradients kept until then), or on every
             # one (gradients stay sharded, at the cost of more communication): grad_accumulation decides
-            model.set_requires_gradient_sync(sync_every_micro_batch or m == n_micro - 1)
-        loss, metrics = loss_fn(items, torch.tensor(weights, device=rt.device), size, rt.world)
+            model.set_requires_gradient_sync(rt.sharded_gradients or m == n_micro - 1)
+        loss, metrics, *output = loss_fn(items, torch.tensor(mask, device=rt.device), size, rt.world)
         loss.backward()
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    return sums
+        outputs += output
+    return sums, outputs
 
 
 def reduce_metrics(stage, sums: dict) -> tuple[dict, bool, bool]:
@@ -656,23 +733,25 @@ def reduce_metrics(stage, sums: dict) -> tuple[dict, bool, bool]:
     return metrics, metrics.pop("_stop") > 0, metrics.pop("_save") > 0
 
 
-def optimizer_step(stage, model, optimizer, scheduler, loss_value: float, batch: list, loop: Loop, desc: str) -> float:
+def optimizer_step(
+    stage, model, optimizer, scheduler, loss_value: float, batch: list, progress: Progress, desc: str
+) -> float:
     """Clip the gradient norm, refuse a non-finite loss or gradient (nothing is saved: the last
-    good checkpoint stays), step optimizer and schedule, advance `loop`; returns the norm."""
+    good checkpoint stays), step optimizer and schedule, advance `progress`; returns the norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         rows = [getattr(item, "index", None) for item in batch[:8]]
         raise NonFiniteLoss(
-            f"[{stage.name}] step {loop.step + 1} ({desc}, batch {loop.batch}, dataset rows {rows}...): loss "
+            f"[{stage.name}] step {progress.step + 1} ({desc}, batch {progress.batch}, dataset rows {rows}...): loss "
             f"{loss_value}, gradient norm {grad_norm}; stopped without saving, the last good checkpoint is kept"
         )
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loop.step += 1
-    loop.batch += 1
+    progress.step += 1
+    progress.batch += 1
     return grad_norm
 
 

@@ -347,13 +347,13 @@ def slic_loss(policy_chosen, policy_rejected, delta: float = 1.0, nll_weight: fl
     return PairLoss(losses, policy_chosen.detach(), policy_rejected.detach())
 
 
-def kto_reference_kl(policy_mismatched, ref_mismatched, weights=None, sum_over_ranks=None) -> torch.Tensor:
+def kto_reference_kl(policy_mismatched, ref_mismatched, mask=None, sum_over_ranks=None) -> torch.Tensor:
     """KTO's reference point z0: the batch estimate of KL(pi || pi_ref), from log-probs of
     responses paired with another prompt of the batch, clamped at 0 and detached (a scalar).
-    `weights` (0 for padding) weight the mean; `sum_over_ranks` (an all-reduce of a tensor)
+    `mask` (0 for padding) leaves padding out of the mean; `sum_over_ranks` (an all-reduce of a tensor)
     makes it the mean over every rank's examples."""
-    weights = torch.ones_like(policy_mismatched) if weights is None else weights
-    totals = torch.stack([((policy_mismatched - ref_mismatched) * weights).sum(), weights.sum()])
+    mask = torch.ones_like(policy_mismatched) if mask is None else mask
+    totals = torch.stack([((policy_mismatched - ref_mismatched) * mask).sum(), mask.sum()])
     if sum_over_ranks is not None:
         totals = sum_over_ranks(totals)
     return (totals[0] / totals[1].clamp(min=1)).clamp(min=0).detach()

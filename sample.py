@@ -105,9 +105,8 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """Where an answer ends: the chat template's end-of-turn token first, then the generation
     config's EOS ids (e.g. Llama-3.1-Instruct's [128001, 128008, 128009]) and the tokenizer's EOS."""
     eos = getattr(generation_config, "eos_token_id", None)
-    turn = (
-        [end_of_turn_id(tokenizer)] if getattr(tokenizer, "chat_template", None) else []
-    )  # prompts rendered without a template have none
+    # prompts rendered without a template have none
+    turn = [end_of_turn_id(tokenizer)] if getattr(tokenizer, "chat_template", None) else []
     ids = turn + (list(eos) if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]
     if not any(i is not None for i in ids):
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r}: no end-of-turn or EOS token to stop generation on")
@@ -141,9 +140,8 @@ def transformers_generate(
 
     eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    per_call = (
-        n if temperature > 0 else 1
-    )  # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
+    # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
+    per_call = n if temperature > 0 else 1
     sampling = (
         dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         if temperature > 0

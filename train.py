@@ -7,7 +7,7 @@ iteration t of --iterations (T), phase 1 scores every offline tuple of D_t under
 answers for the tuples it sends and pairs the reward model's best and worst; phase 2 trains the
 policy one epoch on the Eq. 5 loss (--objective, --beta, --weighting) and updates h_phi on Eq. 6
 every --meta_interval (T_meta) policy steps; the reference follows one iteration behind. The
-online baselines (online_dpo, selm, adpo, seed 004's stage method) share the structure; their
+online baselines (online_dpo, selm, adpo, seed 004's boundary method) share the structure; their
 differences are small functions of their own. Then the stages before Algorithm 1 (SFT for the
 toy, the reward model of Eq. 1), the results table and `main`.
 
@@ -55,6 +55,7 @@ import losses
 import plan
 import toy
 from baselines.boundary import boundary_measurement
+from baselines.online import BASELINES
 from baselines.ppo import run_ppo
 from baselines.selective_dpo import run_selective_dpo
 from checkpoint import WANDB, Stage, prepare_pass, read_json, start_wandb
@@ -69,12 +70,14 @@ from config import (
     parse_config,
     reference_path,
     reward_path,
+    seed_for,
     sft_path,
     stage_name,
     test_source,
     warm_policy_path,
 )
 from dpo import (
+    PairScores,
     PolicyPair,
     describe,
     load_heldout,
@@ -91,11 +94,12 @@ from fsdp import (
     MASTER_DTYPE,
     PIECE,
     STOP_SIGNAL,
-    Loop,
     NonFiniteLoss,
     Pieces,
+    Progress,
     Runtime,
     Stopped,
+    TrainingPass,
     barrier,
     check_stop,
     copy_tree,
@@ -108,8 +112,10 @@ from fsdp import (
     make_scheduler,
     optimize,
     print0,
+    progress_state,
     release_memory,
     request_stop,
+    saved_progress,
     setup_distributed,
     stop_exit,
 )
@@ -122,7 +128,7 @@ from sample import PairStats, make_online_pairs
 
 
 def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
-    """Algorithm 1 for metaapo; online_dpo, selm, adpo and stage in the same iteration structure.
+    """Algorithm 1 for metaapo; online_dpo, selm, adpo and boundary in the same iteration structure.
     The bookkeeping (data, meta-learner, checkpoints, where a resumed run stopped) is IterativeRun's."""
     run = IterativeRun(cfg, rt, method)  # D_off cut into D_1..D_T (line 2), h_phi, and a resumed run's position
     for t in range(run.state.iteration, cfg.iterations):  # Alg. 1 line 3: for t = 1..T
@@ -130,7 +136,7 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         if run.state.augmented is None:  # phase 1 (lines 4-12), unless a resumed run had finished it
             pieces = run.phase_one_pieces(t)  # kept as they finish: a stop loses seconds, not the phase
             run.state.augmented = online_sampling(run, t, policy, ref, policy_path, pieces)
-            run.save_phase_boundary()
+            run.checkpoint_between_phases()
             pieces.remove()
         preference_optimization(run, t, policy, ref)  # phase 2 (lines 13-22): Eq. 5 steps, Eq. 6 every T_meta
         run.end_iteration(t, policy)  # line 23: pi_theta exported, the next start and the reference after it
@@ -141,58 +147,92 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
 
 def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pieces: Pieces) -> list[PolicyPair]:
     """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t,
-    its work kept in `pieces` as it finishes."""
-    cfg, rt, method, chunk = run.cfg, run.rt, run.method, run.chunks[t]
+    its work kept in `pieces` as it finishes. A baseline chooses its prompts and its training pairs
+    with rules of its own (run.baseline, baselines/online.py) where MetaAPO uses h_phi."""
+    cfg, rt, baseline, D_t = run.cfg, run.rt, run.baseline, run.slices[t]
     tic = time.time()
-    scores, offline_scores, features, boundary = [(None, None)] * len(chunk), None, None, None
-    if method in ("metaapo", "adpo"):  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-        parts = pieces.run(
-            "scores",
-            math.ceil(len(chunk) / PIECE),
-            lambda k: pair_scores(policy, ref, chunk[k * PIECE : (k + 1) * PIECE], cfg, rt),
-        )
-        scores = [score for part in parts for score in part]
-        offline_scores, input_scores, chosen_ratios, rejected_ratios = (torch.tensor(column) for column in zip(*scores))
-        features = meta_features(input_scores, chosen_ratios, rejected_ratios, inputs=cfg.meta_inputs)
-    if method == "stage":  # seed 004: the boundary measurement decides the iteration's data
-        boundary = boundary_measurement(
-            cfg, rt, policy, run.tokenizer, policy_path, chunk, run.raw, run.stage, t, pieces
-        )
-    # lines 7-8: w = h(l_off), generate when u > w (the baselines: every prompt, a threshold, the boundary score)
-    selected, weights = select_for_generation(cfg, method, run.meta, offline_scores, features, len(chunk), boundary)
-    chosen = [i for i, s in enumerate(selected) if s]
-    prompts, seed = [chunk[i].prompt_ids for i in chosen], cfg.seed * 1000 + t
+    scores, w, boundary = None, [], None
+    if baseline is None or baseline.scores_offline:  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
+        score_piece = lambda k: pair_scores(policy, ref, D_t[k * PIECE : (k + 1) * PIECE], cfg, rt)  # noqa: E731
+        scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / PIECE), score_piece) for s in part]
+    if baseline is None:  # lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
+        l_off, meta_input, chosen_ratio, rejected_ratio = (torch.tensor(column) for column in zip(*scores))
+        decision = run.meta.gate(l_off, meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs))
+        selected, w = decision.selected.tolist(), decision.weights.tolist()
+    else:  # every prompt, a threshold on l_off, or seed 004's boundary score
+        if baseline.measures_boundary:
+            boundary = boundary_measurement(
+                cfg, rt, policy, run.tokenizer, policy_path, D_t, run.raw, run.stage, t, pieces
+            )
+        selected = baseline.select(cfg, D_t, [s.score for s in scores] if scores else None, boundary)
+    sampled = [i for i, s in enumerate(selected) if s]
     # line 9: K responses from the current policy
     generations = distributed_generate(
-        policy, run.tokenizer, prompts, policy_path, cfg.num_samples, cfg, rt, seed, run.stage.dir, pieces=pieces
+        policy,
+        run.tokenizer,
+        [D_t[i].prompt_ids for i in sampled],
+        policy_path,
+        cfg.num_samples,
+        cfg,
+        rt,
+        seed_for(cfg, "phase 1 generation", t),
+        run.stage.dir,
+        pieces=pieces,
     )
-    pairs, pair_stats = annotate(run, chunk, chosen, generations, pieces)  # lines 10-11: ranked by r, best and worst
+    pairs, pair_stats = annotate(run, D_t, sampled, generations, pieces)  # lines 10-11: ranked by r, best and worst
     # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code: a greedy one)
-    own = [g[0].token_ids for g in generations] if method == "selm" else None
-    augmented = build_augmented(cfg, method, chunk, chosen, pairs, selected, own)  # line 12: D_aug
-    run.record_sampling(t, scores, selected, weights, chosen, pairs, pair_stats, augmented, boundary, tic)
+    own = [g[0].token_ids for g in generations] if baseline is not None and baseline.selm else None
+    joined = join_online_pairs(cfg, D_t, sampled, pairs, own)  # line 12: D_aug
+    if baseline is not None:
+        augmented = baseline.training_pairs(D_t, joined, selected)
+    else:
+        augmented = joined + (unsampled_tuples(D_t, selected) if cfg.keep_unsampled else [])
+    run.record_sampling(t, scores, selected, w, sampled, pairs, pair_stats, augmented, boundary, tic)
     return augmented
 
 
 def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
     """Phase 2 (Alg. 1 lines 13-22), one epoch over D_aug: each step the Eq. 5 loss on pi_theta and
-    the step's detached scores into the meta buffer; every T_meta steps one Eq. 6 step on h_phi."""
-    cfg, meta = run.cfg, run.meta
+    the step's detached scores into the meta buffer; every T_meta steps one Eq. 6 step on h_phi.
+    The baselines train their objective on the pairs their rule gave, with no meta-learner."""
+    cfg, meta, progress = run.cfg, run.meta, run.state.progress
     if not run.state.augmented:
         run.stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
         print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
         return
     tic = time.time()
     batches, optimizer, scheduler = run.resumed_pass or iteration_pass(policy, run.state.augmented, t, cfg)
-    loss_fn, after_step = make_iterative_loss(cfg, run.method, policy, ref, meta, run.rt)
-    desc, save, extra = f"iteration {t + 1}/{cfg.iterations}", run.checkpoint_state, {"iteration": t + 1}
-    records = optimize(
-        run.stage, policy, optimizer, scheduler, batches, loss_fn, run.loop, desc, save, after_step, extra
+    if meta is not None:
+        loss_fn = metaapo_loss(cfg, policy, ref, meta, run.rt)
+    else:
+        optimism = cfg.selm_alpha if run.baseline.selm else 0.0
+        loss_fn = make_preference_loss(cfg, cfg.objective, policy, ref, run.rt, optimism=optimism)
+    desc, extra = f"iteration {t + 1}/{cfg.iterations}", {"iteration": t + 1}
+    training = TrainingPass(
+        run.stage,
+        policy,
+        optimizer,
+        scheduler,
+        batches,
+        progress,
+        desc,
+        checkpoint_extras=run.checkpoint_state,
+        log_extra=extra,
     )
+    for batch in training:  # line 13: the global batches of D_aug
+        # lines 14-17: w = h(l_off) with the current theta, the Eq. 5 loss, one AdamW step on theta
+        record, scores = training.step(batch, loss_fn)
+        if meta is not None:
+            # line 18: the step's detached (l_off, l_on) go to the meta buffer
+            meta.buffer.append(*(torch.cat(column) for column in zip(*scores)))
+            if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, one Eq. 6 step on phi
+                record.update(meta.update())
+        training.end_step(record)  # logged; a checkpoint at the cadence; a stop signal ends the run here
     run.state.times["training_s"] += time.time() - tic
     dropped = meta.buffer.steps if meta is not None else 0
     if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
         meta.buffer.clear()
+    records = training.records
     if records:  # after a resume, the summary covers the steps run since
         means = {
             f"mean_{key}": float(np.mean([r[key] for r in records if key in r]))
@@ -204,84 +244,64 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
         run.stage.log({"iteration": t + 1, "phase": "train", **summary, "meta_steps_dropped": dropped})
 
 
-def make_iterative_loss(cfg: Config, method: str, policy, ref, meta: MetaController | None, rt: Runtime):
-    """The micro-batch loss of phase 2 and what happens after each policy step (the meta buffer).
-    online_dpo, selm and adpo: the plain objective on the pairs build_augmented made."""
-    if method != "metaapo":
-        return make_preference_loss(
-            cfg, cfg.objective, policy, ref, rt, optimism=cfg.selm_alpha if method == "selm" else 0.0
-        ), None
-    step_scores: dict[str, list] = {"offline": [], "online": [], "features": []}
+def metaapo_loss(cfg: Config, policy, ref, meta: MetaController, rt: Runtime):
+    """Eq. 5 on one micro-batch of D_aug: (loss to backward, metric sums, the detached (l_off, l_on,
+    h's input) of its tuples that have an online pair of their own, for the meta buffer)."""
 
-    def iterative_loss(items, weights, batch_size, world):
-        logps, lengths = pair_forward(
-            policy, items, rt, online=True
-        )  # (4, B): chosen, rejected, online chosen, online rejected
+    def loss(items, mask, batch_size, world):
+        # (4, B) log-probs: chosen, rejected, online chosen, online rejected
+        logps, lengths = pair_forward(policy, items, rt, online=True)
         ref_logps = None
         if ref is not None:
             with torch.no_grad():
                 ref_logps = pair_forward(ref, items, rt, online=True)[0]
-        online_out, online_score = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
-        offline_out, offline_score = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
+        online_out, l_on = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
+        offline_out, l_off = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
         features = meta_features(
-            meta_input_score(cfg, offline_score, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
+            meta_input_score(cfg, l_off, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
         )
         w = meta.loss_weights(features)  # Alg. 1 line 16: w = h(l_off) with the current theta, a constant in Eq. 5
         fixed = torch.tensor(
             [-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device
         )
         w = torch.where(fixed >= 0, fixed, w)
-        total = (
-            losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * weights
-        ).sum()  # Alg. 1 line 17: Eq. 5
-        buffered = (weights > 0) & (fixed < 0)  # real tuples with a real online pair
-        step_scores["offline"].append(offline_score.detach()[buffered].cpu())
-        step_scores["online"].append(online_score.detach()[buffered].cpu())
-        step_scores["features"].append(features[buffered].cpu())
-        n = weights.sum().item()
-        return total * world / batch_size, {
+        # Alg. 1 line 17: Eq. 5
+        total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * mask).sum()
+        buffered = (mask > 0) & (fixed < 0)  # real tuples with a real online pair
+        scores = (l_off.detach()[buffered].cpu(), l_on.detach()[buffered].cpu(), features[buffered].cpu())
+        n = mask.sum().item()
+        metrics = {
             "loss": total.item() / batch_size,
-            **pair_metrics(offline_out, weights),
-            **pair_metrics(online_out, weights, "online_"),
-            "l_off_sum": (offline_score.detach() * weights).sum().item(),
+            **pair_metrics(offline_out, mask),
+            **pair_metrics(online_out, mask, "online_"),
+            "l_off_sum": (l_off.detach() * mask).sum().item(),
             "l_off_count": n,
-            "l_on_sum": (online_score.detach() * weights).sum().item(),
+            "l_on_sum": (l_on.detach() * mask).sum().item(),
             "l_on_count": n,
-            "w_sum": (w * weights).sum().item(),
+            "w_sum": (w * mask).sum().item(),
             "w_count": n,
         }
+        return total * world / batch_size, metrics, scores
 
-    def after_step():
-        # Alg. 1 line 18: this step's detached (l_off, l_on) go to the meta buffer
-        meta.buffer.append(
-            torch.cat(step_scores["offline"]), torch.cat(step_scores["online"]), torch.cat(step_scores["features"])
-        )
-        for scores in step_scores.values():
-            scores.clear()
-        # Alg. 1 lines 19-21: every T_meta policy steps, theta frozen, phi updated on the buffer (Eq. 6), buffer cleared
-        if meta.ready():
-            return meta.update()
-        return {}
-
-    return iterative_loss, after_step
+    return loss
 
 
 def annotate(
-    run: IterativeRun, chunk: list[PolicyPair], chosen: list[int], generations: list, pieces: Pieces
+    run: IterativeRun, D_t: list[PolicyPair], sampled: list[int], generations: list, pieces: Pieces
 ) -> tuple[list, PairStats]:
-    """Alg. 1 lines 10-11: the reward model scores each selected prompt's K answers; its best and
+    """Alg. 1 lines 10-11: the reward model scores each sampled prompt's K answers; its best and
     worst are the online pair (SELM also ranks the offline pair's two answers with them). In
     pieces of PIECE prompts, kept as they finish; the reward model is loaded only if one is left."""
-    rows = [run.raw[chunk[i].index] for i in chosen]
-    pool = [((row.chosen, chunk[i].chosen_ids), (row.rejected, chunk[i].rejected_ids)) for i, row in zip(chosen, rows)]
+    rows = [run.raw[D_t[i].index] for i in sampled]
+    pool = [((row.chosen, D_t[i].chosen_ids), (row.rejected, D_t[i].rejected_ids)) for i, row in zip(sampled, rows)]
     loaded = []  # the reward model, once a piece needs it
 
     def piece(k: int):
         if not loaded:
             loaded.append(load_reward_model(reward_path(run.cfg), run.cfg, run.rt))
         part = slice(k * PIECE, (k + 1) * PIECE)
-        offline = pool[part] if run.method == "selm" else None
+        offline = pool[part] if run.baseline is not None and run.baseline.selm else None
         return make_online_pairs([row.prompt for row in rows[part]], generations[part], loaded[0], offline=offline)
 
     parts = pieces.run("rewards", math.ceil(len(rows) / PIECE), piece)
@@ -290,98 +310,52 @@ def annotate(
     return [pair for pairs, _ in parts for pair in pairs], PairStats.combined([stats for _, stats in parts])
 
 
-def select_for_generation(
-    cfg: Config,
-    method: str,
-    meta: MetaController | None,
-    offline_scores: torch.Tensor | None,
-    features: torch.Tensor | None,
-    n: int,
-    boundary: dict | None = None,
-) -> tuple[list[bool], list[float]]:
-    """Algorithm 1 lines 7-12: which of the n offline tuples get online responses, and their weights w."""
-    if method == "metaapo":
-        decision = meta.gate(offline_scores, features)  # w = h(l_off), u ~ U(0, 1), generate when u > w
-        return decision.selected.tolist(), decision.weights.tolist()
-    if method == "adpo":  # the tuples whose DPO loss -l_off is below a fixed threshold
-        return [-score < cfg.adpo_threshold for score in offline_scores.tolist()], []
-    if method == "stage":  # every prompt in a fine-tuning (on-policy) iteration, none in an injection (static) one
-        return [boundary["choice"] == "on-policy"] * n, []
-    return [True] * n, []  # online_dpo, selm: every prompt
+def unsampled_tuples(D_t: list[PolicyPair], selected: list[bool]) -> list[PolicyPair]:
+    """The keep_unsampled ablation: the tuples the gate did not send, trained on their offline loss
+    alone (w fixed at 1; their offline pair stands in for the online one, which gets weight 0)."""
+    return [
+        dataclasses.replace(
+            D_t[i], online_chosen_ids=D_t[i].chosen_ids, online_rejected_ids=D_t[i].rejected_ids, weight_override=1.0
+        )
+        for i in range(len(D_t))
+        if not selected[i]
+    ]
 
 
-def build_augmented(
-    cfg: Config,
-    method: str,
-    chunk: list[PolicyPair],
-    chosen: list[int],
-    pairs,
-    selected: list[bool],
-    own: list[list[int]] | None = None,
+def join_online_pairs(
+    cfg: Config, D_t: list[PolicyPair], sampled: list[int], pairs, own: list[list[int]] | None = None
 ) -> list[PolicyPair]:
-    """D_aug: each selected tuple joined with its online pair (tuples whose K rewards all tied have
-    none and are dropped); keep_unsampled adds the unselected offline tuples with weight 1.
-    online_dpo and selm train on the online pairs alone, adpo on the chunk's offline pairs plus the
-    online pairs: for them the online pair takes the place of (chosen, rejected). `own`: per
-    selected tuple an answer of the policy's own, for SELM's optimism term."""
-    augmented = []
-    for j, (i, pair) in enumerate(zip(chosen, pairs)):
+    """Each sampled tuple joined with its online pair (y_w^on, y_l^on); a tuple whose K rewards all
+    tied has none and is dropped. `own`: per sampled tuple an answer of the policy's own (SELM)."""
+    joined = []
+    for j, (i, pair) in enumerate(zip(sampled, pairs)):
         if pair is not None:
-            room = cfg.max_len - len(chunk[i].prompt_ids)  # online answers obey max_len like offline ones
-            augmented.append(
-                dataclasses.replace(
-                    chunk[i],
-                    online_chosen_ids=pair.chosen.token_ids[:room],
-                    online_rejected_ids=pair.rejected.token_ids[:room],
-                    own_ids=own[j][:room] if own else None,
-                )
+            room = cfg.max_len - len(D_t[i].prompt_ids)  # online answers obey max_len like offline ones
+            online = pair.chosen.token_ids[:room], pair.rejected.token_ids[:room]
+            own_ids = own[j][:room] if own else None
+            joined.append(
+                dataclasses.replace(D_t[i], online_chosen_ids=online[0], online_rejected_ids=online[1], own_ids=own_ids)
             )
-    if method in ("online_dpo", "selm", "adpo", "stage"):
-        online = [
-            dataclasses.replace(
-                a,
-                chosen_ids=a.online_chosen_ids,
-                rejected_ids=a.online_rejected_ids,
-                online_chosen_ids=None,
-                online_rejected_ids=None,
-            )
-            for a in augmented
-        ]
-        if (
-            method == "stage"
-        ):  # on-policy pairs in a fine-tuning iteration, the chunk's static pairs in an injection one
-            return online if any(selected) else list(chunk)
-        return list(chunk) + online if method == "adpo" else online
-    if method == "metaapo" and cfg.keep_unsampled:
-        augmented += [
-            dataclasses.replace(
-                chunk[i],
-                online_chosen_ids=chunk[i].chosen_ids,
-                online_rejected_ids=chunk[i].rejected_ids,
-                weight_override=1.0,
-            )
-            for i, s in enumerate(selected)
-            if not s
-        ]
-    return augmented
+    return joined
 
 
 # ==============================================================================================
 # Around Algorithm 1's loop: the data's slices, the meta-learner, checkpoints and resume
 
 
-def iteration_paths(cfg: Config, stage: Stage, method: str, t: int) -> tuple[str, str | None]:
-    """(policy at the start of iteration t, its reference); t counts from 0.
+def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[str, str | None]:
+    """(policy at the start of iteration t, its reference); t counts from 0; `stage_dir` is the
+    method's stage directory.
 
     metaapo, adpo: the reference lags one iteration, as in the reference implementation:
     iteration 1 uses the SFT model, iteration 2 the warm-up policy, iteration 3 the output of
     iteration 1. online_dpo, selm: the reference is the policy at the start of the iteration.
     Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
     """
-    starts = [warm_policy_path(cfg)] + [str(stage.dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
+    starts = [warm_policy_path(cfg)] + [str(stage_dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
     if cfg.objective in ("simpo", "slic"):  # objectives without a reference model
         return starts[t], None
-    if method in ("metaapo", "adpo"):
+    if method == "metaapo" or BASELINES[method].reference_lags:
         return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
     return starts[t], starts[t]
 
@@ -391,29 +365,41 @@ class IterationState:
     """What a checkpoint of an iterative method records besides model and optimizer."""
 
     iteration: int = 0  # 0-based iteration in progress
-    loop: dict = field(default_factory=lambda: vars(Loop()))  # position in phase 2
+    progress: Progress = field(default_factory=Progress)  # position in phase 2 (and the stage's step count)
     augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
     meta: dict | None = None  # MetaController.state_dict()
     times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
     ratios: list = field(default_factory=list)  # annotation ratio per iteration
 
+    def saved(self) -> dict:
+        """What checkpoints record (Progress as a dict, so a checkpoint needs no class of this file to read it)."""
+        return {**vars(self), "progress": dataclasses.asdict(self.progress)}
+
+    @classmethod
+    def restored(cls, saved: dict) -> IterationState:
+        if not saved:
+            return cls()
+        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": saved_progress(saved)})
+
 
 def iteration_pass(policy, augmented: list, t: int, cfg: Config):
     """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
     the reference implementation: (batches, optimizer, scheduler)."""
-    batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, cfg.seed * 1000 + t * 10)
+    batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
     optimizer = make_optimizer(policy, cfg.lr, cfg)
     return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
 
 
 class IterativeRun:
-    """What surrounds Algorithm 1's loop: the tokenized D_off and its chunks, the meta-learner, the
-    stage directory, and the IterationState every checkpoint records. Checkpoints are written at
-    each phase boundary and inside phase 2; a resumed run continues at the iteration, phase and
-    step its last checkpoint reached, with this rank's own share of the meta buffer."""
+    """What surrounds Algorithm 1's loop: the tokenized D_off and its slices D_1..D_T, the
+    meta-learner, the stage directory, and the IterationState every checkpoint records. Checkpoints
+    are written between the phases and inside phase 2; a resumed run continues at the
+    iteration, phase and step its last checkpoint reached, with this rank's own share of the meta
+    buffer."""
 
     def __init__(self, cfg: Config, rt: Runtime, method: str):
         self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
+        self.baseline = BASELINES.get(method)  # None: MetaAPO
         self.started = time.time()
         self.tokenizer = data.load_tokenizer(warm_policy_path(cfg))
         offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
@@ -423,11 +409,11 @@ class IterativeRun:
             )
         self.stage = Stage(cfg, rt, self.name)
         self.latest = self.stage.start()
-        self.chunks = data.split_into_chunks(
-            offline, cfg.iterations, cfg.seed
-        )  # D_off shuffled with the seed, cut into D_1..D_T
-        self.meta = (
-            MetaController(
+        # D_off shuffled with the seed, cut into D_1..D_T
+        self.slices = data.split_into_slices(offline, cfg.iterations, seed_for(cfg, "slices"))
+        self.meta = None
+        if method == "metaapo":
+            self.meta = MetaController(
                 cfg.meta_depth,
                 cfg.meta_inputs,
                 cfg.meta_lr,
@@ -440,27 +426,21 @@ class IterativeRun:
                 weight_decay=cfg.meta_weight_decay,
                 grad_clip=cfg.meta_grad_clip,
             )
-            if method == "metaapo"
-            else None
-        )
         saved = torch.load(self.latest / "state.pt", weights_only=False)["iteration_state"] if self.latest else {}
-        self.state = IterationState(**saved)
-        self.loop = Loop(**self.state.loop)
+        self.state = IterationState.restored(saved)
         self.resumed_pass = None  # (batches, optimizer, scheduler) restored inside phase 2
 
     def load_models(self, t: int):
         """(policy, reference or None, the policy's path) of iteration t; resuming inside it, also
         the optimizer, schedule and meta-learner as its checkpoint left them."""
-        policy_path, ref_path = iteration_paths(self.cfg, self.stage, self.method, t)
+        policy_path, ref_path = iteration_paths(self.cfg, self.stage.dir, self.method, t)
         policy, _ = load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
         ref = load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
         if self.latest is not None:
             self.resume_inside(t, policy)
         else:
-            self.state = dataclasses.replace(
-                self.state, iteration=t, loop=vars(Loop(step=self.loop.step)), augmented=None, meta=None
-            )
-            self.loop = Loop(**self.state.loop)
+            progress = Progress(step=self.state.progress.step)
+            self.state = dataclasses.replace(self.state, iteration=t, progress=progress, augmented=None, meta=None)
         return policy, ref, policy_path
 
     def resume_inside(self, t: int, policy) -> None:
@@ -482,11 +462,7 @@ class IterativeRun:
     def checkpoint_state(self) -> dict:
         meta = self.meta
         return {
-            "iteration_state": {
-                **vars(self.state),
-                "loop": vars(self.loop).copy(),
-                "meta": meta.state_dict() if meta else None,
-            },
+            "iteration_state": {**self.state.saved(), "meta": meta.state_dict() if meta else None},
             "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None,
         }
 
@@ -495,17 +471,17 @@ class IterativeRun:
         where = f"[{self.name}] stopped during iteration {t + 1}'s phase 1"
         return Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
 
-    def save_phase_boundary(self) -> None:
+    def checkpoint_between_phases(self) -> None:
         """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
-        self.stage.save_checkpoint(self.loop.step, None, None, None, self.checkpoint_state())
+        self.stage.save_checkpoint(self.state.progress.step, None, None, None, self.checkpoint_state())
 
     def record_sampling(
         self,
         t: int,
-        scores: list,
+        scores: list[PairScores] | None,
         selected: list[bool],
-        weights: list[float],
-        chosen: list[int],
+        w: list[float],
+        sampled: list[int],
         pairs: list,
         pair_stats,
         augmented: list,
@@ -514,45 +490,42 @@ class IterativeRun:
     ) -> None:
         """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
         the annotation ratio (reward-model calls per offline tuple, in units of K) and the counts."""
-        cfg, chunk = self.cfg, self.chunks[t]
+        cfg, D_t = self.cfg, self.slices[t]
         if self.rt.main:
-            paired = {i for i, pair in zip(chosen, pairs) if pair is not None}
+            paired = {i for i, pair in zip(sampled, pairs) if pair is not None}
             data.write_jsonl(
                 self.stage.dir / f"iter{t + 1}" / "gating.jsonl",
                 [
                     {
                         "index": item.index,
                         "prompt_id": item.prompt_id,
-                        "l_off": score[0],
-                        "h_input": score[1],
-                        "w": weights[i] if weights else None,
+                        "l_off": scores[i].score if scores else None,
+                        "h_input": scores[i].meta_input if scores else None,
+                        "w": w[i] if w else None,
                         "selected": selected[i],
                         "paired": i in paired,
                     }
-                    for i, (item, score) in enumerate(zip(chunk, scores))
+                    for i, item in enumerate(D_t)
                 ],
             )
-        ratio = (
-            len(chosen)
-            / max(1, len(chunk))
-            * ((cfg.num_samples + 2) / cfg.num_samples if self.method == "selm" else 1.0)
-        )
+        selm = (cfg.num_samples + 2) / cfg.num_samples if self.baseline is not None and self.baseline.selm else 1.0
+        ratio = len(sampled) / max(1, len(D_t)) * selm
         if boundary:  # the probe's reward-model calls count too
-            ratio += boundary["annotations"] / (len(chunk) * cfg.num_samples)
+            ratio += boundary["annotations"] / (len(D_t) * cfg.num_samples)
         nan_mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
         self.stage.log(
             {
                 "iteration": t + 1,
                 "phase": "generate",
-                "tuples": len(chunk),
-                "selected": len(chosen),
+                "tuples": len(D_t),
+                "selected": len(sampled),
                 "annotation_ratio": ratio,
                 "pairs": pair_stats.pairs,
                 "pairs_dropped_all_equal": pair_stats.all_equal,
                 "truncated_candidates": pair_stats.truncated_candidates,
                 "augmented": len(augmented),
-                "mean_l_off": nan_mean([x[0] for x in scores if x[0] is not None]),
-                "mean_w": nan_mean(weights),
+                "mean_l_off": nan_mean([s.score for s in scores or []]),
+                "mean_w": nan_mean(w),
                 "mean_online_reward": nan_mean(pair_stats.rewards),
                 "offline_chosen": pair_stats.offline_chosen,
                 "offline_rejected": pair_stats.offline_rejected,
@@ -561,7 +534,7 @@ class IterativeRun:
         )
         print0(
             self.rt,
-            f"[{self.name}] iteration {t + 1}: generated for {len(chosen)}/{len(chunk)} prompts ({ratio:.1%}), "
+            f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
             f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)",
         )
         self.state.times["sampling_s"] += time.time() - tic
@@ -570,7 +543,7 @@ class IterativeRun:
     def end_iteration(self, t: int, policy) -> None:
         """Export the policy after iteration t: the next iteration starts from it and, one later,
         uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
-        iteration's progress is mostly below bf16's resolution). Then a phase-boundary checkpoint."""
+        iteration's progress is mostly below bf16's resolution). Then a checkpoint between the phases."""
         export_hf(
             policy,
             policy.lm,
@@ -583,14 +556,14 @@ class IterativeRun:
         )
         if self.meta is not None and self.rt.main:
             torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
-        self.loop = Loop(step=self.loop.step)
-        self.state = dataclasses.replace(self.state, iteration=t + 1, loop=vars(self.loop).copy(), augmented=None)
+        progress = Progress(step=self.state.progress.step)
+        self.state = dataclasses.replace(self.state, iteration=t + 1, progress=progress, augmented=None)
         self.resumed_pass = None  # it holds the optimizer: gone before the next iteration loads its models
-        self.save_phase_boundary()
+        self.checkpoint_between_phases()
 
     def finish(self) -> dict:
         stage = self.stage
-        if self.loop.step == 0:
+        if self.state.progress.step == 0:
             raise NothingTrained(
                 f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an "
                 f"augmented one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); the "
@@ -630,20 +603,21 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
     stage = Stage(cfg, rt, "sft")
     latest = stage.start()
     model, tokenizer = load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
-    batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, cfg.seed * 1000)
-    optimizer, scheduler, loop = prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
+    batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, seed_for(cfg, "batches"))
+    optimizer, scheduler, progress = prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
 
-    def sft_loss(items, weights, n_tokens, world):
+    def sft_loss(items, mask, n_tokens, world):
         batch = data.collate_sft(items, tokenizer.pad_token_id)
         logps = model(
             batch["input_ids"].to(rt.device),
             batch["attention_mask"].to(rt.device),
             batch["response_mask"].to(rt.device),
         )
-        total = -(logps * weights).sum()
+        total = -(logps * mask).sum()
         return total * world / n_tokens, {"loss": total.item() / n_tokens}
 
     tokens = [sum(len(e.response_ids) for e in b) for b in batches]  # the loss is a mean over a global batch's tokens
+    desc = f"{cfg.sft_epochs} epochs"
     optimize(
         stage,
         model,
@@ -651,13 +625,13 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
         scheduler,
         batches,
         sft_loss,
-        loop,
-        f"{cfg.sft_epochs} epochs",
-        lambda: {"loop": vars(loop).copy()},
+        progress,
+        desc,
+        checkpoint_extras=progress_state(progress),
         sizes=tokens,
     )
     export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
-    summary = {"train_time_s": time.time() - started, "steps": loop.step}
+    summary = {"train_time_s": time.time() - started, "steps": progress.step}
     stage.finish(summary)
     return summary
 
@@ -669,10 +643,10 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     stage = Stage(cfg, rt, "rm")
     latest = stage.start()
     rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
-    batches = epoch_batches(pairs, 1, cfg.rm_batch_size, cfg.seed)
-    optimizer, scheduler, loop = prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
+    batches = epoch_batches(pairs, 1, cfg.rm_batch_size, seed_for(cfg, "reward model batches"))
+    optimizer, scheduler, progress = prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
 
-    def rm_loss(items, weights, batch_size, world):
+    def rm_loss(items, mask, batch_size, world):
         batch = data.collate_preferences(items, rm.tokenizer.pad_token_id)
         rewards = (
             rm.model(input_ids=batch["input_ids"].to(rt.device), attention_mask=batch["attention_mask"].to(rt.device))
@@ -680,9 +654,10 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
             .float()
         )
         out = losses.bradley_terry_loss(rewards[: len(items)], rewards[len(items) :])
-        total = (out.losses * weights).sum()
-        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, weights)}
+        total = (out.losses * mask).sum()
+        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, mask)}
 
+    desc = f"{len(pairs)} pairs"
     optimize(
         stage,
         rm.model,
@@ -690,12 +665,12 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
         scheduler,
         batches,
         rm_loss,
-        loop,
-        f"{len(pairs)} pairs",
-        lambda: {"loop": vars(loop).copy()},
+        progress,
+        desc,
+        checkpoint_extras=progress_state(progress),
     )
     export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
-    summary = {"train_time_s": time.time() - started, "steps": loop.step, "test_accuracy": None}
+    summary = {"train_time_s": time.time() - started, "steps": progress.step, "test_accuracy": None}
     if test_source(cfg) is None:
         print0(
             rt,
@@ -739,7 +714,7 @@ def evaluate_policy_gold(
         cfg.eval_samples,
         cfg,
         rt,
-        cfg.seed + 4242,
+        seed_for(cfg, "results table"),
         Path(cfg.out_dir),
         backend="transformers",
     )

@@ -1,6 +1,7 @@
 """
-Methods the paper compares MetaAPO with that need more than an offline objective (dpo.py) or
-Algorithm 1's iteration structure (train.py): OpenRLHF-style PPO, Selective DPO's reference runs,
-and seed 004's alignment-stage boundary. Each file is one method on the engine (fsdp.py,
-checkpoint.py); `python train.py --method=ppo | selective_dpo | stage` runs them.
+The methods the paper compares MetaAPO with, beyond the offline objectives (dpo.py): the online
+and hybrid baselines' rules inside Algorithm 1's iteration (online.py: online_dpo, selm, adpo,
+boundary), seed 004's boundary measurement (boundary.py), Selective DPO's reference runs
+(selective_dpo.py) and OpenRLHF-style PPO (ppo.py). Each file is one concern on the engine
+(fsdp.py, checkpoint.py); `python train.py --method=NAME` runs them.
 """

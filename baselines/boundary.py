@@ -2,11 +2,11 @@
 Seed 004's alignment-stage boundary: before each iteration, the current policy's answers to a
 few probe prompts are compared by the reward model with the pairs' static answers; their win
 share, the boundary score BS, decides the iteration's data: on-policy pairs at or above
-stage_threshold (the fine-tuning stage), the static pairs below (the injection stage).
+boundary_threshold (the fine-tuning stage), the static pairs below (the injection stage).
 
 Run
-    python train.py --method=stage                      # online DPO's iterations with the boundary
-    python train.py --method=stage --schedule=off,on,on  # a fixed schedule (BS still measured)
+    python train.py --method=boundary                      # online DPO's iterations with the boundary
+    python train.py --method=boundary --schedule=off,on,on  # a fixed schedule (BS still measured)
 The iterations themselves are Algorithm 1's structure (train.py); this file is the measurement.
 
 Deliberate simplifications
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 
-from config import Config, reward_path
+from config import Config, reward_path, seed_for
 from fsdp import Pieces, Runtime, distributed_generate, load_reward_model, print0
 
 
@@ -42,21 +42,21 @@ def boundary_measurement(
     policy,
     tokenizer,
     policy_path: str,
-    chunk: list,
+    D_t: list,
     raw: list,
     stage,
     t: int,
     pieces: Pieces,
 ) -> dict:
     """Seed 004's alignment-stage boundary, measured before iteration t on the first probe_ratio of
-    its (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
+    D_t's (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
     with each static answer (the pair's chosen and rejected) by the reward model; the boundary
     score BS is the share of comparisons the on-policy answers win (ties count half). BS >=
-    stage_threshold: the fine-tuning stage, train on on-policy pairs; below: the injection stage,
+    boundary_threshold: the fine-tuning stage, train on on-policy pairs; below: the injection stage,
     train on the static pairs. --schedule overrides the choice (BS is still measured and logged).
     Its generation and scores are pieces of the iteration's phase 1 (`pieces`)."""
     tic = time.time()
-    probe = chunk[: max(1, math.ceil(cfg.probe_ratio * len(chunk)))]
+    probe = D_t[: max(1, math.ceil(cfg.probe_ratio * len(D_t)))]
     generations = distributed_generate(
         policy,
         tokenizer,
@@ -65,7 +65,7 @@ def boundary_measurement(
         cfg.probe_samples,
         cfg,
         rt,
-        cfg.seed * 1000 + 500 + t,
+        seed_for(cfg, "boundary probe", t),
         stage.dir,
         pieces=pieces,
         name="boundary-generation",
@@ -87,7 +87,7 @@ def boundary_measurement(
         [rewards[i + cfg.probe_samples : i + group] for i in range(0, len(rewards), group)],
     )
     schedule = cfg.schedule.split(",") if cfg.schedule else None
-    on_policy = schedule[t] == "on" if schedule else score >= cfg.stage_threshold
+    on_policy = schedule[t] == "on" if schedule else score >= cfg.boundary_threshold
     record = {
         "boundary_score": score,
         "wins": wins,

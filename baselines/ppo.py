@@ -16,6 +16,7 @@ Deliberate simplifications
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,13 +28,13 @@ import torch.nn as nn
 
 import data
 from checkpoint import Stage
-from config import Config, reward_path, sft_path
+from config import Config, reward_path, seed_for, sft_path
 from dpo import train_pairs
 from fsdp import (
     MASTER_DTYPE,
     PIECE,
-    Loop,
     Pieces,
+    Progress,
     Runtime,
     all_gather_objects,
     check_stop,
@@ -46,6 +47,7 @@ from fsdp import (
     load_shards,
     make_scheduler,
     optimize,
+    saved_progress,
     shard_model,
     shuffled,
     trainable_parameters,
@@ -128,12 +130,12 @@ def shifted_values(critic, batch: dict, device) -> torch.Tensor:
 def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: Config, rt: Runtime) -> None:
     """Fill in each rollout's old log-probs, values, KL, advantages and returns (every rank gets all
     of them; strided shares as in pair_scores), then whiten the advantages over the rollout."""
-    chunk = max(1, cfg.micro_batch_size) * 4
+    forward_batch = max(1, cfg.micro_batch_size) * 4
     share = list(range(rt.rank, len(items), rt.world))
     padded = share + [share[0] if share else 0] * (math.ceil(len(items) / rt.world) - len(share))
     results = []
-    for start in range(0, len(padded), chunk):
-        batch_items = [items[i] for i in padded[start : start + chunk]]
+    for start in range(0, len(padded), forward_batch):
+        batch_items = [items[i] for i in padded[start : start + forward_batch]]
         batch = data.collate_sequences(
             [r.prompt_ids for r in batch_items], [r.response_ids for r in batch_items], batch_items[0].pad_id
         )
@@ -165,9 +167,9 @@ def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: Config, rt: Ru
 def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
     """PPO's clipped policy loss plus its clipped value loss, each a token mean per response."""
 
-    def ppo_loss(items, weights, batch_size, world):
+    def ppo_loss(items, kept, batch_size, world):
         batch = data.collate_sequences([r.prompt_ids for r in items], [r.response_ids for r in items], items[0].pad_id)
-        mask = batch["response_mask"].to(rt.device).float()
+        mask = batch["response_mask"].to(rt.device).float()  # tokens; `kept` masks padding rollouts out
         logps = model.actor(
             batch["input_ids"].to(rt.device),
             batch["attention_mask"].to(rt.device),
@@ -184,20 +186,20 @@ def make_ppo_loss(cfg: Config, model: ActorCritic, rt: Runtime):
         value = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
         tokens = mask.sum(-1).clamp(min=1)
         policy_loss, value_loss = (policy * mask).sum(-1) / tokens, (value * mask).sum(-1) / tokens  # (B,)
-        total = ((policy_loss + value_loss) * weights).sum()
-        n = weights.sum().item()
+        total = ((policy_loss + value_loss) * kept).sum()
+        n = kept.sum().item()
         clipped_share = (((ratio - 1).abs() > cfg.ppo_clip).float() * mask).sum(-1) / tokens
         return total * world / batch_size, {
             "loss": total.item() / batch_size,
-            "policy_loss_sum": (policy_loss * weights).sum().item(),
+            "policy_loss_sum": (policy_loss * kept).sum().item(),
             "policy_loss_count": n,
-            "value_loss_sum": (value_loss * weights).sum().item(),
+            "value_loss_sum": (value_loss * kept).sum().item(),
             "value_loss_count": n,
-            "clip_fraction_sum": (clipped_share * weights).sum().item(),
+            "clip_fraction_sum": (clipped_share * kept).sum().item(),
             "clip_fraction_count": n,
-            "score_sum": sum(r.score * w for r, w in zip(items, weights.tolist())),
+            "score_sum": sum(r.score * w for r, w in zip(items, kept.tolist())),
             "score_count": n,
-            "kl_sum": sum(r.kl * w for r, w in zip(items, weights.tolist())),
+            "kl_sum": sum(r.kl * w for r, w in zip(items, kept.tolist())),
             "kl_count": n,
         }
 
@@ -212,7 +214,7 @@ def rollout_pieces(stage: Stage, rt: Runtime, r: int) -> Pieces:
 
 
 def collect_rollout(
-    cfg: Config, rt: Runtime, stage: Stage, r: int, chunk: list, raw: list, tokenizer, actor, ref, critic, rm
+    cfg: Config, rt: Runtime, stage: Stage, r: int, prompts: list, raw: list, tokenizer, actor, ref, critic, rm
 ) -> list[Rollout]:
     """Rollout r: one answer per prompt from the current actor, scored by the reward model, then
     per-token KL to the SFT model, values and GAE advantages (score_rollouts). Generation and
@@ -226,31 +228,31 @@ def collect_rollout(
     generations = distributed_generate(
         actor,
         tokenizer,
-        [p.prompt_ids for p in chunk],
+        [p.prompt_ids for p in prompts],
         policy_path,
         1,
         cfg,
         rt,
-        cfg.seed * 1000 + r,
+        seed_for(cfg, "ppo rollout", r),
         stage.dir,
         pieces=pieces,
     )
     answers = [g[0] for g in generations]
     parts = pieces.run(
         "rewards",
-        math.ceil(len(chunk) / PIECE),
+        math.ceil(len(prompts) / PIECE),
         lambda k: rm.score(
-            [raw[p.index].prompt for p in chunk[k * PIECE : (k + 1) * PIECE]],
+            [raw[p.index].prompt for p in prompts[k * PIECE : (k + 1) * PIECE]],
             [a.text for a in answers[k * PIECE : (k + 1) * PIECE]],
             [a.finish_reason == "stop" for a in answers[k * PIECE : (k + 1) * PIECE]],
         ),
     )
     scores = [score for part in parts for score in part]
     check_stop(rt, pieces.where)
-    room = [cfg.max_len - len(p.prompt_ids) for p in chunk]
+    room = [cfg.max_len - len(p.prompt_ids) for p in prompts]
     samples = [
         Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
-        for p, a, s, n in zip(chunk, answers, scores, room)
+        for p, a, s, n in zip(prompts, answers, scores, room)
     ]
     score_rollouts(samples, actor, ref, critic, cfg, rt)
     stage.log(
@@ -274,7 +276,7 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     started = time.time()
     tokenizer = data.load_tokenizer(sft_path(cfg))
     pairs, raw = train_pairs(cfg, rt, tokenizer)
-    prompts = shuffled(pairs, cfg.seed)
+    prompts = shuffled(pairs, seed_for(cfg, "ppo prompts"))
     rollouts = [prompts[i : i + cfg.rollout_batch_size] for i in range(0, len(prompts), cfg.rollout_batch_size)]
     stage = Stage(cfg, rt, "ppo")
     latest = stage.start()
@@ -302,14 +304,15 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     state = {
         "rollout": 0,
         "samples": None,
-        "loop": vars(Loop()),
+        "progress": dataclasses.asdict(Progress()),
         "times": {"sampling_s": 0.0, "training_s": 0.0},
         "annotations": 0,
     }
     if latest is not None:
         state = stage.load_checkpoint(latest, model, optimizer, scheduler)["ppo"]
-    loop = Loop(**state["loop"])
-    save = lambda: {"ppo": {**state, "loop": vars(loop).copy()}}  # noqa: E731
+    progress = saved_progress(state)
+    state.pop("loop", None)
+    save = lambda: {"ppo": {**state, "progress": dataclasses.asdict(progress)}}  # noqa: E731
     loss_fn = make_ppo_loss(cfg, model, rt)
     for r in range(state["rollout"], len(rollouts)):
         if state["samples"] is None:  # sample, score, and estimate advantages
@@ -318,7 +321,7 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
             state.update(samples=samples, annotations=state["annotations"] + len(samples))
             state["times"]["sampling_s"] += time.time() - tic
         tic = time.time()
-        batches = epoch_batches(state["samples"], cfg.epochs, cfg.batch_size, cfg.seed * 1000 + r)
+        batches = epoch_batches(state["samples"], cfg.epochs, cfg.batch_size, seed_for(cfg, "ppo rollout", r))
         optimize(
             stage,
             model,
@@ -326,21 +329,21 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
             scheduler,
             batches,
             loss_fn,
-            loop,
+            progress,
             f"rollout {r + 1}/{len(rollouts)}",
-            save,
+            checkpoint_extras=save,
             log_extra={"rollout": r + 1},
             save_period=cfg.save_every or max(1, math.ceil(steps / 10)),
         )
         state["times"]["training_s"] += time.time() - tic
         state.update(rollout=r + 1, samples=None)
-        loop.batch = 0
+        progress.batch = 0
         rollout_pieces(stage, rt, r).remove()
     export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {
         "annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples,
         **state["times"],
-        "steps": loop.step,
+        "steps": progress.step,
         "rollouts": len(rollouts),
         "total_s": time.time() - started,
     }

@@ -22,7 +22,7 @@ import numpy as np
 
 import data
 from checkpoint import Stage, read_json, write_json
-from config import Config, sft_path
+from config import Config, seed_for, sft_path
 from dpo import run_offline, train_pairs
 from fsdp import Runtime, barrier, copy_tree, print0, release_memory, shuffled
 
@@ -39,7 +39,7 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
     pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
     difficulty: dict[int, list[float]] = {p.index: [] for p in pairs}
     for s in range(cfg.selective_seeds):
-        order = shuffled(list(range(len(pairs))), cfg.seed + 17 + s)
+        order = shuffled(list(range(len(pairs))), seed_for(cfg, "selective halves", s))
         halves = [sorted(order[0::2]), sorted(order[1::2])]
         for k in (0, 1):  # half k trains, the other half is scored
             name = f"selective_dpo/seed{s}-half{k}"
@@ -57,9 +57,8 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
                 for index, value in losses_at_step.items():
                     difficulty[int(index)].append(value)
     mean = {index: float(np.mean(values)) for index, values in difficulty.items()}
-    easiest = sorted(pairs, key=lambda p: mean[p.index])[
-        : max(1, round(cfg.keep_ratio * len(pairs)))
-    ]  # ascending: easy to hard
+    # ascending mean loss: easy to hard
+    easiest = sorted(pairs, key=lambda p: mean[p.index])[: max(1, round(cfg.keep_ratio * len(pairs)))]
     print0(
         rt,
         f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models "

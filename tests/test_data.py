@@ -19,7 +19,7 @@ from data import (
     encode_response,
     load_preferences,
     load_sft,
-    split_into_chunks,
+    split_into_slices,
     tokenize_preferences,
     tokenize_sft,
 )
@@ -452,18 +452,18 @@ def test_collate_with_online_pairs_orders_roles():
 # Chunking
 
 
-def test_split_into_chunks_is_a_seeded_partition():
+def test_split_into_slices_is_a_seeded_partition():
     items = list(range(100))
-    chunks = split_into_chunks(items, 3, seed=7)
-    assert [len(c) for c in chunks] == [34, 33, 33]
-    assert sorted(x for c in chunks for x in c) == items
-    assert chunks == split_into_chunks(items, 3, seed=7)
-    assert chunks != split_into_chunks(items, 3, seed=8)
-    assert chunks[0] != items[:34]  # shuffled
-    flat = [x for c in chunks for x in c]  # consecutive pieces of one shuffled order
-    assert split_into_chunks(items, 1, seed=7) == [flat]
+    slices = split_into_slices(items, 3, seed=7)
+    assert [len(c) for c in slices] == [34, 33, 33]
+    assert sorted(x for c in slices for x in c) == items
+    assert slices == split_into_slices(items, 3, seed=7)
+    assert slices != split_into_slices(items, 3, seed=8)
+    assert slices[0] != items[:34]  # shuffled
+    flat = [x for c in slices for x in c]  # consecutive pieces of one shuffled order
+    assert split_into_slices(items, 1, seed=7) == [flat]
     with pytest.raises(ValueError):
-        split_into_chunks(items[:2], 3, seed=0)
+        split_into_slices(items[:2], 3, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

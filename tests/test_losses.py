@@ -394,9 +394,8 @@ def test_kto_loss_and_reference_kl():
     z0 = kto_reference_kl(t([-1.0, -2.0]), t([-1.5, -2.1]))  # mean ratio 0.3
     assert z0.item() == pytest.approx(0.3) and not z0.requires_grad
     assert kto_reference_kl(t([-3.0]), t([-1.0])).item() == 0.0  # clamped at 0
-    padded = kto_reference_kl(
-        t([-1.0, -2.0, 5.0]), t([-1.5, -2.1, 0.0]), weights=t([1.0, 1.0, 0.0])
-    )  # padding excluded
+    # padding excluded
+    padded = kto_reference_kl(t([-1.0, -2.0, 5.0]), t([-1.5, -2.1, 0.0]), mask=t([1.0, 1.0, 0.0]))
     assert padded.item() == pytest.approx(0.3)
     other_rank = t([0.9, 2.0])  # the other rank's (weighted sum, count)
     assert kto_reference_kl(

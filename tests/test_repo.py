@@ -19,7 +19,7 @@ LAYERS = [
     ["fsdp.py"],
     ["checkpoint.py", "plan.py"],
     ["dpo.py"],
-    ["baselines/ppo.py", "baselines/selective_dpo.py", "baselines/boundary.py"],
+    ["baselines/ppo.py", "baselines/selective_dpo.py", "baselines/boundary.py", "baselines/online.py"],
     ["train.py"],
     ["dynamics.py"],
     ["compare.py"],

@@ -1,6 +1,6 @@
-"""Seed 004's alignment-stage method (train.py --method stage): the boundary score by hand (ties,
-both directions), the choice it makes and the fixed schedules, DPO and SLiC-HF, on one and two
-processes."""
+"""Seed 004's alignment-stage boundary method (train.py --method=boundary): the boundary score by
+hand (ties, both directions), the choice it makes and the fixed schedules, DPO and SLiC-HF, on one
+and two processes; its old name (--method=stage) still accepted."""
 
 import json
 
@@ -12,8 +12,8 @@ from baselines.boundary import boundary_score
 from config import ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, run_train
 
-STAGE = [
-    "--method=stage",
+BOUNDARY = [
+    "--method=boundary",
     "--probe_ratio=0.25",
     "--probe_samples=2",
 ] + TINY  # 2 iterations of 96 prompts: 24 probe prompts each
@@ -38,18 +38,25 @@ def test_boundary_score_by_hand(own, static, expected):
     assert (round(score, 6), wins, ties, comparisons) == (round(expected[0], 6), *expected[1:])
 
 
-def test_stage_config_refusals():
+def test_boundary_config_refusals_and_its_old_names(capsys):
     with pytest.raises(ConfigError, match="--schedule: one of on or off per iteration"):
-        parse_config(["--method=stage", "--iterations=2", "--schedule=off"])
+        parse_config(["--method=boundary", "--iterations=2", "--schedule=off"])
     with pytest.raises(ConfigError, match="--schedule: one of on or off"):
-        parse_config(["--method=stage", "--iterations=2", "--schedule=off,maybe"])
-    with pytest.raises(ConfigError, match="--objective=slic: only --method=online_dpo or stage"):
+        parse_config(["--method=boundary", "--iterations=2", "--schedule=off,maybe"])
+    with pytest.raises(ConfigError, match="--objective=slic: only --method=online_dpo or boundary"):
         parse_config(["--method=metaapo", "--objective=slic"])
     assert (
         config.stage_name(
-            parse_config(["--method=stage", "--objective=slic", "--iterations=2", "--schedule=off,on"]), "stage"
+            parse_config(["--method=boundary", "--objective=slic", "--iterations=2", "--schedule=off,on"]), "boundary"
         )
-        == "stage-objective_slic-schedule_off-on"
+        == "boundary-objective_slic-schedule_off-on"
+    )
+    capsys.readouterr()
+    old = parse_config(["--method=stage", "--stage_threshold=0.7"])  # the names before the rename
+    assert (old.method, old.boundary_threshold) == ("boundary", 0.7)
+    notes = capsys.readouterr().err
+    assert (
+        "--stage_threshold is now --boundary_threshold" in notes and "--method=stage is now --method=boundary" in notes
     )
 
 
@@ -60,8 +67,10 @@ def boundary(path):
 @pytest.mark.parametrize("objective", ["dpo", "slic"])
 def test_a_fixed_schedule_trains_on_static_then_on_policy_data(base_run, tmp_path, objective):
     out = fresh_run(base_run, tmp_path)
-    run_train(STAGE + [f"--out_dir={out}", "--schedule=off,on", f"--objective={objective}"])
-    stage = out / config.stage_name(parse_config(STAGE + ["--schedule=off,on", f"--objective={objective}"]), "stage")
+    run_train(BOUNDARY + [f"--out_dir={out}", "--schedule=off,on", f"--objective={objective}"])
+    stage = out / config.stage_name(
+        parse_config(BOUNDARY + ["--schedule=off,on", f"--objective={objective}"]), "boundary"
+    )
     records = boundary(stage / "metrics.jsonl")
     assert [r["choice"] for r in records] == ["static", "on-policy"] and all(r["by"] == "schedule" for r in records)
     for r in records:  # measured and logged even when the schedule decides
@@ -74,7 +83,7 @@ def test_a_fixed_schedule_trains_on_static_then_on_policy_data(base_run, tmp_pat
         )
     phases = [r for r in metrics(stage / "metrics.jsonl") if r.get("phase") == "generate"]
     assert [p["selected"] for p in phases] == [0, 96]  # generation only where on-policy data is used
-    assert phases[0]["augmented"] == 96  # the static iteration trains on the chunk's offline pairs
+    assert phases[0]["augmented"] == 96  # the static iteration trains on D_t's offline pairs
     assert phases[1]["augmented"] == phases[1]["pairs"] <= 96
     probe_share = 24 * (2 + 2) / (96 * 8)
     assert phases[0]["annotation_ratio"] == pytest.approx(probe_share) and phases[1][
@@ -86,29 +95,28 @@ def test_a_fixed_schedule_trains_on_static_then_on_policy_data(base_run, tmp_pat
 def test_the_boundary_score_chooses_on_one_and_two_processes(base_run, tmp_path):
     one, two = fresh_run(base_run, tmp_path, "one"), fresh_run(base_run, tmp_path, "two")
     for out, processes in ((one, 0), (two, 2)):
-        run_train(
-            STAGE + [f"--out_dir={out}", "--stage_threshold=0.0"], torchrun=processes
-        )  # BS >= 0 always: on-policy
-    records = {out: boundary(out / "stage" / "metrics.jsonl") for out in (one, two)}
+        # BS >= 0 always: on-policy
+        run_train(BOUNDARY + [f"--out_dir={out}", "--boundary_threshold=0.0"], torchrun=processes)
+    records = {out: boundary(out / "boundary" / "metrics.jsonl") for out in (one, two)}
     assert [r["choice"] for r in records[one]] == ["on-policy"] * 2 and all(
         r["by"] == "boundary score" for r in records[one]
     )
     for a, b in zip(records[one], records[two]):  # the same probes, answers, votes and choice on 2 processes
         assert (a["wins"], a["ties"], a["losses"], a["choice"]) == (b["wins"], b["ties"], b["losses"], b["choice"])
     first = {
-        out: next(r["loss"] for r in metrics(out / "stage" / "metrics.jsonl") if r.get("step") == 1)
+        out: next(r["loss"] for r in metrics(out / "boundary" / "metrics.jsonl") if r.get("step") == 1)
         for out in (one, two)
     }
     assert first[two] == pytest.approx(first[one], rel=1e-4)
     out = fresh_run(base_run, tmp_path, "static")
-    run_train(STAGE + [f"--out_dir={out}", "--stage_threshold=1.0"])  # BS < 1 here: static data
-    assert [r["choice"] for r in boundary(out / "stage" / "metrics.jsonl")] == ["static", "static"]
-    assert json.loads((out / "stage" / "done.json").read_text())["annotation_ratio"] < 0.2  # the probes only
+    run_train(BOUNDARY + [f"--out_dir={out}", "--boundary_threshold=1.0"])  # BS < 1 here: static data
+    assert [r["choice"] for r in boundary(out / "boundary" / "metrics.jsonl")] == ["static", "static"]
+    assert json.loads((out / "boundary" / "done.json").read_text())["annotation_ratio"] < 0.2  # the probes only
 
 
-def test_stage_grid_findings_and_table():
+def test_boundary_grid_findings_and_table():
     """evaluate.py's reading of the grid: gains per decision, which source was better, whether BS
-    pointed at it, and the stage method against the best fixed schedule."""
+    pointed at it, and the boundary method against the best fixed schedule."""
 
     def run(schedule, gold, bs, choice=("static", "static")):
         return {
@@ -128,9 +136,9 @@ def test_stage_grid_findings_and_table():
         run("off,on", [5.0, 5.5, 6.5], [0.4, 0.3]),
         run("on,off", [5.0, 6.0, 6.2], [0.4, 0.6]),
         run("on,on", [5.0, 6.0, 6.1], [0.4, 0.6]),
-        run("stage", [5.0, 5.5, 5.6], [0.4, 0.3]),
+        run("boundary", [5.0, 5.5, 5.6], [0.4, 0.3]),
     ]
-    (finding,) = compare.stage_findings(runs)
+    (finding,) = compare.boundary_findings(runs)
     first, after_static, after_on = finding["points"]
     assert (first["on_gain"], first["static_gain"]) == pytest.approx((1.0, 0.5)) and first["ratio"] == pytest.approx(
         2.0
@@ -138,6 +146,6 @@ def test_stage_grid_findings_and_table():
     assert first["better"] == "on-policy" and first["predicted"] == "static"  # BS 0.4 pointed the wrong way
     assert after_static["on_gain"] == pytest.approx(1.0) and after_static["static_gain"] == pytest.approx(0.1)
     assert after_on["better"] == "static" and after_on["predicted"] == "on-policy"  # 0.2 > 0.1, BS 0.6
-    assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["stage_gold"] == 5.6
-    table = compare.stage_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
+    assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["boundary_gold"] == 5.6
+    table = compare.boundary_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
     assert "| s | dpo | iteration 1 | +1.000 | +0.500 | 2.00 | on-policy | 0.400 | static (wrong) |" in table

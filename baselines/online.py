@@ -1,0 +1,101 @@
+"""
+The online and hybrid baselines inside Algorithm 1's iteration: where they differ from MetaAPO.
+
+train.py's `run_iterative` runs every iterative method through the same iteration (phase 1:
+choose prompts, generate K answers, rank them with the reward model; phase 2: one epoch of
+preference optimisation). MetaAPO chooses with its meta-learner and mixes offline and online
+losses with its weights; a baseline does neither: it chooses with a rule of its own and trains
+one objective on the pairs its own rule gives. Those two rules, and the few other things that
+set a baseline apart, are written here, one small function each:
+
+    method      prompts that get K answers              phase 2 trains on
+    online_dpo  every prompt                            the online pairs
+    selm        every prompt (offline answers ranked    the online pairs, with SELM's optimism term
+                with the K, the first answer its own)
+    adpo        those whose DPO loss -l_off is below    D_t's offline pairs and the online pairs
+                --adpo_threshold (l_off: Eq. 4)
+    boundary    all (on-policy) or none (static), by    the online pairs, or D_t's offline pairs
+                seed 004's boundary score
+
+Run
+    python train.py --method=online_dpo    # (selm, adpo, boundary) after the toy's DPO warm-up
+    torchrun --nproc_per_node 8 train.py --model tulu8b --method=selm
+The boundary measurement itself is baselines/boundary.py.
+
+Deliberate simplifications
+- Every baseline trains with MetaAPO's phase 2 (one epoch over its pairs per iteration, a fresh
+  AdamW and schedule each iteration, the same checkpoints) and its --objective.
+- SELM's answer of its own (for the optimism term) is the first of its K samples; SELM's code
+  takes a greedy one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from config import Config
+
+
+def every_prompt(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+    return [True] * len(D_t)
+
+
+def adpo_uncertain_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+    """ADPO generates where the policy is unsure: the tuples whose DPO loss -l_off is below a fixed threshold."""
+    return [-score < cfg.adpo_threshold for score in l_off]
+
+
+def boundary_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+    """Every prompt in a fine-tuning (on-policy) iteration, none in an injection (static) one."""
+    return [boundary["choice"] == "on-policy"] * len(D_t)
+
+
+def as_offline_pairs(joined: list) -> list:
+    """The online pair of each joined tuple in the place of its (chosen, rejected): what a baseline's
+    objective trains on."""
+    return [
+        dataclasses.replace(
+            a,
+            chosen_ids=a.online_chosen_ids,
+            rejected_ids=a.online_rejected_ids,
+            online_chosen_ids=None,
+            online_rejected_ids=None,
+        )
+        for a in joined
+    ]
+
+
+def online_pairs(D_t: list, joined: list, selected: list[bool]) -> list:
+    return as_offline_pairs(joined)
+
+
+def offline_and_online_pairs(D_t: list, joined: list, selected: list[bool]) -> list:
+    """ADPO: D_t's offline pairs, then the online ones."""
+    return list(D_t) + as_offline_pairs(joined)
+
+
+def boundary_pairs(D_t: list, joined: list, selected: list[bool]) -> list:
+    """On-policy pairs in a fine-tuning iteration, D_t's static pairs in an injection one."""
+    return as_offline_pairs(joined) if any(selected) else list(D_t)
+
+
+@dataclass(frozen=True)
+class OnlineBaseline:
+    """What sets one baseline's iteration apart from MetaAPO's."""
+
+    select: Callable  # (cfg, D_t, l_off or None, boundary or None) -> which prompts get K answers
+    training_pairs: Callable  # (D_t, the tuples joined with their online pair, selected) -> phase 2's pairs
+    scores_offline: bool = False  # phase 1 measures l_off (Eq. 4) before choosing
+    measures_boundary: bool = False  # phase 1 measures seed 004's boundary score before choosing
+    reference_lags: bool = False  # pi_ref one iteration behind, as MetaAPO's; else the iteration's start
+    selm: bool = False  # offline answers ranked with the K, the first answer the policy's own, the optimism term
+
+
+BASELINES = {
+    "online_dpo": OnlineBaseline(every_prompt, online_pairs),
+    "selm": OnlineBaseline(every_prompt, online_pairs, selm=True),
+    "adpo": OnlineBaseline(adpo_uncertain_prompts, offline_and_online_pairs, scores_offline=True, reference_lags=True),
+    "boundary": OnlineBaseline(boundary_prompts, boundary_pairs, measures_boundary=True),
+}
