@@ -138,6 +138,9 @@ class Config:
     weighting: str = "meta"  # meta, uniform (w = 0.5) or fixed (w = sigmoid(l_off))
     threshold: float = math.log(0.5)  # sampling=threshold: generate when l_off is below it
     keep_unsampled: bool = False  # also train on the unselected offline tuples, with weight 1
+    # a sampled tuple whose K rewards all tie: keep = its offline pair trains with a zero-gradient
+    # (y, y) online pair, as in the reference code; drop = the tuple is dropped, offline pair too
+    tied_samples: str = "keep"
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 2048
@@ -215,12 +218,26 @@ def toy_preset(data_seed: int) -> dict:
 
 PRESETS = {
     "toy": toy_preset,
-    # Table B.4; the reward model is a path argument (or this run's `rm` stage)
+    # Table B.4, with the meta-learner as the authors' scripts ran it: h reads log sigmoid(Delta)
+    # (unscaled) and updates every 16 policy steps (see the README); the reward model is a path
+    # argument (or this run's `rm` stage)
     "tulu8b": lambda data_seed: dict(
-        model="allenai/Llama-3.1-Tulu-3-8B-SFT", temperature=1.0, top_p=1.0, generator="vllm", micro_batch_size=1
+        model="allenai/Llama-3.1-Tulu-3-8B-SFT",
+        temperature=1.0,
+        top_p=1.0,
+        generator="vllm",
+        micro_batch_size=1,
+        meta_input_beta=1.0,
+        meta_interval=16,
     ),
     "qwen7b": lambda data_seed: dict(
-        model="FuseAI/FuseChat-Qwen-2.5-7B-SFT", temperature=0.8, top_p=0.95, generator="vllm", micro_batch_size=1
+        model="FuseAI/FuseChat-Qwen-2.5-7B-SFT",
+        temperature=0.8,
+        top_p=0.95,
+        generator="vllm",
+        micro_batch_size=1,
+        meta_input_beta=1.0,
+        meta_interval=16,
     ),
 }
 
@@ -228,6 +245,7 @@ CHOICES = {
     "method": METHODS,
     "objective": OBJECTIVES + ("slic",),
     "sampling": SAMPLING_MODES,
+    "tied_samples": ("keep", "drop"),
     "weighting": WEIGHTING_MODES,
     "meta_inputs": INPUT_MODES,
     "generator": BACKENDS,
@@ -513,6 +531,11 @@ def config_help(title: str) -> str:
     return "\n".join(lines)
 
 
+def preset_defaults(preset: str) -> Config:
+    """Config's defaults with `preset`'s values (a preset's data paths as for seed 0)."""
+    return dataclasses.replace(Config(), **(PRESETS[preset](0) if preset in PRESETS else {}))
+
+
 def config_dict(cfg: Config) -> dict:
     return {**dataclasses.asdict(cfg), "preset": getattr(cfg, "preset", "")}
 
@@ -704,6 +727,7 @@ def stage_name(cfg: Config, method: str) -> str:
             "sampling",
             "weighting",
             "keep_unsampled",
+            "tied_samples",
             "meta_depth",
             "meta_inputs",
             "meta_input_beta",
@@ -713,7 +737,7 @@ def stage_name(cfg: Config, method: str) -> str:
         "selm": ("objective",),
         "boundary": ("objective", "schedule"),
     }.get(method, ())
-    defaults = Config()
+    defaults = preset_defaults(getattr(cfg, "preset", ""))  # a preset's own values name no directory
     return "-".join(
         [method]
         + [

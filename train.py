@@ -182,7 +182,9 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
     pairs, pair_stats = annotate(run, D_t, sampled, generations, pieces)  # lines 10-11: ranked by r, best and worst
     # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code: a greedy one)
     own = [g[0].token_ids for g in generations] if baseline is not None and baseline.selm else None
-    joined = join_online_pairs(cfg, D_t, sampled, pairs, own)  # line 12: D_aug
+    # line 12: D_aug (MetaAPO keeps a tuple whose K rewards tie, with a zero-gradient (y, y) online pair)
+    tied = [g[0].token_ids for g in generations] if baseline is None and cfg.tied_samples == "keep" else None
+    joined = join_online_pairs(cfg, D_t, sampled, pairs, own, tied)
     if baseline is not None:
         augmented = baseline.training_pairs(D_t, joined, selected)
     else:
@@ -323,19 +325,31 @@ def unsampled_tuples(D_t: list[PolicyPair], selected: list[bool]) -> list[Policy
 
 
 def join_online_pairs(
-    cfg: Config, D_t: list[PolicyPair], sampled: list[int], pairs, own: list[list[int]] | None = None
+    cfg: Config,
+    D_t: list[PolicyPair],
+    sampled: list[int],
+    pairs,
+    own: list[list[int]] | None = None,
+    tied: list[list[int]] | None = None,
 ) -> list[PolicyPair]:
-    """Each sampled tuple joined with its online pair (y_w^on, y_l^on); a tuple whose K rewards all
-    tied has none and is dropped. `own`: per sampled tuple an answer of the policy's own (SELM)."""
+    """Each sampled tuple joined with its online pair (y_w^on, y_l^on). A tuple whose K rewards all
+    tied has no pair: with `tied` (per sampled tuple its first answer y) it gets the pair (y, y), as
+    the reference code's first-maximum / first-minimum pairing gives it, whose online loss is a
+    constant (no gradient); without, it is dropped. `own`: per sampled tuple an answer of the
+    policy's own (SELM)."""
     joined = []
     for j, (i, pair) in enumerate(zip(sampled, pairs)):
+        room = cfg.max_len - len(D_t[i].prompt_ids)  # online answers obey max_len like offline ones
         if pair is not None:
-            room = cfg.max_len - len(D_t[i].prompt_ids)  # online answers obey max_len like offline ones
             online = pair.chosen.token_ids[:room], pair.rejected.token_ids[:room]
-            own_ids = own[j][:room] if own else None
-            joined.append(
-                dataclasses.replace(D_t[i], online_chosen_ids=online[0], online_rejected_ids=online[1], own_ids=own_ids)
-            )
+        elif tied is not None:
+            online = tied[j][:room], tied[j][:room]
+        else:
+            continue
+        own_ids = own[j][:room] if own else None
+        joined.append(
+            dataclasses.replace(D_t[i], online_chosen_ids=online[0], online_rejected_ids=online[1], own_ids=own_ids)
+        )
     return joined
 
 
@@ -508,6 +522,7 @@ class IterativeRun:
                     for i, item in enumerate(D_t)
                 ],
             )
+        tied_kept = pair_stats.all_equal if self.baseline is None and cfg.tied_samples == "keep" else 0
         selm = (cfg.num_samples + 2) / cfg.num_samples if self.baseline is not None and self.baseline.selm else 1.0
         ratio = len(sampled) / max(1, len(D_t)) * selm
         if boundary:  # the probe's reward-model calls count too
@@ -521,7 +536,8 @@ class IterativeRun:
                 "selected": len(sampled),
                 "annotation_ratio": ratio,
                 "pairs": pair_stats.pairs,
-                "pairs_dropped_all_equal": pair_stats.all_equal,
+                "pairs_all_equal": pair_stats.all_equal,  # prompts whose K rewards all tied
+                "tied_kept": tied_kept,  # of those, tuples kept with a zero-gradient (y, y) online pair
                 "truncated_candidates": pair_stats.truncated_candidates,
                 "augmented": len(augmented),
                 "mean_l_off": nan_mean([s.score for s in scores or []]),
@@ -535,7 +551,8 @@ class IterativeRun:
         print0(
             self.rt,
             f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
-            f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts dropped (all rewards equal)",
+            f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts whose rewards all tied "
+            + ("(kept with a zero-gradient (y, y) pair)" if tied_kept else "(dropped)"),
         )
         self.state.times["sampling_s"] += time.time() - tic
         self.state.ratios.append(ratio)
@@ -829,6 +846,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         raise SystemExit(f"train.py: {err}") from None
     if cfg.dry_run:
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(config_dict(cfg), indent=2))  # the resolved config first, as a run prints it
         try:
             return plan.dry_run(cfg, cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)))
         except ConfigError as err:

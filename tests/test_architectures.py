@@ -160,6 +160,8 @@ def test_the_8b_plan_fits_8_gpus_and_not_one(model, sft, params):
     fits = dry_run(model, sft, "--gpus=8", "--gpu_memory_gb=80")
     assert fits.returncode == 0 and "the plan fits" in fits.stdout, fits.stderr
     assert f"({params} parameters)" in fits.stdout and "61135 offline pairs" in fits.stdout
+    printed = json.loads(fits.stdout[: fits.stdout.index("\n}\n") + 2])  # the resolved config comes first
+    assert printed["preset"] == model and printed["meta_interval"] == 16 and printed["dry_run"] is True
     for phase in ("training (phase 2)", "generation (phase 1)", "reward scoring (phase 1)"):
         assert f"{phase}: " in fits.stdout
     for part in (

@@ -206,6 +206,16 @@ def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
         assert lengths.tolist() == [[30, 30], [28, 28], [online_length] * 2, [online_length - 1] * 2]
 
 
+def test_real_model_presets_run_the_meta_learner_as_the_authors_scripts():
+    for preset in ("tulu8b", "qwen7b"):
+        cfg = parse_config([f"--model={preset}"])
+        assert (cfg.meta_input_beta, cfg.meta_interval) == (1.0, 16), preset  # unscaled input, every 16 steps
+        told = parse_config([f"--model={preset}", "--meta_input_beta=0", "--meta_interval=8"])
+        assert (told.meta_input_beta, told.meta_interval) == (0.0, 8)  # a flag still wins over the preset
+    toy = parse_config([])
+    assert (toy.meta_input_beta, toy.meta_interval) == (0.0, 8)  # the toy keeps Eq. 4's scaled input
+
+
 def test_meta_input_score_scales_only_h_input():
     policy = torch.tensor([[-3.0, -5.0], [-6.0, -4.0]])  # (roles, B): chosen, rejected
     ref = torch.tensor([[-4.0, -4.0], [-4.0, -4.0]])
@@ -285,9 +295,7 @@ def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     records = metrics(stage / "metrics.jsonl")
     phases = [r for r in records if r.get("phase") == "generate"]
     assert [p["iteration"] for p in phases] == [1, 2]
-    assert all(
-        0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_dropped_all_equal"] for p in phases
-    )
+    assert all(0 < p["annotation_ratio"] <= 1 and p["selected"] == p["pairs"] + p["pairs_all_equal"] for p in phases)
     steps = [r for r in records if "step" in r and "phase" not in r]
     assert steps and all({"loss", "lr", "grad_norm", "l_off", "l_on", "w"} <= set(r) for r in steps)
     summaries = [r for r in records if r.get("phase") == "train"]
@@ -528,3 +536,38 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         assert row["w"] == pytest.approx(h(torch.tensor([[row["h_input"]]])).item(), abs=1e-6)
     selm = [r for r in metrics(out / "selm" / "metrics.jsonl") if r.get("phase") == "generate"]
     assert all(r["annotation_ratio"] == pytest.approx(1.25) for r in selm)  # K + 2 candidates scored per prompt
+
+
+def test_a_tuple_whose_rewards_all_tie_keeps_its_offline_pair_with_a_zero_gradient_online_pair(toy_dir):
+    """The reference code's tie handling (--tied_samples=keep, the default): the (y, y) online pair
+    of a tuple whose K rewards tie gives l_on = log sigmoid(0) and no gradient; --tied_samples=drop
+    drops the tuple."""
+    from transformers import AutoModelForCausalLM
+
+    from meta import MetaController
+    from sample import Candidate, OnlinePair
+
+    cfg = parse_config([])
+    D_t = [
+        dpo.PolicyPair(index=i, prompt_id=str(i), prompt_ids=[5, 6, 7], chosen_ids=[8, 9 + i], rejected_ids=[10])
+        for i in range(2)
+    ]
+    paired = OnlinePair(Candidate("x", [11, 12], "online"), Candidate("z", [13], "online"), 1.0, 0.0)
+    kept = train.join_online_pairs(cfg, D_t, [0, 1], [paired, None], tied=[[14, 15], [16, 17, 18]])
+    assert [(p.index, p.online_chosen_ids, p.online_rejected_ids) for p in kept] == [
+        (0, [11, 12], [13]),
+        (1, [16, 17, 18], [16, 17, 18]),  # the tuple's first answer, twice
+    ]
+    assert [p.index for p in train.join_online_pairs(cfg, D_t, [0, 1], [paired, None])] == [0]  # drop
+
+    model = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
+    ref = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
+    tied = dataclasses.replace(kept[1], weight_override=0.0)  # w = 0: Eq. 5 is the online term alone
+    loss_fn = train.metaapo_loss(cfg, model, ref, MetaController(), fsdp.Runtime())
+    loss, sums, _ = loss_fn([tied], torch.ones(1, dtype=torch.float64), 1, 1)
+    assert sums["l_on_sum"] == pytest.approx(math.log(0.5), abs=1e-12)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() < 1e-12 for p in model.parameters())
+    offline = dataclasses.replace(kept[1], weight_override=1.0)  # the offline pair still trains
+    loss_fn([offline], torch.ones(1, dtype=torch.float64), 1, 1)[0].backward()
+    assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) > 1e-6
