@@ -30,7 +30,7 @@ import config
 import data
 import dpo
 import fsdp
-import train
+import iterative_run
 from meta import CURVE_GRID, MetaController
 from reward import toy_gold_judge
 from sample import make_online_pairs
@@ -92,7 +92,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         rng = np.random.default_rng(cfg.seed)
         kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
         records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
-    policy_path, ref_path = train.iteration_paths(cfg, stage, method, iteration - 1)
+    policy_path, ref_path = iterative_run.iteration_paths(cfg, stage, method, iteration - 1)
     policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
     ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
     pairs, raw = dpo.load_pairs(cfg, rt, tokenizer, config.train_source(cfg))
@@ -214,11 +214,13 @@ def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
     points = [
         {
             "iteration": 0,
-            **heldout_point(cfg, rt, *train.iteration_paths(cfg, stage, method, 0), stage / "heldout_start.json"),
+            **heldout_point(
+                cfg, rt, *iterative_run.iteration_paths(cfg, stage, method, 0), stage / "heldout_start.json"
+            ),
         }
     ]
     for t in iterations:
-        ref_path = train.iteration_paths(cfg, stage, method, t - 1)[1]
+        ref_path = iterative_run.iteration_paths(cfg, stage, method, t - 1)[1]
         points.append(
             {
                 "iteration": t,

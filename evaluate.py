@@ -52,7 +52,7 @@ import data
 import dpo
 import dynamics
 import fsdp
-import train
+import iterative_run
 from sample import Generation
 
 # ==============================================================================================
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         raise SystemExit(128 + fsdp.STOP_SIGNAL[0]) from None
-    except (config.ConfigError, fsdp.NonFiniteLoss, train.NothingTrained, data.DataError) as err:
+    except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     finally:
         if checkpoint.WANDB:

@@ -20,6 +20,7 @@ LAYERS = [
     ["checkpoint.py", "plan.py"],
     ["dpo.py"],
     ["baselines/ppo.py", "baselines/selective_dpo.py", "baselines/boundary.py", "baselines/online.py"],
+    ["iterative_run.py"],
     ["train.py"],
     ["dynamics.py"],
     ["compare.py"],

@@ -1,0 +1,295 @@
+"""
+The bookkeeping around Algorithm 1's loop (train.py's run_iterative): the tokenized D_off and its
+slices D_1..D_T, the meta-learner, the stage directory, the policy and reference of each
+iteration, phase 1's record (gating.jsonl, the annotation ratio, the counts), the export at an
+iteration's end, and the IterationState every checkpoint records, from which a resumed run
+continues at the iteration, phase and step it reached.
+
+Run
+    Nothing to run on its own: train.py's run_iterative drives it (python train.py, or under
+    torchrun, where every rank keeps the same slices and its own share of the meta buffer).
+
+Deliberate simplifications
+- Each iteration reloads the policy from the previous iteration's HF export and starts a fresh
+  AdamW and LR schedule, as the reference implementation does (see iteration_pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from baselines.online import BASELINES
+from checkpoint import Stage
+from config import Config, ConfigError, reference_path, seed_for, stage_name, warm_policy_path
+from dpo import PairScores, train_pairs
+from fsdp import (
+    MASTER_DTYPE,
+    Pieces,
+    Progress,
+    Runtime,
+    barrier,
+    copy_tree,
+    epoch_batches,
+    export_hf,
+    load_logprob_model,
+    make_optimizer,
+    make_scheduler,
+    print0,
+    saved_progress,
+)
+from meta import MetaController
+
+
+def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[str, str | None]:
+    """(policy at the start of iteration t, its reference); t counts from 0; `stage_dir` is the
+    method's stage directory.
+
+    metaapo, adpo: the reference lags one iteration, as in the reference implementation:
+    iteration 1 uses the SFT model, iteration 2 the warm-up policy, iteration 3 the output of
+    iteration 1. online_dpo, selm: the reference is the policy at the start of the iteration.
+    Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
+    """
+    starts = [warm_policy_path(cfg)] + [str(stage_dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
+    if cfg.objective in ("simpo", "slic"):  # objectives without a reference model
+        return starts[t], None
+    if method == "metaapo" or BASELINES[method].reference_lags:
+        return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
+    return starts[t], starts[t]
+
+
+@dataclass
+class IterationState:
+    """What a checkpoint of an iterative method records besides model and optimizer."""
+
+    iteration: int = 0  # 0-based iteration in progress
+    progress: Progress = field(default_factory=Progress)  # position in phase 2 (and the stage's step count)
+    augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
+    meta: dict | None = None  # MetaController.state_dict()
+    times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
+    ratios: list = field(default_factory=list)  # annotation ratio per iteration
+
+    def saved(self) -> dict:
+        """What checkpoints record (Progress as a dict, so a checkpoint needs no class of this file to read it)."""
+        return {**vars(self), "progress": dataclasses.asdict(self.progress)}
+
+    @classmethod
+    def restored(cls, saved: dict) -> IterationState:
+        if not saved:
+            return cls()
+        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": saved_progress(saved)})
+
+
+def iteration_pass(policy, augmented: list, t: int, cfg: Config):
+    """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
+    the reference implementation: (batches, optimizer, scheduler)."""
+    batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+    optimizer = make_optimizer(policy, cfg.lr, cfg)
+    return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
+
+
+class IterativeRun:
+    """What surrounds Algorithm 1's loop: the tokenized D_off and its slices D_1..D_T, the
+    meta-learner, the stage directory, and the IterationState every checkpoint records. Checkpoints
+    are written between the phases and inside phase 2; a resumed run continues at the
+    iteration, phase and step its last checkpoint reached, with this rank's own share of the meta
+    buffer."""
+
+    def __init__(self, cfg: Config, rt: Runtime, method: str):
+        self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
+        self.baseline = BASELINES.get(method)  # None: MetaAPO
+        self.started = time.time()
+        self.tokenizer = data.load_tokenizer(warm_policy_path(cfg))
+        offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
+        if cfg.iterations > len(offline):
+            raise ConfigError(
+                f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration"
+            )
+        self.stage = Stage(cfg, rt, self.name)
+        self.latest = self.stage.start()
+        # D_off shuffled with the seed, cut into D_1..D_T
+        self.slices = data.split_into_slices(offline, cfg.iterations, seed_for(cfg, "slices"))
+        self.meta = None
+        if method == "metaapo":
+            self.meta = MetaController(
+                cfg.meta_depth,
+                cfg.meta_inputs,
+                cfg.meta_lr,
+                cfg.meta_interval,
+                cfg.sampling,
+                cfg.weighting,
+                cfg.threshold,
+                seed=cfg.seed,
+                device=rt.device,
+                weight_decay=cfg.meta_weight_decay,
+                grad_clip=cfg.meta_grad_clip,
+            )
+        saved = torch.load(self.latest / "state.pt", weights_only=False)["iteration_state"] if self.latest else {}
+        self.state = IterationState.restored(saved)
+        self.resumed_pass = None  # (batches, optimizer, scheduler) restored inside phase 2
+
+    def load_models(self, t: int):
+        """(policy, reference or None, the policy's path) of iteration t; resuming inside it, also
+        the optimizer, schedule and meta-learner as its checkpoint left them."""
+        policy_path, ref_path = iteration_paths(self.cfg, self.stage.dir, self.method, t)
+        policy, _ = load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
+        ref = load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
+        if self.latest is not None:
+            self.resume_inside(t, policy)
+        else:
+            progress = Progress(step=self.state.progress.step)
+            self.state = dataclasses.replace(self.state, iteration=t, progress=progress, augmented=None, meta=None)
+        return policy, ref, policy_path
+
+    def resume_inside(self, t: int, policy) -> None:
+        optimizer = scheduler = None
+        if self.state.augmented:  # phase 2 has begun: its optimizer and schedule come back with the policy
+            self.resumed_pass = iteration_pass(policy, self.state.augmented, t, self.cfg)
+            _, optimizer, scheduler = self.resumed_pass
+        rank_local = self.stage.load_checkpoint(
+            self.latest, policy if optimizer is not None else None, optimizer, scheduler
+        )["rank_local"]
+        if self.meta is not None and self.state.meta is not None:
+            self.meta.load_state_dict(self.state.meta)
+            if rank_local is not None:  # this rank's own share of the meta buffer, not rank 0's
+                self.meta.buffer.load_state_dict(rank_local["meta_buffer"])
+            else:  # a rank the checkpoint did not have: no share of its own
+                self.meta.buffer.clear()
+        self.latest = None
+
+    def checkpoint_state(self) -> dict:
+        meta = self.meta
+        return {
+            "iteration_state": {**self.state.saved(), "meta": meta.state_dict() if meta else None},
+            "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None,
+        }
+
+    def phase_one_pieces(self, t: int) -> Pieces:
+        """Where iteration t's phase 1 keeps its work as it finishes (until its result is in a checkpoint)."""
+        where = f"[{self.name}] stopped during iteration {t + 1}'s phase 1"
+        return Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
+
+    def checkpoint_between_phases(self) -> None:
+        """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
+        self.stage.save_checkpoint(self.state.progress.step, None, None, None, self.checkpoint_state())
+
+    def record_sampling(
+        self,
+        t: int,
+        scores: list[PairScores] | None,
+        selected: list[bool],
+        w: list[float],
+        sampled: list[int],
+        pairs: list,
+        pair_stats,
+        augmented: list,
+        boundary: dict | None,
+        tic: float,
+    ) -> None:
+        """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
+        the annotation ratio (reward-model calls per offline tuple, in units of K) and the counts."""
+        cfg, D_t = self.cfg, self.slices[t]
+        if self.rt.main:
+            paired = {i for i, pair in zip(sampled, pairs) if pair is not None}
+            data.write_jsonl(
+                self.stage.dir / f"iter{t + 1}" / "gating.jsonl",
+                [
+                    {
+                        "index": item.index,
+                        "prompt_id": item.prompt_id,
+                        "l_off": scores[i].score if scores else None,
+                        "h_input": scores[i].meta_input if scores else None,
+                        "w": w[i] if w else None,
+                        "selected": selected[i],
+                        "paired": i in paired,
+                    }
+                    for i, item in enumerate(D_t)
+                ],
+            )
+        tied_kept = pair_stats.all_equal if self.baseline is None and cfg.tied_samples == "keep" else 0
+        selm = (cfg.num_samples + 2) / cfg.num_samples if self.baseline is not None and self.baseline.selm else 1.0
+        ratio = len(sampled) / max(1, len(D_t)) * selm
+        if boundary:  # the probe's reward-model calls count too
+            ratio += boundary["annotations"] / (len(D_t) * cfg.num_samples)
+        nan_mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+        self.stage.log(
+            {
+                "iteration": t + 1,
+                "phase": "generate",
+                "tuples": len(D_t),
+                "selected": len(sampled),
+                "annotation_ratio": ratio,
+                "pairs": pair_stats.pairs,
+                "pairs_all_equal": pair_stats.all_equal,  # prompts whose K rewards all tied
+                "tied_kept": tied_kept,  # of those, tuples kept with a zero-gradient (y, y) online pair
+                "truncated_candidates": pair_stats.truncated_candidates,
+                "augmented": len(augmented),
+                "mean_l_off": nan_mean([s.score for s in scores or []]),
+                "mean_w": nan_mean(w),
+                "mean_online_reward": nan_mean(pair_stats.rewards),
+                "offline_chosen": pair_stats.offline_chosen,
+                "offline_rejected": pair_stats.offline_rejected,
+                "time_s": time.time() - tic,
+            }
+        )
+        print0(
+            self.rt,
+            f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
+            f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts whose rewards all tied "
+            + ("(kept with a zero-gradient (y, y) pair)" if tied_kept else "(dropped)"),
+        )
+        self.state.times["sampling_s"] += time.time() - tic
+        self.state.ratios.append(ratio)
+
+    def end_iteration(self, t: int, policy) -> None:
+        """Export the policy after iteration t: the next iteration starts from it and, one later,
+        uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
+        iteration's progress is mostly below bf16's resolution). Then a checkpoint between the phases."""
+        export_hf(
+            policy,
+            policy.lm,
+            self.tokenizer,
+            self.stage.dir / f"iter{t + 1}" / "model",
+            self.cfg,
+            self.rt,
+            prefix="lm.",
+            dtype=MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
+        )
+        if self.meta is not None and self.rt.main:
+            torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
+        progress = Progress(step=self.state.progress.step)
+        self.state = dataclasses.replace(self.state, iteration=t + 1, progress=progress, augmented=None)
+        self.resumed_pass = None  # it holds the optimizer: gone before the next iteration loads its models
+        self.checkpoint_between_phases()
+
+    def finish(self) -> dict:
+        stage = self.stage
+        if self.state.progress.step == 0:
+            raise NothingTrained(
+                f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an "
+                f"augmented one (selected and with an online pair whose rewards differ; see {stage.metrics_path}); the "
+                "stage is not marked done"
+            )
+        if self.rt.main:
+            copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
+            if self.meta is not None:
+                torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
+        barrier(self.rt)
+        summary = {
+            "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,
+            **self.state.times,
+            "total_s": time.time() - self.started,
+        }
+        stage.log({"phase": "done", **summary})
+        stage.finish(summary)
+        return summary
+
+
+class NothingTrained(RuntimeError):
+    """A stage that would end without a single optimizer step; nothing is marked done."""
