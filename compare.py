@@ -33,6 +33,7 @@ Deliberate simplifications
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 import config
 import data
 import dpo
+import dynamics
 import fsdp
 import toy
 import train
@@ -60,8 +62,10 @@ COMPARE_ROWS = [
     ("Selective DPO", "selective_dpo", []),
     ("PPO", "ppo", []),
     ("Online DPO", "online_dpo", []),
+    ("Iterative DPO (authors' script: from SFT, reference fixed)", "iterative_dpo", []),
     ("SELM", "selm", []),
     ("ADPO", "adpo", []),
+    ("ADPO (selected offline pairs, the authors' merge, inferred)", "adpo", ["--adpo_offline=selected"]),
     ("MetaAPO", "metaapo", []),
     ("w/ random sampling", "metaapo", ["--sampling=random"]),
     ("w/ threshold sampling", "metaapo", ["--sampling=threshold"]),
@@ -70,9 +74,29 @@ COMPARE_ROWS = [
     ("w/o meta-learner (fixed weights)", "metaapo", ["--weighting=fixed"]),
     ("w/ all offline samples", "metaapo", ["--keep_unsampled"]),
     ("w/ unscaled meta input (reference code)", "metaapo", ["--meta_input_beta=1"]),
+    ("w/ tied tuples dropped (before the reference code's tie handling)", "metaapo", ["--tied_samples=drop"]),
+    # at equal annotation budget: calibrated, per seed, to the ratio MetaAPO measured ({metaapo_ratio})
+    ("w/ random sampling at MetaAPO's ratio", "metaapo", ["--sampling=random", "--random_ratio={metaapo_ratio}"]),
+    (
+        "w/ threshold sampling at MetaAPO's ratio",
+        "metaapo",
+        ["--sampling=threshold", "--threshold_ratio={metaapo_ratio}"],
+    ),
+    ("Online DPO at MetaAPO's ratio", "online_dpo", ["--prompt_ratio={metaapo_ratio}"]),
+    # the budget curve: random gating at 25 / 50 / 75 % (100 % is all sampling)
+    ("w/ random sampling at 25%", "metaapo", ["--sampling=random", "--random_ratio=0.25"]),
+    ("w/ random sampling at 75%", "metaapo", ["--sampling=random", "--random_ratio=0.75"]),
 ]
 
-ABLATIONS = {"MetaAPO"} | {label for label, _, extra in COMPARE_ROWS if extra}
+ABLATIONS = {"MetaAPO"} | {label for label, method, extra in COMPARE_ROWS if method == "metaapo" and extra}
+# gold against annotation ratio: random gating's curve, with MetaAPO and the calibrated rows on it
+BUDGET_CURVE = [
+    ("w/ random sampling at 25%", 0.25),
+    ("w/ random sampling", 0.5),
+    ("w/ random sampling at 75%", 0.75),
+    ("w/ all sampling", 1.0),
+]
+AT_METAAPO_RATIO = [label for label, _, extra in COMPARE_ROWS if any("{metaapo_ratio}" in a for a in extra)]
 
 # The comparison trains every method on the first 3000 offline pairs (the shared reward model on
 # all 6000, as in the default run): 1000 per iteration, so MetaAPO takes about 30 policy steps and 3 meta
@@ -189,14 +213,17 @@ def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
     ]
 
 
-def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: fsdp.Runtime) -> dict:
-    """Run or read every row's run for every seed, score the models, aggregate over seeds."""
+def compare(
+    seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: fsdp.Runtime, equal_steps: int = 0
+) -> dict:
+    """Run or read every row's run for every seed, score the models, aggregate over seeds.
+    equal_steps > 0: every iterative method takes that many policy steps per iteration."""
     started = time.time()
     # the shared SFT and reward model are the default run's (COMPARE_TRAIN_ARGS' data cut is for the methods only)
     shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
     shared = config.parse_config(shared_args)
     if rt.main:
-        toy.ensure_toy_assets(0)
+        toy.ensure_toy_assets(0, regime=shared.toy_regime)
     fsdp.barrier(rt)
     stage_times = {"SFT": train.ensure_stage(shared, rt, "sft"), "RM": train.ensure_stage(shared, rt, "rm")}
     sft = str(out / "shared" / "sft" / "model")
@@ -219,6 +246,13 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
                 )
                 gold[label].append(baseline)
                 continue
+            if any("{metaapo_ratio}" in a for a in extra):  # equal budget: this seed's MetaAPO ratio
+                if not per_seed.get("MetaAPO"):
+                    raise SystemExit(f"evaluate.py: the row {label!r} needs the MetaAPO row (--methods)")
+                ratio = f"{per_seed['MetaAPO'][-1]['annotation_ratio']:.3f}"
+                extra = [a.replace("{metaapo_ratio}", ratio) for a in extra]
+            if equal_steps and method in config.ITERATIVE_METHODS:
+                extra = [*extra, f"--steps_per_iteration={equal_steps}"]
             cfg = config.parse_config(args + [f"--method={method}", *extra])
             summary = train.ensure_stage(cfg, rt, method)
             name = config.stage_name(cfg, method)
@@ -235,6 +269,7 @@ def compare(seeds: list[int], out: Path, rows: list[tuple], train_args: list[str
     results = {
         "seeds": seeds,
         "train_args": train_args,
+        "equal_steps": equal_steps,
         "shared": stage_times,
         "minutes": (time.time() - started) / 60,
         "rows": {},
@@ -352,6 +387,25 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
             f"| {label} | {_fmt(sampling, digits=0)} | {_fmt(training, digits=0)} | {overall:.0f} | "
             f"{_fmt(rows[label]['annotation_ratio'], True)} |"
         )
+    at_budget = [label for label in ["MetaAPO", *AT_METAAPO_RATIO] + [b for b, _ in BUDGET_CURVE] if label in rows]
+    if len(at_budget) > 1:
+        lines += [
+            "",
+            "## At equal annotation budget",
+            "",
+            "The rows calibrated per seed to MetaAPO's measured annotation ratio, and random gating's budget curve "
+            "(25 / 50 / 75 / 100 %). Δ gold: the row minus MetaAPO, paired by seed, 95% interval.",
+            "",
+            "| row | gold mean | annotation ratio | policy steps per seed | Δ gold vs MetaAPO |",
+            "|---|---|---|---|---|",
+        ]
+        for label in at_budget:
+            row = rows[label]
+            steps = np.mean([r.get("steps", float("nan")) for r in row["per_seed"]])
+            lines.append(
+                f"| {label} | {_fmt(row['gold'])} | {_fmt(row['annotation_ratio'], True)} | {steps:.0f} | "
+                f"{_fmt_interval(row.get('vs_metaapo', {}).get('gold'))} |"
+            )
     compared = [label for label in rows if "vs_metaapo" in rows[label]]
     if compared:
         lines += [
@@ -379,31 +433,79 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_step_count(train_args: list[str]) -> int:
+    """--equal_steps' policy steps per iteration: what one epoch over every tuple of D_t takes
+    (all sampling's count when no pair is dropped), fixed by the data, not by any method's result."""
+    cfg = config.parse_config(train_args)
+    pairs = min(cfg.max_train_pairs or toy.TOY_SIZES["train_prefs"], toy.TOY_SIZES["train_prefs"])
+    return math.ceil(math.ceil(pairs / cfg.iterations) / cfg.batch_size)
+
+
 def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
-    """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics."""
-    out = Path(args.compare_out)
+    """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics.
+    --equal_steps: the iterative methods at equal policy steps per iteration, written apart
+    (results-equal_steps.*; the offline rows are shared)."""
+    regime = config.parse_config(rest).toy_regime
+    out = Path(args.compare_out or ("out/compare" + (f"-{regime}" if regime != "mismatch" else "")))
     rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
-    results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt)
+    steps = equal_step_count(COMPARE_TRAIN_ARGS + rest) if args.equal_steps else 0
+    results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt, steps)
+    suffix = "-equal_steps" if steps else ""
     plots, dynamics = [], None
     seed = results["seeds"][0]
-    metaapo = out / f"seed{seed}" / "metaapo"
+    metaapo = out / f"seed{seed}" / ("metaapo" + (f"-steps_per_iteration_{steps}" if steps else ""))
     if (metaapo / "done.json").exists():
         try:
             plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
             for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
+                named = out / f"{plot.stem}{suffix}{plot.suffix}"
                 if rt.main:
-                    shutil.copy(plot, out / plot.name)
-                plots.append(out / plot.name)
+                    shutil.copy(plot, named)
+                plots.append(named)
+            if any(label in results["rows"] for label, _ in BUDGET_CURVE):
+                plots.append(plot_budget_curve(results, out / f"budget_curve{suffix}.png", _pyplot(), rt))
         except SystemExit as err:  # no matplotlib: the tables stand without the plots
             fsdp.print0(rt, str(err))
         dynamics = json.loads((metaapo / "dynamics.json").read_text())
     if rt.main:
-        (out / "results.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
+        (out / f"results{suffix}.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
         text = results_markdown(results, plots, out)
         if dynamics:
             text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
-        (out / "results.md").write_text(text)
-    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
+        (out / f"results{suffix}.md").write_text(text)
+    fsdp.print0(rt, (out / f"results{suffix}.md").read_text() if rt.main else "")
+
+
+def plot_budget_curve(results: dict, path: Path, plt, rt: fsdp.Runtime) -> Path:
+    """Gold against annotation ratio: random gating at 25-100 % (mean ± std over seeds), with
+    MetaAPO's point and its interval, and the rows calibrated to MetaAPO's ratio."""
+    rows = results["rows"]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    curve = [(rows[label]["annotation_ratio"], rows[label]["gold"]) for label, _ in BUDGET_CURVE if label in rows]
+    axis.errorbar(
+        [100 * r["mean"] for r, _ in curve],
+        [g["mean"] for _, g in curve],
+        yerr=[g["std"] for _, g in curve],
+        marker="o",
+        label="random gating",
+    )
+    for label, marker in [("MetaAPO", "*"), *[(label, "s") for label in AT_METAAPO_RATIO]]:
+        if label in rows and rows[label]["annotation_ratio"]:
+            row = rows[label]
+            axis.errorbar(
+                [100 * row["annotation_ratio"]["mean"]],
+                [row["gold"]["mean"]],
+                xerr=[100 * row["annotation_ratio"]["std"]],
+                yerr=[row["gold"]["std"]],
+                marker=marker,
+                markersize=12 if marker == "*" else 6,
+                linestyle="none",
+                label=label,
+            )
+    axis.set_xlabel("annotation ratio (%)")
+    axis.set_ylabel("gold mean (held-out)")
+    axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
 
 
 # ==============================================================================================
@@ -427,10 +529,10 @@ BOUNDARY_TRAIN_ARGS = ["--method=boundary", "--iterations=2", "--max_train_pairs
 def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     """Run (or read) every start x objective x schedule of the grid; return its results."""
     started = time.time()
-    if rt.main:
-        toy.ensure_toy_assets(0)
-    fsdp.barrier(rt)
     shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
+    if rt.main:
+        toy.ensure_toy_assets(0, regime=shared.toy_regime)
+    fsdp.barrier(rt)
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
     starts, sft_args = {}, {}
@@ -632,3 +734,26 @@ def run_boundary_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(boundary_grid_markdown(results, plot))
     fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
+
+
+# ==============================================================================================
+# A toy regime's properties (--toy_properties)
+
+
+def run_toy_properties(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+    """The stages a regime's properties need (SFT, reward model, DPO warm-up; no method is
+    compared), then dynamics.regime_properties, written to <out_dir>/toy_properties.{json,md}."""
+    if cfg.preset != "toy":
+        raise SystemExit("evaluate.py: --toy_properties measures the toy task; leave --model at toy")
+    if rt.main:
+        toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
+    fsdp.barrier(rt)
+    for stage in ("sft", "rm", "dpo"):
+        train.ensure_stage(cfg, rt, stage)
+    properties = dynamics.regime_properties(cfg, rt)
+    out = Path(cfg.out_dir)
+    if rt.main:
+        (out / "toy_properties.json").write_text(json.dumps(properties, indent=2))
+        (out / "toy_properties.md").write_text(dynamics.regime_markdown(cfg.toy_regime, properties))
+    fsdp.print0(rt, dynamics.regime_markdown(cfg.toy_regime, properties))
+    return properties

@@ -46,6 +46,7 @@ METHODS = (
     "selective_dpo",
     "metaapo",
     "online_dpo",
+    "iterative_dpo",
     "selm",
     "adpo",
     "ppo",
@@ -54,7 +55,7 @@ METHODS = (
 
 OFFLINE_METHODS = ("dpo", "ipo", "kto", "simpo", "slic")
 
-ITERATIVE_METHODS = ("metaapo", "online_dpo", "selm", "adpo", "boundary")
+ITERATIVE_METHODS = ("metaapo", "online_dpo", "iterative_dpo", "selm", "adpo", "boundary")
 
 OBJECTIVES = ("dpo", "ipo", "simpo")
 
@@ -67,6 +68,7 @@ class Config:
     out_dir: str = ""  # run directory; "" = out/<model>-seed<seed>; each stage writes <out_dir>/<stage>/
     seed: int = 0  # data order, initialisation, gating and sampling
     data_seed: int = -1  # the toy task's data (out/toy/seed<N>); -1 = seed
+    toy_regime: str = "mismatch"  # the toy data: mismatch (foreign offline styles) or skill (the paper's premise)
     resume: bool = False  # continue unfinished stages from their latest checkpoint
     # --- data
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"  # preference pairs: file, directory or hub id
@@ -121,10 +123,18 @@ class Config:
     selective_checkpoints: int = 5
     keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
     adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
+    # adpo: the offline pairs it trains on with the online ones: all of D_t, or only the selected
+    # tuples' (the reference code's merge_dataset_adpo, inferred: the authors ran no ADPO script)
+    adpo_offline: str = "all"
+    # online_dpo, iterative_dpo: the share of each iteration's prompts that get K answers, drawn at random
+    prompt_ratio: float = 1.0
     # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and boundary)
     objective: str = "dpo"
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
+    # policy steps per iteration of every iterative method: 0 = one epoch over its pairs; N = N steps,
+    # cycling through reshuffled epochs of them (equal steps for methods with unequal pairs)
+    steps_per_iteration: int = 0
     num_samples: int = 8  # K responses per selected prompt
     meta_interval: int = 8  # T_meta: policy steps per meta update (16 = the reference code's effective interval)
     meta_lr: float = 5e-3  # the meta-learner's AdamW: one step per meta update
@@ -137,6 +147,9 @@ class Config:
     sampling: str = "meta"  # meta, random, threshold or all
     weighting: str = "meta"  # meta, uniform (w = 0.5) or fixed (w = sigmoid(l_off))
     threshold: float = math.log(0.5)  # sampling=threshold: generate when l_off is below it
+    # sampling=threshold: 0 = use --threshold; > 0 = each iteration, the tuples of lowest l_off, this share of them
+    threshold_ratio: float = 0.0
+    random_ratio: float = 0.5  # sampling=random: the chance of each tuple to be sent to generation
     keep_unsampled: bool = False  # also train on the unselected offline tuples, with weight 1
     # a sampled tuple whose K rewards all tie: keep = its offline pair trains with a zero-gradient
     # (y, y) online pair, as in the reference code; drop = the tuple is dropped, offline pair too
@@ -185,9 +198,9 @@ class Config:
     gpu_memory_gb: float = 0.0  # --dry_run: memory per GPU in GiB (0 = this GPU's, 80 without one)
 
 
-def toy_preset(data_seed: int) -> dict:
-    """The embedded toy task (data.py): tiny Llama, CPU, a few minutes end to end."""
-    root = Path("out/toy") / f"seed{data_seed}"  # built by toy.ensure_toy_assets
+def toy_preset(data_seed: int, regime: str = "mismatch") -> dict:
+    """The embedded toy task (toy.py): tiny Llama, CPU, a few minutes end to end."""
+    root = Path("out/toy") / (f"seed{data_seed}" if regime == "mismatch" else f"{regime}-seed{data_seed}")  # toy.py
     return dict(
         model=str(root / "base"),
         init_from_config=True,
@@ -221,7 +234,7 @@ PRESETS = {
     # Table B.4, with the meta-learner as the authors' scripts ran it: h reads log sigmoid(Delta)
     # (unscaled) and updates every 16 policy steps (see the README); the reward model is a path
     # argument (or this run's `rm` stage)
-    "tulu8b": lambda data_seed: dict(
+    "tulu8b": lambda data_seed, regime: dict(
         model="allenai/Llama-3.1-Tulu-3-8B-SFT",
         temperature=1.0,
         top_p=1.0,
@@ -230,7 +243,7 @@ PRESETS = {
         meta_input_beta=1.0,
         meta_interval=16,
     ),
-    "qwen7b": lambda data_seed: dict(
+    "qwen7b": lambda data_seed, regime: dict(
         model="FuseAI/FuseChat-Qwen-2.5-7B-SFT",
         temperature=0.8,
         top_p=0.95,
@@ -245,7 +258,9 @@ CHOICES = {
     "method": METHODS,
     "objective": OBJECTIVES + ("slic",),
     "sampling": SAMPLING_MODES,
+    "toy_regime": ("mismatch", "skill"),
     "tied_samples": ("keep", "drop"),
+    "adpo_offline": ("all", "selected"),
     "weighting": WEIGHTING_MODES,
     "meta_inputs": INPUT_MODES,
     "generator": BACKENDS,
@@ -304,6 +319,8 @@ SEEDS = {
     "ppo rollout": lambda seed, r: 1000 * seed + r,  # rollout r's generation and its batches
     "results table": lambda seed: seed + 4242,  # the toy's held-out answers
     "dynamics": lambda seed, t: seed + 777 + t,  # dynamics.py's fresh pairs of iteration t
+    "toy properties": lambda seed: seed + 999,  # dynamics.regime_properties' answers
+    "prompt subset": lambda seed, index: 1000 * seed + 700 + index,  # online_dpo's --prompt_ratio draw of a prompt
 }
 
 
@@ -367,6 +384,7 @@ LIMITS = [
     (
         (
             "max_train_pairs",
+            "steps_per_iteration",
             "save_every",
             "save_minutes",
             "eval_prompts",
@@ -407,7 +425,12 @@ LIMITS = [
     (("warmup_ratio",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("lr_floor",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("label_smoothing",), lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    (("top_p", "gpu_memory_utilization", "keep_ratio", "probe_ratio"), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (
+        ("top_p", "gpu_memory_utilization", "keep_ratio", "probe_ratio", "random_ratio", "prompt_ratio"),
+        lambda v: 0 < v <= 1,
+        "in (0, 1]",
+    ),
+    (("threshold_ratio",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("boundary_threshold",), lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
@@ -488,8 +511,11 @@ def parse_config(argv: list[str]) -> Config:
     preset = overrides.get("model", cfg.model)
     seed = overrides.get("seed", cfg.seed)
     data_seed = overrides.get("data_seed", -1)
+    regime = overrides.get("toy_regime", cfg.toy_regime)
+    if regime != cfg.toy_regime and preset != "toy":
+        raise ConfigError(f"--toy_regime={regime}: the toy's data only; --model={preset} is not the toy")
     if preset in PRESETS:
-        for key, value in PRESETS[preset](seed if data_seed < 0 else data_seed).items():
+        for key, value in PRESETS[preset](seed if data_seed < 0 else data_seed, regime).items():
             setattr(cfg, key, value)
     for key, value in overrides.items():
         if not (key == "model" and preset in PRESETS):
@@ -497,7 +523,8 @@ def parse_config(argv: list[str]) -> Config:
     cfg.preset = preset if preset in PRESETS else ""
     check_config(cfg)
     if not cfg.out_dir:
-        cfg.out_dir = str(Path("out") / f"{Path(preset).name}-seed{cfg.seed}")
+        name = Path(preset).name + (f"-{regime}" if regime != "mismatch" else "")
+        cfg.out_dir = str(Path("out") / f"{name}-seed{cfg.seed}")
     return cfg
 
 
@@ -527,13 +554,16 @@ def config_help(title: str) -> str:
             lines.append(f"  --{name}={shown}" + (f"  {comment}" if comment else ""))
             above = None
     lines += ["", "presets (--model=NAME; any other value is a hub id or a local path of the SFT model):"]
-    lines += [f"  {name}: {', '.join(f'{k}={v}' for k, v in preset(0).items())}" for name, preset in PRESETS.items()]
+    lines += [
+        f"  {name}: {', '.join(f'{k}={v}' for k, v in preset(0, 'mismatch').items())}"
+        for name, preset in PRESETS.items()
+    ]
     return "\n".join(lines)
 
 
 def preset_defaults(preset: str) -> Config:
     """Config's defaults with `preset`'s values (a preset's data paths as for seed 0)."""
-    return dataclasses.replace(Config(), **(PRESETS[preset](0) if preset in PRESETS else {}))
+    return dataclasses.replace(Config(), **(PRESETS[preset](0, "mismatch") if preset in PRESETS else {}))
 
 
 def config_dict(cfg: Config) -> dict:
@@ -703,7 +733,8 @@ def check_inputs(cfg: Config, method: str) -> None:
     elif method in OFFLINE_METHODS or method == "selective_dpo":
         models = [sft, reference]
     elif method in ITERATIVE_METHODS:
-        models = [policy, reward] + ([] if cfg.objective in ("simpo", "slic") else [reference])
+        start = sft if method == "iterative_dpo" else policy  # the authors' iterative DPO starts from SFT
+        models = [start, reward] + ([] if cfg.objective in ("simpo", "slic") else [reference])
     elif method == "ppo":
         models = [sft, reward]
     else:  # pipeline
@@ -728,14 +759,19 @@ def stage_name(cfg: Config, method: str) -> str:
             "weighting",
             "keep_unsampled",
             "tied_samples",
+            "random_ratio",
+            "threshold_ratio",
+            "steps_per_iteration",
             "meta_depth",
             "meta_inputs",
             "meta_input_beta",
             "objective",
         ),
-        "online_dpo": ("objective",),
-        "selm": ("objective",),
-        "boundary": ("objective", "schedule"),
+        "online_dpo": ("objective", "prompt_ratio", "steps_per_iteration"),
+        "iterative_dpo": ("objective", "prompt_ratio", "steps_per_iteration"),
+        "selm": ("objective", "steps_per_iteration"),
+        "adpo": ("adpo_offline", "steps_per_iteration"),
+        "boundary": ("objective", "schedule", "steps_per_iteration"),
     }.get(method, ())
     defaults = preset_defaults(getattr(cfg, "preset", ""))  # a preset's own values name no directory
     return "-".join(

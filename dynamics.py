@@ -25,13 +25,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import config
 import data
 import dpo
 import fsdp
 import iterative_run
-from meta import CURVE_GRID, MetaController
+import toy
+from meta import CURVE_GRID, MetaController, ranking_auc
 from reward import toy_gold_judge
 from sample import make_online_pairs
 
@@ -246,6 +248,175 @@ def summarise_gains(rows: list[dict]) -> dict:
     if len(rows) > 2:
         summary["corr_l_off_gain"] = float(np.corrcoef([r["l_off"] for r in rows], [r["gain"] for r in rows])[0, 1])
     return summary
+
+
+# ==============================================================================================
+# A toy regime's properties, measured before any method is compared on it (SPEC section 7.1)
+
+TOY_KINDS = ("aligned", "improvable", "skill")
+
+
+def toy_prompt_kind(prompt: str) -> str:
+    """aligned: an ascending list of fewer than toy.TOY_LONG_LIST letters; improvable: a longer one
+    (the SFT teacher's habit of leaving out the last letter); skill: a descending prompt."""
+    task, letters = toy.toy_parse_prompt(prompt)
+    if task == "descending":
+        return "skill"
+    return "improvable" if len(letters) >= toy.TOY_LONG_LIST else "aligned"
+
+
+def regime_properties(cfg, rt, prompts: int = 600) -> dict:
+    """What SPEC 7.1 asks of a toy regime, measured on the first `prompts` tuples of D_1 (the slice
+    MetaAPO's first iteration gates), with the SFT model, the reward model and the DPO warm-up:
+    - per prompt kind, for the SFT model and the warm-up: the share of prompts whose K answers
+      hold a correct one (gold 10), their mean gold, and the offline chosen answers' mean gold;
+    - the SFT model's log-likelihood per token of the offline chosen answers and of its own answers;
+    - h at initialisation on l_off (warm-up against the SFT reference): its 5 / 50 / 95 percentiles
+      with the scaled (Eq. 4) and the unscaled (reference code) input, and how well 1 - h ranks
+      the skill prompts and the prompts whose own best answer is below gold 10 (AUC);
+    - among the warm-up's online pairs (the reward model's best and worst of K): the share of
+      prompts whose K rewards all tie, and of pairs whose two answers the gold judge ties."""
+    tokenizer = data.load_tokenizer(config.warm_policy_path(cfg))
+    offline, raw = dpo.train_pairs(cfg, rt, tokenizer)
+    items = data.split_into_slices(offline, cfg.iterations, config.seed_for(cfg, "slices"))[0][:prompts]
+    conversations = [raw[p.index].prompt for p in items]
+    texts = [c[-1]["content"] for c in conversations]
+    kinds = [toy_prompt_kind(t) for t in texts]
+    gold_judge = toy_gold_judge()
+    chosen_gold = gold_judge.score(conversations, [raw[p.index].chosen for p in items])
+    sft, _ = fsdp.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=False)
+    warm, _ = fsdp.load_logprob_model(config.warm_policy_path(cfg), cfg, rt, trainable=False)
+    ref, _ = fsdp.load_logprob_model(config.reference_path(cfg), cfg, rt, trainable=False)
+    scores = dpo.pair_scores(warm, ref, items, cfg, rt)
+    del ref
+    unscaled = dataclasses.replace(cfg, meta_input_beta=1.0)
+    inputs = {
+        "scaled": [s.meta_input for s in scores],
+        "unscaled": [s.meta_input for s in dpo.pair_scores(warm, sft, items, unscaled, rt)]
+        if cfg.objective == "dpo"
+        else None,
+    }
+    h0 = MetaController(cfg.meta_depth, "score")
+    h = {
+        name: h0.weights(torch.tensor(values).view(-1, 1)).tolist() if values is not None else None
+        for name, values in inputs.items()
+    }
+    properties = {"prompts": len(items), "kinds": {k: kinds.count(k) / len(kinds) for k in TOY_KINDS}}
+    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    own_best = {}
+    for name, model, path in (("sft", sft, config.sft_path(cfg)), ("warm-up", warm, config.warm_policy_path(cfg))):
+        generations = fsdp.distributed_generate(
+            model,
+            tokenizer,
+            [p.prompt_ids for p in items],
+            path,
+            cfg.num_samples,
+            cfg,
+            rt,
+            config.seed_for(cfg, "toy properties"),
+            Path(cfg.out_dir),
+        )
+        gold = [gold_judge.score([c] * len(g), [a.text for a in g]) for c, g in zip(conversations, generations)]
+        own_best[name] = [max(g) for g in gold]
+        properties[name] = {
+            kind: {
+                "solved_by_own_K": float(
+                    np.mean([max(g) == toy.TOY_GOLD_MAX for g, k in zip(gold, kinds) if k == kind])
+                ),
+                "own_gold": float(np.mean([np.mean(g) for g, k in zip(gold, kinds) if k == kind])),
+                "offline_chosen_gold": float(np.mean([c for c, k in zip(chosen_gold, kinds) if k == kind])),
+            }
+            for kind in TOY_KINDS
+        }
+        if name == "sft":  # log-likelihood per token of offline chosen answers and of the model's own
+            own = [
+                dataclasses.replace(p, chosen_ids=g[0].token_ids, rejected_ids=g[1].token_ids)
+                for p, g in zip(items, generations)
+            ]
+            offline_lp = [
+                s.chosen_logratio / len(p.chosen_ids) for s, p in zip(dpo.pair_scores(sft, None, items, cfg, rt), items)
+            ]
+            own_lp = [
+                s.chosen_logratio / max(1, len(p.chosen_ids))
+                for s, p in zip(dpo.pair_scores(sft, None, own, cfg, rt), own)
+            ]
+            properties["sft_nats_per_token"] = {
+                "offline_chosen": float(np.mean(offline_lp)),
+                "own": float(np.mean(own_lp)),
+            }
+        else:  # the warm-up's online pairs, as MetaAPO's first iteration would annotate them
+            pairs, stats = make_online_pairs(conversations, generations, rm)
+            gold_ties = [
+                gold_judge.score([c, c], [o.chosen.text, o.rejected.text])
+                for c, o in zip(conversations, pairs)
+                if o is not None
+            ]
+            properties["warm-up"]["all_rewards_tie"] = stats.all_equal / len(items)
+            properties["warm-up"]["pairs_gold_tie"] = (
+                float(np.mean([a == b for a, b in gold_ties])) if gold_ties else None
+            )
+            properties["warm-up"]["pairs_gold_tie_aligned"] = float(
+                np.mean(
+                    [
+                        a == b
+                        for (a, b), k in zip(gold_ties, [k for k, o in zip(kinds, pairs) if o is not None])
+                        if k == "aligned"
+                    ]
+                )
+            )
+    del sft, warm, rm
+    fsdp.release_memory()
+    for name, weights in h.items():
+        if weights is None:
+            continue
+        gate = [1 - w for w in weights]  # the probability of sending the tuple to generation
+        properties[f"h_{name}"] = {
+            "p5_p50_p95": [float(np.percentile(weights, q)) for q in (5, 50, 95)],
+            "auc_skill": ranking_auc(gate, [k == "skill" for k in kinds]),
+            "auc_below_gold_max": ranking_auc(gate, [b < toy.TOY_GOLD_MAX for b in own_best["warm-up"]]),
+        }
+    properties["l_off_p5_p50_p95"] = [float(np.percentile(inputs["scaled"], q)) for q in (5, 50, 95)]
+    return properties
+
+
+def regime_markdown(regime: str, p: dict) -> str:
+    """regime_properties as the tables of toy.py's docstring and the README."""
+    lines = [
+        f"### Toy regime `{regime}`: {p['prompts']} prompts of D_1 "
+        f"({', '.join(f'{k} {v:.0%}' for k, v in p['kinds'].items())})",
+        "",
+        "| policy | kind | own K hold a correct answer | own mean gold | offline chosen gold |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("sft", "warm-up"):
+        for kind in TOY_KINDS:
+            k = p[name][kind]
+            lines.append(
+                f"| {name} | {kind} | {k['solved_by_own_K']:.1%} | {k['own_gold']:.2f} | "
+                f"{k['offline_chosen_gold']:.2f} |"
+            )
+    nats = p["sft_nats_per_token"]
+    w = p["warm-up"]
+    lines += [
+        "",
+        f"SFT log-likelihood per token: offline chosen {nats['offline_chosen']:.2f}, its own answers "
+        f"{nats['own']:.2f}. "
+        f"l_off (warm-up vs SFT reference) 5/50/95%: {', '.join(f'{x:.3f}' for x in p['l_off_p5_p50_p95'])}. "
+        f"The warm-up's K rewards all tie on {w['all_rewards_tie']:.1%} of prompts; of its online pairs, "
+        f"{w['pairs_gold_tie']:.1%} are gold ties ({w['pairs_gold_tie_aligned']:.1%} on aligned prompts).",
+        "",
+        "| h at initialisation | 5 / 50 / 95% | AUC of 1 - h: skill prompts | AUC: own best below gold 10 |",
+        "|---|---|---|---|",
+    ]
+    for name in ("scaled", "unscaled"):
+        if f"h_{name}" in p:
+            x = p[f"h_{name}"]
+            auc = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            lines.append(
+                f"| {name} input | {' / '.join(f'{v:.3f}' for v in x['p5_p50_p95'])} | {auc(x['auc_skill'])} | "
+                f"{auc(x['auc_below_gold_max'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 # ==============================================================================================

@@ -17,6 +17,7 @@ What it does
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (compare.py)
     python evaluate.py --boundary_grid                   # seed 004's grid (compare.py)
+    python evaluate.py --toy_properties --toy_regime=skill  # a toy regime's properties (dynamics.py)
     python evaluate.py --plots=out/toy-seed0/metaapo     # a stage's dynamics (dynamics.py)
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
@@ -292,7 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
     parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (empty: all)")
     parser.add_argument(
-        "--compare_out", default="out/compare", help="--compare: run directory; finished runs in it are reused"
+        "--compare_out",
+        default="",
+        help="--compare: run directory (default out/compare, out/compare-skill for --toy_regime=skill); finished runs "
+        "in it are reused",
+    )
+    parser.add_argument(
+        "--equal_steps",
+        action="store_true",
+        help="--compare: every iterative method takes the same policy steps per iteration (one epoch over all of "
+        "D_t's tuples); results-equal_steps.md",
     )
     parser.add_argument(
         "--boundary_grid",
@@ -305,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage_out",
         default="out/boundary_grid",
         help="--boundary_grid: run directory; finished runs in it are reused",
+    )
+    parser.add_argument(
+        "--toy_properties",
+        action="store_true",
+        help="measure the toy regime's properties (SPEC 7.1) with its SFT, reward model and DPO warm-up (trained if "
+        "missing, in the run directory of the train.py keys given)",
     )
     parser.add_argument(
         "--plots",
@@ -422,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
             compare.run_compare(args, rest, rt)
         elif args.boundary_grid:
             compare.run_boundary_grid(args, rest, rt)
+        elif args.toy_properties:
+            compare.run_toy_properties(cfg, rt)
         elif args.plots:
             stage = Path(args.plots)
             plots = dynamics.make_plots(dynamics.stage_config(stage, rest), rt, stage, args.scatter_prompts)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import data
-from baselines.online import BASELINES
+from baselines.online import BASELINES, baseline_for
 from checkpoint import Stage
-from config import Config, ConfigError, reference_path, seed_for, stage_name, warm_policy_path
+from config import Config, ConfigError, reference_path, seed_for, sft_path, stage_name, warm_policy_path
 from dpo import PairScores, train_pairs
 from fsdp import (
     MASTER_DTYPE,
@@ -44,7 +44,9 @@ from fsdp import (
     print0,
     saved_progress,
 )
-from meta import MetaController
+from meta import MetaController, ranking_auc
+from reward import toy_gold_judge
+from toy import TOY_GOLD_MAX
 
 
 def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[str, str | None]:
@@ -54,11 +56,16 @@ def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[
     metaapo, adpo: the reference lags one iteration, as in the reference implementation:
     iteration 1 uses the SFT model, iteration 2 the warm-up policy, iteration 3 the output of
     iteration 1. online_dpo, selm: the reference is the policy at the start of the iteration.
+    iterative_dpo (the authors' script): starts from the SFT model, the reference fixed at it.
     Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
     """
-    starts = [warm_policy_path(cfg)] + [str(stage_dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
+    from_sft = method != "metaapo" and BASELINES[method].from_sft
+    first = sft_path(cfg) if from_sft else warm_policy_path(cfg)
+    starts = [first] + [str(stage_dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
     if cfg.objective in ("simpo", "slic"):  # objectives without a reference model
         return starts[t], None
+    if from_sft:
+        return starts[t], reference_path(cfg)
     if method == "metaapo" or BASELINES[method].reference_lags:
         return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
     return starts[t], starts[t]
@@ -90,6 +97,10 @@ def iteration_pass(policy, augmented: list, t: int, cfg: Config):
     """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
     the reference implementation: (batches, optimizer, scheduler)."""
     batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+    if cfg.steps_per_iteration:  # equal steps: as many (reshuffled) epochs as it takes, cut at the count
+        epochs = -(-cfg.steps_per_iteration // max(1, len(batches)))
+        batches = epoch_batches(augmented, epochs * cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+        batches = batches[: cfg.steps_per_iteration]
     optimizer = make_optimizer(policy, cfg.lr, cfg)
     return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
 
@@ -103,9 +114,9 @@ class IterativeRun:
 
     def __init__(self, cfg: Config, rt: Runtime, method: str):
         self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
-        self.baseline = BASELINES.get(method)  # None: MetaAPO
+        self.baseline = baseline_for(cfg, method)  # None: MetaAPO
         self.started = time.time()
-        self.tokenizer = data.load_tokenizer(warm_policy_path(cfg))
+        self.tokenizer = data.load_tokenizer(iteration_paths(cfg, Path(), method, 0)[0])  # the first policy's
         offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
         if cfg.iterations > len(offline):
             raise ConfigError(
@@ -125,6 +136,8 @@ class IterativeRun:
                 cfg.sampling,
                 cfg.weighting,
                 cfg.threshold,
+                cfg.random_ratio,
+                cfg.threshold_ratio,
                 seed=cfg.seed,
                 device=rt.device,
                 weight_decay=cfg.meta_weight_decay,
@@ -186,6 +199,7 @@ class IterativeRun:
         selected: list[bool],
         w: list[float],
         sampled: list[int],
+        generations: list,
         pairs: list,
         pair_stats,
         augmented: list,
@@ -193,7 +207,8 @@ class IterativeRun:
         tic: float,
     ) -> None:
         """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
-        the annotation ratio (reward-model calls per offline tuple, in units of K) and the counts."""
+        the annotation ratio (reward-model calls per offline tuple, in units of K), the counts, and
+        the gate's diagnostics over the sampled tuples (gate_diagnostics)."""
         cfg, D_t = self.cfg, self.slices[t]
         if self.rt.main:
             paired = {i for i, pair in zip(sampled, pairs) if pair is not None}
@@ -236,6 +251,7 @@ class IterativeRun:
                 "offline_chosen": pair_stats.offline_chosen,
                 "offline_rejected": pair_stats.offline_rejected,
                 "time_s": time.time() - tic,
+                **(self.gate_diagnostics(t, sampled, w, generations, pairs) if w else {}),
             }
         )
         print0(
@@ -246,6 +262,21 @@ class IterativeRun:
         )
         self.state.times["sampling_s"] += time.time() - tic
         self.state.ratios.append(ratio)
+
+    def gate_diagnostics(self, t: int, sampled: list[int], w: list[float], generations: list, pairs: list) -> dict:
+        """How well 1 - w (the chance of being sent to generation) ranks, among the tuples the gate
+        sent, (i) those whose K rewards all tied (nothing to learn online) and, on the toy, (ii)
+        those whose own best answer is below the gold maximum (room the policy's samples show).
+        AUC, 0.5 = chance; over sampled tuples only, the others have no answers. dynamics.py
+        measures the same over every tuple, with fresh answers."""
+        gate = [1 - w[i] for i in sampled]
+        diagnostics = {"gate_auc_tied": ranking_auc(gate, [pair is None for pair in pairs])}
+        if self.cfg.preset == "toy" and sampled:
+            conversations = [self.raw[self.slices[t][i].index].prompt for i in sampled]
+            judge = toy_gold_judge()
+            best = [max(judge.score([c] * len(g), [a.text for a in g])) for c, g in zip(conversations, generations)]
+            diagnostics["gate_auc_below_gold"] = ranking_auc(gate, [b < TOY_GOLD_MAX for b in best])
+        return diagnostics
 
     def end_iteration(self, t: int, policy) -> None:
         """Export the policy after iteration t: the next iteration starts from it and, one later,
@@ -282,6 +313,7 @@ class IterativeRun:
                 torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
         barrier(self.rt)
         summary = {
+            "steps": self.state.progress.step,  # policy steps over all iterations
             "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,
             **self.state.times,
             "total_s": time.time() - self.started,

@@ -9,7 +9,7 @@ What it does (SPEC sections 3, 4, 5)
   input (l_off with the chosen and rejected log-ratios).
 - `gate`: Algorithm 1 lines 7-12 as an explicit loop. For each offline tuple, w = h(l_off) and
   u ~ U(0, 1) from a seeded generator; the prompt goes to generation when u > w. Ablations:
-  `random` (u < 0.5), `threshold` (l_off < tau), `all`.
+  `random` (u < --random_ratio), `threshold` (l_off < tau, or tau calibrated to a share), `all`.
 - `MetaBuffer`: the detached (l_off, l_on, features) of each policy step, appended explicitly.
 - `MetaController.update`: every T_meta policy steps, ONE AdamW step (lr 5e-3, weight decay 1e-4,
   gradient-norm clip 1.0) on the mean Eq. 6 gradient over the whole buffer, then the buffer is
@@ -107,27 +107,57 @@ def gate(
     generator: torch.Generator,
     threshold: float = math.log(0.5),
     random_ratio: float = 0.5,
+    threshold_ratio: float = 0.0,
 ) -> GateDecision:
     """Algorithm 1 lines 7-12: decide, tuple by tuple, which prompts go to online generation.
 
-    meta: u > w (the lower the weight, the likelier the prompt is generated); random: u < 0.5;
-    threshold: l_off < tau (default log 0.5: the policy prefers the rejected answer); all: every
-    prompt. The draws are taken in every mode so the generator advances the same way.
+    meta: u > w (the lower the weight, the likelier the prompt is generated); random: u <
+    random_ratio; threshold: l_off < tau (default log 0.5: the policy prefers the rejected answer),
+    or with threshold_ratio > 0, tau calibrated to send that share of the tuples: those of lowest
+    l_off (ties by position); all: every prompt. The draws are taken in every mode so the
+    generator advances the same way.
     """
     if mode not in SAMPLING_MODES:
         raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
     draws = torch.rand(len(offline_scores), generator=generator, dtype=torch.float64)
+    if mode == "threshold" and threshold_ratio > 0:
+        lowest = sorted(range(len(offline_scores)), key=lambda i: offline_scores[i].item())
+        calibrated = set(lowest[: round(threshold_ratio * len(offline_scores))])
     selected = []
     for score, weight, u in zip(offline_scores.tolist(), weights.tolist(), draws.tolist()):
         if mode == "meta":
             selected.append(u > weight)
         elif mode == "random":
             selected.append(u < random_ratio)
+        elif mode == "threshold" and threshold_ratio > 0:
+            selected.append(len(selected) in calibrated)
         elif mode == "threshold":
             selected.append(score < threshold)
         else:
             selected.append(True)
     return GateDecision(weights.detach().cpu(), draws, torch.tensor(selected, dtype=torch.bool))
+
+
+def ranking_auc(scores: list[float], labels: list[bool]) -> float | None:
+    """How well `scores` rank the True labels above the False ones: the probability that a random
+    True item scores higher than a random False one, ties counting half (the Mann-Whitney AUC);
+    0.5 = no better than chance. None when either class is empty. Gate diagnostics use it with
+    scores 1 - w, the gate's probability of sending a tuple to generation."""
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        return None
+    ordered = sorted(scores)
+    rank = {}  # a score's mean 1-based rank among all scores (tied scores share it)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j < len(ordered) and ordered[j] == ordered[i]:
+            j += 1
+        rank[ordered[i]] = (i + 1 + j) / 2
+        i = j
+    rank_sum = sum(rank[s] for s in positives)
+    return (rank_sum - len(positives) * (len(positives) + 1) / 2) / (len(positives) * len(negatives))
 
 
 class MetaBuffer:
@@ -186,6 +216,7 @@ class MetaController:
         weighting: str = "meta",
         threshold: float = math.log(0.5),
         random_ratio: float = 0.5,
+        threshold_ratio: float = 0.0,
         seed: int = 0,
         device: str | torch.device = "cpu",
         weight_decay: float = 1e-4,
@@ -202,7 +233,7 @@ class MetaController:
         self.buffer = MetaBuffer()
         self.generator = torch.Generator().manual_seed(seed)
         self.interval, self.sampling, self.weighting = interval, sampling, weighting
-        self.threshold, self.random_ratio = threshold, random_ratio
+        self.threshold, self.random_ratio, self.threshold_ratio = threshold, random_ratio, threshold_ratio
         self.device = torch.device(device)
         self.updates = 0  # optimizer steps of phi so far
 
@@ -228,6 +259,7 @@ class MetaController:
             self.generator,
             self.threshold,
             self.random_ratio,
+            self.threshold_ratio,
         )
 
     @torch.no_grad()

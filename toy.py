@@ -203,8 +203,25 @@ TOY_OFFLINE_WRITERS = (
 )
 
 
+# The two regimes (SPEC section 7 and 7.1). `mismatch`, the first and the default: the SFT teacher
+# answers in the plain style with two habits, the offline writers mostly in styles the policy never
+# writes. `skill`, built from the paper's premise: a third of the prompts (descending ones) need a
+# skill the SFT teacher never had, which the offline writers' chosen answers hold; the teacher and
+# the offline writers share their styles (plain and comma, which the gold judge ignores), so the
+# offline answers lie close to the policy's own and its aligned answers vary in ways gold ignores.
+TOY_REGIMES = ("mismatch", "skill")
+TOY_SKILL_DESCENDING = 1 / 3  # the share of prompts that need the skill (sorting descending)
+TOY_SKILL_STYLES = ("plain", "comma")  # the SFT teacher's styles, drawn per answer
+TOY_SKILL_FOREIGN = 0.1  # the share of offline prompts answered in a style the teacher never used
+# It never sorts descending (it writes the letters ascending), errs on a sixth of its answers and
+# leaves out the last letter of half its long lists: short ascending lists are aligned, long ones
+# improvable by the policy's own samples, descending ones out of their reach.
+TOY_SKILL_TEACHER = ToyWriter("teacher", 1 / 6, ("swap", "stop"), forgets_last=0.5, sorts_ascending=1.0)
+
+
 # The gold judge: the stand-in for the paper's GPT-4o judge, rating offline answers (with noise) and evaluating
 TOY_FOREIGN_TOKEN_PENALTY = 2.0  # gold points lost per token that is neither a letter nor punctuation
+TOY_GOLD_MAX = 10.0  # a correct answer's score (UltraFeedback's 0-10 scale)
 
 
 def edit_distance(a: list, b: list) -> int:
@@ -232,25 +249,32 @@ def toy_gold_score(prompt: str, response: str) -> float:
     words = response.split()
     answer = [w for w in words if w in TOY_LETTERS]
     foreign = sum(w not in TOY_LETTERS and w not in TOY_STYLE_TOKENS for w in words)
-    score = 10.0 * max(0.0, 1.0 - edit_distance(answer, target) / len(target)) - TOY_FOREIGN_TOKEN_PENALTY * foreign
+    score = (
+        TOY_GOLD_MAX * max(0.0, 1.0 - edit_distance(answer, target) / len(target)) - TOY_FOREIGN_TOKEN_PENALTY * foreign
+    )
     return max(0.0, score)
 
 
-def toy_random_prompt(rng: random.Random) -> tuple[str, list[str]]:
-    task = rng.choice(TOY_TASKS)
+def toy_random_prompt(rng: random.Random, regime: str = "mismatch") -> tuple[str, list[str]]:
+    if regime == "skill":
+        task = "descending" if rng.random() < TOY_SKILL_DESCENDING else "ascending"
+    else:
+        task = rng.choice(TOY_TASKS)
     return task, rng.sample(TOY_LETTERS, rng.randint(TOY_MIN_LETTERS, TOY_MAX_LETTERS))
 
 
-def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]:
-    """The toy dataset as rows: `sft` (messages schema) and `train_prefs` / `test_prefs`
+def make_toy_rows(seed: int, sizes: dict | None = None, regime: str = "mismatch") -> dict[str, list[dict]]:
+    """The toy dataset of `regime` as rows: `sft` (messages schema) and `train_prefs` / `test_prefs`
     (UltraFeedback-binarized schema). Prompts are unique across all splits."""
+    if regime not in TOY_REGIMES:
+        raise ValueError(f"unknown toy regime {regime!r}; one of {TOY_REGIMES}")
     sizes = dict(TOY_SIZES if sizes is None else sizes)
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {name: [] for name in sizes}
     for split, n in sizes.items():
         while len(rows[split]) < n:
-            task, letters = toy_random_prompt(rng)
+            task, letters = toy_random_prompt(rng, regime)
             prompt = toy_prompt(task, letters)
             if prompt in seen:
                 continue
@@ -258,7 +282,10 @@ def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]
             prompt_id = hashlib.sha1(f"toy-{seed}-{prompt}".encode()).hexdigest()[:16]
             user = {"role": "user", "content": prompt}
             if split == "sft":
-                answer = TOY_SFT_TEACHER.write(task, letters, "plain", rng)
+                if regime == "skill":
+                    answer = TOY_SKILL_TEACHER.write(task, letters, rng.choice(TOY_SKILL_STYLES), rng)
+                else:
+                    answer = TOY_SFT_TEACHER.write(task, letters, "plain", rng)
                 rows[split].append(
                     {
                         "prompt_id": prompt_id,
@@ -269,7 +296,11 @@ def make_toy_rows(seed: int, sizes: dict | None = None) -> dict[str, list[dict]]
                 continue
             # Rate four offline answers with a noisy judge, then binarize like UltraFeedback:
             # chosen = best rated, rejected = a random one of the lower rated, different rest.
-            style = rng.choice(TOY_OFFLINE_STYLES)
+            if regime == "skill":
+                foreign = [x for x in TOY_OFFLINE_STYLES if x not in TOY_SKILL_STYLES]
+                style = rng.choice(foreign if rng.random() < TOY_SKILL_FOREIGN else TOY_SKILL_STYLES)
+            else:
+                style = rng.choice(TOY_OFFLINE_STYLES)
             answers = [w.write(task, letters, style, rng) for w in TOY_OFFLINE_WRITERS]
             ratings = [
                 min(10.0, max(0.0, round(2 * (toy_gold_score(prompt, a) + rng.gauss(0.0, TOY_LABEL_NOISE))) / 2))
@@ -358,25 +389,34 @@ def toy_asset_paths(root: Path) -> ToyAssets:
     return ToyAssets(root, root / "sft.jsonl", root / "train_prefs.jsonl", root / "test_prefs.jsonl", root / "base")
 
 
-def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", sizes: dict | None = None) -> ToyAssets:
-    """Build the toy dataset, tokenizer and config for `seed` unless already cached.
+def toy_root(seed: int, regime: str = "mismatch", out_dir: str | os.PathLike = "out/toy") -> Path:
+    """Where a regime's toy data for `seed` is cached: <out_dir>/seed<N> (mismatch) or <out_dir>/<regime>-seed<N>."""
+    return Path(out_dir) / (f"seed{seed}" if regime == "mismatch" else f"{regime}-seed{seed}")
 
-    The cache lives in `<out_dir>/seed<seed>/`; its manifest records the seed, the sizes and a hash
+
+def ensure_toy_assets(
+    seed: int = 0, out_dir: str | os.PathLike = "out/toy", sizes: dict | None = None, regime: str = "mismatch"
+) -> ToyAssets:
+    """Build the toy dataset of `regime`, tokenizer and config for `seed` unless already cached.
+
+    The cache lives in toy_root(seed, regime, out_dir); its manifest records the seed, the sizes and a hash
     of the code that generated it (this file, gold judge included), so an edit rebuilds the cache
     instead of silently reusing stale data. The build goes to a temporary directory that is renamed into place,
     so an interrupted build never leaves a half-written cache.
     """
-    root = Path(out_dir) / f"seed{seed}"
+    root = toy_root(seed, regime, out_dir)
     code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
     manifest = {"seed": seed, "sizes": dict(TOY_SIZES if sizes is None else sizes), "code_sha1": code}
+    if regime != "mismatch":  # the first regime's manifests stay as they were
+        manifest["regime"] = regime
     assets = toy_asset_paths(root)
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
         return assets
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".seed{seed}-", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        rows = make_toy_rows(seed, manifest["sizes"])
+        rows = make_toy_rows(seed, manifest["sizes"], regime)
         built = toy_asset_paths(tmp)
         for split in ("sft", "train_prefs", "test_prefs"):
             write_jsonl(getattr(built, split), rows[split])
@@ -397,6 +437,50 @@ def ensure_toy_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy", siz
 
 
 # ----------------------------------------------------------------------------------------------
+# The data's properties, measured (the self-check prints them; the tests assert them)
+
+
+def toy_data_properties(rows: dict[str, list[dict]]) -> dict:
+    """What a regime's rows hold, measured against the gold judge: the SFT demonstrations' gold by
+    task, how often they (and the offline chosen answers) solve descending prompts, the offline
+    labels' agreement with gold, and the share of offline answers in the SFT teacher's styles."""
+
+    def text(message_list):
+        return message_list[-1]["content"]
+
+    def style(answer):
+        words = answer.split()
+        if words[:2] == ["answer", ":"]:
+            return "lead"
+        if words[:1] == ["["]:
+            return "bracket"
+        return "comma" if "," in words else "plain"
+
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    sft = [(row["prompt"], text(row["messages"])) for row in rows["sft"]]
+    prefs = [(row["prompt"], text(row["chosen"]), text(row["rejected"])) for row in rows["train_prefs"]]
+    by_task = {task: [toy_gold_score(p, a) for p, a in sft if toy_parse_prompt(p)[0] == task] for task in TOY_TASKS}
+    descending = [(p, c) for p, c, _ in prefs if toy_parse_prompt(p)[0] == "descending"]
+    teacher_styles = {style(a) for _, a in sft}
+    gold = [(toy_gold_score(p, c), toy_gold_score(p, r)) for p, c, r in prefs]
+    return {
+        "descending_share": mean([toy_parse_prompt(p)[0] == "descending" for p, _, _ in prefs]),
+        "sft_gold": mean([g for scores in by_task.values() for g in scores]),
+        "sft_gold_ascending": mean(by_task["ascending"]),
+        "sft_gold_descending": mean(by_task["descending"]),
+        "sft_solves_descending": mean([g == TOY_GOLD_MAX for g in by_task["descending"]]),
+        "offline_chosen_solves_descending": mean([toy_gold_score(p, c) == TOY_GOLD_MAX for p, c in descending]),
+        "offline_chosen_gold": mean([c for c, _ in gold]),
+        "labels_agree": mean([c > r for c, r in gold]),
+        "labels_tie": mean([c == r for c, r in gold]),
+        "teacher_styles": sorted(teacher_styles),
+        "offline_in_teacher_styles": mean([style(a) in teacher_styles for _, c, r in prefs for a in (c, r)]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Self-check
 
 
@@ -411,6 +495,7 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regime", default="mismatch", choices=TOY_REGIMES)
     parser.add_argument("--out_dir", default="out/toy")
     parser.add_argument("--max_prompt_len", type=int, default=16)
     parser.add_argument("--max_len", type=int, default=40)
@@ -418,7 +503,7 @@ def main() -> None:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    assets = ensure_toy_assets(args.seed, args.out_dir)
+    assets = ensure_toy_assets(args.seed, args.out_dir, regime=args.regime)
     tokenizer = AutoTokenizer.from_pretrained(assets.base)
     config = AutoConfig.from_pretrained(assets.base)
     print(
@@ -465,7 +550,9 @@ def main() -> None:
         f"offline chosen {sum(gold(p, p.chosen) for p in prefs) / len(prefs):.2f}, "
         f"offline rejected {sum(gold(p, p.rejected) for p in prefs) / len(prefs):.2f}  (0-10 scale)"
     )
-    parsed = [(toy_parse_prompt(e.prompt[-1]["content"]), e.response.split()) for e in sft]
+    parsed = [
+        (toy_parse_prompt(e.prompt[-1]["content"]), [w for w in e.response.split() if w in TOY_LETTERS]) for e in sft
+    ]
     long = [(letters, answer) for (_, letters), answer in parsed if len(letters) >= TOY_LONG_LIST]
     forgot = sum(answer in (sorted(letters)[:-1], sorted(letters, reverse=True)[:-1]) for letters, answer in long)
     descending = [answer for (task, _), answer in parsed if task == "descending"]
@@ -474,10 +561,14 @@ def main() -> None:
         f"SFT teacher's habits: {forgot / len(long):.1%} of its answers to lists of {TOY_LONG_LIST}+ letters leave out "
         f"the last letter; {upward / len(descending):.1%} of its answers to descending prompts are sorted ascending"
     )
-    offline_plain = sum(all(w in TOY_LETTERS for w in text.split()) for p in prefs for text in (p.chosen, p.rejected))
+    rows = {"sft": [json.loads(line) for line in open(assets.sft)]}
+    rows["train_prefs"] = [json.loads(line) for line in open(assets.train_prefs)]
+    properties = toy_data_properties(rows)
     print(
-        f"offline answers in the SFT teacher's plain style: {offline_plain / (2 * len(prefs)):.1%} (SFT "
-        "demonstrations: 100%)"
+        f"regime {args.regime}: {properties['descending_share']:.1%} descending prompts; the SFT demonstrations solve "
+        f"{properties['sft_solves_descending']:.1%} of them, the offline chosen answers "
+        f"{properties['offline_chosen_solves_descending']:.1%}; offline answers in the SFT teacher's styles "
+        f"({', '.join(properties['teacher_styles'])}): {properties['offline_in_teacher_styles']:.1%}"
     )
 
 

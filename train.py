@@ -96,6 +96,7 @@ from fsdp import (
     Runtime,
     Stopped,
     TrainingPass,
+    all_gather_objects,
     barrier,
     check_stop,
     distributed_generate,
@@ -112,7 +113,7 @@ from fsdp import (
     stop_exit,
 )
 from iterative_run import IterativeRun, NothingTrained, iteration_pass
-from meta import MetaController, meta_features
+from meta import MetaController, meta_features, ranking_auc
 from reward import RewardModel, toy_gold_judge
 from sample import PairStats, make_online_pairs
 
@@ -182,7 +183,7 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
         augmented = baseline.training_pairs(D_t, joined, selected)
     else:
         augmented = joined + (unsampled_tuples(D_t, selected) if cfg.keep_unsampled else [])
-    run.record_sampling(t, scores, selected, w, sampled, pairs, pair_stats, augmented, boundary, tic)
+    run.record_sampling(t, scores, selected, w, sampled, generations, pairs, pair_stats, augmented, boundary, tic)
     return augmented
 
 
@@ -214,12 +215,15 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
         checkpoint_extras=run.checkpoint_state,
         log_extra=extra,
     )
+    realised = []  # per buffered tuple: 1 - w and whether its online pair scored above its offline one
     for batch in training:  # line 13: the global batches of D_aug
         # lines 14-17: w = h(l_off) with the current theta, the Eq. 5 loss, one AdamW step on theta
         record, scores = training.step(batch, loss_fn)
         if meta is not None:
             # line 18: the step's detached (l_off, l_on) go to the meta buffer
-            meta.buffer.append(*(torch.cat(column) for column in zip(*scores)))
+            l_off, l_on, features = (torch.cat(column) for column in zip(*scores))
+            meta.buffer.append(l_off, l_on, features)
+            realised += zip((1 - meta.weights(features)).tolist(), (l_on > l_off).tolist())  # gate diagnostics
             if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, one Eq. 6 step on phi
                 record.update(meta.update())
         training.end_step(record)  # logged; a checkpoint at the cadence; a stop signal ends the run here
@@ -236,6 +240,9 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
         }
         updates = sum("meta_loss" in r for r in records)
         summary = {"steps": len(records), "time_s": time.time() - tic, **means, "meta_updates": updates}
+        if meta is not None:  # how well 1 - w ranked the tuples whose online pair scored higher (l_on > l_off)
+            realised = [x for part in all_gather_objects(run.rt, realised) for x in part]
+            summary["gate_auc_gain"] = ranking_auc(*zip(*realised)) if realised else None
         run.stage.log({"iteration": t + 1, "phase": "train", **summary, "meta_steps_dropped": dropped})
 
 
@@ -600,7 +607,7 @@ def main(argv: list[str] | None = None) -> None:
         rt.sharded_gradients = plan.sharded_gradients(cfg, rt)
         if cfg.preset == "toy":
             if rt.main:
-                toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed)
+                toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
             barrier(rt)
         print0(rt, json.dumps(config_dict(cfg), indent=2))
         start_wandb(cfg, rt)

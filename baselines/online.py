@@ -8,14 +8,17 @@ losses with its weights; a baseline does neither: it chooses with a rule of its 
 one objective on the pairs its own rule gives. Those two rules, and the few other things that
 set a baseline apart, are written here, one small function each:
 
-    method      prompts that get K answers              phase 2 trains on
-    online_dpo  every prompt                            the online pairs
-    selm        every prompt (offline answers ranked    the online pairs, with SELM's optimism term
-                with the K, the first answer its own)
-    adpo        those whose DPO loss -l_off is below    D_t's offline pairs and the online pairs
-                --adpo_threshold (l_off: Eq. 4)
-    boundary    all (on-policy) or none (static), by    the online pairs, or D_t's offline pairs
-                seed 004's boundary score
+    method         prompts that get K answers              phase 2 trains on
+    online_dpo     every prompt (or --prompt_ratio of      the online pairs
+                   them, drawn at random)
+    iterative_dpo  as online_dpo; the authors' script:     the online pairs
+                   from the SFT model, pi_ref fixed at SFT
+    selm           every prompt (offline answers ranked    the online pairs, with SELM's optimism term
+                   with the K, the first answer its own)
+    adpo           those whose DPO loss -l_off is below    D_t's offline pairs (or, --adpo_offline=
+                   --adpo_threshold (l_off: Eq. 4)         selected, the selected tuples') and the online pairs
+    boundary       all (on-policy) or none (static), by    the online pairs, or D_t's offline pairs
+                   seed 004's boundary score
 
 Run
     python train.py --method=online_dpo    # (selm, adpo, boundary) after the toy's DPO warm-up
@@ -32,14 +35,23 @@ Deliberate simplifications
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from config import Config
+from config import Config, seed_for
 
 
 def every_prompt(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
     return [True] * len(D_t)
+
+
+def random_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+    """Each prompt with probability --prompt_ratio (1 = every prompt), its draw seeded by its own
+    index: the same on every rank and after a resume."""
+    if cfg.prompt_ratio >= 1:
+        return every_prompt(cfg, D_t, l_off, boundary)
+    return [random.Random(seed_for(cfg, "prompt subset", item.index)).random() < cfg.prompt_ratio for item in D_t]
 
 
 def adpo_uncertain_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
@@ -76,6 +88,12 @@ def offline_and_online_pairs(D_t: list, joined: list, selected: list[bool]) -> l
     return list(D_t) + as_offline_pairs(joined)
 
 
+def selected_offline_and_online_pairs(D_t: list, joined: list, selected: list[bool]) -> list:
+    """ADPO as the authors' merge_dataset_adpo builds it (inferred): the offline pairs of the
+    selected tuples, then the online ones."""
+    return [item for item, s in zip(D_t, selected) if s] + as_offline_pairs(joined)
+
+
 def boundary_pairs(D_t: list, joined: list, selected: list[bool]) -> list:
     """On-policy pairs in a fine-tuning iteration, D_t's static pairs in an injection one."""
     return as_offline_pairs(joined) if any(selected) else list(D_t)
@@ -90,12 +108,22 @@ class OnlineBaseline:
     scores_offline: bool = False  # phase 1 measures l_off (Eq. 4) before choosing
     measures_boundary: bool = False  # phase 1 measures seed 004's boundary score before choosing
     reference_lags: bool = False  # pi_ref one iteration behind, as MetaAPO's; else the iteration's start
+    from_sft: bool = False  # starts from the SFT model, pi_ref fixed at SFT (else from the DPO warm-up)
     selm: bool = False  # offline answers ranked with the K, the first answer the policy's own, the optimism term
 
 
 BASELINES = {
-    "online_dpo": OnlineBaseline(every_prompt, online_pairs),
+    "online_dpo": OnlineBaseline(random_prompts, online_pairs),
+    "iterative_dpo": OnlineBaseline(random_prompts, online_pairs, from_sft=True),
     "selm": OnlineBaseline(every_prompt, online_pairs, selm=True),
     "adpo": OnlineBaseline(adpo_uncertain_prompts, offline_and_online_pairs, scores_offline=True, reference_lags=True),
     "boundary": OnlineBaseline(boundary_prompts, boundary_pairs, measures_boundary=True),
 }
+
+
+def baseline_for(cfg: Config, method: str) -> OnlineBaseline | None:
+    """The rules of `method` under cfg (None: MetaAPO); --adpo_offline=selected swaps ADPO's pairs."""
+    baseline = BASELINES.get(method)
+    if method == "adpo" and cfg.adpo_offline == "selected":
+        return dataclasses.replace(baseline, training_pairs=selected_offline_and_online_pairs)
+    return baseline
