@@ -85,9 +85,11 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     sampled and per_kind unsampled ones), l_off at gating time, whether the gate sent it to
     generation, and its potential gain l_on - l_off. The online pair is generated afresh for every
     tuple, sampled or not, with the iteration's starting policy, the reward model and the same
-    reference as l_off (unsampled tuples had none). Cached in iter<t>/gains.json."""
+    reference as l_off (unsampled tuples had none); a tuple whose K fresh rewards all tie has no
+    gain (tied), and on the toy each tuple's best fresh answer is judged (own_best_gold), for the
+    gate diagnostics. Cached in iter<t>/gains.json."""
     cache = stage / f"iter{iteration}" / "gains.json"
-    if cache.exists() and json.loads(cache.read_text())["per_kind"] == per_kind:
+    if cache.exists() and json.loads(cache.read_text()).get("key") == [per_kind, 2]:
         return json.loads(cache.read_text())["rows"]
     records = [json.loads(line) for line in (stage / f"iter{iteration}" / "gating.jsonl").read_text().splitlines()]
     if per_kind > 0:
@@ -114,6 +116,12 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
     online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
     del rm
+    best = [None] * len(items)  # the gold of each tuple's best fresh answer (toy)
+    if cfg.preset == "toy":
+        judge = toy_gold_judge()
+        best = [
+            max(judge.score([raw[p.index].prompt] * len(g), [a.text for a in g])) for p, g in zip(items, generations)
+        ]
     kept = []  # (gating record, the tuple with its fresh online pair); a prompt whose K rewards all tie has none
     for r, p, o in zip(records, items, online):
         if o is not None:
@@ -129,18 +137,22 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     online_scores = dpo.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
     del policy, ref
     fsdp.release_memory()
+    l_on = {r["index"]: s.score for (r, _), s in zip(kept, online_scores)}
     rows = [
         {
             "index": r["index"],
             "selected": r["selected"],
+            "w": r["w"],
             "l_off": r["l_off"],
-            "l_on": s.score,
-            "gain": s.score - r["l_off"],
+            "l_on": l_on.get(r["index"]),
+            "gain": l_on[r["index"]] - r["l_off"] if r["index"] in l_on else None,
+            "tied": o is None,
+            "own_best_gold": b,
         }
-        for (r, _), s in zip(kept, online_scores)
+        for r, o, b in zip(records, online, best)
     ]
     if rt.main:
-        cache.write_text(json.dumps({"per_kind": per_kind, "rows": rows}))
+        cache.write_text(json.dumps({"key": [per_kind, 2], "rows": rows}))
     return rows
 
 
@@ -235,8 +247,25 @@ def heldout_dynamics(cfg, rt, stage: Path, method: str) -> list[dict]:
 
 
 def summarise_gains(rows: list[dict]) -> dict:
-    """Fig. 2 middle in numbers: where sampled and unsampled tuples lie."""
-    summary = {}
+    """Fig. 2 middle in numbers: where sampled and unsampled tuples lie; and the gate diagnostics
+    over every tuple: how well 1 - w ranks those whose fresh K rewards all tie, those whose best
+    fresh answer is below gold 10 (toy), and those with a positive gain l_on - l_off (AUC)."""
+    gate = [1 - r["w"] for r in rows if r.get("w") is not None]
+    with_w = [r for r in rows if r.get("w") is not None]
+    diagnostics = {
+        "tied": float(np.mean([r.get("tied", False) for r in rows])) if rows else None,
+        "auc_tied": ranking_auc(gate, [r.get("tied", False) for r in with_w]),
+        "auc_below_gold": ranking_auc(
+            [1 - r["w"] for r in with_w if r.get("own_best_gold") is not None],
+            [r["own_best_gold"] < toy.TOY_GOLD_MAX for r in with_w if r.get("own_best_gold") is not None],
+        ),
+        "auc_gain": ranking_auc(
+            [1 - r["w"] for r in with_w if r["gain"] is not None],
+            [r["gain"] > 0 for r in with_w if r["gain"] is not None],
+        ),
+    }
+    rows = [r for r in rows if r["gain"] is not None]
+    summary = {"gate": diagnostics}
     for kind, name in ((True, "sampled"), (False, "unsampled")):
         chosen = [r for r in rows if r["selected"] == kind]
         summary[name] = {
@@ -460,7 +489,7 @@ def plot_sampling_scatter(gains: dict[int, list[dict]], path: Path, plt, rt) -> 
     figure, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.6), squeeze=False)
     for axis, (iteration, rows) in zip(axes[0], sorted(gains.items())):
         for kind, colour, label in ((False, "tab:orange", "unsampled"), (True, "tab:blue", "sampled")):
-            chosen = [r for r in rows if r["selected"] == kind]
+            chosen = [r for r in rows if r["selected"] == kind and r["gain"] is not None]
             axis.scatter(
                 [r["l_off"] for r in chosen],
                 [r["gain"] for r in chosen],
@@ -570,6 +599,19 @@ def dynamics_markdown(summary: dict) -> str:
             f"{pair('mean_gain', '+.3f')} | {pair('positive_gain', '.0%')} | "
             f"{part.get('corr_l_off_gain', float('nan')):+.2f} |"
         )
+    gates = {t: part["gate"] for t, part in summary["sampling"].items() if "gate" in part}
+    if gates:
+        auc = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines += [
+            "",
+            "### Gate diagnostics: how well 1 - w ranks each kind of tuple (AUC, 0.5 = chance; fresh answers)",
+            "",
+            "| iteration | K rewards all tie | AUC: all tie | AUC: own best below gold 10 | AUC: l_on > l_off |",
+            "|---|---|---|---|---|",
+        ]
+        for t, g in gates.items():
+            tied = "-" if g["tied"] is None else f"{g['tied']:.1%}"
+            lines.append(f"| {t} | {tied} | {auc(g['auc_tied'])} | {auc(g['auc_below_gold'])} | {auc(g['auc_gain'])} |")
     lines += [
         "",
         "### Held-out prompts over iterations (Fig. 2 left)",

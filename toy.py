@@ -43,7 +43,35 @@ Why it mimics the real setting (SPEC section 7); the numbers are seed 0's, measu
   (~0.6M parameters); the data is written as UltraFeedback-binarized jsonl and read back
   through the normal loader.
 - Everything is a function of the seed (Python's `random.Random`, no global state).
-The design was settled by measuring it (SFT, reward model, DPO and online rounds on this
+The second regime, `skill` (--toy_regime=skill; SPEC 7.1), is built from the paper's premise
+and was fixed, then measured, before any method was compared on it (`python toy.py --regime
+skill` for the data, `python evaluate.py --toy_properties --toy_regime=skill` for the models; seed
+0, the first 600 tuples of D_1):
+- a skill the SFT teacher never had: it writes every list ascending, so descending prompts (a
+  third by construction; 38% of D_1's tuples, which more often hold a preference) are out of the
+  policy's reach: its own K = 8 answers hold a correct one on 0.0% of them, for the SFT model and
+  for the DPO warm-up alike (own mean gold 1.3 and 1.2), while the offline chosen answers solve
+  69% of them (mean gold 9.1). Ascending lists of 5-6 letters (the teacher leaves out the last
+  letter of half) are improvable: the own K hold a correct answer on 94% (SFT) / 98% (warm-up);
+  shorter ones are aligned (100%);
+- offline answers close to the policy's own: 90% of them are in the teacher's two styles (plain
+  and comma, drawn per answer), against 25% in the first regime; the SFT model gives the offline
+  chosen answers -2.7 nats per token (first regime: -5.2) against -0.3 for its own, the gap that
+  is left being the descending answers it cannot write;
+- l_off's range and what it tracks: l_off of D_1 under the warm-up against the SFT reference
+  spans -0.81 / -0.63 / -0.42 (5 / 50 / 95%), so h at initialisation spans 0.31 / 0.35 / 0.40
+  with Eq. 4's scaled input and 0.09 / 0.44 / 0.50 with the reference code's unscaled one. It
+  does not mark the prompts the policy cannot solve: 1 - h ranks the skill prompts with AUC 0.44
+  and the prompts whose own best answer is below gold 10 with 0.43 (0.5 = chance). l_off is a
+  margin against the reference, and the warm-up moved most on exactly the pairs it could not
+  write, so those score higher, not lower: measured, not fixed by redesign;
+- aligned prompts give real but uninformative pairs: the warm-up's K rewards all tie on 1.2% of
+  prompts, but 60% of the online pairs of aligned prompts (39.5% of all) are gold ties, two
+  correct answers in different styles that the reward model tells apart;
+- the first regime's proportions (6000 offline pairs, 3 iterations, the same sizes and model).
+The first regime stays the default: the README's tables, seed 004's grid and the tests were made
+on it, and the second exists to test the premise, not to replace the first.
+The first regime's design was settled by measuring it (SFT, reward model, DPO and online rounds on this
 machine): with repeated letters or variable-length copy/reverse tasks the learned reward model
 could not tell right from wrong on the policy's own answers, and online training collapsed; a
 reward model trained on offline styles alone, or on pairs that seldom sort the wrong way,
@@ -53,6 +81,7 @@ Run
     python toy.py                  # self-check: builds the toy task, prints sizes, one tokenized
                                    # example with its response mask, and length statistics
     python toy.py --seed 1         # the same for another seed
+    python toy.py --regime skill   # the second regime (data in out/toy/skill-seed0)
 Nothing here is distributed: under torchrun rank 0 builds the assets first (train.py), then every
 rank reads them.
 

@@ -455,6 +455,13 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     assert sampling["sampled"]["tuples"] <= min(
         8, sum(r["selected"] for r in gating)
     )  # --scatter_prompts=8 of each kind
+    gate = sampling["gate"]  # how well 1 - w ranks tied, below-gold and gaining tuples (AUC), over fresh answers
+    assert set(gate) == {"tied", "auc_tied", "auc_below_gold", "auc_gain"}
+    assert all(v is None or 0 <= v <= 1 for v in gate.values()) and "### Gate diagnostics" in text
+    generate = [r for r in records if r.get("phase") == "generate"]
+    trained = [r for r in records if r.get("phase") == "train"]
+    assert all("gate_auc_tied" in r and "gate_auc_below_gold" in r for r in generate) and generate
+    assert all("gate_auc_gain" in r for r in trained) and trained
     assert [p["iteration"] for p in dynamics["heldout"]] == [0, 1, 2]
     assert all(
         {"reward_mean", "reward_std", "l_off_mean", "gold_mean", "rm_gold_agreement"} <= set(p)
@@ -472,3 +479,31 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     evaluate.main([f"--plots={stage}", "--scatter_prompts=4"])
     for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         assert (stage / plot).stat().st_size > 1000
+
+
+def test_rows_at_metaapos_ratio_are_calibrated_per_seed_and_equal_steps_reach_iterative_rows(tmp_path, monkeypatch):
+    """compare() gives each seed's calibrated rows that seed's MetaAPO annotation ratio, and
+    --equal_steps' step count to the iterative methods only (the runs themselves are stubbed)."""
+    ran = []
+    ratios = {0: 0.61234, 1: 0.58}
+
+    def fake_stage(cfg, rt, method):
+        ran.append((cfg.seed, method, cfg))
+        return {"annotation_ratio": ratios[cfg.seed] if method == "metaapo" else 0.5, "steps": 10}
+
+    monkeypatch.setattr(compare.train, "ensure_stage", fake_stage)
+    monkeypatch.setattr(compare, "gold_scores", lambda *args: [5.0, 6.0, 7.0, 8.0])
+    monkeypatch.setattr(compare.toy, "ensure_toy_assets", lambda *args, **kwargs: None)
+    rows = [r for r in compare.COMPARE_ROWS if r[0] in ("SFT", "DPO", "MetaAPO", *compare.AT_METAAPO_RATIO)]
+    results = compare.compare([0, 1], tmp_path, rows, [], fsdp.Runtime(), equal_steps=63)
+    by = {(seed, config.stage_name(cfg, method)): cfg for seed, method, cfg in ran}
+    for seed, ratio in ((0, "0.612"), (1, "0.58")):
+        assert by[seed, f"metaapo-sampling_random-random_ratio_{ratio}-steps_per_iteration_63"].random_ratio == float(
+            ratio
+        )
+        assert by[seed, f"metaapo-sampling_threshold-threshold_ratio_{ratio}-steps_per_iteration_63"]
+        assert by[seed, f"online_dpo-prompt_ratio_{ratio}-steps_per_iteration_63"].prompt_ratio == float(ratio)
+        assert by[seed, "dpo"].steps_per_iteration == 0  # an offline method is not iterative
+    assert set(compare.AT_METAAPO_RATIO) <= set(results["rows"]) and results["equal_steps"] == 63
+    text = compare.results_markdown(results, [], tmp_path)
+    assert "## At equal annotation budget" in text and "| Online DPO at MetaAPO's ratio |" in text
