@@ -501,6 +501,9 @@ EVERY_METHOD = [
     ["--method=kto", "--micro_batch_size=1"],
     ["--method=ipo", "--ipo_length_normalized"],
     ["--method=slic", "--slic_nll=mean"],
+    ["--method=iterative_dpo", "--prompt_ratio=0.5"],
+    ["--method=adpo", "--adpo_offline=selected", "--steps_per_iteration=3"],
+    ["--method=metaapo", "--sampling=threshold", "--threshold_ratio=0.5", "--tied_samples=drop"],
 ]
 
 
@@ -519,6 +522,11 @@ def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
         stage = out / config.stage_name(cfg, cfg.method)
         assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists(), args
     assert (out / "metaapo-keep_unsampled_True" / "done.json").exists()
+    # equal steps: 3 policy steps in each of the 2 iterations, whatever ADPO's pair count
+    adpo = [r for r in metrics(out / "adpo-adpo_offline_selected-steps_per_iteration_3" / "metrics.jsonl")]
+    assert [r["steps"] for r in adpo if r.get("phase") == "train"] == [3, 3]
+    calibrated = metrics(out / "metaapo-sampling_threshold-tied_samples_drop-threshold_ratio_0.5" / "metrics.jsonl")
+    assert [r["selected"] for r in calibrated if r.get("phase") == "generate"] == [16, 16]  # half of 32 per iteration
     assert (out / "selective_dpo" / "seed0-half0" / "model").exists() and (
         out / "selective_dpo" / "final" / "model"
     ).exists()
