@@ -1,6 +1,8 @@
 """Seed 003's Meta-Aligner (a reconstruction): the two-objective toy's exact gold scorers, its
 conditioning text, its data, and the hypervolume, checked by hand."""
 
+import math
+
 import pytest
 
 import toy_multiobjective as mo
@@ -65,3 +67,43 @@ def test_offline_rows_prefer_the_hidden_utility_and_store_gold():
             omitted[tag].append(len(unsafe - set(r["messages"][-1]["content"].split())) / len(unsafe))
     assert sum(omitted["strict"]) / len(omitted["strict"]) > sum(omitted["lax"]) / len(omitted["lax"]) + 0.15
     assert mo.make_mo_rows(1, {"train_prefs": 50}) == mo.make_mo_rows(1, {"train_prefs": 50})
+
+
+def test_realised_weights_relabel_and_best_of_k_by_hand():
+    import torch
+
+    import meta_aligner as meal
+
+    realised = meal.realised_weights(torch.tensor([[1.0, 0.8]]))  # softmax((1, 0.8) / 0.1) = softmax(10, 8)
+    assert realised[0, 0].item() == pytest.approx(1 / (1 + math.exp(-2)))
+    moved = meal.relabel(torch.tensor([[0.2, 0.8]]), torch.tensor([[1.0, 0.0]]), 0.5)
+    assert moved.tolist() == [[pytest.approx(0.6), pytest.approx(0.4)]]  # halfway toward what was realised
+    assert meal.relabel(torch.tensor([[0.2, 0.8]]), torch.tensor([[1.0, 0.0]]), 0.0).tolist() == [
+        [pytest.approx(0.2), pytest.approx(0.8)]
+    ]  # lambda = 0: the asked weights stay (PRO's static labels)
+    rewards = torch.tensor([[1.0, -1.0], [0.0, 1.0], [1.0, -1.0]])
+    assert meal.best_of_k(torch.tensor([0.9, 0.1]), rewards) == 0  # first of the tied best
+    assert meal.best_of_k(torch.tensor([0.2, 0.8]), rewards) == 1
+    explored = meal.explore(torch.tensor([[0.5, 0.5]] * 1000), 0.1, torch.Generator().manual_seed(0))
+    assert torch.allclose(explored.sum(-1), torch.ones(1000)) and 0.45 <= explored[:, 0].min().item()
+    assert explored[:, 0].max().item() <= 0.55 and explored[:, 0].std().item() > 0.01
+
+
+def test_the_weight_net_moves_toward_its_buffers_targets():
+    """The meta step's direction on a hand-made case: prompts whose kept samples realised more
+    harmlessness pull g_phi(x) toward harmless, one Adam step at a time, every T_meta steps."""
+    import torch
+
+    import meta_aligner as meal
+
+    learner = meal.WeightLearner(vocab_size=8, interval=2)
+    ids, mask = torch.tensor([[1, 2, 3], [1, 4, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    before = learner.weights(ids, mask)[:, 1]
+    learner.append(ids[:1], mask[:1], torch.tensor([[0.1, 0.9]]))
+    assert not learner.ready()
+    learner.append(ids[1:, :2], mask[1:, :2], torch.tensor([[0.1, 0.9]]))  # a shorter prompt: padded in the update
+    assert learner.ready()
+    record = learner.update()
+    after = learner.weights(ids, mask)[:, 1]
+    assert (after > before).all() and record["weight_net_updates"] == 1 and not learner.buffer
+    assert meal.kl_to(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]])).item() == pytest.approx(0.0)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (baselines/), Algorithm 1 (train.py) and the evaluation on top.
 LAYERS = [
     ["data.py", "losses.py"],
-    ["meta.py", "sample.py", "toy.py"],
+    ["meta.py", "sample.py", "toy.py", "meta_aligner.py"],
     ["reward.py", "toy_multiobjective.py"],
     ["config.py"],
     ["fsdp.py"],
