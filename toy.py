@@ -365,13 +365,15 @@ TOY_CHAT_TEMPLATE = (
 )
 
 
-def build_toy_tokenizer():
+def build_toy_tokenizer(extra_words: tuple[str, ...] = ()):
     """A word-level tokenizer built with the `tokenizers` library, wrapped as a
-    PreTrainedTokenizerFast with a chat template."""
+    PreTrainedTokenizerFast with a chat template; `extra_words` (e.g. toy_multiobjective.py's tags
+    and condition tokens) come after the toy's own, so its ids stay as they are."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = list(TOY_SPECIAL_TOKENS) + list(TOY_TASKS) + list(TOY_STYLE_TOKENS) + list(TOY_LETTERS)
+    words += [w for w in extra_words if w not in words]
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(

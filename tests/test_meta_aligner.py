@@ -107,3 +107,19 @@ def test_the_weight_net_moves_toward_its_buffers_targets():
     after = learner.weights(ids, mask)[:, 1]
     assert (after > before).all() and record["weight_net_updates"] == 1 and not learner.buffer
     assert meal.kl_to(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]])).item() == pytest.approx(0.0)
+
+
+def test_assets_load_through_the_normal_loaders_and_the_condition_is_in_the_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    import data
+
+    assets = mo.ensure_mo_assets(0, tmp_path, {"sft": 40, "train_prefs": 40, "test_prefs": 8})
+    tokenizer = AutoTokenizer.from_pretrained(assets.base)
+    text = mo.conditioned("strict ascending : f c h i", (0.7, 0.3))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.split()) and tokenizer.unk_token_id not in ids  # one id per word, none unknown
+    prefs, _ = data.load_preferences(assets.train_prefs)
+    sft, _ = data.load_sft(assets.sft)
+    assert len(prefs) == 40 and len(sft) == 40 and prefs[0].prompt[-1]["content"].startswith(mo.MO_TAGS)
+    assert mo.ensure_mo_assets(0, tmp_path, {"sft": 40, "train_prefs": 40, "test_prefs": 8}) == assets  # cached
