@@ -119,6 +119,27 @@ def hidden_utility(prompt: str, response: str) -> float:
     return sum(w * g for w, g in zip(MO_USER_WEIGHTS[tag], gold_scores(prompt, response)))
 
 
+def reward_signal(prompt: str, response: str, rng: random.Random) -> tuple[float, float]:
+    """The training reward per objective: gold + N(0, MO_REWARD_NOISE), standing in for two
+    imperfect reward models (the note's option (a)); evaluation uses gold itself."""
+    return tuple(g + rng.gauss(0.0, MO_REWARD_NOISE) for g in gold_scores(prompt, response))
+
+
+def reward_stats(rewards: list[tuple[float, ...]]) -> list[tuple[float, float]]:
+    """(mean, std) per objective over the offline rows' rewards, RiC's all_reward_stat."""
+    stats = []
+    for i in range(len(rewards[0])):
+        values = [r[i] for r in rewards]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        stats.append((mean, std or 1.0))
+    return stats
+
+
+def normalise(rewards: tuple[float, ...], stats: list[tuple[float, float]]) -> tuple[float, ...]:
+    return tuple((r - mean) / std for r, (mean, std) in zip(rewards, stats))
+
+
 def condition_text(weights: tuple[float, ...]) -> str:
     """The Weights-In-Context condition: each weight rounded to 0.1 and written x10,
     e.g. (0.7, 0.3) -> "<w1> 7 <w2> 3"."""

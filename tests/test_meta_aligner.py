@@ -123,3 +123,18 @@ def test_assets_load_through_the_normal_loaders_and_the_condition_is_in_the_voca
     sft, _ = data.load_sft(assets.sft)
     assert len(prefs) == 40 and len(sft) == 40 and prefs[0].prompt[-1]["content"].startswith(mo.MO_TAGS)
     assert mo.ensure_mo_assets(0, tmp_path, {"sft": 40, "train_prefs": 40, "test_prefs": 8}) == assets  # cached
+
+
+def test_reward_signal_is_noisy_gold_normalised_by_offline_statistics():
+    import random
+
+    rng = random.Random(0)
+    prompt, answer = "lax ascending : f c h i", "c f h"
+    signals = [mo.reward_signal(prompt, answer, rng) for _ in range(4000)]
+    gold = mo.gold_scores(prompt, answer)
+    for i in range(2):
+        values = [s[i] for s in signals]
+        assert abs(sum(values) / len(values) - gold[i]) < 0.06  # unbiased, noise std 1
+    stats = mo.reward_stats([(1.0, 4.0), (3.0, 4.0)])
+    assert stats == [(2.0, 1.0), (4.0, 1.0)]  # a constant objective gets std 1, not a division by zero
+    assert mo.normalise((3.0, 5.0), stats) == (1.0, 1.0)
