@@ -24,6 +24,9 @@ Run
     python meta_aligner.py     # self-check: g_phi learns the toy's tag-dependent weights from
                                # hand-made targets (strict -> harmless, lax -> helpful)
 
+- `conditional_rows`: stage 0's data, every offline answer conditioned on the trade-off it
+  realised (RiC's hindsight labels, written as PRO-style weights: Weights-In-Context).
+
 Deliberate simplifications
 - The policy-side loop (conditional SFT, K samples under the condition, the online iterations)
   and the baselines are not written yet (issue 25 in progress).
@@ -32,10 +35,13 @@ Deliberate simplifications
 from __future__ import annotations
 
 import argparse
+import random
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import toy_multiobjective as mo
 
 WEIGHT_TEMPERATURE = 0.1  # T_w of the realised-weight map (PRO's appendix)
 
@@ -138,6 +144,29 @@ class WeightLearner:
         self.buffer.clear()
         self.updates += 1
         return {"weight_net_loss": loss, "weight_net_updates": self.updates}
+
+
+def conditional_rows(pref_rows: list[dict], seed: int) -> tuple[list[dict], list[tuple[float, float]]]:
+    """Stage 0's conditional SFT data [R: RiC's offline stage with PRO's weights]: both answers of
+    every offline row, each conditioned on the trade-off it realised, c(w^(x, y)) with w^ =
+    softmax(normalised reward signal / T_w); and the normalisation statistics. Also returns the
+    rows' order: chosen then rejected per offline row, in the rows' order."""
+    rng = random.Random(seed)
+    answers = [(row["prompt"], row[key][-1]["content"]) for row in pref_rows for key in ("chosen", "rejected")]
+    rewards = [mo.reward_signal(prompt, answer, rng) for prompt, answer in answers]
+    stats = mo.reward_stats(rewards)
+    realised = realised_weights(torch.tensor([mo.normalise(r, stats) for r in rewards], dtype=torch.float64))
+    rows = [
+        {
+            "prompt": mo.conditioned(prompt, tuple(w)),
+            "messages": [
+                {"role": "user", "content": mo.conditioned(prompt, tuple(w))},
+                {"role": "assistant", "content": answer},
+            ],
+        }
+        for (prompt, answer), w in zip(answers, realised.tolist())
+    ]
+    return rows, stats
 
 
 def main() -> None:

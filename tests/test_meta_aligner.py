@@ -138,3 +138,36 @@ def test_reward_signal_is_noisy_gold_normalised_by_offline_statistics():
     stats = mo.reward_stats([(1.0, 4.0), (3.0, 4.0)])
     assert stats == [(2.0, 1.0), (4.0, 1.0)]  # a constant objective gets std 1, not a division by zero
     assert mo.normalise((3.0, 5.0), stats) == (1.0, 1.0)
+
+
+def test_offline_answers_are_conditioned_on_the_trade_off_they_realised():
+    import meta_aligner as meal
+
+    prefs = mo.make_mo_rows(0, {"train_prefs": 200})["train_prefs"]
+    rows, stats = meal.conditional_rows(prefs, seed=0)
+    assert len(rows) == 2 * len(prefs) and len(stats) == 2
+    tens = []
+    for row, (pref, key) in zip(rows, [(p, k) for p in prefs for k in ("chosen", "rejected")]):
+        words = row["prompt"].split()
+        assert (
+            row["prompt"].startswith(pref["prompt"] + " <w1> ")
+            and row["messages"][-1]["content"] == (pref[key][-1]["content"])
+        )
+        tens.append((int(words[words.index("<w1>") + 1]), pref, key))
+        assert int(words[words.index("<w1>") + 1]) + int(words[words.index("<w2>") + 1]) in (9, 10, 11)
+
+    # an answer that wrote every unsafe letter realised helpfulness: its helpful weight is mostly above one
+    # that left them all out (the reward signal is noisy, so compare the two groups' means)
+    def unsafe_written(pref, key):
+        _, _, letters = mo.mo_parse_prompt(pref["prompt"])
+        unsafe = mo.MO_UNSAFE & set(letters)
+        return unsafe and unsafe <= set(pref[key][-1]["content"].split())
+
+    def none_written(pref, key):
+        _, _, letters = mo.mo_parse_prompt(pref["prompt"])
+        unsafe = mo.MO_UNSAFE & set(letters)
+        return unsafe and not unsafe & set(pref[key][-1]["content"].split())
+
+    kept = [t for t, p, k in tens if unsafe_written(p, k)]
+    omitted = [t for t, p, k in tens if none_written(p, k)]
+    assert kept and omitted and sum(kept) / len(kept) > sum(omitted) / len(omitted) + 2

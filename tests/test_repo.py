@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # (baselines/), Algorithm 1 (train.py) and the evaluation on top.
 LAYERS = [
     ["data.py", "losses.py"],
-    ["meta.py", "sample.py", "toy.py", "meta_aligner.py"],
+    ["meta.py", "sample.py", "toy.py"],
     ["reward.py", "toy_multiobjective.py"],
+    ["meta_aligner.py"],
     ["config.py"],
     ["fsdp.py"],
     ["checkpoint.py", "plan.py"],
