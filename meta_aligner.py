@@ -24,6 +24,8 @@ Run
     python meta_aligner.py     # self-check: g_phi learns the toy's tag-dependent weights from
                                # hand-made targets (strict -> harmless, lax -> helpful)
 
+- RiC's pieces for its baseline: the inference map from weights to reward targets, the online
+  goals, and MORS's quantile rejection (read in RiC's code).
 - `conditional_rows`: stage 0's data, every offline answer conditioned on the trade-off it
   realised (RiC's hindsight labels, written as PRO-style weights: Weights-In-Context).
 
@@ -144,6 +146,34 @@ class WeightLearner:
         self.buffer.clear()
         self.updates += 1
         return {"weight_net_loss": loss, "weight_net_updates": self.updates}
+
+
+# ----------------------------------------------------------------------------------------------
+# RiC (Yang et al. 2024), the baseline whose machinery the reconstruction reuses (read in its code)
+
+RIC_LOW, RIC_HIGH = -4.3, 4.3  # about the extremes of 100k N(0, 1) draws, RiC's lo / hi
+RIC_QUANTILE = 0.7  # MORS keeps a sample whose reward on any objective reaches this quantile
+
+
+def ric_targets(weights: tuple[float, ...], low: float = RIC_LOW, high: float = RIC_HIGH) -> tuple[float, ...]:
+    """RiC's inference map ('l2', what its evaluation.py calls): target_i = w_i / |w|_2 (high - low) + low."""
+    norm = sum(w * w for w in weights) ** 0.5
+    return tuple(w / norm * (high - low) + low for w in weights)
+
+
+def ric_sample_goals(objectives: int, rng: random.Random, low: float = RIC_LOW, high: float = RIC_HIGH):
+    """RiC's online targets: every objective drawn uniformly in [low, high], then every objective
+    but the lowest set to high."""
+    goals = [rng.uniform(low, high) for _ in range(objectives)]
+    lowest = min(range(objectives), key=lambda i: goals[i])
+    return tuple(g if i == lowest else high for i, g in enumerate(goals))
+
+
+def ric_keep(rewards: torch.Tensor, quantile: float = RIC_QUANTILE) -> list[bool]:
+    """MORS's rejection: keep a sample whose normalised reward on ANY objective is at or above that
+    objective's `quantile` over the samples (rewards (N, m))."""
+    thresholds = torch.quantile(rewards, quantile, dim=0)
+    return (rewards >= thresholds).any(dim=1).tolist()
 
 
 def conditional_rows(pref_rows: list[dict], seed: int) -> tuple[list[dict], list[tuple[float, float]]]:

@@ -74,6 +74,9 @@ MO_REWARD_NOISE = 1.0  # std of the noise on gold that makes the training reward
 MO_GRID = tuple((a / 10, 1 - a / 10) for a in range(11))  # RiC's 11-point grid of (w_helpful, w_harmless)
 MO_CONDITION_TOKENS = ("<w1>", "<w2>")
 MO_DIGITS = tuple(str(i) for i in range(11))  # a weight x10, rounded
+# RiC's condition: a reward target per objective, a z-score rounded to 0.5 in [-4, 4]
+MO_RIC_TOKENS = ("<r1>", "<r2>")
+MO_RIC_VALUES = tuple(f"{v / 2:.1f}" for v in range(-8, 9))
 
 
 def mo_prompt(tag: str, task: str, letters: list[str]) -> str:
@@ -83,8 +86,9 @@ def mo_prompt(tag: str, task: str, letters: list[str]) -> str:
 def mo_parse_prompt(prompt: str) -> tuple[str, str, list[str]]:
     """(tag, task, letters) of a prompt, its condition (if any) ignored; ValueError when it is none."""
     words = prompt.split()
-    if "<w1>" in words:
-        words = words[: words.index("<w1>")]
+    for token in ("<w1>", "<r1>"):  # a condition, of either kind, follows the prompt
+        if token in words:
+            words = words[: words.index(token)]
     if len(words) < 4 or words[0] not in MO_TAGS or words[1] not in TOY_TASKS or words[2] != ":":
         raise ValueError(f"not a two-objective toy prompt: {prompt!r}")
     if any(w not in TOY_LETTERS for w in words[3:]):
@@ -149,6 +153,13 @@ def condition_text(weights: tuple[float, ...]) -> str:
 
 def conditioned(prompt: str, weights: tuple[float, ...]) -> str:
     return f"{prompt} {condition_text(weights)}"
+
+
+def ric_condition_text(targets: tuple[float, ...]) -> str:
+    """RiC's condition: each reward target (a z-score) clipped to [-4, 4] and rounded to 0.5,
+    e.g. (1.26, -0.4) -> "<r1> 1.5 <r2> -0.5"."""
+    values = [min(4.0, max(-4.0, round(2 * t) / 2)) for t in targets]
+    return " ".join(f"{token} {v:.1f}" for token, v in zip(MO_RIC_TOKENS, values))
 
 
 def write_answer(writer: ToyWriter, omit: float, task: str, letters: list[str], rng: random.Random) -> str:
@@ -228,7 +239,7 @@ def ensure_mo_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy_mo", s
         built = toy.toy_asset_paths(tmp)
         for split in ("sft", "train_prefs", "test_prefs"):
             write_jsonl(getattr(built, split), rows[split])
-        tokenizer = toy.build_toy_tokenizer(MO_TAGS + MO_CONDITION_TOKENS + MO_DIGITS)
+        tokenizer = toy.build_toy_tokenizer(MO_TAGS + MO_CONDITION_TOKENS + MO_DIGITS + MO_RIC_TOKENS + MO_RIC_VALUES)
         tokenizer.save_pretrained(built.base)
         toy.toy_model_config(tokenizer).save_pretrained(built.base)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -171,3 +171,26 @@ def test_offline_answers_are_conditioned_on_the_trade_off_they_realised():
     kept = [t for t, p, k in tens if unsafe_written(p, k)]
     omitted = [t for t, p, k in tens if none_written(p, k)]
     assert kept and omitted and sum(kept) / len(kept) > sum(omitted) / len(omitted) + 2
+
+
+def test_rics_map_goals_and_rejection_as_its_code():
+    import random
+
+    import torch
+
+    import meta_aligner as meal
+
+    assert meal.ric_targets((1.0, 0.0)) == pytest.approx((4.3, -4.3))
+    half = meal.ric_targets((0.5, 0.5))  # w / |w|_2 = 0.707 each
+    assert half[0] == pytest.approx(0.5**0.5 * 8.6 - 4.3) and half[0] == half[1]
+    rng = random.Random(0)
+    for _ in range(50):
+        goals = meal.ric_sample_goals(2, rng)
+        assert sorted(goals)[1] == meal.RIC_HIGH and meal.RIC_LOW <= min(goals) <= meal.RIC_HIGH
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 1.0]])
+    # quantile 0.75 of each column: 1.0 and 1.0 (sorted 0 0 0 1 2 and 0 0 0 1 3, position 3)
+    assert meal.ric_keep(rewards, 0.75) == [False, True, True, True, True]
+    assert meal.ric_keep(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), 0.5) == [False, True, True]
+    assert mo.ric_condition_text((1.26, -0.4)) == "<r1> 1.5 <r2> -0.5"
+    assert mo.ric_condition_text((9.0, -5.0)) == "<r1> 4.0 <r2> -4.0"
+    assert mo.mo_parse_prompt("lax ascending : a b <r1> 1.5 <r2> -0.5")[2] == ["a", "b"]
