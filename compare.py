@@ -246,7 +246,7 @@ def compare(
                 )
                 gold[label].append(baseline)
                 continue
-            if any("{metaapo_ratio}" in a for a in extra):  # equal budget: this seed's MetaAPO ratio
+            if label in AT_METAAPO_RATIO:  # equal budget: this seed's MetaAPO ratio
                 if not per_seed.get("MetaAPO"):
                     raise SystemExit(f"evaluate.py: the row {label!r} needs the MetaAPO row (--methods)")
                 ratio = f"{per_seed['MetaAPO'][-1]['annotation_ratio']:.3f}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import data
+import toy
 from meta import INPUT_MODES, SAMPLING_MODES, WEIGHTING_MODES
 from sample import BACKENDS
 
@@ -200,7 +201,7 @@ class Config:
 
 def toy_preset(data_seed: int, regime: str = "mismatch") -> dict:
     """The embedded toy task (toy.py): tiny Llama, CPU, a few minutes end to end."""
-    root = Path("out/toy") / (f"seed{data_seed}" if regime == "mismatch" else f"{regime}-seed{data_seed}")  # toy.py
+    root = toy.toy_root(data_seed, regime)  # built by toy.ensure_toy_assets
     return dict(
         model=str(root / "base"),
         init_from_config=True,

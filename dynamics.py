@@ -34,7 +34,7 @@ import fsdp
 import iterative_run
 import toy
 from meta import CURVE_GRID, MetaController, ranking_auc
-from reward import toy_gold_judge
+from reward import toy_gold_judge, toy_gold_per_answer
 from sample import make_online_pairs
 
 # ==============================================================================================
@@ -118,10 +118,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
     del rm
     best = [None] * len(items)  # the gold of each tuple's best fresh answer (toy)
     if cfg.preset == "toy":
-        judge = toy_gold_judge()
-        best = [
-            max(judge.score([raw[p.index].prompt] * len(g), [a.text for a in g])) for p, g in zip(items, generations)
-        ]
+        best = [max(gold) for gold in toy_gold_per_answer([raw[p.index].prompt for p in items], generations)]
     kept = []  # (gating record, the tuple with its fresh online pair); a prompt whose K rewards all tie has none
     for r, p, o in zip(records, items, online):
         if o is not None:
@@ -345,7 +342,7 @@ def regime_properties(cfg, rt, prompts: int = 600) -> dict:
             config.seed_for(cfg, "toy properties"),
             Path(cfg.out_dir),
         )
-        gold = [gold_judge.score([c] * len(g), [a.text for a in g]) for c, g in zip(conversations, generations)]
+        gold = toy_gold_per_answer(conversations, generations)
         own_best[name] = [max(g) for g in gold]
         properties[name] = {
             kind: {

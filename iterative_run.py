@@ -17,6 +17,7 @@ Deliberate simplifications
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from fsdp import (
     saved_progress,
 )
 from meta import MetaController, ranking_auc
-from reward import toy_gold_judge
+from reward import toy_gold_per_answer
 from toy import TOY_GOLD_MAX
 
 
@@ -96,10 +97,11 @@ class IterationState:
 def iteration_pass(policy, augmented: list, t: int, cfg: Config):
     """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
     the reference implementation: (batches, optimizer, scheduler)."""
-    batches = epoch_batches(augmented, cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+    epochs = cfg.epochs
     if cfg.steps_per_iteration:  # equal steps: as many (reshuffled) epochs as it takes, cut at the count
-        epochs = -(-cfg.steps_per_iteration // max(1, len(batches)))
-        batches = epoch_batches(augmented, epochs * cfg.epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+        epochs = max(1, math.ceil(cfg.steps_per_iteration / max(1, math.ceil(len(augmented) / cfg.batch_size))))
+    batches = epoch_batches(augmented, epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+    if cfg.steps_per_iteration:
         batches = batches[: cfg.steps_per_iteration]
     optimizer = make_optimizer(policy, cfg.lr, cfg)
     return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
@@ -273,8 +275,7 @@ class IterativeRun:
         diagnostics = {"gate_auc_tied": ranking_auc(gate, [pair is None for pair in pairs])}
         if self.cfg.preset == "toy" and sampled:
             conversations = [self.raw[self.slices[t][i].index].prompt for i in sampled]
-            judge = toy_gold_judge()
-            best = [max(judge.score([c] * len(g), [a.text for a in g])) for c, g in zip(conversations, generations)]
+            best = [max(gold) for gold in toy_gold_per_answer(conversations, generations)]
             diagnostics["gate_auc_below_gold"] = ranking_auc(gate, [b < TOY_GOLD_MAX for b in best])
         return diagnostics
 

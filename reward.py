@@ -68,6 +68,12 @@ def toy_gold_judge() -> RuleReward:
     return RuleReward(toy_gold_score, "toy-gold")
 
 
+def toy_gold_per_answer(conversations: list[list[dict]], generations: list[list]) -> list[list[float]]:
+    """The gold score of every generated answer (objects with .text) of every prompt of the toy."""
+    judge = toy_gold_judge()
+    return [judge.score([c] * len(g), [a.text for a in g]) for c, g in zip(conversations, generations)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Learned reward models
 

@@ -428,18 +428,24 @@ def toy_root(seed: int, regime: str = "mismatch", out_dir: str | os.PathLike = "
 def ensure_toy_assets(
     seed: int = 0, out_dir: str | os.PathLike = "out/toy", sizes: dict | None = None, regime: str = "mismatch"
 ) -> ToyAssets:
-    """Build the toy dataset of `regime`, tokenizer and config for `seed` unless already cached.
-
-    The cache lives in toy_root(seed, regime, out_dir); its manifest records the seed, the sizes and a hash
-    of the code that generated it (this file, gold judge included), so an edit rebuilds the cache
-    instead of silently reusing stale data. The build goes to a temporary directory that is renamed into place,
-    so an interrupted build never leaves a half-written cache.
-    """
-    root = toy_root(seed, regime, out_dir)
+    """Build the toy dataset of `regime`, tokenizer and config for `seed` unless already cached, in
+    toy_root(seed, regime, out_dir); its manifest records the seed, the sizes and a hash of the
+    code that generated it (this file, gold judge included), so an edit rebuilds the cache instead
+    of silently reusing stale data (see build_cached_assets)."""
     code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
     manifest = {"seed": seed, "sizes": dict(TOY_SIZES if sizes is None else sizes), "code_sha1": code}
     if regime != "mismatch":  # the first regime's manifests stay as they were
         manifest["regime"] = regime
+    return build_cached_assets(
+        toy_root(seed, regime, out_dir), manifest, lambda: make_toy_rows(seed, manifest["sizes"], regime), ()
+    )
+
+
+def build_cached_assets(root: Path, manifest: dict, make_rows, extra_words: tuple[str, ...]) -> ToyAssets:
+    """A toy's assets in `root` (the splits of make_rows() as jsonl, the toy tokenizer with
+    `extra_words`, the model config), unless `root` holds them with the same manifest. The build
+    goes to a temporary directory renamed into place, so an interrupted build never leaves a
+    half-written cache."""
     assets = toy_asset_paths(root)
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()) == manifest:
@@ -447,11 +453,11 @@ def ensure_toy_assets(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        rows = make_toy_rows(seed, manifest["sizes"], regime)
+        rows = make_rows()
         built = toy_asset_paths(tmp)
         for split in ("sft", "train_prefs", "test_prefs"):
             write_jsonl(getattr(built, split), rows[split])
-        tokenizer = build_toy_tokenizer()
+        tokenizer = build_toy_tokenizer(extra_words)
         tokenizer.save_pretrained(built.base)
         toy_model_config(tokenizer).save_pretrained(built.base)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -41,15 +41,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import toy
-from data import write_jsonl
 from toy import (
     TOY_ALL_MISTAKES,
     TOY_GOLD_MAX,
@@ -224,31 +220,13 @@ MO_SIZES = {"sft": 4000, "train_prefs": 6000, "test_prefs": 512}  # rows per spl
 def ensure_mo_assets(seed: int = 0, out_dir: str | os.PathLike = "out/toy_mo", sizes: dict | None = None):
     """The two-objective toy's data (jsonl), tokenizer (the toy's words, the tags and the condition
     tokens and digits) and model config under <out_dir>/seed<N>, unless already cached (the
-    manifest records the seed, the sizes and a hash of this file and toy.py); built in a
-    temporary directory renamed into place."""
-    root = Path(out_dir) / f"seed{seed}"
+    manifest records the seed, the sizes and a hash of this file and toy.py; toy.build_cached_assets)."""
     code = hashlib.sha1(Path(__file__).read_bytes() + Path(toy.__file__).read_bytes()).hexdigest()
     manifest = {"seed": seed, "sizes": dict(MO_SIZES if sizes is None else sizes), "code_sha1": code}
-    assets = toy.toy_asset_paths(root)
-    if (root / "manifest.json").exists() and json.loads((root / "manifest.json").read_text()) == manifest:
-        return assets
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        rows = make_mo_rows(seed, manifest["sizes"])
-        built = toy.toy_asset_paths(tmp)
-        for split in ("sft", "train_prefs", "test_prefs"):
-            write_jsonl(getattr(built, split), rows[split])
-        tokenizer = toy.build_toy_tokenizer(MO_TAGS + MO_CONDITION_TOKENS + MO_DIGITS + MO_RIC_TOKENS + MO_RIC_VALUES)
-        tokenizer.save_pretrained(built.base)
-        toy.toy_model_config(tokenizer).save_pretrained(built.base)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return assets
+    words = MO_TAGS + MO_CONDITION_TOKENS + MO_DIGITS + MO_RIC_TOKENS + MO_RIC_VALUES
+    return toy.build_cached_assets(
+        Path(out_dir) / f"seed{seed}", manifest, lambda: make_mo_rows(seed, manifest["sizes"]), words
+    )
 
 
 # ----------------------------------------------------------------------------------------------
