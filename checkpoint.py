@@ -50,6 +50,7 @@ RESUME_HARMLESS = (
     "dist_timeout_minutes",
     "eval_samples",
     "eval_prompts",
+    "aligner_eval_prompts",
     "wandb_project",
 )
 
@@ -63,6 +64,7 @@ PATH_KEYS = (
     "reward_model",
     "policy",
     "reference",
+    "aligner_shared_dir",
 )
 
 

@@ -178,6 +178,26 @@ class Config:
     ppo_clip: float = 0.2  # clip of the policy ratio
     value_clip: float = 0.2  # clip of the value change
     rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
+    # --- seed 003's Meta-Aligner (meta_aligner.py, the two-objective toy): a RECONSTRUCTION from its
+    # abstract and lineage; [R] marks a choice the research note reconstructs (PRO, RiC, MetaAPO)
+    aligner_method: str = "meta_aligner"  # meta_aligner, pro (g_phi frozen), static (w ~ Dirichlet(1)), ric
+    aligner_relabel: float = 0.5  # [R] lambda: a kept sample's target moved this far toward the trade-off it realised
+    aligner_samples: int = 4  # [R] K: samples per prompt, the best under w . R kept (RiC: 1 each, K goals)
+    aligner_explore: float = 0.1  # [R] eps: w = (1 - eps) g_phi(x) + eps Dirichlet(1) (meta_aligner only)
+    aligner_weight_temperature: float = 0.1  # T_w of the realised weights softmax(R / T_w) (PRO's appendix)
+    aligner_weight_interval: int = 8  # [R] T_meta: policy steps per weight-net update (MetaAPO's meta_k)
+    aligner_weight_lr: float = 5e-3  # [R] the weight net's Adam (MetaAPO's meta learning rate)
+    aligner_weight_fit_epochs: int = 10  # [R] stage 0: epochs of PRO's KL fit of g_phi to the chosen answers
+    aligner_offline_epochs: int = 2  # [R] stage 0: epochs of conditional SFT on the offline answers (RiC)
+    aligner_offline_lr: float = 1e-3  # [R] stage 0's conditional SFT, from the SFT model
+    aligner_lr: float = 1e-4  # [R] the online conditional SFT (RiC: about a tenth of the offline rate)
+    aligner_iterations: int = 2  # [R] online iterations (RiC: 2)
+    aligner_prompts: int = 512  # prompts per online iteration
+    aligner_batch_size: int = 16  # prompts per online policy step (one kept sample each; RiC: its kept share)
+    aligner_eval_prompts: int = 256  # held-out prompts per point of the Pareto front (one sample each)
+    # where the stages before the online ones are (sft/, offline_wic/, offline_ric/, data/), shared by
+    # runs of several seeds on the same data; "" = out_dir
+    aligner_shared_dir: str = ""
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if needed to fit)
@@ -268,6 +288,7 @@ CHOICES = {
     "export_dtype": ("auto", "bf16", "fp32"),
     "grad_accumulation": ("auto", "unsharded", "sharded"),
     "slic_nll": ("sum", "mean"),
+    "aligner_method": ("meta_aligner", "pro", "static", "ric"),
 }
 
 # Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
@@ -322,6 +343,11 @@ SEEDS = {
     "dynamics": lambda seed, t: seed + 777 + t,  # dynamics.py's fresh pairs of iteration t
     "toy properties": lambda seed: seed + 999,  # dynamics.regime_properties' answers
     "prompt subset": lambda seed, index: 1000 * seed + 700 + index,  # online_dpo's --prompt_ratio draw of a prompt
+    "aligner rewards": lambda seed, i: seed + 31 * i,  # meta_aligner.py: stage 0's reward noise (i = 0)
+    "aligner prompts": lambda seed: seed + 53,  # meta_aligner.py: the online prompts' order
+    # meta_aligner.py: round r of iteration t (its weights, goals, generation and reward noise)
+    "aligner round": lambda seed, t, r: 1000 * seed + 100 * t + r + 1,
+    "aligner front": lambda seed: seed + 4343,  # pareto.py: the held-out answers of the fronts
 }
 
 
@@ -375,12 +401,26 @@ LIMITS = [
             "keep_checkpoints",
             "selective_seeds",
             "selective_checkpoints",
+            "aligner_weight_interval",
+            "aligner_iterations",
+            "aligner_prompts",
+            "aligner_batch_size",
+            "aligner_eval_prompts",
         ),
         lambda v: v >= 1,
         "at least 1",
     ),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
     (("probe_samples",), lambda v: v >= 1, "at least 1"),
+    (("aligner_samples",), lambda v: v >= 1, "at least 1"),
+    (("aligner_weight_fit_epochs",), lambda v: v >= 0, "at least 0"),
+    (("aligner_offline_epochs",), lambda v: v >= 1, "at least 1"),
+    (("aligner_relabel", "aligner_explore"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (
+        ("aligner_weight_temperature", "aligner_weight_lr", "aligner_offline_lr", "aligner_lr"),
+        lambda v: v > 0,
+        "positive",
+    ),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
     (
         (

@@ -12,11 +12,13 @@ What it does
 - Reward statistics on test_prefs prompts (mean and std of the reward of generated answers, win
   rate against the dataset's chosen answers) and the implicit-reward preference accuracy
   (beta-scaled log-ratio margin > 0 on the test pairs).
-- `--compare` and `--boundary_grid` run compare.py's grids; `--plots` dynamics.py's measurements.
+- `--compare` and `--boundary_grid` run compare.py's grids; `--pareto` pareto.py's Meta-Aligner
+  comparison; `--plots` dynamics.py's measurements.
 
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (compare.py)
     python evaluate.py --boundary_grid                   # seed 004's grid (compare.py)
+    python evaluate.py --pareto                          # seed 003's Meta-Aligner fronts, 3 seeds (pareto.py)
     python evaluate.py --toy_properties --toy_regime=skill  # a toy regime's properties (dynamics.py)
     python evaluate.py --plots=out/toy-seed0/metaapo     # a stage's dynamics (dynamics.py)
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
@@ -54,6 +56,7 @@ import dpo
 import dynamics
 import fsdp
 import iterative_run
+import pareto
 from sample import Generation
 
 # ==============================================================================================
@@ -305,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
         "D_t's tuples); results-equal_steps.md",
     )
     parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="seed 003's Meta-Aligner comparison (reconstructed) on the two-objective toy: fronts and hypervolumes "
+        "over --seeds (pareto.py)",
+    )
+    parser.add_argument("--pareto_out", default="out/pareto", help="--pareto: run directory; finished runs are reused")
+    parser.add_argument(
+        "--pareto_methods",
+        default="",
+        help="--pareto: semicolon-separated row labels to run (empty: all), e.g. 'RiC;Meta-Aligner, lambda 0.5'",
+    )
+    parser.add_argument(
         "--boundary_grid",
         "--stage_grid",  # its name before seed 004's method was renamed boundary
         action="store_true",
@@ -438,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
             compare.run_compare(args, rest, rt)
         elif args.boundary_grid:
             compare.run_boundary_grid(args, rest, rt)
+        elif args.pareto:
+            pareto.run_pareto(args, rest, rt)
         elif args.toy_properties:
             compare.run_toy_properties(cfg, rt)
         elif args.plots:

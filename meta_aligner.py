@@ -3,47 +3,91 @@ Meta-Aligner (seed 003, Xu et al. 2026, arXiv 2604.24178), RECONSTRUCTED: the pa
 is not public (only its abstract); every choice below comes from the research note
 (shared/research/meta-aligner.md, its M1), which rebuilds it from the abstract and from the
 systems it descends from (PRO's prompt -> weight network, RiC's conditioning and rejection
-sampling, MetaAPO's alternating meta updates). Choices the note marks [R] are marked here too.
+sampling, MetaAPO's alternating meta updates). The config keys of the choices the note marks [R]
+say so in their comments (config.py, the aligner_* keys).
 
-This file holds, so far, the preference-weight net and its updates (the meta-learner of the
-abstract's bi-level framework):
-- `WeightNet` g_phi(x): the prompt's token embeddings, mean-pooled, through a 32 -> 64 -> m MLP
-  and a softmax: preference weights on the simplex [R: PRO's lightweight adapter, scaled down].
-- `realised_weights`: the trade-off a response realised, softmax(R(x, y) / T_w) of its
-  normalised rewards (PRO's Eq. 7 applied to the policy's own sample; T_w = 0.1 as PRO).
-- `relabel`: a kept sample's target moved from the weights it was asked for toward the trade-off
-  it realised, w~ = normalise((1 - lambda) w + lambda w^) [R: lambda = 0 is PRO's static labels,
-  1 RiC's hindsight relabelling].
-- `best_of_k`: rejection sampling, the sample with the highest scalarised reward w . R [R].
-- `explore`: (1 - eps) g_phi(x) + eps Dirichlet(1) [R].
-- `WeightLearner`: g_phi with its Adam optimiser and a buffer of (prompt, w~); `fit` is PRO's
-  offline KL fit; `update` one Adam step on the buffer's mean KL(w~ || g_phi(x)) every T_meta
-  policy steps, then the buffer is cleared (MetaAPO's alternating, first-order meta step).
+The method, on the two-objective toy (toy_multiobjective.py: helpful vs harmless):
+- Stage 0 [R]: the plain SFT model (train.py's SFT stage on the teacher's demonstrations), then
+  conditional SFT on both answers of every offline row, each conditioned on the trade-off it
+  realised, c(w^(x, y)) with w^ = softmax(normalised reward / T_w), written as weights in the
+  prompt ("<w1> 7 <w2> 3"); g_phi fitted to the chosen answers' w^ by KL (PRO's Eq. 7).
+- Online iterations, in rounds of T_meta policy steps: w_x = (1 - eps) g_phi(x) + eps Dirichlet(1);
+  K samples under c(w_x); the best under w_x . R kept; its target moved toward the trade-off it
+  realised, w~ = normalise((1 - lambda) w_x + lambda w^(x, y*)); conditional SFT on the kept
+  samples under c(w~); (x, w~) pushed to g_phi's buffer, and every T_meta steps one Adam step on
+  the buffer's KL(w~ || g_phi(x)) (first-order, alternating, as MetaAPO's code).
+- The baselines of the same budget (samples and policy steps) run through the same loop: `pro`
+  (g_phi frozen after stage 0, lambda = 0, no exploration), `static` (w ~ Dirichlet(1), lambda = 0,
+  no g_phi) and `ric` (RiC, read in its code: stage 0 conditioned on the normalised rewards, then
+  MORS: one sample per (prompt, goal), K goals per prompt, kept when any objective reaches its
+  0.7-quantile, relabelled with the rewards it obtained).
+
+Pieces: `WeightNet` g_phi(x) (mean-pooled token embeddings, 32 -> 64 -> m MLP, softmax [R: PRO's
+adapter, scaled down]); `realised_weights`; `relabel`; `best_of_k`; `explore`; `WeightLearner`
+(g_phi, its Adam, its buffer: `fit` is PRO's offline fit, `update` the meta step); RiC's
+`ric_targets` (its l2 inference map), `ric_sample_goals`, `ric_keep`; `conditional_rows`
+(stage 0's data); `OnlineRun` (the loop, checkpointed: a killed run resumes at its round and step).
 
 Run
-    python meta_aligner.py     # self-check: g_phi learns the toy's tag-dependent weights from
-                               # hand-made targets (strict -> harmless, lax -> helpful)
-
-- RiC's pieces for its baseline: the inference map from weights to reward targets, the online
-  goals, and MORS's quantile rejection (read in RiC's code).
-- `conditional_rows`: stage 0's data, every offline answer conditioned on the trade-off it
-  realised (RiC's hindsight labels, written as PRO-style weights: Weights-In-Context).
+    python meta_aligner.py                                  # Meta-Aligner, lambda 0.5, seed 0 (out/meta_aligner-seed0)
+    python meta_aligner.py --aligner_method=ric --seed=1    # a baseline
+    torchrun --nproc_per_node 2 meta_aligner.py ...         # the policy sharded (FSDP2), g_phi replicated
+    python evaluate.py --pareto                             # every method over 3 seeds: fronts, hypervolumes
+Every rank generates its share of each round and receives every sample, so the kept samples, the
+relabelled targets and g_phi's updates are the same on every rank (and for any number of ranks).
 
 Deliberate simplifications
-- The policy-side loop (conditional SFT, K samples under the condition, the online iterations)
-  and the baselines are not written yet (issue 25 in progress).
+- A round's samples are drawn with the policy at the round's start (RiC generates once per
+  iteration), not one policy step at a time.
+- Generation uses the policy's own generate (transformers); the vLLM path of train.py is not
+  wired here: the method is a toy-scale reconstruction.
+- RiC's online stage trains on its kept online rows only (its code also mixes in 10k filtered
+  offline rows).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
 import random
+import signal
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import toy
 import toy_multiobjective as mo
+import train
+from checkpoint import Stage, read_json, write_json
+from config import Config, ConfigError, config_help, parse_config, seed_for
+from fsdp import (
+    NonFiniteLoss,
+    Progress,
+    Runtime,
+    Stopped,
+    TrainingPass,
+    barrier,
+    check_stop,
+    distributed_generate,
+    export_hf,
+    load_logprob_model,
+    make_optimizer,
+    make_scheduler,
+    print0,
+    request_stop,
+    saved_progress,
+    setup_distributed,
+    shuffled,
+    stop_exit,
+)
 
 WEIGHT_TEMPERATURE = 0.1  # T_w of the realised-weight map (PRO's appendix)
 
@@ -101,8 +145,9 @@ class WeightLearner:
     """g_phi, its Adam optimiser (lr 5e-3, MetaAPO's meta learning rate [R]) and its buffer."""
 
     def __init__(self, vocab_size: int, objectives: int = 2, lr: float = 5e-3, interval: int = 8, seed: int = 0):
-        torch.manual_seed(seed)
-        self.net = WeightNet(vocab_size, objectives)
+        with torch.random.fork_rng():  # the initialisation draws from its own seed, not the run's stream
+            torch.manual_seed(seed)
+            self.net = WeightNet(vocab_size, objectives)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.interval = interval
         self.buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids, mask, w~) per step
@@ -135,6 +180,20 @@ class WeightLearner:
 
     def ready(self) -> bool:
         return len(self.buffer) >= self.interval
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the net, its optimiser, its buffer and its count of updates."""
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer,
+            "updates": self.updates,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer, self.updates = list(state["buffer"]), state["updates"]
 
     def update(self) -> dict:
         """The meta step: one Adam step on the buffer's mean KL(w~ || g_phi(x)), then the buffer is cleared."""
@@ -176,48 +235,391 @@ def ric_keep(rewards: torch.Tensor, quantile: float = RIC_QUANTILE) -> list[bool
     return (rewards >= thresholds).any(dim=1).tolist()
 
 
-def conditional_rows(pref_rows: list[dict], seed: int) -> tuple[list[dict], list[tuple[float, float]]]:
-    """Stage 0's conditional SFT data [R: RiC's offline stage with PRO's weights]: both answers of
-    every offline row, each conditioned on the trade-off it realised, c(w^(x, y)) with w^ =
-    softmax(normalised reward signal / T_w); and the normalisation statistics. Also returns the
-    rows' order: chosen then rejected per offline row, in the rows' order."""
+def conditional_rows(
+    pref_rows: list[dict], seed: int, condition: str = "wic", temperature: float = WEIGHT_TEMPERATURE
+) -> tuple[list[dict], list[tuple[float, float]], torch.Tensor]:
+    """Stage 0's conditional SFT data [R: RiC's offline stage]: both answers of every offline row,
+    each conditioned on what it realised under the reward signal: `wic`, its weights c(w^(x, y)),
+    w^ = softmax(normalised reward / T_w) (PRO's weights, written in context); `ric`, RiC's own
+    condition, its normalised rewards. Returns the rows (chosen then rejected per offline row, in
+    the rows' order), the normalisation statistics and every answer's w^ (its rows' order)."""
     rng = random.Random(seed)
     answers = [(row["prompt"], row[key][-1]["content"]) for row in pref_rows for key in ("chosen", "rejected")]
     rewards = [mo.reward_signal(prompt, answer, rng) for prompt, answer in answers]
     stats = mo.reward_stats(rewards)
-    realised = realised_weights(torch.tensor([mo.normalise(r, stats) for r in rewards], dtype=torch.float64))
-    rows = [
-        {
-            "prompt": mo.conditioned(prompt, tuple(w)),
-            "messages": [
-                {"role": "user", "content": mo.conditioned(prompt, tuple(w))},
-                {"role": "assistant", "content": answer},
-            ],
-        }
-        for (prompt, answer), w in zip(answers, realised.tolist())
-    ]
-    return rows, stats
-
-
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
-    # two "prompts" of token ids: tag 1 (strict) and tag 2 (lax), with a few shared letter ids
-    generator = torch.Generator().manual_seed(0)
-    tags = torch.randint(1, 3, (256,), generator=generator)
-    ids = torch.cat([tags.view(-1, 1), torch.randint(3, 13, (256, 4), generator=generator)], dim=1)
-    mask = torch.ones_like(ids)
-    targets = torch.where(tags.view(-1, 1) == 1, torch.tensor([0.2, 0.8]), torch.tensor([0.8, 0.2]))
-    learner = WeightLearner(vocab_size=16, interval=1)
-    before = learner.weights(ids, mask)
-    learner.fit(ids, mask, targets, epochs=20)
-    after = learner.weights(ids, mask)
-    for tag, name in ((1, "strict"), (2, "lax")):
-        rows = tags == tag
-        print(
-            f"{name}: g_phi(x) before {before[rows].mean(0).tolist()} after {after[rows].mean(0).tolist()} "
-            f"(target {targets[rows][0].tolist()})"
+    normalised = [mo.normalise(r, stats) for r in rewards]
+    realised = realised_weights(torch.tensor(normalised, dtype=torch.float64), temperature)
+    rows = []
+    for (prompt, answer), w, z in zip(answers, realised.tolist(), normalised):
+        text = mo.conditioned(prompt, tuple(w)) if condition == "wic" else mo.ric_conditioned(prompt, z)
+        rows.append(
+            {
+                "prompt": text,
+                "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}],
+            }
         )
+    return rows, stats, realised
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs on the engine: the two-objective toy's config, stage 0, the online iterations
+
+STAGE_SFT, STAGE_WIC, STAGE_RIC = "sft", "offline_wic", "offline_ric"
+# the keys of the online iterations only: the shared stages (SFT, stage 0) hold their defaults
+ONLINE_KEYS = (
+    "aligner_method",
+    "aligner_relabel",
+    "aligner_samples",
+    "aligner_explore",
+    "aligner_weight_interval",
+    "aligner_lr",
+    "aligner_iterations",
+    "aligner_prompts",
+    "aligner_batch_size",
+)
+# the online keys that name a run's directory when they differ from their defaults
+NAMED_KEYS = ONLINE_KEYS[1:] + ("aligner_weight_temperature", "aligner_weight_lr")
+
+
+def data_seed(cfg: Config) -> int:
+    return cfg.data_seed if cfg.data_seed >= 0 else cfg.seed
+
+
+def mo_assets_root(cfg: Config) -> Path:
+    return Path("out/toy_mo") / f"seed{data_seed(cfg)}"
+
+
+def mo_config(argv: list[str]) -> Config:
+    """The toy preset pointed at the two-objective toy's data (toy_multiobjective.ensure_mo_assets;
+    --dataset=DIR: a data directory built by it elsewhere), with room for the condition in the
+    prompt; out_dir defaults to out/meta_aligner-seed<N>."""
+    cfg = parse_config(["--model=toy", *argv])
+    given = any(a.split("=")[0] == "--dataset" for a in argv)  # a data directory built elsewhere (the tests)
+    assets = toy.toy_asset_paths(Path(cfg.dataset) if given else mo_assets_root(cfg))
+    cfg.model, cfg.dataset, cfg.sft_dataset = str(assets.base), str(assets.root), str(assets.sft)
+    cfg.max_prompt_len, cfg.max_len = 24, 48
+    if not any(a.startswith("--out_dir") for a in argv):
+        cfg.out_dir = str(Path("out") / f"meta_aligner-seed{cfg.seed}")
+    return cfg
+
+
+def shared_dir(cfg: Config) -> Path:
+    return Path(cfg.aligner_shared_dir or cfg.out_dir)
+
+
+def shared_config(cfg: Config, **changes) -> Config:
+    """cfg for a stage before the online ones: in shared_dir, its seed the data's, the online keys
+    at their defaults, so that every method and seed that reaches it (and --resume) sees the same
+    config: the stages before the online ones depend on the data only."""
+    defaults = Config()
+    online = {k: getattr(defaults, k) for k in ONLINE_KEYS}
+    shared = dataclasses.replace(
+        cfg, **{**online, "out_dir": str(shared_dir(cfg)), "seed": data_seed(cfg), "data_seed": -1, **changes}
+    )
+    shared.preset = getattr(cfg, "preset", "")
+    return shared
+
+
+def online_stage_name(cfg: Config) -> str:
+    """online-<method>, with each named key that differs from its default, e.g.
+    online-meta_aligner-aligner_relabel_0.25."""
+    defaults = Config()
+    switches = [f"{k}_{getattr(cfg, k):g}" for k in NAMED_KEYS if getattr(cfg, k) != getattr(defaults, k)]
+    return "-".join([f"online-{cfg.aligner_method}", *switches])
+
+
+def offline_stage(cfg: Config) -> str:
+    return STAGE_RIC if cfg.aligner_method == "ric" else STAGE_WIC
+
+
+def prompt_tensors(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """g_phi's input: the prompts' token ids (no chat template, no condition), right-padded, and their mask."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(i) for i in ids)
+    padded = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return padded, mask
+
+
+def ensure_sft(cfg: Config, rt: Runtime) -> str:
+    """The plain SFT model (the toy's teacher demonstrations, no condition): the SFT baseline and
+    where stage 0 starts."""
+    sft_cfg = shared_config(cfg, method="sft", init_from_config=True)
+    if not (shared_dir(cfg) / STAGE_SFT / "done.json").exists():
+        train.run_sft(sft_cfg, rt, STAGE_SFT)
+    return str(shared_dir(cfg) / STAGE_SFT / "model")
+
+
+def ensure_offline(cfg: Config, rt: Runtime) -> Path:
+    """Stage 0 [R: RiC's offline stage, PRO's fit]: conditional SFT from the SFT model on both
+    answers of every offline row, each conditioned on what it realised (weights, or RiC's rewards),
+    then (weights) g_phi fitted to the chosen answers' realised weights by KL. Its directory
+    holds the model, weight_net.pt and the normalisation statistics (stats.json)."""
+    sft_path = ensure_sft(cfg, rt)
+    name = offline_stage(cfg)
+    directory = shared_dir(cfg) / name
+    stage_cfg = shared_config(
+        cfg,
+        method="sft",
+        model=sft_path,
+        init_from_config=False,
+        sft_lr=cfg.aligner_offline_lr,
+        sft_epochs=cfg.aligner_offline_epochs,
+        aligner_method="ric" if name == STAGE_RIC else "meta_aligner",
+        sft_dataset=str(shared_dir(cfg) / "data" / f"{name}.jsonl"),
+    )
+    pref_rows = [row for _, row in data.iter_rows(cfg.dataset, cfg.train_split)]
+    rows, stats, realised = conditional_rows(
+        pref_rows,
+        seed_for(stage_cfg, "aligner rewards", 0),
+        "ric" if name == STAGE_RIC else "wic",
+        cfg.aligner_weight_temperature,
+    )
+    if rt.main and not Path(stage_cfg.sft_dataset).exists():  # the same rows every time (the data's seed)
+        data.write_jsonl(stage_cfg.sft_dataset, rows)
+    barrier(rt)
+    if not (directory / "done.json").exists():
+        train.run_sft(stage_cfg, rt, name)
+    if rt.main:
+        write_json(directory / "stats.json", {"objectives": list(mo.MO_OBJECTIVES), "mean_std": stats})
+        if name == STAGE_WIC and not (directory / "weight_net.pt").exists():
+            tokenizer = data.load_tokenizer(directory / "model")
+            learner = WeightLearner(len(tokenizer), lr=cfg.aligner_weight_lr, seed=stage_cfg.seed)
+            ids, mask = prompt_tensors(tokenizer, [row["prompt"] for row in pref_rows])
+            learner.fit(ids, mask, realised[0::2].float(), cfg.aligner_weight_fit_epochs)  # the chosen answers
+            torch.save(learner.net.state_dict(), directory / "weight_net.pt.tmp")
+            os.replace(directory / "weight_net.pt.tmp", directory / "weight_net.pt")
+    barrier(rt)
+    return directory
+
+
+def online_prompts(cfg: Config) -> list[list[str]]:
+    """The offline rows' prompts, shuffled, cut into aligner_iterations slices of aligner_prompts
+    (wrapping around when the rows run out)."""
+    prompts = [row["prompt"] for _, row in data.iter_rows(cfg.dataset, cfg.train_split)]
+    prompts = shuffled(prompts, seed_for(cfg, "aligner prompts"))
+    need = cfg.aligner_iterations * cfg.aligner_prompts
+    prompts = (prompts * math.ceil(need / len(prompts)))[:need]
+    return [prompts[t * cfg.aligner_prompts : (t + 1) * cfg.aligner_prompts] for t in range(cfg.aligner_iterations)]
+
+
+class OnlineRun:
+    """The online iterations of one method (stage 1 of the note's M1, and the baselines' online
+    stages): the policy, g_phi and the rounds of aligner_weight_interval policy steps. A round
+    samples every one of its prompts under the method's weights, keeps and relabels, then takes
+    its policy steps; g_phi (meta_aligner) is updated from its buffer every T_meta steps."""
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        self.cfg, self.rt, self.method = cfg, rt, cfg.aligner_method
+        self.offline = ensure_offline(cfg, rt)
+        self.stats = [tuple(s) for s in json.loads((self.offline / "stats.json").read_text())["mean_std"]]
+        self.stage = Stage(cfg, rt, online_stage_name(cfg))
+        self.latest = self.stage.start()
+        self.model, self.tokenizer = load_logprob_model(str(self.offline / "model"), cfg, rt, trainable=True)
+        self.learner = None
+        if self.method in ("meta_aligner", "pro"):
+            self.learner = WeightLearner(
+                len(self.tokenizer), lr=cfg.aligner_weight_lr, interval=cfg.aligner_weight_interval, seed=cfg.seed
+            )
+            self.learner.net.load_state_dict(torch.load(self.offline / "weight_net.pt"))
+        self.slices = online_prompts(cfg)
+        self.round_prompts = cfg.aligner_batch_size * cfg.aligner_weight_interval
+        self.rounds = math.ceil(cfg.aligner_prompts / self.round_prompts)
+        total = cfg.aligner_iterations * math.ceil(cfg.aligner_prompts / cfg.aligner_batch_size)
+        self.optimizer = make_optimizer(self.model, cfg.aligner_lr, cfg)
+        self.scheduler = make_scheduler(self.optimizer, total, cfg)
+        self.progress, self.position, self.kept, self.counts = Progress(), (0, 0), None, {"generated": 0, "kept": 0}
+        if self.latest is not None:
+            saved = self.stage.load_checkpoint(self.latest, self.model, self.optimizer, self.scheduler)
+            self.progress, self.position, self.kept = saved_progress(saved), tuple(saved["position"]), saved["kept"]
+            self.counts = saved["counts"]
+            if self.learner is not None:
+                self.learner.load_state(saved["learner"])
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "progress": dataclasses.asdict(self.progress),
+            "position": list(self.position),
+            "kept": self.kept,
+            "counts": self.counts,
+            "learner": self.learner.state() if self.learner is not None else None,
+        }
+
+    def weights(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        """The weights each prompt is sampled under: g_phi(x) explored (meta_aligner), g_phi(x)
+        (pro, frozen), Dirichlet(1) draws (static)."""
+        if self.method == "static":
+            return explore(torch.full((len(prompts), len(mo.MO_OBJECTIVES)), 0.5), 1.0, generator)
+        weights = self.learner.weights(*prompt_tensors(self.tokenizer, prompts))
+        return explore(weights, self.cfg.aligner_explore, generator) if self.method == "meta_aligner" else weights
+
+    def generate(self, texts: list[str], n: int, seed: int) -> list[list]:
+        ids = [data.encode_prompt(self.tokenizer, [{"role": "user", "content": text}]) for text in texts]
+        return distributed_generate(
+            self.model, self.tokenizer, ids, "", n, self.cfg, self.rt, seed, self.stage.dir, backend="transformers"
+        )
+
+    def sample_round(self, t: int, r: int) -> list[dict]:
+        """The round's kept samples, each {prompt, response, condition, target}: best-of-K under
+        the asked weights, the target relabelled toward what it realised (WIC methods); or RiC's
+        MORS, one sample per (prompt, goal), kept when any objective reaches its 0.7-quantile and
+        conditioned on the rewards it obtained."""
+        cfg, K = self.cfg, self.cfg.aligner_samples
+        prompts = self.slices[t][r * self.round_prompts : (r + 1) * self.round_prompts]
+        seed = seed_for(cfg, "aligner round", t, r)
+        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+        if self.method == "ric":
+            requests = [(p, ric_sample_goals(len(mo.MO_OBJECTIVES), rng)) for p in prompts for _ in range(K)]
+            generations = self.generate([mo.ric_conditioned(p, goal) for p, goal in requests], 1, seed)
+            answers = [(p, g[0].text) for (p, _), g in zip(requests, generations)]
+            obtained = [mo.normalise(mo.reward_signal(p, a, rng), self.stats) for p, a in answers]
+            keep = ric_keep(torch.tensor(obtained))
+            self.counts["generated"] += len(answers)
+            kept = [
+                {"prompt": p, "response": a, "condition": mo.ric_conditioned(p, z), "target": None}
+                for (p, a), z, k in zip(answers, obtained, keep)
+                if k
+            ]
+            self.counts["kept"] += len(kept)
+            return kept
+        asked = self.weights(prompts, generator)
+        generations = self.generate([mo.conditioned(p, tuple(w)) for p, w in zip(prompts, asked.tolist())], K, seed)
+        self.counts["generated"] += K * len(prompts)
+        kept = []
+        for prompt, w, samples in zip(prompts, asked, generations):  # explicit: one prompt's K samples at a time
+            rewards = torch.tensor([mo.normalise(mo.reward_signal(prompt, s.text, rng), self.stats) for s in samples])
+            best = best_of_k(w, rewards)
+            strength = cfg.aligner_relabel if self.method == "meta_aligner" else 0.0
+            target = relabel(
+                w.view(1, -1), realised_weights(rewards[best : best + 1], cfg.aligner_weight_temperature), strength
+            )[0]
+            kept.append(
+                {
+                    "prompt": prompt,
+                    "response": samples[best].text,
+                    "condition": mo.conditioned(prompt, tuple(target.tolist())),
+                    "asked": w.tolist(),
+                    "target": target.tolist(),
+                }
+            )
+        self.counts["kept"] += len(kept)
+        return kept
+
+    def step_batches(self, kept: list[dict], n_prompts: int) -> list[list]:
+        """The round's policy steps: its kept samples cut into as many global batches as its
+        n_prompts make at aligner_batch_size (so every method takes the same number of steps)."""
+        steps = math.ceil(n_prompts / self.cfg.aligner_batch_size)
+        examples = [data.SFTExample([{"role": "user", "content": k["condition"]}], k["response"]) for k in kept]
+        tokenized, _ = data.tokenize_sft(examples, self.tokenizer, self.cfg.max_prompt_len, self.cfg.max_len)
+        size = math.ceil(len(tokenized) / steps)
+        return [tokenized[i : i + size] for i in range(0, len(tokenized), size)] if tokenized else []
+
+    def sft_loss(self, items, mask, n_tokens, world):
+        batch = data.collate_sft(items, self.tokenizer.pad_token_id)
+        device = self.rt.device
+        logps = self.model(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["response_mask"].to(device)
+        )
+        total = -(logps * mask).sum()
+        return total * world / n_tokens, {"loss": total.item() / n_tokens}
+
+    def run(self) -> dict:
+        cfg, started = self.cfg, time.time()
+        t0, r0 = self.position
+        for t in range(t0, cfg.aligner_iterations):
+            for r in range(r0 if t == t0 else 0, self.rounds):
+                resumed = (t, r) == tuple(self.position) and self.kept is not None
+                if not resumed:
+                    self.position, self.progress.batch = (t, r), 0
+                    self.kept = self.sample_round(t, r)
+                self.train_round(t, r)
+            check_stop(self.rt, f"[{self.stage.name}] stopped after iteration {t + 1}")
+            export_hf(
+                self.model,
+                self.model.lm,
+                self.tokenizer,
+                self.stage.dir / f"iter{t + 1}",
+                self.cfg,
+                self.rt,
+                prefix="lm.",
+            )
+            if self.rt.main and self.learner is not None:
+                torch.save(self.learner.net.state_dict(), self.stage.dir / f"iter{t + 1}" / "weight_net.pt")
+            barrier(self.rt)
+        summary = {"train_time_s": time.time() - started, "steps": self.progress.step, **self.counts}
+        summary["models"] = [str(self.stage.dir / f"iter{t}") for t in range(1, cfg.aligner_iterations + 1)]
+        self.stage.finish(summary)
+        return summary
+
+    def train_round(self, t: int, r: int) -> None:
+        """The round's conditional SFT steps; meta_aligner pushes each step's (x, w~) to g_phi's
+        buffer and updates g_phi when it holds T_meta steps (before the step's checkpoint, so a
+        resumed run never repeats or loses an update)."""
+        n_prompts = len(self.slices[t][r * self.round_prompts : (r + 1) * self.round_prompts])
+        training = TrainingPass(
+            self.stage,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.step_batches(self.kept, n_prompts),
+            self.progress,
+            f"iteration {t + 1} round {r + 1}/{self.rounds}",
+            checkpoint_extras=self.checkpoint_state,
+            log_extra={"iteration": t + 1, "round": r + 1},
+            save_period=self.cfg.save_every or self.cfg.aligner_weight_interval,
+        )
+        for batch in training:
+            record, _ = training.step(batch, self.sft_loss, sum(len(e.response_ids) for e in batch))
+            rows = [self.kept[e.index] for e in batch]
+            gold = [mo.gold_scores(x["prompt"], x["response"]) for x in rows]
+            record["kept_helpful"], record["kept_harmless"] = (sum(g[i] for g in gold) / len(gold) for i in range(2))
+            if self.method != "ric":
+                for tag in mo.MO_TAGS:  # the harmless weight each tag's prompts were sampled under
+                    asked = [x["asked"][1] for x in rows if x["prompt"].startswith(tag)]
+                    record[f"asked_harmless_{tag}"] = sum(asked) / len(asked) if asked else float("nan")
+            if self.method == "meta_aligner":
+                ids, mask = prompt_tensors(self.tokenizer, [x["prompt"] for x in rows])
+                self.learner.append(ids, mask, torch.tensor([x["target"] for x in rows]))
+                if self.learner.ready():
+                    record.update(self.learner.update())
+            training.end_step(record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(config_help(__doc__.strip().split("\n\n")[0]))
+        return
+    try:
+        cfg = mo_config(argv)
+    except ConfigError as err:
+        raise SystemExit(f"meta_aligner.py: {err}") from None
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    rt = setup_distributed(cfg)
+    try:
+        if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
+            mo.ensure_mo_assets(data_seed(cfg))
+        barrier(rt)
+        done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
+        summary = read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
+        print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
+    except Stopped as err:
+        stop_exit(f"{err}; continue with the same command and --resume")
+    except (ConfigError, NonFiniteLoss, data.DataError) as err:
+        raise SystemExit(f"meta_aligner.py: {err}") from None
+    finally:
+        if rt.distributed:
+            gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
+            torch.distributed.destroy_process_group()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
-    main()
+    import meta_aligner  # checkpoints pickle meta_aligner.X, not __main__.X (as train.py)
+
+    meta_aligner.main()

@@ -158,6 +158,10 @@ def ric_condition_text(targets: tuple[float, ...]) -> str:
     return " ".join(f"{token} {v:.1f}" for token, v in zip(MO_RIC_TOKENS, values))
 
 
+def ric_conditioned(prompt: str, targets: tuple[float, ...]) -> str:
+    return f"{prompt} {ric_condition_text(targets)}"
+
+
 def write_answer(writer: ToyWriter, omit: float, task: str, letters: list[str], rng: random.Random) -> str:
     """A writer's answer in the plain style, each unsafe letter left out with probability `omit`."""
     kept = [c for c in letters if c not in MO_UNSAFE or rng.random() >= omit]

@@ -357,15 +357,16 @@ def join_online_pairs(
 # The stages before Algorithm 1: SFT (the toy) and the reward model (Eq. 1)
 
 
-def run_sft(cfg: Config, rt: Runtime) -> dict:
-    """Supervised fine-tuning: mean NLL of the response tokens of each global batch."""
+def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
+    """Supervised fine-tuning of cfg.model on cfg.sft_dataset: mean NLL of the response tokens of each
+    global batch, in stage `name` (meta_aligner.py's conditional SFT is another)."""
     started = time.time()
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
-    print0(rt, f"[sft] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
     if not tokenized:
         raise data.DataError(f"{cfg.sft_dataset}: no usable SFT example after tokenization ({stats.summary()})")
-    stage = Stage(cfg, rt, "sft")
+    stage = Stage(cfg, rt, name)
     latest = stage.start()
     model, tokenizer = load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
     batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, seed_for(cfg, "batches"))

@@ -144,8 +144,8 @@ def test_offline_answers_are_conditioned_on_the_trade_off_they_realised():
     import meta_aligner as meal
 
     prefs = mo.make_mo_rows(0, {"train_prefs": 200})["train_prefs"]
-    rows, stats = meal.conditional_rows(prefs, seed=0)
-    assert len(rows) == 2 * len(prefs) and len(stats) == 2
+    rows, stats, realised = meal.conditional_rows(prefs, seed=0)
+    assert len(rows) == 2 * len(prefs) and len(stats) == 2 and realised.shape == (len(rows), 2)
     tens = []
     for row, (pref, key) in zip(rows, [(p, k) for p in prefs for k in ("chosen", "rejected")]):
         words = row["prompt"].split()
@@ -194,3 +194,131 @@ def test_rics_map_goals_and_rejection_as_its_code():
     assert mo.ric_condition_text((1.26, -0.4)) == "<r1> 1.5 <r2> -0.5"
     assert mo.ric_condition_text((9.0, -5.0)) == "<r1> 4.0 <r2> -4.0"
     assert mo.mo_parse_prompt("lax ascending : a b <r1> 1.5 <r2> -0.5")[2] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The online loop on the engine: resume after a kill, and one process against two
+
+TINY_MO = [
+    "--sft_epochs=1",
+    "--aligner_offline_epochs=1",
+    "--aligner_weight_fit_epochs=2",
+    "--aligner_batch_size=4",
+    "--aligner_weight_interval=2",  # rounds of 8 prompts, 2 policy steps each
+    "--aligner_samples=2",
+    "--deterministic",
+]
+
+
+@pytest.fixture(scope="module")
+def mo_shared(tmp_path_factory):
+    """A tiny two-objective toy and the stages before the online ones (SFT, stage 0), built once."""
+    import meta_aligner as meal
+    from fsdp import setup_distributed
+
+    root = tmp_path_factory.mktemp("mo")
+    assets = mo.ensure_mo_assets(0, root / "data", {"sft": 64, "train_prefs": 64, "test_prefs": 8})
+    args = [f"--dataset={assets.root}", f"--aligner_shared_dir={root / 'shared'}", *TINY_MO]
+    cfg = meal.mo_config(args + [f"--out_dir={root / 'unused'}"])
+    rt = setup_distributed(cfg)
+    meal.ensure_offline(cfg, rt)
+    assert (root / "shared" / "offline_wic" / "weight_net.pt").exists()
+    return args
+
+
+def aligner(args, out, **popen):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "meta_aligner.py", *args, f"--out_dir={out}"]
+    return subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finished(process):
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, out[-2000:] + err[-4000:]
+    return out
+
+
+def step_records(stage):
+    import json
+
+    lines = (stage / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["kept_helpful"]) for r in map(json.loads, lines) if "step" in r]
+
+
+def same_weights(a, b, atol=0.0):
+    import torch
+    from safetensors.torch import load_file
+
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for tensors in (left, right):  # a tied head may be written out or not (the sharded export writes it)
+        tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+    assert left.keys() == right.keys()
+    assert all(torch.allclose(left[k], right[k], atol=atol, rtol=0) for k in left)
+    nets = [torch.load(p / "weight_net.pt") for p in (a, b)]
+    assert all(torch.allclose(nets[0][k], nets[1][k], atol=atol, rtol=0) for k in nets[0])
+
+
+def test_a_killed_online_run_resumes_to_the_uninterrupted_result(mo_shared, tmp_path):
+    """SIGKILL mid-run (checkpoints every 3 steps, so mostly inside a round: its kept samples come
+    back from the checkpoint); --resume finishes with the weights, g_phi and step records of the run
+    that was never stopped."""
+    import time
+
+    args = mo_shared + ["--aligner_prompts=32", "--aligner_iterations=2", "--save_every=3"]  # 16 steps
+    finished(aligner(args, tmp_path / "whole"))
+    whole = tmp_path / "whole" / next(p.name for p in (tmp_path / "whole").iterdir() if p.name.startswith("online"))
+    process = aligner(args, tmp_path / "killed")
+    log = tmp_path / "killed" / whole.name / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and len([line for line in log.read_text().splitlines() if '"step"' in line]) >= 4:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.kill()
+    process.communicate()
+    killed = tmp_path / "killed" / whole.name
+    assert not (killed / "done.json").exists() and list((killed / "checkpoints").glob("step-*"))
+    output = finished(aligner(args + ["--resume"], tmp_path / "killed"))
+    assert "resumed from" in output
+    assert step_records(killed) == step_records(whole) and len(step_records(whole)) == 16
+    for t in (1, 2):
+        same_weights(killed / f"iter{t}", whole / f"iter{t}")
+
+
+def test_one_process_and_two_give_the_same_round(mo_shared, tmp_path):
+    """Under torchrun on two processes, every rank generates its share of the round and receives
+    every sample: the kept samples, the relabelled targets and g_phi's update are those of one
+    process, and the policy's two steps agree to float tolerance."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distributed import TORCHRUN_VARIABLES
+
+    args = mo_shared + ["--aligner_prompts=8", "--aligner_iterations=1"]
+    finished(aligner(args, tmp_path / "one"))
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "meta_aligner.py", *args]
+        + [f"--out_dir={tmp_path / 'two'}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    one = next(p for p in (tmp_path / "one").iterdir() if p.name.startswith("online"))
+    two = tmp_path / "two" / one.name
+    left, right = step_records(one), step_records(two)
+    assert [r[0] for r in left] == [r[0] for r in right] == [1, 2]
+    assert [r[2] for r in left] == [r[2] for r in right]  # the same kept samples
+    assert [r[1] for r in left] == pytest.approx([r[1] for r in right], abs=1e-5)
+    same_weights(one / "iter1", two / "iter1", atol=1e-5)
