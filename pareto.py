@@ -214,8 +214,11 @@ def aggregate(per_seed: dict[str, list[dict]], oracle: dict) -> dict:
             row["auto_minus_best_fixed"] = paired_t_interval(
                 [f["auto_utility"] for f in final], [f["best_fixed_utility"] for f in final]
             )
-            for tag in mo.MO_TAGS:
-                row[f"g_harmless_{tag}"] = float(np.mean([f[f"g_harmless_{tag}"] for f in final]))
+            for tag in mo.MO_TAGS:  # per checkpoint: g_phi's drift across the iterations
+                row[f"g_harmless_{tag}"] = [
+                    float(np.mean([r["checkpoints"][t][f"g_harmless_{tag}"] for r in runs]))
+                    for t in range(len(runs[0]["checkpoints"]))
+                ]
         if reference and label != REFERENCE_ROW and len(hv) == len(reference):
             row["vs_reference"] = paired_t_interval(hv, reference)
         rows[label] = row
@@ -266,14 +269,16 @@ def results_markdown(results: dict) -> str:
         "",
         "Hidden utility (the tag's intended trade-off, 0-10): the best fixed grid weight of each model, auto mode "
         "(conditioned on g_phi(x)) and their paired difference; g_phi's mean harmless weight on strict and lax "
-        "prompts; fidelity (mean |w^ - w| over the grid, lower obeys better).",
+        "prompts per checkpoint; fidelity (mean |w^ - w| over the grid, lower obeys better).",
         "",
         "| method | best fixed weight | auto (g_phi(x)) | auto - best fixed | g_phi harmless: strict / lax "
         "| fidelity |",
         "|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
-        g = f"{row['g_harmless_strict']:.2f} / {row['g_harmless_lax']:.2f}" if "g_harmless_strict" in row else "—"
+        g = "—"
+        if "g_harmless_strict" in row:
+            g = " → ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(row["g_harmless_strict"], row["g_harmless_lax"]))
         lines.append(
             f"| {label} | {fmt(row['best_fixed_utility'], 2)} | {fmt(row.get('auto_utility'), 2)} | "
             f"{diff(row.get('auto_minus_best_fixed'), 2)} | {g} | {fmt(row['fidelity'], 3)} |"
