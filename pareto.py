@@ -309,7 +309,7 @@ def plot(results: dict, per_seed: dict[str, list[dict]], path: Path) -> None:
         title="hypervolume per iteration (mean ± std over seeds)",
     )
     right.axhline(results["oracle"]["hypervolume"], color="k", linestyle="--", label="oracle")
-    right.set_xticks(range(len(next(iter(results["rows"].values()))["per_iteration"])))
+    right.set_xticks(range(max(len(row["per_iteration"]) for row in results["rows"].values())))
     left.legend(fontsize=7)
     right.legend(fontsize=7)
     figure.tight_layout()
