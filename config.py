@@ -178,8 +178,7 @@ class Config:
     ppo_clip: float = 0.2  # clip of the policy ratio
     value_clip: float = 0.2  # clip of the value change
     rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
-    # --- seed 003's Meta-Aligner (meta_aligner.py, the two-objective toy): a RECONSTRUCTION from its
-    # abstract and lineage; [R] marks a choice the research note reconstructs (PRO, RiC, MetaAPO)
+    # --- seed 003's Meta-Aligner (meta_aligner.py), RECONSTRUCTED: [R] marks a reconstructed choice
     aligner_method: str = "meta_aligner"  # meta_aligner, pro (g_phi frozen), static (w ~ Dirichlet(1)), ric
     aligner_relabel: float = 0.5  # [R] lambda: a kept sample's target moved this far toward the trade-off it realised
     aligner_samples: int = 4  # [R] K: samples per prompt, the best under w . R kept (RiC: 1 each, K goals)
@@ -195,8 +194,7 @@ class Config:
     aligner_prompts: int = 512  # prompts per online iteration
     aligner_batch_size: int = 16  # prompts per online policy step (one kept sample each; RiC: its kept share)
     aligner_eval_prompts: int = 256  # held-out prompts per point of the Pareto front (one sample each)
-    # where the stages before the online ones are (sft/, offline_wic/, offline_ric/, data/), shared by
-    # runs of several seeds on the same data; "" = out_dir
+    # the stages before the online ones (sft/, offline_*/, data/), shareable by seeds; "" = out_dir
     aligner_shared_dir: str = ""
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward

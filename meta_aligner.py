@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         raise SystemExit(f"meta_aligner.py: {err}") from None
     handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     rt = setup_distributed(cfg)
     try:
         if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
@@ -615,8 +616,9 @@ def main(argv: list[str] | None = None) -> None:
         if rt.distributed:
             gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
             torch.distributed.destroy_process_group()
-        for signum, handler in handlers.items():
+        for signum, handler in handlers.items():  # main() may run inside another program (the tests)
             signal.signal(signum, handler)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 if __name__ == "__main__":

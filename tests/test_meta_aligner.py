@@ -236,12 +236,6 @@ def aligner(args, out, **popen):
     return subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def finished(process):
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, out[-2000:] + err[-4000:]
-    return out
-
-
 def step_records(stage):
     import json
 
@@ -262,14 +256,16 @@ def same_weights(a, b, atol=0.0):
     assert all(torch.allclose(nets[0][k], nets[1][k], atol=atol, rtol=0) for k in nets[0])
 
 
-def test_a_killed_online_run_resumes_to_the_uninterrupted_result(mo_shared, tmp_path):
+def test_a_killed_online_run_resumes_to_the_uninterrupted_result(mo_shared, tmp_path, capsys):
     """SIGKILL mid-run (checkpoints every 3 steps, so mostly inside a round: its kept samples come
     back from the checkpoint); --resume finishes with the weights, g_phi and step records of the run
     that was never stopped."""
     import time
 
+    import meta_aligner as meal
+
     args = mo_shared + ["--aligner_prompts=32", "--aligner_iterations=2", "--save_every=3"]  # 16 steps
-    finished(aligner(args, tmp_path / "whole"))
+    meal.main(args + [f"--out_dir={tmp_path / 'whole'}"])  # in this process: the reference
     whole = tmp_path / "whole" / next(p.name for p in (tmp_path / "whole").iterdir() if p.name.startswith("online"))
     process = aligner(args, tmp_path / "killed")
     log = tmp_path / "killed" / whole.name / "metrics.jsonl"
@@ -283,8 +279,8 @@ def test_a_killed_online_run_resumes_to_the_uninterrupted_result(mo_shared, tmp_
     process.communicate()
     killed = tmp_path / "killed" / whole.name
     assert not (killed / "done.json").exists() and list((killed / "checkpoints").glob("step-*"))
-    output = finished(aligner(args + ["--resume"], tmp_path / "killed"))
-    assert "resumed from" in output
+    meal.main(args + ["--resume", f"--out_dir={tmp_path / 'killed'}"])
+    assert "resumed from" in capsys.readouterr().out
     assert step_records(killed) == step_records(whole) and len(step_records(whole)) == 16
     for t in (1, 2):
         same_weights(killed / f"iter{t}", whole / f"iter{t}")
@@ -301,8 +297,10 @@ def test_one_process_and_two_give_the_same_round(mo_shared, tmp_path):
 
     from test_distributed import TORCHRUN_VARIABLES
 
+    import meta_aligner as meal
+
     args = mo_shared + ["--aligner_prompts=8", "--aligner_iterations=1"]
-    finished(aligner(args, tmp_path / "one"))
+    meal.main(args + [f"--out_dir={tmp_path / 'one'}"])  # one process: this one
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
@@ -322,3 +320,39 @@ def test_one_process_and_two_give_the_same_round(mo_shared, tmp_path):
     assert [r[2] for r in left] == [r[2] for r in right]  # the same kept samples
     assert [r[1] for r in left] == pytest.approx([r[1] for r in right], abs=1e-5)
     same_weights(one / "iter1", two / "iter1", atol=1e-5)
+
+
+def test_pareto_aggregates_fronts_over_seeds_by_hand():
+    """pareto.py's numbers on hand-made answers: a front's points, hypervolume, hidden utility and
+    fidelity; over seeds, the mean with its t-interval and the paired difference from the reference row."""
+    import pareto
+
+    prompts = ["strict ascending : a g", "lax ascending : a g"]  # n = 2, one unsafe letter each
+    grid = ((1.0, 0.0), (0.0, 1.0))
+    # w = (1, 0): both answers write g (10, 0); w = (0, 1): both leave it out (5, 10)
+    gold = [[(10.0, 0.0), (10.0, 0.0)], [(5.0, 10.0), (5.0, 10.0)]]
+    record = pareto.front_record(prompts, grid, gold, [(0.0, 1.0), (0.0, 1.0)], 0.1)
+    assert record["points"] == [(10.0, 0.0), (5.0, 10.0)] and record["hypervolume"] == 50.0
+    # strict wants (0.2, 0.8): 2 then 9; lax wants (0.8, 0.2): 8 then 6
+    assert record["utility"] == [pytest.approx(5.0), pytest.approx(7.5)] and record["best_fixed_weights"] == [0.0, 1.0]
+    assert record["fidelity"] == pytest.approx(0.0)  # each answer realised exactly the weights asked
+    runs = lambda hv: [{"checkpoints": [{**record, "hypervolume": h}], "train_time_s": 1.0} for h in hv]  # noqa: E731
+    rows = pareto.aggregate(
+        {"Static-weight RS": runs([50.0, 52.0, 54.0]), pareto.REFERENCE_ROW: runs([49.0, 50.0, 51.0])},
+        {"hypervolume": 100.0},
+    )
+    static = rows["Static-weight RS"]
+    assert static["hypervolume"]["mean"] == pytest.approx(52.0) and static["of_oracle"] == pytest.approx(0.52)
+    half = 4.303 * 2.0 / 3**0.5  # t(0.975, 2) * sample std / sqrt(3)
+    assert static["hypervolume"]["interval"]["high"] == pytest.approx(52.0 + half, abs=1e-3)
+    assert static["vs_reference"]["mean"] == pytest.approx(2.0) and "vs_reference" not in rows[pareto.REFERENCE_ROW]
+    text = pareto.results_markdown(
+        {
+            "oracle": {**record, "prompt_aware_utility": 8.0},
+            "rows": rows,
+            "seeds": [0, 1, 2],
+            "minutes": 1.0,
+            "eval_prompts": 2,
+        }
+    )
+    assert "| Static-weight RS | 52.0 [" in text and "+2.0 [" in text
