@@ -15,11 +15,13 @@ Deliberate simplifications
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -115,6 +117,22 @@ def write_json(path: Path, record: dict) -> None:
 # A stage's directory
 
 WANDB: list = []  # the Weights & Biases run (rank 0, --wandb_project), once started
+
+
+def end_process(rt: Runtime, handlers: dict, deterministic: bool) -> None:
+    """What an entry point's main() undoes on the way out, whatever happened: the W&B run finished,
+    the process group destroyed, the signal handlers and the deterministic flag it found restored
+    (main() may run inside another program, the tests)."""
+    if WANDB:
+        WANDB.pop().finish()
+    if rt.distributed:
+        # models and optimizers caught in reference cycles go while the process group still
+        # exists: freed after it, at interpreter exit, a rank could abort in a C++ destructor
+        gc.collect()
+        torch.distributed.destroy_process_group()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def start_wandb(cfg: Config, rt: Runtime) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import signal
 import sys
@@ -477,14 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     finally:
-        if checkpoint.WANDB:
-            checkpoint.WANDB.pop().finish()
-        if rt.distributed:
-            gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
-            torch.distributed.destroy_process_group()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        torch.use_deterministic_algorithms(deterministic)
+        checkpoint.end_process(rt, handlers, deterministic)
 
 
 if __name__ == "__main__":

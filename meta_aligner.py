@@ -48,7 +48,6 @@ Deliberate simplifications
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -66,7 +65,7 @@ import data
 import toy
 import toy_multiobjective as mo
 import train
-from checkpoint import Stage, read_json, write_json
+from checkpoint import Stage, end_process, read_json, write_json
 from config import Config, ConfigError, config_help, parse_config, seed_for
 from fsdp import (
     NonFiniteLoss,
@@ -368,6 +367,9 @@ def ensure_offline(cfg: Config, rt: Runtime) -> Path:
         aligner_method="ric" if name == STAGE_RIC else "meta_aligner",
         sft_dataset=str(shared_dir(cfg) / "data" / f"{name}.jsonl"),
     )
+    complete = all((directory / f).exists() for f in ("done.json", "stats.json"))
+    if complete and (name == STAGE_RIC or (directory / "weight_net.pt").exists()):
+        return directory
     pref_rows = [row for _, row in data.iter_rows(cfg.dataset, cfg.train_split)]
     rows, stats, realised = conditional_rows(
         pref_rows,
@@ -393,6 +395,11 @@ def ensure_offline(cfg: Config, rt: Runtime) -> Path:
     return directory
 
 
+def offline_stats(directory: Path) -> list[tuple[float, float]]:
+    """Stage 0's normalisation statistics, (mean, std) per objective, as ensure_offline wrote them."""
+    return [tuple(s) for s in json.loads((directory / "stats.json").read_text())["mean_std"]]
+
+
 def online_prompts(cfg: Config) -> list[list[str]]:
     """The offline rows' prompts, shuffled, cut into aligner_iterations slices of aligner_prompts
     (wrapping around when the rows run out)."""
@@ -412,7 +419,7 @@ class OnlineRun:
     def __init__(self, cfg: Config, rt: Runtime):
         self.cfg, self.rt, self.method = cfg, rt, cfg.aligner_method
         self.offline = ensure_offline(cfg, rt)
-        self.stats = [tuple(s) for s in json.loads((self.offline / "stats.json").read_text())["mean_std"]]
+        self.stats = offline_stats(self.offline)
         self.stage = Stage(cfg, rt, online_stage_name(cfg))
         self.latest = self.stage.start()
         self.model, self.tokenizer = load_logprob_model(str(self.offline / "model"), cfg, rt, trainable=True)
@@ -613,12 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, NonFiniteLoss, data.DataError) as err:
         raise SystemExit(f"meta_aligner.py: {err}") from None
     finally:
-        if rt.distributed:
-            gc.collect()  # as train.py: what reference cycles hold goes while the process group exists
-            torch.distributed.destroy_process_group()
-        for signum, handler in handlers.items():  # main() may run inside another program (the tests)
-            signal.signal(signum, handler)
-        torch.use_deterministic_algorithms(deterministic)
+        end_process(rt, handlers, deterministic)
 
 
 if __name__ == "__main__":

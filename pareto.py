@@ -147,9 +147,7 @@ def oracle_record(cfg) -> dict:
     """The oracle (a perfect sorter choosing which unsafe letters to leave out) on the same prompts."""
     prompts = heldout_prompts(cfg)
     per_w = [[mo.oracle_choice(mo.mo_parse_prompt(p)[2], w) for p in prompts] for w in mo.MO_GRID]
-    stats = [
-        tuple(s) for s in json.loads((meal.shared_dir(cfg) / meal.STAGE_WIC / "stats.json").read_text())["mean_std"]
-    ]
+    stats = meal.offline_stats(meal.shared_dir(cfg) / meal.STAGE_WIC)
     record = front_record(prompts, mo.MO_GRID, per_w, stats, cfg.aligner_weight_temperature)
     record["prompt_aware_utility"] = mo.oracle_utility(prompts)["prompt_aware"]
     return record
@@ -163,15 +161,14 @@ def run_row(out: Path, seed: int, method: str | None, extra: list[str], rest: li
     cfg = meal.mo_config(args + ([f"--aligner_method={method}"] if method else []))
     evals = Path(cfg.out_dir) / "eval"
     if method is None:
-        sft = Path(meal.ensure_sft(cfg, rt))
-        stats = meal.ensure_offline(cfg, rt) / "stats.json"
-        stats = [tuple(s) for s in json.loads(stats.read_text())["mean_std"]]
+        stats = meal.offline_stats(meal.ensure_offline(cfg, rt))
+        sft = meal.shared_dir(cfg) / meal.STAGE_SFT / "model"  # ensure_offline made it
         return {"checkpoints": [evaluate_model(cfg, rt, sft, "none", None, stats, evals / "sft.json")]}
     done = Path(cfg.out_dir) / meal.online_stage_name(cfg) / "done.json"
     summary = json.loads(done.read_text()) if done.exists() else meal.OnlineRun(cfg, rt).run()
     fsdp.release_memory()
     offline = meal.shared_dir(cfg) / meal.offline_stage(cfg)
-    stats = [tuple(s) for s in json.loads((offline / "stats.json").read_text())["mean_std"]]
+    stats = meal.offline_stats(offline)
     kind = "ric" if method == "ric" else "wic"
     has_net = method in ("pro", "meta_aligner")
     # stage 0 is shared: the WIC one is evaluated with its fitted g_phi for every WIC row

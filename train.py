@@ -37,7 +37,6 @@ Deliberate simplifications
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -48,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import transformers
 
 import data
@@ -58,7 +56,7 @@ import toy
 from baselines.boundary import boundary_measurement
 from baselines.ppo import run_ppo
 from baselines.selective_dpo import run_selective_dpo
-from checkpoint import WANDB, Stage, prepare_pass, read_json, start_wandb
+from checkpoint import Stage, end_process, prepare_pass, read_json, start_wandb
 from config import (
     OFFLINE_METHODS,
     Config,
@@ -630,16 +628,7 @@ def main(argv: list[str] | None = None) -> None:
             "continue with the same command and --resume"
         )
     finally:
-        if WANDB:
-            WANDB.pop().finish()
-        if rt.distributed:
-            # models and optimizers caught in reference cycles go while the process group still
-            # exists: freed after it, at interpreter exit, a rank could abort in a C++ destructor
-            gc.collect()
-            dist.destroy_process_group()
-        for signum, handler in handlers.items():  # main() may run inside another program (the tests)
-            signal.signal(signum, handler)
-        torch.use_deterministic_algorithms(deterministic)
+        end_process(rt, handlers, deterministic)
 
 
 if __name__ == "__main__":
