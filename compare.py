@@ -401,9 +401,10 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
         ]
         for label in at_budget:
             row = rows[label]
-            steps = np.mean([r.get("steps", float("nan")) for r in row["per_seed"]])
+            steps = [r["steps"] for r in row["per_seed"] if "steps" in r]
+            steps_cell = f"{np.mean(steps):.0f}" if steps else "-"
             lines.append(
-                f"| {label} | {_fmt(row['gold'])} | {_fmt(row['annotation_ratio'], True)} | {steps:.0f} | "
+                f"| {label} | {_fmt(row['gold'])} | {_fmt(row['annotation_ratio'], True)} | {steps_cell} | "
                 f"{_fmt_interval(row.get('vs_metaapo', {}).get('gold'))} |"
             )
     compared = [label for label in rows if "vs_metaapo" in rows[label]]

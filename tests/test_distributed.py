@@ -99,10 +99,13 @@ fsdp.generate = vllm_stand_in
 vllm_cfg = dataclasses.replace(cfg, generator="vllm")
 fsdp.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
 fsdp.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
+fsdp.export_hf(plain, plain.lm, tokenizer, out / "plain", cfg, fsdp.Runtime(), prefix="lm.")
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
 diff = max((exported[k] - expected[k]).abs().max().item() for k in expected)
-report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": fsdp.dist.get_world_size()})
+names = {path: sorted(safe_open(out / path / "model.safetensors", "pt").keys()) for path in ("model", "plain")}
+report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": fsdp.dist.get_world_size(), **names})
 del policy, plain
 gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
 fsdp.dist.destroy_process_group()
@@ -112,6 +115,8 @@ fsdp.dist.destroy_process_group()
     assert row["world"] == 1 and row["backend"] == "vllm"
     assert row["gathered"] and row["sharded"]  # gathered after the no-grad forward, resharded before vLLM
     assert row["max_diff"] < 1e-6, row
+    # the tied output embedding written once, as an unsharded export writes it (not a second copy)
+    assert row["model"] == row["plain"] and "lm_head.weight" not in row["model"], (row["model"], row["plain"])
 
 
 def test_each_rank_loads_only_its_shard(toy_dir, toy_rm_dir, tmp_path):

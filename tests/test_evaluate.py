@@ -327,6 +327,7 @@ def test_results_markdown_tables():
         }
         for i, (label, method, extra) in enumerate(compare.COMPARE_ROWS)
     }
+    rows["MetaAPO"]["per_seed"] = [{"steps": 30}, {"steps": 32}]  # the equal-budget table's steps column
     rows["DPO"]["vs_metaapo"] = {
         "gold": compare.interval(-0.6, -0.8, -0.4),
         "annotation_ratio": compare.interval(-0.5, -0.6, -0.4),
@@ -346,6 +347,8 @@ def test_results_markdown_tables():
     ablations = text[text.index("Table 2") : text.index("Table 8")]
     assert "w/ random sampling" in ablations and "Online DPO" not in ablations
     assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
+    at_budget = text[text.index("## At equal annotation budget") :]
+    assert "| 50.0 ± 10.0% | 31 |" in at_budget and "| 50.0 ± 10.0% | - |" in at_budget  # no steps recorded: -
     assert "| DPO | **-0.600 [-0.800, -0.400]** | **-50.0 [-60.0, -40.0]** | -5 [-12, +2] |" in text  # bold: resolved
 
 
