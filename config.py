@@ -537,10 +537,10 @@ def parse_config(argv: list[str]) -> Config:
         if not has_value:
             if isinstance(fields[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 value = "true"  # a bare flag
-            elif i + 1 < len(argv):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i, value = i + 1, argv[i + 1]
             else:
-                raise ConfigError(f"--{key} needs a value")
+                raise ConfigError(f"--{key} needs a value (--{key}=VALUE or --{key} VALUE)")
         overrides[key] = _convert(key, value, fields[key])
         if (key, overrides[key]) in RENAMED_VALUES:
             renamed(f"--{key}={overrides[key]}", f"--{key}={RENAMED_VALUES[key, overrides[key]]}")

@@ -78,7 +78,7 @@ def iter_rows(source: str | os.PathLike, split: str | None = None) -> Iterator[t
                 for lineno, raw in enumerate(f, start=1):
                     where = f"{path}:{lineno}"
                     try:
-                        line = raw.decode("utf-8")
+                        line = raw.decode("utf-8").rstrip("\r\n")  # a cut line's error stays on its own line
                     except UnicodeDecodeError as err:
                         yield where, DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
                         continue

@@ -146,7 +146,7 @@ def test_sft_rows(tmp_path):
 
 
 BAD_ROWS = [
-    ('{"prompt": "p", "chosen": "c", "rejected": ', "invalid JSON at column"),
+    ('{"prompt": "p", "chosen": "c", "rejected": ', "invalid JSON at column 44: Expecting value"),  # the line's end
     ('{"prompt": "p, "chosen"', "invalid JSON at column 17: Expecting ',' delimiter"),
     ('["a", "list"]', "expected a JSON object"),
     ({"prompt": "p", "chosen": "c"}, "missing key 'rejected'"),

@@ -72,6 +72,7 @@ def test_defaults_presets_and_overrides():
         (["--keep_ratio=0"], "--keep_ratio: must be in"),
         (["lr=1"], "unexpected argument 'lr=1'"),
         (["--lr"], "--lr needs a value"),
+        (["--beta", "--seed=1"], "--beta needs a value"),  # the next key is not taken as its value
         # runs that could not train, refused before anything runs
         (["--num_samples=1"], "--num_samples: must be at least 2"),
         (["--max_train_pairs=-60"], "--max_train_pairs: must be at least 0, got -60"),
