@@ -1,0 +1,270 @@
+"""
+Our offline DPO training loop beside TRL's DPOTrainer, in one process, on the same model, the same
+pairs and the same settings: seconds per optimizer step, pairs per second and (on a GPU) peak memory, each
+way timed `--repeats` times in turn (ours, ours with full logits, TRL, ours, ...), the median reported.
+
+Run (TRL is not a requirement of this project; install it beside the project's requirements)
+    pip install trl
+    python scripts/bench_vs_trl.py                     # both shapes, CPU (or one GPU when present)
+    python scripts/bench_vs_trl.py --shapes wide --repeats 3
+Single process; no torchrun (an FSDP comparison would need TRL under accelerate).
+
+What is timed: the training loop only. Ours: `fsdp.optimize` inside `dpo.run_offline` (loading,
+tokenisation and the export around it are not timed); TRL: `trainer.train()` (its tokenisation
+happens in the trainer's constructor, not timed). The same for both: sigmoid DPO with beta 0.1,
+the SFT model as the reference, its log-probs computed on the fly (TRL's default; ours always),
+one optimizer step per batch of `batch` pairs in one micro-batch, AdamW at lr 5e-5 with warm-up
+and cosine decay, fp32 on the CPU (bf16 autocast on a GPU for both), no activation checkpointing,
+no checkpoint written during the loop, dropout off. The third way, ours with full logits, swaps
+the fused log-prob kernel for logits + log_softmax + gather: the kernel's share of the difference.
+
+Deliberate simplifications: random weights for the "wide" shape and random word sequences as its
+pairs (the cost does not depend on them); the "toy" shape is the toy task's own model size and
+pairs. Small models on a CPU: the result is the ratio of the two loops' times measured side by
+side, not their absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import config  # noqa: E402
+import dpo  # noqa: E402
+import fsdp  # noqa: E402
+import losses  # noqa: E402
+import toy  # noqa: E402
+
+# name: (extra words in the tokenizer, model widths, pairs, batch, prompt words, response words, max_len)
+SHAPES = {
+    "toy": (0, None, 2000, 16, None, None, 40),
+    "wide": (
+        8000,
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+        96,
+        8,
+        (24, 32),
+        (64, 96),
+        160,
+    ),
+}
+BETA, LR = 0.1, 5e-5
+
+
+def build_shape(name: str, root: Path) -> tuple[Path, Path, int]:
+    """The model directory, the pairs (jsonl, UltraFeedback's message-list form) and the batch size."""
+    extra, widths, n_pairs, batch, prompt_words, response_words, _ = SHAPES[name]
+    from transformers import LlamaForCausalLM
+
+    words = tuple(f"w{i}" for i in range(extra))
+    tokenizer = toy.build_toy_tokenizer(words)
+    model_config = toy.toy_model_config(tokenizer)
+    if widths:
+        for key, value in widths.items():
+            setattr(model_config, key, value)
+        model_config.max_position_embeddings = 256
+        model_config.head_dim = widths["hidden_size"] // widths["num_attention_heads"]
+    torch.manual_seed(0)
+    model_dir = root / name / "model"
+    LlamaForCausalLM(model_config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    if widths is None:
+        rows = toy.make_toy_rows(0)["train_prefs"][:n_pairs]
+    else:
+
+        def text(lengths):
+            return " ".join(rng.choice(words) for _ in range(rng.randint(*lengths)))
+
+        rows = []
+        for _ in range(n_pairs):
+            prompt = text(prompt_words)
+            user = {"role": "user", "content": prompt}
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [user, {"role": "assistant", "content": text(response_words)}],
+                    "rejected": [user, {"role": "assistant", "content": text(response_words)}],
+                }
+            )
+    pairs = root / name / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, pairs, batch
+
+
+def peak_memory_mb() -> float | None:
+    """Peak GPU memory since the last reset (MiB); none on a CPU (a process's peak resident set only
+    grows, so it cannot tell two loops run one after the other apart)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
+    """Seconds of our loop, its optimizer steps and its mean loss over the last quarter of steps."""
+    cfg = config.parse_config(
+        [
+            "--method=dpo",
+            f"--model={model_dir}",
+            f"--sft_model={model_dir}",
+            f"--dataset={pairs}",
+            f"--out_dir={out}",
+            f"--batch_size={batch}",
+            f"--micro_batch_size={batch}",
+            "--epochs=1",
+            f"--lr={LR}",
+            f"--beta={BETA}",
+            f"--max_len={max_len}",
+            f"--max_prompt_len={max_len // 2}",
+            "--save_every=1000000",
+            "--save_minutes=0",
+            "--activation_checkpointing=false",
+        ]
+    )
+    rt = fsdp.setup_distributed(cfg)
+    timed = {}
+    optimize = dpo.optimize
+
+    def timed_optimize(*args, **kwargs):  # the loop alone: not the loading before it nor the export after it
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        records = optimize(*args, **kwargs)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        timed.update(seconds=time.perf_counter() - start, records=records)
+        return records
+
+    dpo.optimize = timed_optimize
+    try:
+        dpo.run_offline(cfg, rt, "dpo")
+    finally:
+        dpo.optimize = optimize
+    records = timed["records"]
+    tail = records[-max(1, len(records) // 4) :]
+    return timed["seconds"], len(records), statistics.mean(r["loss"] for r in tail)
+
+
+def time_ours_naive(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
+    """time_ours with the fused kernel swapped for the full [tokens, vocab] logits, log_softmax and
+    gather (losses.naive_sequence_logprobs): the kernel's share of the difference to TRL."""
+    fused = losses.sequence_logprobs
+
+    def full_logits(hidden, head_weight, input_ids, response_mask, chunk_size=None, average=False):
+        return losses.naive_sequence_logprobs(hidden @ head_weight.T, input_ids, response_mask, average)
+
+    losses.sequence_logprobs = full_logits
+    try:
+        return time_ours(model_dir, pairs, batch, max_len, out)
+    finally:
+        losses.sequence_logprobs = fused
+
+
+def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
+    """Seconds of trainer.train(), its optimizer steps and its mean loss over the last quarter of steps."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    dataset = Dataset.from_list(
+        [{"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]} for row in rows]
+    )
+    cuda = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, math.ceil(config.Config.warmup_ratio * math.ceil(len(rows) / batch))),  # as ours
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=max_len,  # prompt + answer, as our max_len
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        bf16=cuda,
+        activation_checkpointing=False,  # TRL's configs default to True; ours is off here
+        seed=0,
+    )
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    trainer.remove_callback(PrinterCallback)  # the loss of every step is kept in log_history, not printed
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.train()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    assert not trainer.model.is_activation_checkpointing, "TRL trained with activation checkpointing; ours did not"
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tail = logged[-max(1, len(logged) // 4) :]
+    return seconds, trainer.state.global_step, statistics.mean(tail)
+
+
+WAYS = {"ours": time_ours, "ours, full logits": time_ours_naive, "TRL": time_trl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per way, alternating")
+    args = parser.parse_args()
+    import transformers
+    import trl
+
+    transformers.logging.set_verbosity_error()
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {device}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for shape in args.shapes:
+            model_dir, pairs, batch = build_shape(shape, root)
+            max_len = SHAPES[shape][-1]
+            results = {way: [] for way in WAYS}
+            for repeat in range(args.repeats):
+                for way, run in WAYS.items():
+                    if torch.cuda.is_available():
+                        torch.cuda.reset_peak_memory_stats()
+                    seconds, steps, loss = run(model_dir, pairs, batch, max_len, root / shape / f"{way}{repeat}")
+                    results[way].append((seconds, steps, loss, peak_memory_mb()))
+                    print(f"[{shape}] {way} run {repeat + 1}: {seconds:.1f} s, {steps} steps, loss {loss:.4f}")
+            n_pairs = SHAPES[shape][2]
+            ours_s = statistics.median(s for s, *_ in results["ours"])
+            for way in WAYS:
+                seconds = statistics.median(s for s, *_ in results[way])
+                steps, loss, memory = results[way][-1][1:]
+                rows.append(
+                    f"| {shape} | {way} | {steps} | {seconds / steps:.3f} | {n_pairs / seconds:.1f} | "
+                    f"{seconds / ours_s:.2f} | {loss:.4f} | {'-' if memory is None else f'{memory:.0f}'} |"
+                )
+    print()
+    print("| shape | loop | steps | s / step | pairs / s | time vs ours | last-quarter loss | peak memory MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
