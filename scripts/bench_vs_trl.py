@@ -7,6 +7,7 @@ Run (TRL is not a requirement of this project; install it beside the project's r
     pip install trl
     python scripts/bench_vs_trl.py                     # both shapes, CPU (or one GPU when present)
     python scripts/bench_vs_trl.py --shapes wide --repeats 3
+    python scripts/bench_vs_trl.py --check             # token ids, log-probs and DPO loss beside TRL's
 Single process; no torchrun (an FSDP comparison would need TRL under accelerate).
 
 What is timed: the training loop only. Ours: `fsdp.optimize` inside `dpo.run_offline` (loading,
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
+import data  # noqa: E402
 import dpo  # noqa: E402
 import fsdp  # noqa: E402
 import losses  # noqa: E402
@@ -168,13 +170,13 @@ def time_ours_naive(model_dir: Path, pairs: Path, batch: int, max_len: int, out:
         losses.sequence_logprobs = fused
 
 
-def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
-    """Seconds of trainer.train(), its optimizer steps and its mean loss over the last quarter of steps."""
+def trl_trainer(policy_dir: Path, ref_dir: Path, rows: list[dict], batch: int, max_len: int, out: Path):
+    """TRL's DPOTrainer with the settings ours runs with (module docstring), on rows in UltraFeedback's
+    message-list form given to TRL as conversational prompt / chosen / rejected."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     dataset = Dataset.from_list(
         [{"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]} for row in rows]
     )
@@ -200,16 +202,24 @@ def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) 
         activation_checkpointing=False,  # TRL's configs default to True; ours is off here
         seed=0,
     )
-    policy = AutoModelForCausalLM.from_pretrained(model_dir)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir)
     trainer = DPOTrainer(
         model=policy,
         ref_model=ref,
         args=args,
         train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=AutoTokenizer.from_pretrained(policy_dir),
     )
     trainer.remove_callback(PrinterCallback)  # the loss of every step is kept in log_history, not printed
+    return trainer
+
+
+def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
+    """Seconds of trainer.train(), its optimizer steps and its mean loss over the last quarter of steps."""
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    trainer = trl_trainer(model_dir, model_dir, rows, batch, max_len, out)
+    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -223,6 +233,59 @@ def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) 
     return seconds, trainer.state.global_step, statistics.mean(tail)
 
 
+def check_against_trl(root: Path, n_pairs: int = 64) -> None:
+    """On the toy's pairs, with a policy and a reference that differ (two random models with peaked
+    next-token distributions, initializer_range 1), what TRL's DPOTrainer builds beside ours: the
+    token ids of each pair, each answer's log-prob sum and the DPO loss (both on TRL's ids)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    model_dir, pairs, _ = build_shape("toy", root)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    model_config.initializer_range = 1.0
+    models = {}
+    for name, seed in (("policy", 1), ("ref", 2)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(model_config).save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(root / name)
+        models[name] = AutoModelForCausalLM.from_pretrained(root / name).eval()
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()][:n_pairs]
+    trainer = trl_trainer(root / "policy", root / "ref", rows, n_pairs, 40, root / "trl-check")
+    theirs = [trainer.train_dataset[i] for i in range(n_pairs)]
+
+    tokenizer = data.load_tokenizer(root / "policy")
+    raw = [data.parse_preference_row(row, f"row {i}") for i, row in enumerate(rows)]
+    ours, _ = data.tokenize_preferences(raw, tokenizer, max_prompt_len=20, max_len=40)
+    same_ids = sum(
+        (o.prompt_ids, o.chosen_ids, o.rejected_ids) == (t["prompt_ids"], t["chosen_ids"], t["rejected_ids"])
+        for o, t in zip(ours, theirs)
+    )
+
+    items = [
+        dpo.PolicyPair(t["prompt_ids"], t["chosen_ids"], t["rejected_ids"], index=i, pad_id=tokenizer.pad_token_id)
+        for i, t in enumerate(theirs)
+    ]
+    cfg = config.parse_config([f"--beta={BETA}"])
+    rt = fsdp.Runtime()
+    with torch.no_grad():
+        logps, lengths = dpo.pair_forward(losses.LogprobModel(models["policy"]), items, rt)
+        ref_logps, _ = dpo.pair_forward(losses.LogprobModel(models["ref"]), items, rt)
+        our_loss = dpo.objective_losses(cfg, logps, ref_logps, lengths)[0].losses.mean().item()
+        batch = trainer.data_collator(theirs)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        forward = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        their_logps = trainer.model(**forward, fused_lm_head=True).log_probs.sum(1)  # [chosen..., rejected...]
+        trainer.model.eval()
+        their_loss = trainer.compute_loss(trainer.model, batch).item()
+    logps_diff = (logps.flatten() - their_logps.view(2, -1).flatten()).abs().max().item()
+    print(f"token ids: {same_ids}/{n_pairs} pairs identical to TRL's (prompt, chosen, rejected)")
+    print(f"answer log-prob sums: max |ours - TRL| {logps_diff:.2e} (sums of magnitude {logps.abs().mean():.1f})")
+    print(f"DPO loss: ours {our_loss:.6f}, TRL {their_loss:.6f}, |difference| {abs(our_loss - their_loss):.2e}")
+    ok = same_ids == n_pairs and logps_diff < 1e-3 and abs(our_loss - their_loss) < 1e-5
+    print("CHECK OK" if ok else "CHECK FAILED")
+    if not ok:
+        sys.exit(1)
+
+
 WAYS = {"ours": time_ours, "ours, full logits": time_ours_naive, "TRL": time_trl}
 
 
@@ -230,6 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per way, alternating")
+    parser.add_argument("--check", action="store_true", help="token ids, log-probs and loss beside TRL's; no timing")
     args = parser.parse_args()
     import transformers
     import trl
@@ -237,6 +301,10 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {device}")
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            check_against_trl(Path(tmp))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
