@@ -123,14 +123,14 @@ def test_help_lists_every_key_with_its_default_and_comment():
     assert all(g in text for g in groups) and [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
     assert text.index("  --seed=") < text.index("data:") < text.index("  --dataset=")  # each key under its own group
     assert "presets" in text and "tulu8b: model=allenai/Llama-3.1-Tulu-3-8B-SFT" in text
+    shown = {}
     for script, option in (("evaluate.py", "--compare"), ("sample.py", "--max_new_tokens"), ("reward.py", "--max_len")):
-        shown = subprocess.run(
+        shown[script] = subprocess.run(
             [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
-        assert shown.returncode == 0 and option in shown.stdout and "(default: " in shown.stdout, script
-    evaluate_help = subprocess.run(
-        [sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    ).stdout
+        assert shown[script].returncode == 0 and option in shown[script].stdout, script
+        assert "(default: " in shown[script].stdout, script
+    evaluate_help = shown["evaluate.py"].stdout
     assert "  --reward_model=" in evaluate_help and "  --generator=transformers" in evaluate_help  # train.py's keys too
 
 
