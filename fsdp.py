@@ -187,6 +187,7 @@ class Pieces:
         self.directory, self.rt, self.where = directory, rt, where
         barrier(rt)  # pieces a previous run finished, the same list on every rank
         self.done = {p.stem for p in directory.glob("*.pt")} if directory and directory.exists() else set()
+        self.restored_s = 0.0  # the seconds the pieces read back took when they were computed
 
     def run(self, name: str, count: int, compute) -> list:
         """[compute(k) for k in range(count)], compute(k) being a collective that gives every rank
@@ -196,12 +197,16 @@ class Pieces:
             key = f"{name}-{k:05d}"
             if key in self.done:
                 results.append(torch.load(self.directory / f"{key}.pt", weights_only=False))
+                seconds = self.directory / f"{key}.seconds"
+                self.restored_s += float(seconds.read_text()) if seconds.exists() else 0.0
                 continue
             kept = f" ({name}: {k} of {count} pieces kept)" if self.directory else ""
             check_stop(self.rt, f"{self.where}{kept}")
+            tic = time.time()
             results.append(compute(k))
             if self.directory is not None and self.rt.main:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                (self.directory / f"{key}.seconds").write_text(f"{time.time() - tic:.3f}")  # before the piece
                 torch.save(results[-1], self.directory / f"{key}.tmp")
                 os.replace(self.directory / f"{key}.tmp", self.directory / f"{key}.pt")
         return results

@@ -181,6 +181,7 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
         augmented = baseline.training_pairs(D_t, joined, selected)
     else:
         augmented = joined + (unsampled_tuples(D_t, selected) if cfg.keep_unsampled else [])
+    tic -= pieces.restored_s  # the phase's time includes its pieces a stopped run had finished
     run.record_sampling(t, scores, selected, w, sampled, generations, pairs, pair_stats, augmented, boundary, tic)
     return augmented
 
@@ -224,6 +225,8 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
             realised += zip((1 - meta.weights(features)).tolist(), (l_on > l_off).tolist())  # gate diagnostics
             if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, one Eq. 6 step on phi
                 record.update(meta.update())
+        run.state.times["training_s"] += time.time() - tic  # counted before a checkpoint can carry it
+        tic = time.time()
         training.end_step(record)  # logged; a checkpoint at the cadence; a stop signal ends the run here
     run.state.times["training_s"] += time.time() - tic
     dropped = meta.buffer.steps if meta is not None else 0

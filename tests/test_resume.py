@@ -204,6 +204,26 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
     assert (out / "dpo" / "done.json").exists()
 
 
+def test_pieces_read_back_count_the_seconds_they_took(tmp_path, monkeypatch):
+    """A phase's time after a resume includes the pieces a stopped run had finished: each piece's
+    seconds are kept beside it and added up when it is read back (a fake clock: 3 s and 4 s)."""
+
+    class Clock:
+        readings = iter([0.0, 3.0, 10.0, 14.0, 20.0, 21.0])
+
+        def time(self):
+            return next(self.readings)
+
+    monkeypatch.setattr(fsdp, "time", Clock())
+    rt, directory = fsdp.Runtime(), tmp_path / "phase1"
+    first = fsdp.Pieces(directory, rt, "stopped")
+    assert first.run("scores", 2, lambda k: [k]) == [[0], [1]] and first.restored_s == 0.0
+    second = fsdp.Pieces(directory, rt, "stopped")  # the resumed run: two pieces read back, the third computed
+    assert second.run("scores", 3, lambda k: [k]) == [[0], [1], [2]]
+    assert second.restored_s == pytest.approx(7.0)
+    assert (directory / "scores-00002.seconds").read_text() == "1.000"
+
+
 def test_same_path_and_resume_changes():
     cfg = config.parse_config(["--lr=1e-4"])
     saved = config.config_dict(config.parse_config([]))
