@@ -160,6 +160,13 @@ class Stage:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metric_lines = 0
         self.last_save = time.time()  # for the save_minutes cadence
+        self.opened, self.elapsed_before = time.time(), 0.0  # elapsed_s(): this process's time + the kept work's
+
+    def elapsed_s(self) -> float:
+        """Seconds spent on the stage: in this process, plus, after a resume, what the processes
+        before it had spent up to the checkpoint it resumed from (work lost after it is redone and
+        counted once more, as it was spent)."""
+        return self.elapsed_before + time.time() - self.opened
 
     @property
     def done(self) -> bool:
@@ -289,6 +296,7 @@ class Stage:
                     "has_model": model is not None,
                     "scheduler": scheduler.state_dict() if scheduler else None,
                     "metric_lines": self.metric_lines,
+                    "elapsed_s": self.elapsed_s(),
                 },
                 tmp / "state.pt",
             )
@@ -320,6 +328,7 @@ class Stage:
         state["rank_local"] = rank_state["local"] if rank_path.exists() else None
         # metrics written after this checkpoint belong to the lost part of the run
         self.metric_lines = state["metric_lines"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)  # checkpoints before this key existed: 0
         if self.rt.main and self.metrics_path.exists():
             lines = self.metrics_path.read_text().splitlines(keepends=True)[: self.metric_lines]
             self.metrics_path.write_text("".join(lines))

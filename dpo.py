@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -272,7 +271,6 @@ def run_offline(
     shuffle=False keeps their order (Selective DPO's easy-to-hard curriculum). `validate`: held-out
     pairs whose DPO losses are written to <stage>/validation.json at selective_checkpoints evenly
     spaced steps (Selective DPO's reference runs)."""
-    started = time.time()
     pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
     if keep is not None:
         pairs = keep(pairs)
@@ -322,7 +320,7 @@ def run_offline(
         after_step=after_step,
     )
     export_hf(policy, policy.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
-    summary = {"train_time_s": time.time() - started, "steps": progress.step, "pairs": len(pairs)}
+    summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step, "pairs": len(pairs)}
     stage.finish(summary)
     return summary
 

@@ -117,7 +117,6 @@ class IterativeRun:
     def __init__(self, cfg: Config, rt: Runtime, method: str):
         self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
         self.baseline = baseline_for(cfg, method)  # None: MetaAPO
-        self.started = time.time()
         self.tokenizer = data.load_tokenizer(iteration_paths(cfg, Path(), method, 0)[0])  # the first policy's
         offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
         if cfg.iterations > len(offline):
@@ -317,7 +316,7 @@ class IterativeRun:
             "steps": self.state.progress.step,  # policy steps over all iterations
             "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,
             **self.state.times,
-            "total_s": time.time() - self.started,
+            "total_s": self.stage.elapsed_s(),
         }
         stage.log({"phase": "done", **summary})
         stage.finish(summary)

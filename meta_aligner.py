@@ -54,7 +54,6 @@ import os
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -531,7 +530,7 @@ class OnlineRun:
         return total * world / n_tokens, {"loss": total.item() / n_tokens}
 
     def run(self) -> dict:
-        cfg, started = self.cfg, time.time()
+        cfg = self.cfg
         t0, r0 = self.position
         for t in range(t0, cfg.aligner_iterations):
             for r in range(r0 if t == t0 else 0, self.rounds):
@@ -553,7 +552,7 @@ class OnlineRun:
             if self.rt.main and self.learner is not None:
                 torch.save(self.learner.net.state_dict(), self.stage.dir / f"iter{t + 1}" / "weight_net.pt")
             barrier(self.rt)
-        summary = {"train_time_s": time.time() - started, "steps": self.progress.step, **self.counts}
+        summary = {"train_time_s": self.stage.elapsed_s(), "steps": self.progress.step, **self.counts}
         summary["models"] = [str(self.stage.dir / f"iter{t}") for t in range(1, cfg.aligner_iterations + 1)]
         self.stage.finish(summary)
         return summary

@@ -361,7 +361,6 @@ def join_online_pairs(
 def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
     """Supervised fine-tuning of cfg.model on cfg.sft_dataset: mean NLL of the response tokens of each
     global batch, in stage `name` (meta_aligner.py's conditional SFT is another)."""
-    started = time.time()
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
     print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
@@ -398,14 +397,13 @@ def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
         sizes=tokens,
     )
     export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
-    summary = {"train_time_s": time.time() - started, "steps": progress.step}
+    summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step}
     stage.finish(summary)
     return summary
 
 
 def run_rm(cfg: Config, rt: Runtime) -> dict:
     """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
-    started = time.time()
     pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len))
     stage = Stage(cfg, rt, "rm")
     latest = stage.start()
@@ -437,7 +435,7 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
         checkpoint_extras=progress_state(progress),
     )
     export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
-    summary = {"train_time_s": time.time() - started, "steps": progress.step, "test_accuracy": None}
+    summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step, "test_accuracy": None}
     if test_source(cfg) is None:
         print0(
             rt,

@@ -273,7 +273,6 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     from the actor scored by the reward model, then one pass of PPO steps over them."""
     from transformers import AutoModelForSequenceClassification
 
-    started = time.time()
     tokenizer = data.load_tokenizer(sft_path(cfg))
     pairs, raw = train_pairs(cfg, rt, tokenizer)
     prompts = shuffled(pairs, seed_for(cfg, "ppo prompts"))
@@ -345,7 +344,7 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
         **state["times"],
         "steps": progress.step,
         "rollouts": len(rollouts),
-        "total_s": time.time() - started,
+        "total_s": stage.elapsed_s(),
     }
     stage.log({"phase": "done", **summary})
     stage.finish(summary)

@@ -224,6 +224,36 @@ def test_pieces_read_back_count_the_seconds_they_took(tmp_path, monkeypatch):
     assert (directory / "scores-00002.seconds").read_text() == "1.000"
 
 
+def test_a_resumed_stage_counts_the_time_its_checkpoint_carries(tmp_path, monkeypatch):
+    """A stage's time (train_time_s, total_s) after a resume is the time the processes before it
+    spent up to the checkpoint plus this process's: 5 s before a state-only checkpoint, a kill at
+    9 s (4 s lost and redone), then 3 s in the resumed process: 8 s."""
+
+    class Clock:
+        now = 0.0
+
+        def time(self):
+            return self.now
+
+        def strftime(self, *args):
+            return time.strftime(*args)
+
+    clock = Clock()
+    monkeypatch.setattr(checkpoint, "time", clock)
+    cfg = config.parse_config([f"--out_dir={tmp_path}", "--resume"])
+    first = checkpoint.Stage(cfg, fsdp.Runtime(), "dpo")
+    first.start()
+    clock.now = 5.0
+    first.save_checkpoint(1, None, None, None, {})
+    clock.now = 9.0  # killed here
+    assert first.elapsed_s() == 9.0
+    clock.now = 100.0
+    second = checkpoint.Stage(cfg, fsdp.Runtime(), "dpo")
+    second.load_checkpoint(second.start(), None, None, None)
+    clock.now = 103.0
+    assert second.elapsed_s() == pytest.approx(8.0)
+
+
 def test_same_path_and_resume_changes():
     cfg = config.parse_config(["--lr=1e-4"])
     saved = config.config_dict(config.parse_config([]))
