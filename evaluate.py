@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -467,12 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_benchmarks(args, cfg, rest, rt)
     except fsdp.Stopped as err:
-        print(
-            f"evaluate.py: {err}; the finished runs are kept: the same command with --resume goes on",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(128 + fsdp.STOP_SIGNAL[0]) from None
+        fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py")
     except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     finally:

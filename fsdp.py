@@ -164,9 +164,10 @@ def check_stop(rt: Runtime, where: str) -> None:
         raise Stopped(where)
 
 
-def stop_exit(message: str) -> None:
-    """The one-line end of a run stopped by a signal: exit status 128 + the signal, as shells report it."""
-    print(f"train.py: {message}", file=sys.stderr, flush=True)
+def stop_exit(message: str, program: str = "train.py") -> None:
+    """The one-line end of a run stopped by a signal, named by its program: exit status 128 + the
+    signal, as shells report it."""
+    print(f"{program}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(128 + STOP_SIGNAL[0])
 
 

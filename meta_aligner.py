@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
         print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
     except Stopped as err:
-        stop_exit(f"{err}; continue with the same command and --resume")
+        stop_exit(f"{err}; continue with the same command and --resume", "meta_aligner.py")
     except (ConfigError, NonFiniteLoss, data.DataError) as err:
         raise SystemExit(f"meta_aligner.py: {err}") from None
     finally:

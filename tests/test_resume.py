@@ -150,6 +150,16 @@ def test_a_signal_finishes_the_step_checkpoints_and_exits(base_run, whole_dpo, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stopped_run_is_named_by_its_program(monkeypatch, capsys):
+    """The one line a stopped run ends with names the program that stopped (meta_aligner.py's said
+    train.py), with status 128 + the signal."""
+    monkeypatch.setattr(fsdp, "STOP_SIGNAL", [signal.SIGTERM])
+    with pytest.raises(SystemExit) as stopped:
+        fsdp.stop_exit("[aligner] stopped after step 3", "meta_aligner.py")
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err == "meta_aligner.py: [aligner] stopped after step 3\n"
+
+
 def test_a_second_signal_exits_at_once(monkeypatch):
     """The handler itself (two signals sent at once merge into one in the kernel, so this is not
     tested through a process): the first asks for a stop, the second exits with 128 + signal."""
