@@ -15,6 +15,7 @@ Deliberate simplifications
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -29,7 +30,17 @@ import numpy as np
 import torch
 
 from config import Config, ConfigError, _short, config_dict
-from fsdp import Progress, Runtime, barrier, make_optimizer, make_scheduler, print0, saved_progress
+from fsdp import (
+    Progress,
+    Runtime,
+    barrier,
+    make_optimizer,
+    make_scheduler,
+    print0,
+    request_stop,
+    saved_progress,
+    setup_distributed,
+)
 
 # ==============================================================================================
 # Resuming with other settings
@@ -119,9 +130,23 @@ def write_json(path: Path, record: dict) -> None:
 WANDB: list = []  # the Weights & Biases run (rank 0, --wandb_project), once started
 
 
+@contextlib.contextmanager
+def entry_process(cfg: Config):
+    """An entry point's process around its work (train.py, evaluate.py, meta_aligner.py): SIGTERM /
+    SIGINT caught so that a run stops between steps, the ranks' process group started (the Runtime
+    is yielded); on the way out, whatever happened, end_process undoes it all."""
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rt = setup_distributed(cfg)
+    try:
+        yield rt
+    finally:
+        end_process(rt, handlers, deterministic)
+
+
 def end_process(rt: Runtime, handlers: dict, deterministic: bool) -> None:
-    """What an entry point's main() undoes on the way out, whatever happened: the W&B run finished,
-    the process group destroyed, the signal handlers and the deterministic flag it found restored
+    """What entry_process undoes on the way out, whatever happened: the W&B run finished, the
+    process group destroyed, the signal handlers and the deterministic flag it found restored
     (main() may run inside another program, the tests)."""
     if WANDB:
         WANDB.pop().finish()

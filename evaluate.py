@@ -38,13 +38,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import checkpoint
 import compare
@@ -442,35 +440,31 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    handlers = {signum: signal.signal(signum, fsdp.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    rt = fsdp.setup_distributed(cfg)
-    try:
-        checkpoint.start_wandb(cfg, rt)
-        if args.compare:
-            compare.run_compare(args, rest, rt)
-        elif args.boundary_grid:
-            compare.run_boundary_grid(args, rest, rt)
-        elif args.pareto:
-            pareto.run_pareto(args, rest, rt)
-        elif args.toy_properties:
-            compare.run_toy_properties(cfg, rt)
-        elif args.plots:
-            stage = Path(args.plots)
-            plots = dynamics.make_plots(dynamics.stage_config(stage, rest), rt, stage, args.scatter_prompts)
-            fsdp.print0(
-                rt, dynamics.dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else ""
-            )
-            for plot in plots:
-                fsdp.print0(rt, f"wrote {plot}")
-        else:
-            run_benchmarks(args, cfg, rest, rt)
-    except fsdp.Stopped as err:
-        fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py")
-    except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
-        raise SystemExit(f"evaluate.py: {err}") from None
-    finally:
-        checkpoint.end_process(rt, handlers, deterministic)
+    with checkpoint.entry_process(cfg) as rt:
+        try:
+            checkpoint.start_wandb(cfg, rt)
+            if args.compare:
+                compare.run_compare(args, rest, rt)
+            elif args.boundary_grid:
+                compare.run_boundary_grid(args, rest, rt)
+            elif args.pareto:
+                pareto.run_pareto(args, rest, rt)
+            elif args.toy_properties:
+                compare.run_toy_properties(cfg, rt)
+            elif args.plots:
+                stage = Path(args.plots)
+                plots = dynamics.make_plots(dynamics.stage_config(stage, rest), rt, stage, args.scatter_prompts)
+                fsdp.print0(
+                    rt, dynamics.dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else ""
+                )
+                for plot in plots:
+                    fsdp.print0(rt, f"wrote {plot}")
+            else:
+                run_benchmarks(args, cfg, rest, rt)
+        except fsdp.Stopped as err:
+            fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py")
+        except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
+            raise SystemExit(f"evaluate.py: {err}") from None
 
 
 if __name__ == "__main__":

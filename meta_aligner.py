@@ -52,7 +52,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 from pathlib import Path
 
@@ -64,7 +63,7 @@ import data
 import toy
 import toy_multiobjective as mo
 import train
-from checkpoint import Stage, end_process, read_json, write_json
+from checkpoint import Stage, entry_process, read_json, write_json
 from config import Config, ConfigError, config_help, parse_config, seed_for
 from fsdp import (
     NonFiniteLoss,
@@ -80,9 +79,7 @@ from fsdp import (
     make_optimizer,
     make_scheduler,
     print0,
-    request_stop,
     saved_progress,
-    setup_distributed,
     shuffled,
     stop_exit,
 )
@@ -604,22 +601,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg = mo_config(argv)
     except ConfigError as err:
         raise SystemExit(f"meta_aligner.py: {err}") from None
-    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    rt = setup_distributed(cfg)
-    try:
-        if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
-            mo.ensure_mo_assets(data_seed(cfg))
-        barrier(rt)
-        done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
-        summary = read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
-        print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
-    except Stopped as err:
-        stop_exit(f"{err}; continue with the same command and --resume", "meta_aligner.py")
-    except (ConfigError, NonFiniteLoss, data.DataError) as err:
-        raise SystemExit(f"meta_aligner.py: {err}") from None
-    finally:
-        end_process(rt, handlers, deterministic)
+    with entry_process(cfg) as rt:
+        try:
+            if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
+                mo.ensure_mo_assets(data_seed(cfg))
+            barrier(rt)
+            done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
+            summary = read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
+            print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
+        except Stopped as err:
+            stop_exit(f"{err}; continue with the same command and --resume", "meta_aligner.py")
+        except (ConfigError, NonFiniteLoss, data.DataError) as err:
+            raise SystemExit(f"meta_aligner.py: {err}") from None
 
 
 if __name__ == "__main__":

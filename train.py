@@ -56,7 +56,7 @@ import toy
 from baselines.boundary import boundary_measurement
 from baselines.ppo import run_ppo
 from baselines.selective_dpo import run_selective_dpo
-from checkpoint import Stage, end_process, prepare_pass, read_json, start_wandb
+from checkpoint import Stage, entry_process, prepare_pass, read_json, start_wandb
 from config import (
     OFFLINE_METHODS,
     Config,
@@ -106,8 +106,6 @@ from fsdp import (
     print0,
     progress_state,
     release_memory,
-    request_stop,
-    setup_distributed,
     stop_exit,
 )
 from iterative_run import IterativeRun, NothingTrained, iteration_pass
@@ -600,36 +598,32 @@ def main(argv: list[str] | None = None) -> None:
             return plan.dry_run(cfg, cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)))
         except ConfigError as err:
             raise SystemExit(f"train.py: {err}") from None
-    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    rt = setup_distributed(cfg)
-    try:
-        rt.sharded_gradients = plan.sharded_gradients(cfg, rt)
-        if cfg.preset == "toy":
-            if rt.main:
-                toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
-            barrier(rt)
-        print0(rt, json.dumps(config_dict(cfg), indent=2))
-        start_wandb(cfg, rt)
-        started = time.time()
-        if cfg.method == "pipeline":
-            run_pipeline(cfg, rt)
-        else:
-            run_method(cfg, rt, cfg.method)
-        print0(rt, f"total time {time.time() - started:.0f}s")
-    except Stopped as err:
-        stop_exit(f"{err}; continue with the same command and --resume")
-    except (ConfigError, NonFiniteLoss, NothingTrained, data.DataError) as err:
-        raise SystemExit(f"train.py: {err}") from None
-    except Exception as err:
-        if not STOP_SIGNAL:
-            raise
-        stop_exit(
-            f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: {_short(err)}); "
-            "continue with the same command and --resume"
-        )
-    finally:
-        end_process(rt, handlers, deterministic)
+    with entry_process(cfg) as rt:
+        try:
+            rt.sharded_gradients = plan.sharded_gradients(cfg, rt)
+            if cfg.preset == "toy":
+                if rt.main:
+                    toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
+                barrier(rt)
+            print0(rt, json.dumps(config_dict(cfg), indent=2))
+            start_wandb(cfg, rt)
+            started = time.time()
+            if cfg.method == "pipeline":
+                run_pipeline(cfg, rt)
+            else:
+                run_method(cfg, rt, cfg.method)
+            print0(rt, f"total time {time.time() - started:.0f}s")
+        except Stopped as err:
+            stop_exit(f"{err}; continue with the same command and --resume")
+        except (ConfigError, NonFiniteLoss, NothingTrained, data.DataError) as err:
+            raise SystemExit(f"train.py: {err}") from None
+        except Exception as err:
+            if not STOP_SIGNAL:
+                raise
+            stop_exit(
+                f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: "
+                f"{_short(err)}); continue with the same command and --resume"
+            )
 
 
 if __name__ == "__main__":
