@@ -188,6 +188,7 @@ class Pieces:
         self.directory, self.rt, self.where = directory, rt, where
         barrier(rt)  # pieces a previous run finished, the same list on every rank
         self.done = {p.stem for p in directory.glob("*.pt")} if directory and directory.exists() else set()
+        barrier(rt)  # every rank has read it before any changes the directory (PPO removes pieces at once)
         self.restored_s = 0.0  # the seconds the pieces read back took when they were computed
 
     def run(self, name: str, count: int, compute) -> list:

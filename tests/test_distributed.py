@@ -160,6 +160,32 @@ fsdp.dist.destroy_process_group()
     assert sum(row["shard_rows"] for row in rows) == json.loads((toy_dir / "config.json").read_text())["vocab_size"]
 
 
+def test_pieces_made_and_removed_at_once_on_two_ranks(tmp_path):
+    """PPO opens a rollout's pieces only to remove them: rank 0 may not delete the directory while
+    rank 1 still lists it (rank 1 made slow here; it failed the suite once with FileNotFoundError)."""
+    script = """
+import time, sys
+from pathlib import Path
+import torch.distributed as dist
+import config, fsdp
+
+rt = fsdp.setup_distributed(config.parse_config([]))
+directory = Path(sys.argv[1]) / "rollout2"
+if rt.main:
+    directory.mkdir()
+    (directory / "generate-00000.pt").write_bytes(b"")
+if rt.rank == 1:
+    listing = Path.glob
+    Path.glob = lambda self, pattern: (time.sleep(1.0), listing(self, pattern))[1]
+pieces = fsdp.Pieces(directory, rt, "stopped")
+pieces.remove()
+report({"rank": rt.rank, "done": sorted(pieces.done), "gone": not directory.exists()})
+dist.destroy_process_group()
+"""
+    rows = run_script(tmp_path, script, tmp_path, torchrun=2)
+    assert [(row["done"], row["gone"]) for row in rows] == [(["generate-00000"], True)] * 2
+
+
 def test_a_gpu_without_torchrun_gets_a_group_of_one(monkeypatch):
     """C1's decision: on a GPU (faked here) without torchrun's variables the models are sharded, so
     a process group is started; on the CPU without torchrun there is none."""
