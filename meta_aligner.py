@@ -588,6 +588,12 @@ class OnlineRun:
             training.end_step(record)
 
 
+def ensure_online(cfg: Config, rt: Runtime) -> dict:
+    """The online stage's summary: its done.json once it finished, else the stage run (or resumed)."""
+    done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
+    return read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
+
+
 def main(argv: list[str] | None = None) -> None:
     import transformers
 
@@ -606,8 +612,7 @@ def main(argv: list[str] | None = None) -> None:
             if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
                 mo.ensure_mo_assets(data_seed(cfg))
             barrier(rt)
-            done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
-            summary = read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
+            summary = ensure_online(cfg, rt)
             print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
         except Stopped as err:
             stop_exit(f"{err}; continue with the same command and --resume", "meta_aligner.py")

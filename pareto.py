@@ -164,8 +164,7 @@ def run_row(out: Path, seed: int, method: str | None, extra: list[str], rest: li
         stats = meal.offline_stats(meal.ensure_offline(cfg, rt))
         sft = meal.shared_dir(cfg) / meal.STAGE_SFT / "model"  # ensure_offline made it
         return {"checkpoints": [evaluate_model(cfg, rt, sft, "none", None, stats, evals / "sft.json")]}
-    done = Path(cfg.out_dir) / meal.online_stage_name(cfg) / "done.json"
-    summary = json.loads(done.read_text()) if done.exists() else meal.OnlineRun(cfg, rt).run()
+    summary = meal.ensure_online(cfg, rt)
     fsdp.release_memory()
     offline = meal.shared_dir(cfg) / meal.offline_stage(cfg)
     stats = meal.offline_stats(offline)
