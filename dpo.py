@@ -40,6 +40,7 @@ from config import (
 from fsdp import (
     Runtime,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     epoch_batches,
@@ -106,27 +107,37 @@ def padded_tokens(items: list, roles: tuple[str, ...]) -> int:
     return len(items) * len(roles) * max(len(p.prompt_ids) + len(getattr(p, role)) for p in items for role in roles)
 
 
+def online_split(items: list, rt: Runtime, extra_roles: tuple[str, ...] = ()) -> bool:
+    """Whether MetaAPO's online pair (the policy's own answers, often far shorter than the offline
+    ones) gets a forward of its own: when that pads at least SPLIT_SAVING fewer tokens on the rank
+    that pads most, which sets the pace. Collective: under FSDP2 every forward all-gathers each
+    block's weights and every backward reduce-scatters their gradients, so all ranks must run the
+    same number of forwards; they agree from the max over every rank's micro-batch, rather than
+    each deciding on its own one (ranks that split while others did not would hang at their next
+    collective). Measured with scripts/bench_tuple_forward.py on CPU: 4k-token offline and 1k-token
+    online answers run forward and backward 1.37x faster in two forwards; at the toy's shapes, where
+    two forwards pad 3% fewer tokens, one forward is as fast (0.97x)."""
+    joint = padded_tokens(items, OFFLINE_ROLES + ONLINE_ROLES + extra_roles)
+    apart = padded_tokens(items, OFFLINE_ROLES) + padded_tokens(items, ONLINE_ROLES + extra_roles)
+    tokens = all_reduce_max(rt, torch.tensor([apart, joint], dtype=torch.float64)).tolist()
+    return tokens[0] <= (1 - SPLIT_SAVING) * tokens[1]
+
+
 def pair_forward(
-    model, items: list, rt: Runtime, online: bool = False, extra_roles: tuple[str, ...] = ()
+    model, items: list, rt: Runtime, online: bool = False, extra_roles: tuple[str, ...] = (), split: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-prob sums and response lengths, (n_roles, B) each: rows chosen, rejected
     (, online chosen, online rejected) (, extra roles).
 
-    One concatenated forward (the DPO repository's), so FSDP gathers each weight once, except
-    that MetaAPO's online pair, the policy's own answers (often far shorter than the offline ones),
-    gets a forward of its own when that pads at least SPLIT_SAVING fewer tokens. Measured with
-    scripts/bench_tuple_forward.py on CPU: 4k-token offline and 1k-token online answers run
-    forward and backward 1.37x faster in two forwards; at the toy's shapes, where two forwards
-    pad 3% fewer tokens, one forward is as fast (0.97x)."""
+    One concatenated forward (the DPO repository's), so FSDP gathers each weight once; with
+    `split` (online_split's decision, the same on every rank) the online pair and the extra roles
+    get a second forward of their own, each padded to its own longest row."""
     groups = [(items, online, extra_roles)]
-    if online and all(p.online_chosen_ids is not None and p.online_rejected_ids is not None for p in items):
-        split = padded_tokens(items, OFFLINE_ROLES) + padded_tokens(items, ONLINE_ROLES + extra_roles)
-        if split <= (1 - SPLIT_SAVING) * padded_tokens(items, OFFLINE_ROLES + ONLINE_ROLES + extra_roles):
-            as_pairs = [
-                dataclasses.replace(p, chosen_ids=p.online_chosen_ids, rejected_ids=p.online_rejected_ids)
-                for p in items
-            ]
-            groups = [(items, False, ()), (as_pairs, False, extra_roles)]
+    if online and split:
+        as_pairs = [
+            dataclasses.replace(p, chosen_ids=p.online_chosen_ids, rejected_ids=p.online_rejected_ids) for p in items
+        ]
+        groups = [(items, False, ()), (as_pairs, False, extra_roles)]
     logps, lengths = [], []
     for group, with_online, extra in groups:
         batch = data.collate_preferences(group, group[0].pad_id, online=with_online, extra_roles=extra)

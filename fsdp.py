@@ -125,6 +125,13 @@ def all_reduce_sum(rt: Runtime, values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(rt: Runtime, values: torch.Tensor) -> torch.Tensor:
+    if rt.distributed:
+        values = values.to(rt.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather_objects(rt: Runtime, obj) -> list:
     if not rt.distributed:
         return [obj]

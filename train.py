@@ -80,6 +80,7 @@ from dpo import (
     make_preference_loss,
     meta_input_score,
     objective_losses,
+    online_split,
     pair_forward,
     pair_metrics,
     pair_scores,
@@ -251,11 +252,12 @@ def metaapo_loss(cfg: Config, policy, ref, meta: MetaController, rt: Runtime):
 
     def loss(items, mask, batch_size, world):
         # (4, B) log-probs: chosen, rejected, online chosen, online rejected
-        logps, lengths = pair_forward(policy, items, rt, online=True)
+        split = online_split(items, rt)  # agreed by every rank: each forward is a round of FSDP2 collectives
+        logps, lengths = pair_forward(policy, items, rt, online=True, split=split)
         ref_logps = None
         if ref is not None:
             with torch.no_grad():
-                ref_logps = pair_forward(ref, items, rt, online=True)[0]
+                ref_logps = pair_forward(ref, items, rt, online=True, split=split)[0]
         online_out, l_on = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
         offline_out, l_off = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps

@@ -8,8 +8,8 @@ forwards, the offline pair and the online pair each padded to its own longest, o
 Run
     python scripts/bench_tuple_forward.py                 # toy shapes and 4k / 1k-token shapes, CPU
     python scripts/bench_tuple_forward.py --repeats 9     # more timed runs per way
-Single process, CPU (or CUDA when present); no torchrun. Prints one table; train.py's
-pair_forward keeps the faster way (its docstring says which).
+Single process, CPU (or CUDA when present); no torchrun. Prints one table; dpo.py's
+online_split takes the faster way (its docstring says which).
 
 Deliberate simplifications: random weights and token ids (the cost does not depend on them); the
 "4k / 1k" model is a small Llama (2 layers, hidden 256, vocabulary 32000), not an 8B one, so

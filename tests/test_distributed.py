@@ -259,3 +259,54 @@ def test_the_suite_hides_a_gpu_from_unmarked_tests(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_marked_test_sees_the_gpu():
     assert torch.cuda.is_available() and torch.cuda.device_count() >= 1
+
+
+def test_ranks_agree_on_the_online_forward_and_match_one_process(toy_dir, tmp_path):
+    """N1: with one tuple per rank (micro_batch_size=1, the real presets), rank 0's tuple has long
+    offline answers and a short online pair (a forward of its own would save tokens) and rank 1's
+    has four answers of one length (it would not). The ranks must still run the same number of
+    forwards, or their FSDP2 collectives stop matching (gloo: a size mismatch; NCCL: a hang until
+    the timeout, kept short here). One MetaAPO step on the 2 ranks gives the weights one process
+    gets on the same global batch."""
+    script = """
+import dataclasses, gc, sys, types
+import torch
+import config, dpo, fsdp, train
+from meta import MetaController
+
+toy_dir = sys.argv[1]
+cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", "--micro_batch_size=1",
+                           "--batch_size=2", "--dist_timeout_minutes=0.5"])
+
+def tuple_(index, offline, online):
+    return dpo.PolicyPair(prompt_ids=[5, 6, 7], chosen_ids=[8 + index] * offline, rejected_ids=[9] * (offline - 1),
+                          index=index, online_chosen_ids=[10] * online, online_rejected_ids=[11 + index] * online)
+
+batch = [tuple_(0, 30, 4), tuple_(1, 8, 8)]  # strided shares: rank 0 gets the first, rank 1 the second
+
+def one_step(rt):
+    policy, _ = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=True)
+    ref, _ = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=False)
+    forward, forwards = policy.forward, []
+    policy.forward = lambda *args: forwards.append(args[0].shape[0]) or forward(*args)
+    optimizer = fsdp.make_optimizer(policy, 1e-2, cfg)
+    loss_fn = train.metaapo_loss(cfg, policy, ref, MetaController(), rt)
+    fsdp.accumulate_gradients(types.SimpleNamespace(cfg=cfg, rt=rt), policy, batch, loss_fn, len(batch))
+    optimizer.step()
+    return fsdp.full_state_dict(policy, rt), forwards
+
+expected, _ = one_step(fsdp.Runtime())  # one process, no sharding: both tuples in two micro-batches
+rt = fsdp.setup_distributed(cfg)
+alone = dpo.online_split([batch[rt.rank]], fsdp.Runtime())  # this rank's tuple on its own
+state, forwards = one_step(rt)
+# the whole state reaches rank 0 only; a tied weight is in it once
+diff = max((state[k] - expected[k]).abs().max().item() for k in state) if state else None
+report({"rank": rt.rank, "alone": alone, "forwards": len(forwards), "max_diff": diff, "tensors": len(state)})
+del state
+gc.collect()
+fsdp.dist.destroy_process_group()
+"""
+    rows = run_script(tmp_path, script, toy_dir, torchrun=2)
+    assert [row["alone"] for row in rows] == [True, False]  # each rank alone would decide otherwise
+    assert rows[0]["forwards"] == rows[1]["forwards"], rows
+    assert rows[0]["max_diff"] < 1e-5 and rows[0]["tensors"] > 10, rows

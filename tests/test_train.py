@@ -199,7 +199,8 @@ def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
     for online_length, forwards in ((6, 2), (27, 1)):
         items = tuples(online_length)
         calls.clear()
-        logps, lengths = dpo.pair_forward(model, items, rt, online=True)
+        assert dpo.online_split(items, rt) == (forwards == 2)
+        logps, lengths = dpo.pair_forward(model, items, rt, online=True, split=dpo.online_split(items, rt))
         assert len(calls) == forwards, calls
         batch = data.collate_preferences(items, 0, online=True)
         expected = forward(batch["input_ids"], batch["attention_mask"], batch["response_mask"]).view(4, 2)
