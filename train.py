@@ -602,11 +602,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"train.py: {err}") from None
     with entry_process(cfg) as rt:
         try:
-            rt.sharded_gradients = plan.sharded_gradients(cfg, rt)
             if cfg.preset == "toy":
                 if rt.main:
                     toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
                 barrier(rt)
+            rt.sharded_gradients = plan.sharded_gradients(cfg, rt)  # reads the model's config: after the toy's exists
             print0(rt, json.dumps(config_dict(cfg), indent=2))
             start_wandb(cfg, rt)
             started = time.time()

@@ -6,6 +6,7 @@ before sharding, memory released before a vLLM child starts, and the suite's CPU
 import json
 import os
 import subprocess
+import types
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -310,3 +311,25 @@ fsdp.dist.destroy_process_group()
     assert [row["alone"] for row in rows] == [True, False]  # each rank alone would decide otherwise
     assert rows[0]["forwards"] == rows[1]["forwards"], rows
     assert rows[0]["max_diff"] < 1e-5 and rows[0]["tensors"] > 10, rows
+
+
+def test_a_gpu_run_from_a_fresh_checkout_plans_after_building_the_toy(tmp_path, monkeypatch):
+    """N3: on a GPU, grad_accumulation=auto reads the model's config (plan.sharded_gradients); the
+    toy's model exists only once its assets are built, so `python train.py` from a fresh checkout
+    must build them first. A fake GPU (its device properties: 80 GiB, then 2 GiB, which the toy's
+    plan with its 3 GiB allowance does not fit unsharded) in a directory without out/."""
+    import checkpoint
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    gpu = {"total_memory": 80 * 2**30}
+    monkeypatch.setattr(
+        checkpoint, "setup_distributed", lambda cfg: fsdp.Runtime(device=torch.device("cuda", 0), fsdp=True)
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(**gpu))
+    planned = []
+    monkeypatch.setattr(train, "run_pipeline", lambda cfg, rt: planned.append(rt.sharded_gradients))
+    train.main([])
+    gpu["total_memory"] = 2 * 2**30
+    train.main([])
+    assert planned == [False, True] and (tmp_path / "out" / "toy" / "seed0" / "base" / "config.json").exists()
