@@ -6,8 +6,8 @@ before sharding, memory released before a vLLM child starts, and the suite's CPU
 import json
 import os
 import subprocess
-import types
 import sys
+import types
 from datetime import timedelta
 from pathlib import Path
 
