@@ -143,3 +143,18 @@ def fresh_run(base_run, tmp_path, name="run"):
     for stage in ("sft", "rm", "dpo"):
         shutil.copytree(base_run / stage, out / stage)
     return out
+
+
+FAKE_VLLM = ROOT / "tests" / "fake_vllm" / "vllm" / "__init__.py"  # a stand-in vllm package
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    package = tmp_path / "fake" / "vllm"
+    package.mkdir(parents=True)
+    shutil.copy(FAKE_VLLM, package / "__init__.py")
+    record = tmp_path / "record"
+    record.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
+    return record

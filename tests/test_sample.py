@@ -3,7 +3,6 @@ online pair construction."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,26 +223,12 @@ def test_sample_cli(toy_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The vLLM glue, through a stand-in `vllm` package placed on the child's path
 
-FAKE_VLLM = Path(__file__).with_name("fake_vllm") / "vllm" / "__init__.py"  # a stand-in vllm package
-
 
 def expected_generation(prompt, j, max_tokens):
     token = 10 + (sum(prompt) + j) % 7
     if j % 3 == 2:
         return Generation([token] * max_tokens, f"t{token}", "length")
     return Generation([token, 2], f"t{token}", "stop")  # ends with its stop token
-
-
-@pytest.fixture
-def fake_vllm(tmp_path, monkeypatch):
-    package = tmp_path / "fake" / "vllm"
-    package.mkdir(parents=True)
-    shutil.copy(FAKE_VLLM, package / "__init__.py")
-    record = tmp_path / "record"
-    record.mkdir()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]))
-    monkeypatch.setenv("FAKE_VLLM_RECORD", str(record))
-    return record
 
 
 PROMPTS = [[3, 4, 5], [4, 9], [7, 7, 7, 8], [5], [6, 10, 11]]
