@@ -446,7 +446,8 @@ def release_memory(*models: nn.Module) -> None:
     still referenced anywhere stays in memory) and the gathered weights of `models` (reshard),
     then the allocator's cache to the GPU."""
     for model in models:
-        reshard(model)
+        if model is not None:  # evaluate.py's vLLM generator loads no policy
+            reshard(model)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

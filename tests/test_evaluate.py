@@ -158,25 +158,30 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
     assert loads == [str(toy_dir)]  # the policy is loaded once for the four generate calls
 
 
-def test_vllm_generator_loads_no_policy(toy_dir, monkeypatch):
-    """The vLLM workers load the checkpoint themselves; the evaluating process needs only the tokenizer."""
-    seen = []
+def test_vllm_generator_loads_no_policy_and_answers_through_the_workers(fake_vllm, toy_dir, tmp_path, monkeypatch):
+    """N2: with the vLLM generator the workers load the checkpoint themselves, so evaluate.py loads
+    no policy (None), and the real distributed_generate (which releases the trainer's memory before
+    a child starts) must take that None; the answers come from the vLLM stand-in's child process."""
 
     def no_policy(*args, **kwargs):
         raise AssertionError("the policy was loaded for the vLLM generator")
 
-    def fake_generate(policy, tokenizer, prompts, model_path, n, cfg, rt, seed, workdir, backend=None):
-        seen.append((policy, model_path, cfg.generator))
-        return [[Generation([2], f"answer {i}", "stop")] for i in range(len(prompts))]
-
     monkeypatch.setattr(fsdp, "load_logprob_model", no_policy)
-    monkeypatch.setattr(fsdp, "distributed_generate", fake_generate)
-    cfg = config.parse_config([f"--model={toy_dir}", "--generator=vllm"])
-    answers, tokenizer = evaluate.generate_answers(
-        cfg, fsdp.Runtime(), str(toy_dir), [[{"role": "user", "content": "ascending : b a"}]] * 2, 0.0, 0
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}] * 3))
+    evaluate.main(
+        [
+            f"--model={toy_dir}",
+            f"--alpaca_eval={tmp_path / 'alpaca_eval.json'}",
+            f"--out={tmp_path / 'eval'}",
+            "--generator=vllm",
+            "--max_new_tokens=4",
+            f"--out_dir={tmp_path / 'run'}",
+        ]
     )
-    assert [a.text for a in answers] == ["answer 0", "answer 1"] and tokenizer.pad_token_id is not None
-    assert seen == [(None, str(toy_dir), "vllm")]
+    answers = json.loads((tmp_path / "eval" / "alpaca_eval" / f"{toy_dir.name}.json").read_text())
+    calls = [json.loads(line) for line in (fake_vllm / "gpu0.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and all(a["output"].startswith("t") for a in answers)  # the stand-in's texts
+    assert sum(len(c["prompts"]) for c in calls) == 3 and calls[0]["llm"]["model"] == str(toy_dir)
 
 
 def test_benchmark_answers_get_4096_new_tokens_unless_told(toy_dir, tmp_path, monkeypatch):
