@@ -117,6 +117,14 @@ def read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: unreadable ({err}); remove {path.parent} to run that stage again") from None
 
 
+def read_pickle(path: Path):
+    """A checkpoint's pickle (state.pt, rank<r>.pt) with every tensor on the CPU: torch.load would
+    put each back on the device that saved it, so every rank of a GPU run would give GPU 0 a CUDA
+    context for rank 0's meta-learner state, and a machine without CUDA could not read it at all.
+    The meta-learner's load_state_dict copies it onto its own device."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def write_json(path: Path, record: dict) -> None:
     """Write atomically: a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -340,7 +348,7 @@ class Stage:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        state = torch.load(path / "state.pt", weights_only=False)
+        state = read_pickle(path / "state.pt")
         if model is not None and state["has_model"]:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path))
@@ -348,7 +356,7 @@ class Stage:
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
         rank_path = path / f"rank{self.rt.rank}.pt"  # absent when resuming on more ranks than saved
-        rank_state = torch.load(rank_path if rank_path.exists() else path / "rank0.pt", weights_only=False)
+        rank_state = read_pickle(rank_path if rank_path.exists() else path / "rank0.pt")
         restore_rng(rank_state["rng"])
         state["rank_local"] = rank_state["local"] if rank_path.exists() else None
         # metrics written after this checkpoint belong to the lost part of the run
@@ -372,7 +380,7 @@ def checkpoint_problem(path: Path) -> str | None:
     bytes it points to (a truncated or missing shard shows here, before any rank reads it)."""
     for name in ["state.pt"] + sorted(p.name for p in path.glob("rank*.pt")):
         try:
-            record = torch.load(path / name, weights_only=False)
+            record = read_pickle(path / name)
         except Exception as err:  # missing, truncated, not a pickle: all mean the same here
             return f"{name} unreadable: {_short(err)}"
         if name == "state.pt":

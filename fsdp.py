@@ -205,7 +205,7 @@ class Pieces:
         for k in range(count):
             key = f"{name}-{k:05d}"
             if key in self.done:
-                results.append(torch.load(self.directory / f"{key}.pt", weights_only=False))
+                results.append(torch.load(self.directory / f"{key}.pt", map_location="cpu", weights_only=False))
                 seconds = self.directory / f"{key}.seconds"
                 self.restored_s += float(seconds.read_text()) if seconds.exists() else 0.0
                 continue

@@ -27,7 +27,7 @@ import torch
 
 import data
 from baselines.online import BASELINES, baseline_for
-from checkpoint import Stage
+from checkpoint import Stage, read_pickle
 from config import Config, ConfigError, reference_path, seed_for, sft_path, stage_name, warm_policy_path
 from dpo import PairScores, train_pairs
 from fsdp import (
@@ -144,7 +144,7 @@ class IterativeRun:
                 weight_decay=cfg.meta_weight_decay,
                 grad_clip=cfg.meta_grad_clip,
             )
-        saved = torch.load(self.latest / "state.pt", weights_only=False)["iteration_state"] if self.latest else {}
+        saved = read_pickle(self.latest / "state.pt")["iteration_state"] if self.latest else {}
         self.state = IterationState.restored(saved)
         self.resumed_pass = None  # (batches, optimizer, scheduler) restored inside phase 2
 

@@ -424,7 +424,7 @@ class OnlineRun:
             self.learner = WeightLearner(
                 len(self.tokenizer), lr=cfg.aligner_weight_lr, interval=cfg.aligner_weight_interval, seed=cfg.seed
             )
-            self.learner.net.load_state_dict(torch.load(self.offline / "weight_net.pt"))
+            self.learner.net.load_state_dict(torch.load(self.offline / "weight_net.pt", map_location="cpu"))
         self.slices = online_prompts(cfg)
         self.round_prompts = cfg.aligner_batch_size * cfg.aligner_weight_interval
         self.rounds = math.ceil(cfg.aligner_prompts / self.round_prompts)

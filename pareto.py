@@ -115,7 +115,7 @@ def evaluate_model(cfg, rt, model_dir: Path, kind: str, weight_net: Path | None,
     if weight_net is not None:
         tokenizer = data.load_tokenizer(model_dir)
         net = meal.WeightNet(len(tokenizer))
-        net.load_state_dict(torch.load(weight_net))
+        net.load_state_dict(torch.load(weight_net, map_location="cpu"))
         with torch.no_grad():
             auto = net(*meal.prompt_tensors(tokenizer, prompts))
         texts += [mo.conditioned(p, tuple(w)) for p, w in zip(prompts, auto.tolist())]

@@ -3,6 +3,7 @@ that shards without torchrun (a group of one), the deterministic environment, th
 group's timeout and device binding, each rank loading only its shard, no whole model moved
 before sharding, memory released before a vLLM child starts, and the suite's CPU-only rule."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -333,3 +334,45 @@ def test_a_gpu_run_from_a_fresh_checkout_plans_after_building_the_toy(tmp_path, 
     gpu["total_memory"] = 2 * 2**30
     train.main([])
     assert planned == [False, True] and (tmp_path / "out" / "toy" / "seed0" / "base" / "config.json").exists()
+
+
+@contextlib.contextmanager
+def saved_as_on_a_gpu():
+    """What torch.save records of the tensors a GPU run holds: each storage tagged 'cuda:0' (CPU
+    tensors here, tagged so by a tagger registered ahead of torch's own while the block runs)."""
+    entry = (0, lambda storage: "cuda:0", lambda storage, location: None)
+    torch.serialization.register_package(*entry)
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry.remove(entry)
+
+
+def test_a_checkpoint_written_on_a_gpu_is_read_onto_the_cpu(tmp_path):
+    """N4: torch.load puts each tensor back on the device that saved it. A GPU run's MetaAPO state
+    (the meta-learner's weights and AdamW state on cuda:0, saved by rank 0) would give every rank a
+    CUDA context on GPU 0 at a resume, and a machine without CUDA could not read the checkpoint
+    (checkpoint_problem called it unreadable). Checkpoint pickles and phase-1 pieces are read onto
+    the CPU; the meta-learner copies its state onto its own device."""
+    import checkpoint
+    from meta import MetaController, meta_features
+
+    rt, meta = fsdp.Runtime(), MetaController()
+    for _ in range(meta.interval):
+        scores = -torch.rand(4) * 3
+        meta.buffer.append(scores, scores + 0.5, meta_features(scores))
+    meta.update()  # AdamW state exists
+    stage = checkpoint.Stage(config.parse_config([f"--out_dir={tmp_path}"]), rt, "metaapo")
+    with saved_as_on_a_gpu():
+        stage.save_checkpoint(3, None, None, None, {"iteration_state": {"meta": meta.state_dict()}, "rank_local": {}})
+        fsdp.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, lambda k: torch.ones(2))
+    path = stage.latest_checkpoint()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load of it does on a CPU machine
+        torch.load(path / "state.pt", weights_only=False)
+    assert checkpoint.checkpoint_problem(path) is None
+    restored = MetaController()
+    restored.load_state_dict(stage.load_checkpoint(path, None, None, None)["iteration_state"]["meta"])
+    assert restored.curve() == meta.curve() and restored.updates == 1
+    assert restored.optimizer.state_dict()["state"][0]["exp_avg"].device.type == "cpu"
+    (piece,) = fsdp.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, None)
+    assert torch.equal(piece, torch.ones(2))
