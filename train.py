@@ -147,9 +147,7 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
         score_piece = lambda k: pair_scores(policy, ref, D_t[k * PIECE : (k + 1) * PIECE], cfg, rt)  # noqa: E731
         scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / PIECE), score_piece) for s in part]
     if baseline is None:  # lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
-        l_off, meta_input, chosen_ratio, rejected_ratio = (torch.tensor(column) for column in zip(*scores))
-        decision = run.meta.gate(l_off, meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs))
-        selected, w = decision.selected.tolist(), decision.weights.tolist()
+        selected, w = meta_gate(run.meta, scores, cfg, rt)
     else:  # every prompt, a threshold on l_off, or seed 004's boundary score
         if baseline.measures_boundary:
             boundary = boundary_measurement(
@@ -183,6 +181,16 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
     tic -= pieces.restored_s  # the phase's time includes its pieces a stopped run had finished
     run.record_sampling(t, scores, selected, w, sampled, generations, pairs, pair_stats, augmented, boundary, tic)
     return augmented
+
+
+def meta_gate(meta: MetaController, scores: list, cfg: Config, rt: Runtime) -> tuple[list[bool], list[float]]:
+    """Alg. 1 lines 7-8 for every tuple of D_t: w = h(l_off), u ~ U(0, 1), generate when u > w.
+    (selected, w) decided once: every rank draws its u (their generators stay in step), and rank
+    0's decision is the one they all use, since h_phi on two GPUs need not agree to the last bit,
+    and ranks that sent different prompts to generation would run different rounds of it."""
+    l_off, meta_input, chosen_ratio, rejected_ratio = (torch.tensor(column) for column in zip(*scores))
+    decision = meta.gate(l_off, meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs))
+    return all_gather_objects(rt, (decision.selected.tolist(), decision.weights.tolist()))[0]
 
 
 def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:

@@ -376,3 +376,33 @@ def test_a_checkpoint_written_on_a_gpu_is_read_onto_the_cpu(tmp_path):
     assert restored.optimizer.state_dict()["state"][0]["exp_avg"].device.type == "cpu"
     (piece,) = fsdp.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, None)
     assert torch.equal(piece, torch.ones(2))
+
+
+def test_the_gate_is_decided_once_for_every_rank(tmp_path):
+    """N7: every rank runs h_phi, but rank 0's gating decision is the one all ranks use (h_phi
+    on two GPUs need not agree to the last bit, and ranks that sent different prompts to
+    generation would run different rounds of it); every rank's generator stays in step. Rank 1's
+    h is shifted here so that alone it would send almost nothing."""
+    script = """
+import torch
+import config, fsdp, train
+from dpo import PairScores
+from meta import MetaController, meta_features
+
+cfg = config.parse_config([])
+rt = fsdp.setup_distributed(cfg)
+scores = [PairScores(-3.0 + 0.1 * i, -3.0 + 0.1 * i, 0.0, 0.0) for i in range(40)]
+meta = MetaController(seed=0)
+if rt.rank == 1:
+    with torch.no_grad():
+        meta.learner.net[-2].bias += 8.0  # h near 1: u > w almost never
+l_off = torch.tensor([s.score for s in scores])
+alone = MetaController(seed=0).gate(l_off, meta_features(l_off)).selected.tolist()  # rank 0's h, on its own
+selected, w = train.meta_gate(meta, scores, cfg, rt)
+next_draw = torch.rand(1, generator=meta.generator).item()
+report({"rank": rt.rank, "selected": selected, "w": w, "alone": alone, "next_draw": next_draw})
+fsdp.dist.destroy_process_group()
+"""
+    rows = run_script(tmp_path, script, torchrun=2)
+    assert rows[0]["selected"] == rows[1]["selected"] == rows[0]["alone"] and rows[0]["w"] == rows[1]["w"]
+    assert 5 < sum(rows[0]["selected"]) < 40 and rows[0]["next_draw"] == rows[1]["next_draw"]
