@@ -113,6 +113,25 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+def deterministic_top_p(top_p: float):
+    """transformers' TopPLogitsWarper with its running sum over the sorted probabilities taken in
+    integers (units of 2**-52): torch has no deterministic CUDA cumsum for floats and raises on one
+    under use_deterministic_algorithms (--deterministic), whereas an integer sum does not depend on
+    its order. It keeps the same tokens but where a cut point lies within float noise (~1e-7) of
+    top_p; transformers_generate uses it under --deterministic only."""
+    from transformers import TopPLogitsWarper
+
+    class IntegerTopP(TopPLogitsWarper):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+            sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+            units = (sorted_logits.softmax(dim=-1).double() * 2**52).round().long()
+            remove = units.cumsum(dim=-1) <= round((1 - self.top_p) * 2**52)  # the least likely tokens
+            remove[..., -self.min_tokens_to_keep :] = False
+            return scores.masked_fill(remove.scatter(1, sorted_indices, remove), self.filter_value)
+
+    return IntegerTopP(top_p)
+
+
 def _finish(token_ids: list[int], eos_ids: list[int], tokenizer) -> Generation:
     """Cut a generated row at its first EOS (kept); without EOS it ran to the length limit."""
     for position, token in enumerate(token_ids):
@@ -136,14 +155,17 @@ def transformers_generate(
     synced_gpus: bool = False,
 ) -> list[list[Generation]]:
     """Sample n responses per prompt with `model.generate` (see the module docstring)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     # greedy: one answer per prompt, repeated n times (transformers refuses n > 1)
     per_call = n if temperature > 0 else 1
+    # under --deterministic, top-p in integers (deterministic_top_p): torch refuses top-p's float cumsum on CUDA there
+    integer_top_p = temperature > 0 and top_p < 1 and torch.are_deterministic_algorithms_enabled()
+    processors = [deterministic_top_p(top_p)] if integer_top_p else []
     sampling = (
-        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        dict(do_sample=True, temperature=temperature, top_p=1.0 if integer_top_p else top_p, top_k=0)
         if temperature > 0
         else dict(do_sample=False)
     )
@@ -178,6 +200,7 @@ def transformers_generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    logits_processor=LogitsProcessorList(processors),
                     synced_gpus=synced_gpus,
                 )
                 rows = output[:, width:].tolist()  # (len(batch) * per_call, new tokens), grouped by prompt

@@ -153,6 +153,37 @@ def test_the_checkpoints_own_generation_config_does_not_leak(policy, toy_tokeniz
             own.repetition_penalty = own.no_repeat_ngram_size = own.min_new_tokens = own.suppress_tokens = None
 
 
+def test_top_p_under_deterministic_algorithms(policy, toy_tokenizer, monkeypatch):
+    """N8: torch raises on a floating-point cumsum on CUDA under use_deterministic_algorithms, and
+    transformers' top-p takes one, so --deterministic with top_p < 1 stopped at the first sampled
+    token. Under it top-p sums in integers (sample.deterministic_top_p): the same tokens kept as
+    transformers' warper on random logits, and generation runs with CUDA's refusal emulated here."""
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(64, 1000, dtype=torch.float64) * 3
+    for top_p in (0.5, 0.9, 0.95, 0.99):
+        ours, theirs = sample.deterministic_top_p(top_p)(None, scores), TopPLogitsWarper(top_p)(None, scores)
+        assert torch.equal(ours.isinf(), theirs.isinf()) and 0 < ours.isinf().float().mean() < 1
+
+    cumsum = torch.Tensor.cumsum
+
+    def cuda_cumsum(self, *args, **kwargs):  # what torch does on CUDA in deterministic mode
+        if torch.are_deterministic_algorithms_enabled() and (self.is_floating_point() or self.is_complex()):
+            raise RuntimeError("cumsum_cuda_kernel does not have a deterministic implementation")
+        return cumsum(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cumsum", cuda_cumsum)
+    prompts = prompts_for(toy_tokenizer)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = generate(prompts, 4, 1.0, 0.9, 8, 7, model=policy, tokenizer=toy_tokenizer)
+        again = generate(prompts, 4, 1.0, 0.9, 8, 7, model=policy, tokenizer=toy_tokenizer)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [[g.token_ids for g in r] for r in first] == [[g.token_ids for g in r] for r in again]
+
+
 def test_no_top_k_filter():
     """transformers' default top_k=50 would cut a flat distribution over 200 tokens to 50."""
     from tokenizers import Tokenizer, models, pre_tokenizers
