@@ -306,6 +306,7 @@ diff = max((state[k] - expected[k]).abs().max().item() for k in state) if state 
 report({"rank": rt.rank, "alone": alone, "forwards": len(forwards), "max_diff": diff, "tensors": len(state)})
 del state
 gc.collect()
+fsdp.dist.barrier()
 fsdp.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, torchrun=2)
@@ -401,8 +402,10 @@ alone = MetaController(seed=0).gate(l_off, meta_features(l_off)).selected.tolist
 selected, w = train.meta_gate(meta, scores, cfg, rt)
 next_draw = torch.rand(1, generator=meta.generator).item()
 report({"rank": rt.rank, "selected": selected, "w": w, "alone": alone, "next_draw": next_draw})
+fsdp.dist.barrier()  # no rank tears its group down while the other is still inside the gather
 fsdp.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, torchrun=2)
     assert rows[0]["selected"] == rows[1]["selected"] == rows[0]["alone"] and rows[0]["w"] == rows[1]["w"]
     assert 5 < sum(rows[0]["selected"]) < 40 and rows[0]["next_draw"] == rows[1]["next_draw"]
+
