@@ -12,9 +12,9 @@ It is imported, not run; tests/test_distributed.py shows it at work on 1 and 2 g
 
 Deliberate simplifications
 - One 1-D mesh over every GPU of every node (no HSDP); bf16 compute over fp32 master weights.
-- A checkpoint is read shard by shard only from safetensors files holding every parameter;
-  anything else (a new score head, other formats) is loaded whole on each rank's CPU first (fine
-  for 8B models on 80 GB GPUs), then sharded block by block.
+- A checkpoint is read shard by shard only from safetensors files holding every parameter (or
+  every one but the rm stage's new score head); anything else (.bin files, a checkpoint lacking
+  other parameters) is loaded whole on each rank's CPU first, then sharded block by block.
 """
 
 from __future__ import annotations
@@ -324,11 +324,13 @@ def checkpoint_files(path: str) -> list[Path]:
 
 def load_pretrained(auto_class, path: str, rt: Runtime, dtype: torch.dtype, seed: int | None = None, **config):
     """(model, checkpoint files, missing keys) of `auto_class` from `path`. Under FSDP2, when the
-    safetensors checkpoint holds every parameter, the model is built with its parameters on the
-    meta device and `files` are the checkpoint: load_shards fills in each rank's shard after
-    sharding, reading only the rows it holds, so no rank ever holds the whole model. Otherwise (one
-    process on CPU, a checkpoint without some parameter such as a new score head, other formats)
-    from_pretrained loads it whole on CPU, `seed` seeding what it initialises; files = []."""
+    safetensors checkpoint holds every parameter, or every one but a new head that this load
+    initialises (`seed` given: the rm stage's score head on the SFT model), the model is built with
+    its parameters on the meta device and `files` are the checkpoint: load_shards fills in each
+    rank's shard after sharding, reading only the rows it holds, so no rank ever holds the whole
+    model. Otherwise (one process on CPU, other formats) from_pretrained loads it whole on CPU,
+    `seed` seeding what it initialises; files = []. Either way the missing keys are returned, and
+    init_new_parameters gives them the same values on any number of ranks."""
     from transformers import AutoConfig
 
     files = checkpoint_files(path) if rt.fsdp else []
@@ -338,14 +340,16 @@ def load_pretrained(auto_class, path: str, rt: Runtime, dtype: torch.dtype, seed
         with parameters_on_meta():
             model = auto_class.from_config(AutoConfig.from_pretrained(path, **config), dtype=dtype)
         stored = {key for file in files for key in safe_open(file, framework="pt").keys()}
-        if {name for name, _ in model.named_parameters()} <= stored:
+        missing = [name for name, _ in model.named_parameters() if name not in stored]
+        head = [name for name in missing if not name.startswith(model.base_model_prefix + ".")]
+        if not missing or (seed is not None and missing == head):
             try:
                 from transformers import GenerationConfig
 
                 model.generation_config = GenerationConfig.from_pretrained(path)  # its stop ids, as from_pretrained
             except OSError:
                 pass  # no generation_config.json: the one from_config derived from the config stays
-            return model, files, []
+            return model, files, missing
         del model
     if seed is not None:
         torch.manual_seed(seed)
@@ -353,12 +357,36 @@ def load_pretrained(auto_class, path: str, rt: Runtime, dtype: torch.dtype, seed
     return model, [], info["missing_keys"]
 
 
+def shard_rows(param: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, int]:
+    """(this rank's part of a parameter, the first row of the whole it holds). FSDP2 shards dim 0
+    in chunks of ceil(rows / world), rank r holding chunk r (a rank past the rows holds none)."""
+    local = param.to_local() if hasattr(param, "to_local") else param  # this rank's rows, unpadded
+    return local, rt.rank * math.ceil(param.shape[0] / rt.world) if param.dim() else 0
+
+
 @torch.no_grad()
-def load_shards(root: nn.Module, prefix: str, files: list[Path], rt: Runtime) -> None:
+def init_new_parameters(root: nn.Module, names: list[str], seed: int, std: float, rt: Runtime) -> None:
+    """Parameters a checkpoint lacks (the rm stage's new score head), the same values on any number
+    of ranks: drawn whole, in order, from one generator seeded with `seed` (normal(0, std) for a
+    matrix, zeros for a vector: transformers' initialisation of a new Linear, and its values when
+    from_pretrained initialises the head after torch.manual_seed(seed)); each rank keeps its rows."""
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(root.named_parameters())
+    for name in names:
+        param = params[name]
+        whole = torch.zeros(param.shape)
+        if param.dim() > 1:
+            whole.normal_(0.0, std, generator=generator)
+        local, start = shard_rows(param, rt)
+        local.copy_(whole[start : start + local.shape[0]] if param.dim() else whole)
+
+
+@torch.no_grad()
+def load_shards(root: nn.Module, prefix: str, files: list[Path], rt: Runtime, new: tuple[str, ...] = ()) -> None:
     """Fill a model sharded with its parameters on the meta device (load_pretrained) from its
-    safetensors files. FSDP2 shards dim 0 in chunks of ceil(rows / world), rank r holding chunk r;
-    each rank reads only those rows of each tensor (safetensors slices are read from the file).
-    `prefix`: the wrapper's name for the HF model (e.g. "lm." in LogprobModel)."""
+    safetensors files: each rank reads only its rows of each tensor (shard_rows; safetensors slices
+    are read from the file). `prefix`: the wrapper's name for the HF model (e.g. "lm." in
+    LogprobModel); `new`: parameters the files lack, left for init_new_parameters."""
     from safetensors import safe_open
 
     buffers = {name: buffer.clone() for name, buffer in root.named_buffers()}  # real already: keep them
@@ -369,8 +397,9 @@ def load_shards(root: nn.Module, prefix: str, files: list[Path], rt: Runtime) ->
     where = {key: handle for handle in handles for key in handle.keys()}
     for name, param in root.named_parameters():
         key = name[len(prefix) :]
-        local = param.to_local() if hasattr(param, "to_local") else param  # this rank's rows, unpadded
-        start = rt.rank * math.ceil(param.shape[0] / rt.world) if param.dim() else 0
+        if key in new:
+            continue
+        local, start = shard_rows(param, rt)
         if local.numel():
             rows = (
                 where[key].get_slice(key)[start : start + local.shape[0]] if param.dim() else where[key].get_tensor(key)
@@ -426,7 +455,9 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
         require_reward_head(path, model, {"missing_keys": missing})
     model = shard_model(model, model, cfg, rt, trainable)
     if files:
-        load_shards(model, "", files, rt)
+        load_shards(model, "", files, rt, new=tuple(missing))
+    if init_head:  # the new head's values do not depend on how the model was loaded nor on the ranks
+        init_new_parameters(model, missing, cfg.seed, model.config.initializer_range, rt)
     model.train(trainable)
     return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
 

@@ -409,3 +409,36 @@ fsdp.dist.destroy_process_group()
     assert rows[0]["selected"] == rows[1]["selected"] == rows[0]["alone"] and rows[0]["w"] == rows[1]["w"]
     assert 5 < sum(rows[0]["selected"]) < 40 and rows[0]["next_draw"] == rows[1]["next_draw"]
 
+
+def test_the_reward_model_stage_loads_only_its_shard_with_a_new_head(toy_dir, tmp_path):
+    """S2 / N9: the rm stage starts from the SFT model with a new score head the checkpoint lacks;
+    each rank reads only its shard (from_pretrained, which loads the whole model on every rank's
+    host, is refused here) and the head gets the values a single process's from_pretrained gives
+    it, so the 2-rank model scores as the 1-process one."""
+    script = """
+import gc, sys
+import transformers
+import config, fsdp
+
+toy_dir = sys.argv[1]
+cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", "--seed=3"])
+prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 3, ["a b", "b a", "a a"]
+whole = fsdp.load_reward_model(toy_dir, cfg, fsdp.Runtime(), trainable=True, init_head=True)  # from_pretrained
+expected = whole.score(prompts, answers)
+
+def whole_model(*args, **kwargs):
+    raise AssertionError("the whole model was loaded on a rank's host")
+
+transformers.AutoModelForSequenceClassification.from_pretrained = whole_model
+rt = fsdp.setup_distributed(cfg)
+sharded = fsdp.load_reward_model(toy_dir, cfg, rt, trainable=True, init_head=True)
+got = sharded.score(prompts, answers)
+report({"rank": rt.rank, "diff": max(abs(a - b) for a, b in zip(got, expected)), "scores": got})
+del sharded
+gc.collect()
+fsdp.dist.barrier()
+fsdp.dist.destroy_process_group()
+"""
+    rows = run_script(tmp_path, script, toy_dir, torchrun=2)
+    assert all(row["diff"] < 1e-5 for row in rows), rows
+    assert len(set(rows[0]["scores"])) == 3  # a head that is not zero
