@@ -149,6 +149,35 @@ def vllm_need_gib(cfg: Config, s: Shapes) -> float:
     return (2 * s.params + context * s.layers * 2 * s.kv_width * 2) / GIB + 1.0
 
 
+# What a stop's estimate assumes (nothing here measures them; scripts/gpu_check.sh measures a step's tokens/s)
+ASSUMED_TFLOPS = 400.0  # bf16 compute per GPU in training: about 40% of an H100's or H200's dense peak
+ASSUMED_WRITE_GIB_S = 1.0  # checkpoint write speed per GPU (node-local NVMe; a shared file system may be slower)
+TORCHRUN_GRACE_S = 30  # torchrun sends SIGKILL this long after it forwards SIGTERM (--shutdown_timeout's default)
+
+
+def stop_estimate(cfg: Config, world: int, policy: Shapes, annotator: Shapes) -> dict:
+    """What a stop signal in training costs before the process can exit: the step under way (its
+    tokens per GPU at ASSUMED_TFLOPS, counting 6 N per trained token, 2 N for the reference's
+    forward and 2 N for recomputing checkpointed activations), then a checkpoint (fp32 weights and
+    AdamW state of what trains, each GPU writing its shard at ASSUMED_WRITE_GIB_S); and the
+    torchrun --shutdown_timeout that leaves twice that, in whole minutes."""
+    ppo = cfg.method == "ppo"
+    trained = policy.params + (annotator.params if ppo else 0)
+    tokens = math.ceil(cfg.batch_size / world) * (1 if ppo else 4) * cfg.max_len
+    flops_per_token = (8 + 2 * cfg.activation_checkpointing) * policy.params
+    step_s = tokens * flops_per_token / (ASSUMED_TFLOPS * 1e12)
+    checkpoint_gib = 12 * trained / GIB
+    write_s = checkpoint_gib / world / ASSUMED_WRITE_GIB_S
+    return {
+        "step_tokens_per_gpu": tokens,
+        "step_s": step_s,
+        "checkpoint_gib": checkpoint_gib,
+        "checkpoint_gib_per_gpu": checkpoint_gib / world,
+        "write_s": write_s,
+        "shutdown_timeout_s": max(60, 60 * math.ceil(2 * (step_s + write_s) / 60)),
+    }
+
+
 def plan_shapes(cfg: Config) -> tuple[Shapes, Shapes]:
     """(the policy's shapes, the annotating reward model's): the latter is the policy's architecture
     when this run trains it (the rm stage starts from the SFT model)."""
@@ -249,6 +278,16 @@ def dry_run(cfg: Config, world: int) -> None:
             f"vLLM needs {need:.1f} GiB per GPU but gets {share:.1f} (gpu_memory_utilization "
             f"{cfg.gpu_memory_utilization})"
         )
+    stop = stop_estimate(cfg, world, policy, annotator)
+    lines.append(
+        f"a stop signal in training: the step under way ({stop['step_tokens_per_gpu']:,} tokens per GPU, about "
+        f"{stop['step_s']:.0f} s at {ASSUMED_TFLOPS:.0f} TFLOP/s), then a checkpoint of {stop['checkpoint_gib']:.1f} "
+        f"GiB ({stop['checkpoint_gib_per_gpu']:.1f} per GPU: fp32 weights and AdamW state; about {stop['write_s']:.0f} "
+        f"s at {ASSUMED_WRITE_GIB_S:.0f} GiB/s per GPU). torchrun kills its workers {TORCHRUN_GRACE_S} s after "
+        f"forwarding a SIGTERM: launch with torchrun --shutdown_timeout {stop['shutdown_timeout_s']} (or "
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={stop['shutdown_timeout_s']}), or a stop loses the work since the last "
+        "checkpoint"
+    )
     print("\n".join(lines))
     if too_big:
         raise ConfigError(

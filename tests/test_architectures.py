@@ -6,6 +6,7 @@ with from_pretrained as the same architecture. Also the memory plan (--dry_run) 
 Llama-3.1-8B (Tulu 3) and Qwen2.5-7B shapes, and the two gradient-accumulation modes."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def test_the_8b_plan_fits_8_gpus_and_not_one(model, sft, params):
         "vLLM's share",
     ):
         assert part in fits.stdout
+    assert re.search(r"launch with torchrun --shutdown_timeout \d+ ", fits.stdout)  # N5: a stop's time
     refused = dry_run(model, sft, "--gpus=1", "--gpu_memory_gb=80")
     message = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode != 0 and message.startswith(
@@ -205,6 +207,13 @@ def test_memory_plan_arithmetic():
         (32 * 16384 * 4096 * 2 + 16384 * (10 * 4096 + 4 * 14336) * 2) / gib
     )
     assert plan.vllm_need_gib(cfg, shapes) == pytest.approx((2 * 8e9 + 4096 * 32 * 2 * 1024 * 2) / gib + 1)
+    # N5: a stop finishes the step (16 tuples x 4 answers x 4096 tokens per GPU, 10 N FLOPs per token) and
+    # writes 12 bytes per parameter; torchrun's 30 s are not enough, twice the estimate in whole minutes is
+    stop = plan.stop_estimate(cfg, 8, shapes, shapes)
+    assert stop["step_tokens_per_gpu"] == 16 * 4 * 4096
+    assert stop["step_s"] == pytest.approx(16 * 4 * 4096 * 10 * 8e9 / 400e12)
+    assert stop["checkpoint_gib_per_gpu"] == pytest.approx(12 * 8e9 / 8 / gib)
+    assert stop["shutdown_timeout_s"] == 180 > plan.TORCHRUN_GRACE_S
 
 
 def test_memory_plan_counts_what_is_resident():
