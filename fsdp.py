@@ -459,7 +459,9 @@ def load_reward_model(path: str, cfg: Config, rt: Runtime, trainable: bool = Fal
     if init_head:  # the new head's values do not depend on how the model was loaded nor on the ranks
         init_new_parameters(model, missing, cfg.seed, model.config.initializer_range, rt)
     model.train(trainable)
-    return RewardModel(model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4)
+    return RewardModel(
+        model, tokenizer, max_len=cfg.rm_max_len, batch_size=max(1, cfg.micro_batch_size) * 4, group=rt.objects
+    )
 
 
 def copy_tree(source: Path, target: Path) -> None:

@@ -100,7 +100,7 @@ def require_reward_head(path, model, loading_info: dict) -> None:
 class RewardModel:
     """A sequence-classification reward model (num_labels = 1) with its tokenizer."""
 
-    def __init__(self, model, tokenizer, max_len: int = 4096, batch_size: int = 8):
+    def __init__(self, model, tokenizer, max_len: int = 4096, batch_size: int = 8, group=None):
         if model.config.num_labels != 1:
             raise ValueError(
                 f"{model.config.name_or_path or type(model).__name__}: a reward model needs num_labels=1, got "
@@ -112,6 +112,7 @@ class RewardModel:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer = model, tokenizer
         self.max_len, self.batch_size = max_len, batch_size
+        self.group = group  # the process group scores are gathered over (train.py's gloo group beside NCCL)
         self.truncated = 0  # pairs cut to max_len so far
 
     @classmethod
@@ -195,7 +196,7 @@ class RewardModel:
             self.encode([prompts[i] for i in padded], [responses[i] for i in padded], [complete[i] for i in padded])
         )
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, list(zip(share, scores[: len(share)])))
+        dist.all_gather_object(gathered, list(zip(share, scores[: len(share)])), group=self.group)
         result = [0.0] * len(prompts)
         for part in gathered:
             for i, value in part:

@@ -431,14 +431,16 @@ def whole_model(*args, **kwargs):
 
 transformers.AutoModelForSequenceClassification.from_pretrained = whole_model
 rt = fsdp.setup_distributed(cfg)
+rt.objects = fsdp.dist.new_group(backend="gloo")  # as on CUDA: scores travel over it, not over NCCL
 sharded = fsdp.load_reward_model(toy_dir, cfg, rt, trainable=True, init_head=True)
 got = sharded.score(prompts, answers)
-report({"rank": rt.rank, "diff": max(abs(a - b) for a, b in zip(got, expected)), "scores": got})
+diff = max(abs(a - b) for a, b in zip(got, expected))
+report({"rank": rt.rank, "diff": diff, "scores": got, "group": sharded.group is rt.objects})
 del sharded
 gc.collect()
 fsdp.dist.barrier()
 fsdp.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, torchrun=2)
-    assert all(row["diff"] < 1e-5 for row in rows), rows
+    assert all(row["diff"] < 1e-5 and row["group"] for row in rows), rows
     assert len(set(rows[0]["scores"])) == 3  # a head that is not zero
