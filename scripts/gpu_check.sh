@@ -17,7 +17,7 @@
 #              --deterministic without CUBLAS_WORKSPACE_CONFIG set: both must run
 #   8b         DPO and one MetaAPO iteration of the 8B-shaped models on FSDP2 in bf16 under torchrun:
 #              tokens/s, MFU and peak memory beside the --dry_run plan of the same shapes
-#   bench      losses.py --bench at bf16, 8192 tokens, H=4096, V=128256: naive, torch's op where present,
+#   bench      scripts/bench_kernel.py at bf16, 8192 tokens, H=4096, V=128256: naive, torch's op where present,
 #              ours at several chunk sizes (time, TFLOP/s as 8NHV/time, peak extra memory)
 #   toy        the toy pipeline on CUDA with the transformers generator, stopped by SIGTERM during
 #              MetaAPO's training, resumed with --resume to the end
@@ -117,7 +117,7 @@ if want 8b; then
 fi
 
 # 6. the kernel benchmark (the CUDA table only on a GPU)
-want bench && step kernel_bench "$OUT/kernel.log" 240 '^\| ours' $PY losses.py --bench "${BENCH[@]}"
+want bench && step kernel_bench "$OUT/kernel.log" 240 '^\| ours' $PY scripts/bench_kernel.py "${BENCH[@]}"
 
 # 7. the toy pipeline with the transformers generator: SIGTERM during MetaAPO's training, then --resume
 if want toy; then

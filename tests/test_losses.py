@@ -328,10 +328,11 @@ def test_bfloat16_gradients_are_rounded_once_on_cuda():
 def test_bench_marks_torch_kernel_unavailable_and_still_prints_the_table(monkeypatch, capsys):
     """On a torch without F.linear_cross_entropy(options=) (the GPU machine's 2.11) the bench prints
     its table with that row marked unavailable instead of crashing; a small --shape keeps it quick."""
-    import losses
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_kernel
 
-    monkeypatch.setattr(losses, "torch_kernel_available", lambda: False)
-    losses.bench(["cpu"], 1, [64], shape=(256, 32, 500))
+    monkeypatch.setattr(bench_kernel, "torch_kernel_available", lambda: False)
+    bench_kernel.bench(["cpu"], 1, [64], shape=(256, 32, 500))
     out = capsys.readouterr().out
     assert "N=256 response tokens, H=32, V=500" in out
     torch_row = next(line for line in out.splitlines() if line.startswith("| torch:"))
