@@ -258,18 +258,24 @@ def shard_model(root: torch.nn.Module, lm, cfg: Config, rt: Runtime, trainable: 
     if not rt.fsdp:
         return root.to(rt.device)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(rt.device.type, (rt.world,))
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if rt.device.type == "cuda"
-        else MixedPrecisionPolicy()
-    )
+    policy = mixed_precision(rt)
     for block in _decoder_blocks(lm):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=None if trainable else True)
     return root
+
+
+def mixed_precision(rt: Runtime):
+    """FSDP2's precision: on GPU, bf16 parameters in compute over the fp32 master weights and fp32
+    gradient reductions; on CPU fp32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if rt.device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def reshard(model: nn.Module) -> None:

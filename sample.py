@@ -178,7 +178,7 @@ def transformers_generate(
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
     )
-    device = next(model.parameters()).device
+    device = model.device  # the GPU of a sharded model too (its DTensors)
     was_training = model.training
     model.eval()
     # generate() fills every field left unset in `config` from model.generation_config (the checkpoint's own
