@@ -264,9 +264,11 @@ def test_a_marked_test_sees_the_gpu():
 
 
 def test_ranks_agree_on_the_online_forward_and_match_one_process(toy_dir, tmp_path):
-    """N1: with one tuple per rank (micro_batch_size=1, the real presets), rank 0's tuple has long
-    offline answers and a short online pair (a forward of its own would save tokens) and rank 1's
-    has four answers of one length (it would not). The ranks must still run the same number of
+    """N1: one tuple per micro-batch (micro_batch_size=1, the real presets), three tuples on two
+    ranks. In the first micro-batch rank 0's tuple has long offline answers and a short online pair
+    (a forward of its own would save tokens) and rank 1's has four answers of one length (it would
+    not); in the second, rank 0 has a tuple whose K rewards tied (online pair (y, y)) and rank 1
+    none (its share is empty: padding, masked out). The ranks must still run the same number of
     forwards, or their FSDP2 collectives stop matching (gloo: a size mismatch; NCCL: a hang until
     the timeout, kept short here). One MetaAPO step on the 2 ranks gives the weights one process
     gets on the same global batch."""
@@ -278,13 +280,15 @@ from meta import MetaController
 
 toy_dir = sys.argv[1]
 cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", "--micro_batch_size=1",
-                           "--batch_size=2", "--dist_timeout_minutes=0.5"])
+                           "--batch_size=3", "--dist_timeout_minutes=0.5"])
 
-def tuple_(index, offline, online):
+def tuple_(index, offline, online, tied=False):
+    chosen = [10] * online
     return dpo.PolicyPair(prompt_ids=[5, 6, 7], chosen_ids=[8 + index] * offline, rejected_ids=[9] * (offline - 1),
-                          index=index, online_chosen_ids=[10] * online, online_rejected_ids=[11 + index] * online)
+                          index=index, online_chosen_ids=chosen, online_rejected_ids=chosen if tied else [11] * online)
 
-batch = [tuple_(0, 30, 4), tuple_(1, 8, 8)]  # strided shares: rank 0 gets the first, rank 1 the second
+# strided shares: rank 0 gets the first and third, rank 1 the second
+batch = [tuple_(0, 30, 4), tuple_(1, 8, 8), tuple_(2, 12, 3, tied=True)]
 
 def one_step(rt):
     policy, _ = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=True)
@@ -297,7 +301,7 @@ def one_step(rt):
     optimizer.step()
     return fsdp.full_state_dict(policy, rt), forwards
 
-expected, _ = one_step(fsdp.Runtime())  # one process, no sharding: both tuples in two micro-batches
+expected, _ = one_step(fsdp.Runtime())  # one process, no sharding: the three tuples in three micro-batches
 rt = fsdp.setup_distributed(cfg)
 alone = dpo.online_split([batch[rt.rank]], fsdp.Runtime())  # this rank's tuple on its own
 state, forwards = one_step(rt)
