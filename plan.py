@@ -284,9 +284,8 @@ def dry_run(cfg: Config, world: int) -> None:
         f"{stop['step_s']:.0f} s at {ASSUMED_TFLOPS:.0f} TFLOP/s), then a checkpoint of {stop['checkpoint_gib']:.1f} "
         f"GiB ({stop['checkpoint_gib_per_gpu']:.1f} per GPU: fp32 weights and AdamW state; about {stop['write_s']:.0f} "
         f"s at {ASSUMED_WRITE_GIB_S:.0f} GiB/s per GPU). torchrun kills its workers {TORCHRUN_GRACE_S} s after "
-        f"forwarding a SIGTERM: launch with torchrun --shutdown_timeout {stop['shutdown_timeout_s']} (or "
-        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={stop['shutdown_timeout_s']}), or a stop loses the work since the last "
-        "checkpoint"
+        f"forwarding a SIGTERM: launch with TORCH_ELASTIC_SHUTDOWN_TIMEOUT={stop['shutdown_timeout_s']} (or torchrun "
+        f"--shutdown_timeout {stop['shutdown_timeout_s']}), or a stop loses the work since the last checkpoint"
     )
     print("\n".join(lines))
     if too_big:

@@ -4,8 +4,8 @@ The Python steps of scripts/gpu_check.sh (the GPU check), one subcommand each:
     python scripts/gpu_check.py precision            # the fused kernel's bf16 errors at the real LM-head shape
     python scripts/gpu_check.py build DIR LAYERS     # a Llama-3.1-8B-shaped policy and reward model (random) + data
     python scripts/gpu_check.py train TAG ARGS...    # train.main(ARGS) with step times, tokens and peak memory kept
-    python scripts/gpu_check.py report TAGS ARGS...  # tokens/s, MFU and peak memory beside the --dry_run plan
-    python scripts/gpu_check.py toy ARGS...          # the toy pipeline stopped by SIGTERM, then resumed
+    python scripts/gpu_check.py report TAGS RANKS ARGS...  # tokens/s, MFU, peak memory beside the plan on RANKS GPUs
+    python scripts/gpu_check.py toy DIR ARGS...      # the toy pipeline run in DIR, stopped by SIGTERM, then resumed
 
 Single process (train also under torchrun). Measurements go to $OUT/measure-TAG.json (OUT defaults
 to out/gpu_check). With GPU_CHECK_DRY=1 every shape is tiny, so the same code runs on a CPU in
@@ -242,11 +242,11 @@ def measured_train(tag: str, argv: list[str]) -> None:
 # report: throughput and memory beside the plan
 
 
-def report(tags: list[str], argv: list[str]) -> bool:
-    """Print tokens/s and MFU per stage (median over steps after the first) and the measured peak
-    memory beside plan.memory_plan for the same config on this one GPU, for the runs measured
-    under `tags`; True when the plan holds (measured reserved memory in training at most the
-    plan's training total)."""
+def report(tags: list[str], ranks: int, argv: list[str]) -> bool:
+    """Print tokens/s and MFU per stage (median over steps after the first; MFU over the `ranks`
+    GPUs) and rank 0's measured peak memory beside plan.memory_plan for the same config on `ranks`
+    GPUs, for the runs measured under `tags`; True when the plan holds (measured reserved memory
+    in training at most the plan's training total)."""
     record: dict = {"steps": [], "stages": {}, "generation": []}
     for tag in tags:
         part = json.loads((OUT / f"measure-{tag}.json").read_text())
@@ -264,7 +264,8 @@ def report(tags: list[str], argv: list[str]) -> bool:
     flops_per_token = 6 * trained + 2 * trained  # policy forward + backward, the frozen reference's forward
     print(
         f"{shapes.layers}-layer Llama-3.1-8B shape ({shapes.params / 1e6:,.1f}M parameters, {trained / 1e6:,.1f}M "
-        f"without the input embedding), {cfg.micro_batch_size} tuple(s) per micro-batch, max_len {cfg.max_len}"
+        f"without the input embedding), {cfg.micro_batch_size} tuple(s) per micro-batch, max_len {cfg.max_len}, "
+        f"{ranks} rank(s)"
     )
     print("| stage | steps | tokens / step | s / step (median) | tokens/s | MFU |")
     print("|---|---|---|---|---|---|")
@@ -273,12 +274,12 @@ def report(tags: list[str], argv: list[str]) -> bool:
         timed = steps[1:] or steps  # the first step warms up
         seconds = statistics.median(s["time_s"] for s in timed)
         tokens = statistics.median(s["tokens"] for s in timed)
-        mfu = f"{flops_per_token * tokens / seconds / (peak * 1e12):.1%}" if peak else "n/a"
+        mfu = f"{flops_per_token * tokens / seconds / (ranks * peak * 1e12):.1%}" if peak else "n/a"
         print(f"| {stage} | {len(steps)} | {tokens:,.0f} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} |")
-    sharded = plan.needs_sharded_gradients(cfg, 1, total_gib, shapes, shapes)
-    memory = plan.memory_plan(cfg, 1, total_gib, shapes, shapes, sharded)
+    sharded = plan.needs_sharded_gradients(cfg, ranks, total_gib, shapes, shapes)
+    memory = plan.memory_plan(cfg, ranks, total_gib, shapes, shapes, sharded)
     training = sum(memory["training (phase 2)"].values())
-    print(f"memory, GiB on one GPU of {total_gib:.0f}: the plan's training phase {training:.1f}")
+    print(f"memory, GiB per GPU of {total_gib:.0f} on {ranks}: the plan's training phase {training:.1f}")
     if DEVICE != "cuda":
         print("no CUDA: peak memory not measured (dry run)")
         return True
@@ -305,17 +306,20 @@ def report(tags: list[str], argv: list[str]) -> bool:
 # toy: the pipeline stopped by SIGTERM during MetaAPO's training, then resumed
 
 
-def toy_stop_and_resume(argv: list[str]) -> bool:
-    """`python train.py ARGV` (the toy pipeline), SIGTERM once MetaAPO's first training step is
-    logged: it must exit with 143 and a checkpoint; the same command with --resume must finish
+def toy_stop_and_resume(directory: Path, argv: list[str]) -> bool:
+    """`python train.py ARGV` (the toy pipeline) run in `directory`, where no out/ exists yet (a
+    fresh checkout: the toy's assets are built first), SIGTERM once MetaAPO's first training step
+    is logged: it must exit with 143 and a checkpoint; the same command with --resume must finish
     and write the results table."""
     import signal
     import subprocess
 
-    out = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir=")))
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [*argv, "--out_dir=run"]
+    out = directory / "run"
     log = out / "metaapo" / "metrics.jsonl"
     started = time.time()
-    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=directory)
     while process.poll() is None:
         if log.exists() and any('"iteration": 1, "lr"' in line for line in log.read_text().splitlines()):
             break
@@ -325,7 +329,7 @@ def toy_stop_and_resume(argv: list[str]) -> bool:
     print(f"stopped by SIGTERM after {time.time() - started:.0f}s with status {status} (143 expected)", flush=True)
     if status != 143:
         return False
-    resumed = subprocess.run([sys.executable, "train.py", *argv, "--resume"], cwd=ROOT)
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv, "--resume"], cwd=directory)
     table = out / "results.md"
     print(f"resumed: status {resumed.returncode}, {time.time() - started:.0f}s in all", flush=True)
     return resumed.returncode == 0 and table.exists() and "| MetaAPO |" in table.read_text()
@@ -340,9 +344,9 @@ def main() -> None:
     if command == "train":
         return measured_train(args[0], args[1:])
     if command == "report":
-        raise SystemExit(0 if report(args[0].split(","), args[1:]) else 1)
+        raise SystemExit(0 if report(args[0].split(","), int(args[1]), args[2:]) else 1)
     if command == "toy":
-        raise SystemExit(0 if toy_stop_and_resume(args) else 1)
+        raise SystemExit(0 if toy_stop_and_resume(Path(args[0]), args[1:]) else 1)
     raise SystemExit(f"gpu_check.py: unknown step {command!r}; one of precision, build, train, report, toy")
 
 

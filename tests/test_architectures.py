@@ -174,7 +174,7 @@ def test_the_8b_plan_fits_8_gpus_and_not_one(model, sft, params):
         "vLLM's share",
     ):
         assert part in fits.stdout
-    assert re.search(r"launch with torchrun --shutdown_timeout \d+ ", fits.stdout)  # N5: a stop's time
+    assert re.search(r"launch with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=\d+ ", fits.stdout)  # N5: a stop's time
     refused = dry_run(model, sft, "--gpus=1", "--gpu_memory_gb=80")
     message = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode != 0 and message.startswith(
