@@ -89,7 +89,8 @@ def memory_plan(
     """GiB per GPU in each phase of a run: {phase: {component: GiB}}.
 
     Training counts the fused kernel's whole working set (a logits tile, the head's bf16 weight
-    gradient, the fp32 hidden gradient). Generation counts what stays allocated when the vLLM
+    gradient, the fp32 hidden gradient) and the fp32 buffer FSDP2 copies the root's gradients into
+    for their reduce-scatter (torch's foreach_reduce). Generation counts what stays allocated when the vLLM
     child starts: the shards, once the roots are resharded and the cache emptied (release_memory),
     and the child's gpu_memory_utilization share, which vLLM refuses to start without. A frozen
     model's root reshards after each forward (shard_model), so no gathered reference root is
@@ -120,6 +121,10 @@ def memory_plan(
             + policy.vocab * policy.hidden * 2
             + 2 * tokens * policy.hidden * 4
         ),
+        # FSDP2 copies a group's gradients into one reduce_dtype buffer before its reduce-scatter; the root's is the
+        # largest (embeddings and head)
+        "fp32 reduce-scatter input (the root's gradients)": 4
+        * max(policy.outside_blocks, annotator.outside_blocks if ppo else 0),
     }
     plan = {
         "training (phase 2)": training,

@@ -202,6 +202,8 @@ def test_memory_plan_arithmetic():
         4 * 8e9 / gib
     )  # the whole model's, on every GPU
     assert sharded["gradients (fp32, sharded)"] == pytest.approx(4 * 8e9 / 8 / gib)
+    # FSDP2's reduce-scatter input for the root's gradients (embeddings and head), in reduce_dtype fp32
+    assert unsharded["fp32 reduce-scatter input (the root's gradients)"] == pytest.approx(4 * 1e9 / gib)
     assert unsharded["AdamW state (fp32 shards)"] == pytest.approx(8 * 8e9 / 8 / gib)
     assert unsharded["activations (16384 tokens per micro-batch)"] == pytest.approx(
         (32 * 16384 * 4096 * 2 + 16384 * (10 * 4096 + 4 * 14336) * 2) / gib
