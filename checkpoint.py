@@ -10,7 +10,8 @@ It is imported, not run; tests/test_resume.py kills, stops and damages runs and 
 
 Deliberate simplifications
 - Checkpoints are whole (model, optimizer, position, RNG, meta-learner) and atomic (a .tmp
-  directory renamed into place); the last keep_checkpoints are kept, none is merged or thinned.
+  directory renamed into place); the last keep_checkpoints are kept while a stage runs, none is
+  merged or thinned, and a finished stage keeps none.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class Stage:
         self.model_dir = self.dir / "model"
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metric_lines = 0
-        self.last_save = time.time()  # for the save_minutes cadence
+        self.last_save = time.time()  # when the last checkpoint was written, for the cadence by time
+        self.save_cost_s: float | None = None  # the seconds the last checkpoint with a model took to write
         self.opened, self.elapsed_before = time.time(), 0.0  # elapsed_s(): this process's time + the kept work's
 
     def elapsed_s(self) -> float:
@@ -218,6 +220,12 @@ class Stage:
             )
         if self.cfg.resume and not begun:
             print0(self.rt, f"[{self.name}] --resume: nothing to resume in {self.dir}; the stage starts afresh")
+        elif self.cfg.resume and latest is None:
+            print0(
+                self.rt,
+                f"[{self.name}] --resume: no checkpoint in {self.checkpoints} (the run stopped before its first); the "
+                "stage starts afresh",
+            )
         if latest is not None:
             latest = self.usable_checkpoint()
         record = {**config_dict(self.cfg), "stage": self.name}
@@ -310,7 +318,7 @@ class Stage:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        self.last_save = time.time()
+        started = time.time()
         final = self.checkpoints / f"step-{step:08d}"
         tmp = self.checkpoints / f"step-{step:08d}.tmp"
         if self.rt.main:
@@ -340,6 +348,9 @@ class Stage:
             for old in self.checkpoint_dirs()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier(self.rt)
+        self.last_save = time.time()
+        if model is not None:
+            self.save_cost_s = self.last_save - started
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler) -> dict:
         """Restore model, optimizer, scheduler, RNG states and metrics.jsonl from a checkpoint
@@ -369,8 +380,18 @@ class Stage:
         return state
 
     def finish(self, summary: dict) -> None:
+        """Mark the stage done (done.json, written atomically), then drop its checkpoints: model/ is
+        final and a finished stage is never resumed, so they are dead weight (at 8B, 90 GiB each).
+        A kill between the two leaves a done stage, whose leftovers drop_checkpoints removes later."""
         if self.rt.main:
             write_json(self.dir / "done.json", summary)
+        barrier(self.rt)
+        self.drop_checkpoints()
+
+    def drop_checkpoints(self) -> None:
+        """Remove a finished stage's checkpoints (only once done.json exists)."""
+        if self.rt.main and self.done:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         barrier(self.rt)
 
 

@@ -221,7 +221,7 @@ def compare(
     started = time.time()
     # the shared SFT and reward model are the default run's (COMPARE_TRAIN_ARGS' data cut is for the methods only)
     shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
-    shared = config.parse_config(shared_args)
+    shared = config.parse_config(shared_args, later_wins=True)
     if rt.main:
         toy.ensure_toy_assets(0, regime=shared.toy_regime)
     fsdp.barrier(rt)
@@ -231,9 +231,9 @@ def compare(
     gold: dict[str, list[list[float]]] = {label: [] for label, _, _ in rows}  # per seed, every answer's gold score
     for seed in seeds:
         args = seed_args(out, seed, train_args)
-        base = config.parse_config(args)  # --seed=seed is among args
+        base = config.parse_config(args, later_wins=True)  # --seed=seed is among args
         # the warm-up every generating method starts from
-        train.ensure_stage(config.parse_config(args + ["--method=dpo"]), rt, "dpo")
+        train.ensure_stage(config.parse_config(args + ["--method=dpo"], later_wins=True), rt, "dpo")
         baseline = gold_scores(base, rt, sft, out / f"seed{seed}" / "eval" / "sft.json")
         for label, method, extra in rows:
             if method is None:
@@ -253,7 +253,7 @@ def compare(
                 extra = [a.replace("{metaapo_ratio}", ratio) for a in extra]
             if equal_steps and method in config.ITERATIVE_METHODS:
                 extra = [*extra, f"--steps_per_iteration={equal_steps}"]
-            cfg = config.parse_config(args + [f"--method={method}", *extra])
+            cfg = config.parse_config(args + [f"--method={method}", *extra], later_wins=True)
             summary = train.ensure_stage(cfg, rt, method)
             name = config.stage_name(cfg, method)
             scores = gold_scores(
@@ -292,7 +292,7 @@ def compare(
             "per_seed": runs,
         }
     if "MetaAPO" in per_seed:
-        eval_samples = config.parse_config(seed_args(out, seeds[0], train_args)).eval_samples
+        eval_samples = config.parse_config(seed_args(out, seeds[0], train_args), later_wins=True).eval_samples
         for label, _, _ in rows:
             if label != "MetaAPO":
                 results["rows"][label]["vs_metaapo"] = differences(
@@ -437,7 +437,7 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
 def equal_step_count(train_args: list[str]) -> int:
     """--equal_steps' policy steps per iteration: what one epoch over every tuple of D_t takes
     (all sampling's count when no pair is dropped), fixed by the data, not by any method's result."""
-    cfg = config.parse_config(train_args)
+    cfg = config.parse_config(train_args, later_wins=True)
     pairs = min(cfg.max_train_pairs or toy.TOY_SIZES["train_prefs"], toy.TOY_SIZES["train_prefs"])
     return math.ceil(math.ceil(pairs / cfg.iterations) / cfg.batch_size)
 
@@ -457,7 +457,7 @@ def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
     metaapo = out / f"seed{seed}" / ("metaapo" + (f"-steps_per_iteration_{steps}" if steps else ""))
     if (metaapo / "done.json").exists():
         try:
-            plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest))
+            plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest), later_wins=True)
             for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
                 named = out / f"{plot.stem}{suffix}{plot.suffix}"
                 if rt.main:
@@ -530,7 +530,7 @@ BOUNDARY_TRAIN_ARGS = ["--method=boundary", "--iterations=2", "--max_train_pairs
 def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     """Run (or read) every start x objective x schedule of the grid; return its results."""
     started = time.time()
-    shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest])
+    shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest], later_wins=True)
     if rt.main:
         toy.ensure_toy_assets(0, regime=shared.toy_regime)
     fsdp.barrier(rt)
@@ -540,10 +540,12 @@ def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
     for label, key, method, extra in BOUNDARY_STARTS:
         # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
         sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
-        cfg = config.parse_config([f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest])
+        cfg = config.parse_config(
+            [f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest], later_wins=True
+        )
         train.ensure_stage(cfg, rt, method)
         starts[label] = str(out / key / method / "model")
-    base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest])
+    base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest], later_wins=True)
     gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
     runs = []
     for (label, key, _, _), objective in [(s, o) for s in BOUNDARY_STARTS for o in BOUNDARY_OBJECTIVES]:
@@ -559,7 +561,8 @@ def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
                     f"--schedule={schedule}",
                     *sft_args[label],
                     *rest,
-                ]
+                ],
+                later_wins=True,
             )
             summary = train.ensure_stage(cfg, rt, "boundary")
             stage = out / key / config.stage_name(cfg, "boundary")

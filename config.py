@@ -202,7 +202,9 @@ class Config:
     grad_accumulation: str = "auto"
     chunk_size: int = 0  # rows per chunk of the fused log-prob kernel (0 = its default)
     export_dtype: str = "auto"  # HF exports: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = every tenth of a pass (and at phase boundaries)
+    # optimizer steps between checkpoints; 0 = by time: after the first step, then once writing one costs at most
+    # 5% of the time since the last (and at phase boundaries)
+    save_every: int = 0
     save_minutes: float = 30.0  # also a checkpoint once this many minutes passed since the last (0 = off)
     keep_checkpoints: int = 2  # checkpoints kept per stage
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bit-exact reruns
@@ -515,18 +517,24 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Defaults < the preset of --model < the command line."""
+def parse_config(argv: list[str], later_wins: bool = False) -> Config:
+    """Defaults < the preset of --model < the command line. A key given twice is refused, unless
+    later_wins (argument lists a program composes from its defaults and a user's command line)."""
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
-    overrides, i = {}, 0
+    overrides, given, i = {}, {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; use --key=value")
         key, has_value, value = arg[2:].partition("=")
+        name = key
         if key in RENAMED_KEYS:
             renamed(f"--{key}", f"--{RENAMED_KEYS[key]}")
             key = RENAMED_KEYS[key]
+        if key in given and not later_wins:  # the last one would win without a word
+            also = f" (as --{given[key]})" if given[key] != name else ""
+            raise ConfigError(f"--{name} is given twice{also}; give it once")
+        given[key] = name
         if key not in fields:
             names = {**{name: name for name in fields}, **OTHER_NAMES}
             closest = names[difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]]

@@ -622,10 +622,13 @@ class TrainingPass:
     loss_fn(items, mask, batch_size, world) returns (loss to backward, dict of metric sums) and,
     optionally, a third value per micro-batch that step() hands back in `outputs` (MetaAPO: the
     step's detached scores); see accumulate_gradients. A checkpoint (checkpoint_extras() with model and
-    optimizer) is written every save_every steps of the pass (default: every tenth of it;
-    `save_period`: every that many steps of the stage instead, for stages made of many short
-    passes), once save_minutes have passed since the last, and after the step during which a stop
-    signal came (then Stopped is raised)."""
+    optimizer) is written every save_every steps of the pass, or by default by time: after the
+    first step, then once CHECKPOINT_SHARE of the time since the last would have gone into writing
+    it (at 8B a checkpoint is 90 GiB; at the toy's size a few milliseconds); `save_period`: every
+    that many steps of the stage instead, for stages made of many short passes. Also once
+    save_minutes have passed since the last, and after the step during which a stop signal came
+    (then Stopped is raised). None is written at a pass's last step but on a stop: what follows
+    (an export, a checkpoint between phases) keeps its result."""
 
     def __init__(
         self,
@@ -644,7 +647,7 @@ class TrainingPass:
         self.stage, self.model, self.optimizer, self.scheduler = stage, model, optimizer, scheduler
         self.batches, self.progress, self.desc = batches, progress, desc
         self.checkpoint_extras, self.log_extra, self.save_period = checkpoint_extras, log_extra or {}, save_period
-        self.every = stage.cfg.save_every or max(1, math.ceil(len(batches) / 10))
+        self.every = stage.cfg.save_every  # 0: by time (reduce_metrics' save_due)
         self.records: list[dict] = []  # one per step taken in this pass
         self.stop = self.save_due = False
         self.bar = tqdm(
@@ -665,7 +668,9 @@ class TrainingPass:
         """One optimizer step on `batch`: (the step's record, loss_fn's third values). `size`: what
         the loss is normalised by (default the batch's size in pairs; SFT gives tokens)."""
         sums, outputs = accumulate_gradients(self.stage, self.model, batch, loss_fn, size or len(batch))
-        metrics, self.stop, self.save_due = reduce_metrics(self.stage, sums)
+        metrics, self.stop, self.save_due = reduce_metrics(
+            self.stage, sums, by_time=not (self.every or self.save_period)
+        )
         loss = metrics.get("loss", 0.0)
         grad_norm = optimizer_step(
             self.stage, self.model, self.optimizer, self.scheduler, loss, batch, self.progress, self.desc
@@ -685,8 +690,9 @@ class TrainingPass:
         if self.save_period:
             cadence = progress.step % self.save_period == 0
         else:
-            cadence = progress.batch % self.every == 0 and progress.batch < len(self.batches)
-        if self.checkpoint_extras is not None and (self.stop or self.save_due or cadence):
+            due = self.save_due or (self.every and progress.batch % self.every == 0)
+            cadence = due and progress.batch < len(self.batches)
+        if self.checkpoint_extras is not None and (self.stop or cadence):
             stage.save_checkpoint(progress.step, self.model, self.optimizer, self.scheduler, self.checkpoint_extras())
         if self.stop:
             self.bar.close()
@@ -773,15 +779,20 @@ def accumulate_gradients(stage, model, batch: list, loss_fn, size: float) -> tup
     return sums, outputs
 
 
-def reduce_metrics(stage, sums: dict) -> tuple[dict, bool, bool]:
+CHECKPOINT_SHARE = 0.05  # by default a checkpoint is due once writing it costs at most this share of the time
+
+
+def reduce_metrics(stage, sums: dict, by_time: bool = False) -> tuple[dict, bool, bool]:
     """Every rank's metric sums added up; two flags ride on the same all-reduce: a stop signal on
-    any rank, and rank 0's clock for save_minutes. Returns (metrics, stop, save due)."""
+    any rank, and rank 0's clock for a checkpoint (save_minutes passed since the last; by_time: no
+    checkpoint with a model yet, or the last one's write time at most CHECKPOINT_SHARE of the time
+    since it began). Returns (metrics, stop, save due)."""
     cfg, rt = stage.cfg, stage.rt
-    sums = {
-        **sums,
-        "_stop": float(bool(STOP_SIGNAL)),
-        "_save": float(rt.main and cfg.save_minutes > 0 and time.time() - stage.last_save > 60 * cfg.save_minutes),
-    }
+    since = time.time() - stage.last_save
+    due = cfg.save_minutes > 0 and since > 60 * cfg.save_minutes
+    if by_time:
+        due = due or stage.save_cost_s is None or stage.save_cost_s <= CHECKPOINT_SHARE * (since + stage.save_cost_s)
+    sums = {**sums, "_stop": float(bool(STOP_SIGNAL)), "_save": float(rt.main and due)}
     keys = sorted(sums)
     metrics = dict(zip(keys, all_reduce_sum(rt, torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
     return metrics, metrics.pop("_stop") > 0, metrics.pop("_save") > 0

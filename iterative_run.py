@@ -228,7 +228,8 @@ class IterativeRun:
                     for i, item in enumerate(D_t)
                 ],
             )
-        tied_kept = pair_stats.all_equal if self.baseline is None and cfg.tied_samples == "keep" else 0
+        keeps_ties = self.baseline is None and cfg.tied_samples == "keep"  # MetaAPO's rule; the baselines drop them
+        tied_kept = pair_stats.all_equal if keeps_ties else 0
         selm = (cfg.num_samples + 2) / cfg.num_samples if self.baseline is not None and self.baseline.selm else 1.0
         ratio = len(sampled) / max(1, len(D_t)) * selm
         if boundary:  # the probe's reward-model calls count too
@@ -259,7 +260,7 @@ class IterativeRun:
             self.rt,
             f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
             f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts whose rewards all tied "
-            + ("(kept with a zero-gradient (y, y) pair)" if tied_kept else "(dropped)"),
+            + ("(kept with a zero-gradient (y, y) pair)" if keeps_ties else "(dropped)"),
         )
         self.state.times["sampling_s"] += time.time() - tic
         self.state.ratios.append(ratio)
@@ -301,6 +302,8 @@ class IterativeRun:
 
     def finish(self) -> dict:
         stage = self.stage
+        if self.latest is not None:  # resumed after the last iteration (stopped while finishing): what it had kept
+            self.resume_inside(self.cfg.iterations, None)
         if self.state.progress.step == 0:
             raise NothingTrained(
                 f"[{self.name}] trained no step in {self.cfg.iterations} iterations: no offline tuple gave an "

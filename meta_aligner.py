@@ -284,11 +284,11 @@ def mo_assets_root(cfg: Config) -> Path:
     return Path("out/toy_mo") / f"seed{data_seed(cfg)}"
 
 
-def mo_config(argv: list[str]) -> Config:
+def mo_config(argv: list[str], later_wins: bool = False) -> Config:
     """The toy preset pointed at the two-objective toy's data (toy_multiobjective.ensure_mo_assets;
     --dataset=DIR: a data directory built by it elsewhere), with room for the condition in the
     prompt; out_dir defaults to out/meta_aligner-seed<N>."""
-    cfg = parse_config(["--model=toy", *argv])
+    cfg = parse_config(["--model=toy", *argv], later_wins)
     given = any(a.split("=")[0] == "--dataset" for a in argv)  # a data directory built elsewhere (the tests)
     assets = toy.toy_asset_paths(Path(cfg.dataset) if given else mo_assets_root(cfg))
     cfg.model, cfg.dataset, cfg.sft_dataset = str(assets.base), str(assets.root), str(assets.sft)

@@ -158,7 +158,7 @@ def run_row(out: Path, seed: int, method: str | None, extra: list[str], rest: li
     stage 0 first: {"checkpoints": [record per checkpoint], "train_time_s": online stage's time}."""
     args = [f"--seed={seed}", "--data_seed=0", f"--out_dir={out / f'seed{seed}'}"]
     args += [f"--aligner_shared_dir={out / 'shared'}", *rest, *extra]
-    cfg = meal.mo_config(args + ([f"--aligner_method={method}"] if method else []))
+    cfg = meal.mo_config(args + ([f"--aligner_method={method}"] if method else []), later_wins=True)
     evals = Path(cfg.out_dir) / "eval"
     if method is None:
         stats = meal.offline_stats(meal.ensure_offline(cfg, rt))
@@ -334,7 +334,7 @@ def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
             per_seed[label].append(run_row(out, seed, method, extra, rest, rt))
             final = per_seed[label][-1]["checkpoints"][-1]
             fsdp.print0(rt, f"[pareto] seed {seed} {label}: hypervolume {final['hypervolume']:.1f}")
-    cfg = meal.mo_config(["--data_seed=0", f"--aligner_shared_dir={out / 'shared'}", *rest])
+    cfg = meal.mo_config(["--data_seed=0", f"--aligner_shared_dir={out / 'shared'}", *rest], later_wins=True)
     oracle = oracle_record(cfg)
     results = {
         "seeds": seeds,

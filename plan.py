@@ -183,6 +183,23 @@ def stop_estimate(cfg: Config, world: int, policy: Shapes, annotator: Shapes) ->
     }
 
 
+def disk_estimate(cfg: Config, policy: Shapes, annotator: Shapes) -> dict:
+    """GiB on disk when the pipeline's MetaAPO stage ends, the peak of a run (finished stages keep
+    no checkpoints, only their model/): the exports of the stages this run trains (reward model,
+    DPO warm-up; in export_dtype, bf16 on GPUs under auto), each iteration's export (fp32 but the
+    last) and the final model/, and keep_checkpoints checkpoints of the policy (fp32 weights and
+    AdamW state, 12 bytes per parameter)."""
+    export = 4 if cfg.export_dtype == "fp32" else 2
+    parts = {}
+    if not cfg.reward_model:
+        parts["reward model export"] = export * annotator.params / GIB
+    if not cfg.policy:
+        parts["DPO warm-up export"] = export * policy.params / GIB
+    parts["MetaAPO iteration exports and model/"] = ((cfg.iterations - 1) * 4 + 2 * export) * policy.params / GIB
+    parts["checkpoints"] = cfg.keep_checkpoints * 12 * policy.params / GIB
+    return parts
+
+
 def plan_shapes(cfg: Config) -> tuple[Shapes, Shapes]:
     """(the policy's shapes, the annotating reward model's): the latter is the policy's architecture
     when this run trains it (the rm stage starts from the SFT model)."""
@@ -254,17 +271,23 @@ def dry_run(cfg: Config, world: int) -> None:
                 chunk * cfg.epochs * 4 * cfg.max_len,
             )
         )
+        steps = math.ceil(0.58 * chunk / cfg.batch_size)
         lines += (
             ["| stage | optimizer steps | tokens (at most) |", "|---|---|---|"]
             + [f"| {n} | {s:,} | {t:,} |" for n, s, t in rows]
             + [
                 f"MetaAPO: {cfg.iterations} iterations of {chunk:,} tuples, K = {cfg.num_samples} generations per "
-                f"sampled prompt (at the paper's 58% annotation, about {math.ceil(0.58 * chunk / cfg.batch_size)} "
-                f"policy steps and {math.ceil(0.58 * chunk / cfg.batch_size) // cfg.meta_interval} meta updates per "
-                "iteration)",
-                "",
+                f"sampled prompt (at the paper's 58% annotation, about {steps} policy steps and "
+                f"{steps // cfg.meta_interval} meta updates per iteration)",
             ]
         )
+        if cfg.method in ("pipeline", "metaapo") and cfg.weighting == "meta" and steps < cfg.meta_interval:
+            lines.append(
+                f"warning: about {steps} policy steps per iteration, fewer than --meta_interval={cfg.meta_interval}: "
+                "the meta-learner gets no update and stays at its initial weights (leftover steps are dropped at "
+                "each iteration's end); a smaller --batch_size or --meta_interval, or more pairs, would give it some"
+            )
+        lines.append("")
     sharded_gradients = needs_sharded_gradients(cfg, world, gpu_gib, policy, annotator)
     plan = memory_plan(cfg, world, gpu_gib, policy, annotator, sharded_gradients)
     too_big = []
@@ -283,6 +306,12 @@ def dry_run(cfg: Config, world: int) -> None:
             f"vLLM needs {need:.1f} GiB per GPU but gets {share:.1f} (gpu_memory_utilization "
             f"{cfg.gpu_memory_utilization})"
         )
+    disk = disk_estimate(cfg, policy, annotator)
+    lines.append(
+        f"disk at its peak (MetaAPO's last iteration): {sum(disk.values()):.1f} GiB in {cfg.out_dir} "
+        f"({'fp32' if cfg.export_dtype == 'fp32' else 'bf16'} exports): "
+        + ", ".join(f"{v:.1f} {k}" for k, v in disk.items())
+    )
     stop = stop_estimate(cfg, world, policy, annotator)
     lines.append(
         f"a stop signal in training: the step under way ({stop['step_tokens_per_gpu']:,} tokens per GPU, about "

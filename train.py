@@ -541,6 +541,7 @@ def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
         print0(
             rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)"
         )
+        Stage(cfg, rt, done.parent.name).drop_checkpoints()  # what a kill while it finished may have left
         return read_json(done)
     check_inputs(cfg, method)
     if method == "sft":

@@ -115,7 +115,8 @@ fi
 # 4. one GPU without torchrun, --deterministic with no cuBLAS workspace set by the user
 if want probe; then
   step single_process 50 'total time|Error' env -u RANK -u WORLD_SIZE -u LOCAL_RANK -u CUBLAS_WORKSPACE_CONFIG \
-    $PY train.py --method=dpo "${COMMON[@]}" --max_train_pairs=2 --deterministic --out_dir="$WORK/probe"
+    $PY train.py --method=dpo "${COMMON[@]/--max_train_pairs=8/--max_train_pairs=2}" --deterministic \
+    --out_dir="$WORK/probe"
 fi
 
 # 5. DPO and one MetaAPO iteration, 8B-shaped, under torchrun on FSDP2, then throughput and memory

@@ -77,6 +77,13 @@ TINY = [
 ]
 
 
+def overriding(args: list[str], *extra: str) -> list[str]:
+    """`args` without the keys `extra` sets, then `extra`: a test's change to a command line
+    (train.py refuses a key given twice)."""
+    keys = {a.split("=")[0] for a in extra}
+    return [a for a in args if a.split("=")[0] not in keys] + list(extra)
+
+
 @contextlib.contextmanager
 def in_directory(path):
     """contextlib.chdir, which Python 3.10 lacks."""

@@ -216,6 +216,21 @@ def test_memory_plan_arithmetic():
     assert stop["step_s"] == pytest.approx(16 * 4 * 4096 * 10 * 8e9 / 400e12)
     assert stop["checkpoint_gib_per_gpu"] == pytest.approx(12 * 8e9 / 8 / gib)
     assert stop["shutdown_timeout_s"] == 180 > plan.TORCHRUN_GRACE_S
+    # the disk at MetaAPO's end: bf16 exports of the rm and the warm-up, iterations 1-2 in fp32 and 3 plus model/ in
+    # bf16, two checkpoints of 12 bytes per parameter (finished stages keep none)
+    disk = plan.disk_estimate(cfg, shapes, shapes)
+    assert sum(disk.values()) == pytest.approx((2 + 2 + (2 * 4 + 2 * 2) + 2 * 12) * 8e9 / gib)
+
+
+def test_the_dry_run_warns_when_the_meta_learner_would_not_learn(capsys):
+    """120 pairs at the default batch of 128: one policy step per iteration, fewer than T_meta."""
+    import train
+
+    path = CONFIGS / "llama-3.1-tulu-3-8b-sft"
+    train.main(["--model=tulu8b", f"--sft_model={path}", "--dry_run", "--gpus=8", "--max_train_pairs=120"])
+    assert "warning: about 1 policy steps per iteration, fewer than --meta_interval=16" in capsys.readouterr().out
+    train.main(["--model=tulu8b", f"--sft_model={path}", "--dry_run", "--gpus=8"])
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_memory_plan_counts_what_is_resident():

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,10 +25,10 @@ import dpo
 import evaluate
 import fsdp
 import train
-from conftest import TINY, fresh_run, in_directory, metrics, run_train
+from conftest import TINY, fresh_run, in_directory, metrics, overriding, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
-DPO = ["--method=dpo", "--deterministic"] + TINY  # 192 pairs, batch 16: 12 steps, an automatic checkpoint every 2
+DPO = ["--method=dpo", "--deterministic"] + TINY  # 192 pairs, batch 16: 12 steps, checkpoints by time
 
 
 def dpo_run(base_run, tmp_path, name):
@@ -65,9 +67,11 @@ def steps_logged(stage):
 @pytest.fixture(scope="module")
 def whole_dpo(base_run, tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce (started with --resume, which with
-    nothing to resume says so and starts afresh)."""
+    nothing to resume says so and starts afresh), with a checkpoint every 2 steps kept after it
+    finished (a finished stage drops its checkpoints; the tests damage copies of them)."""
     out = dpo_run(base_run, tmp_path_factory.mktemp("whole"), "whole")
-    result = run_train(DPO + [f"--out_dir={out}", "--resume"])
+    with mock.patch.object(checkpoint.Stage, "drop_checkpoints", lambda self: None):
+        result = run_train(DPO + [f"--out_dir={out}", "--resume", "--save_every=2"])
     assert f"[dpo] --resume: nothing to resume in {out / 'dpo'}; the stage starts afresh" in result.stdout
     return out / "dpo"
 
@@ -90,7 +94,8 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_used(ba
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 2)
-    result = run_train(DPO + [f"--out_dir={out}", "--resume"])
+    with mock.patch.object(checkpoint.Stage, "drop_checkpoints", lambda self: None):  # to look at them after
+        result = run_train(DPO + [f"--out_dir={out}", "--resume"])
     assert (
         f"[dpo] checkpoint {latest} is damaged ({shard.name} truncated ({size // 2} of {size} bytes)): moved aside, "
         f"using {previous.name}" in result.stdout
@@ -119,9 +124,7 @@ def test_offline_stage_killed_under_defaults_resumes_mid_way(base_run, whole_dpo
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     checkpoints = sorted(p.name for p in (out / "dpo" / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
-    assert (
-        checkpoints and checkpoints[-1] >= "step-00000006"
-    )  # the default cadence: a tenth of the pass (2 of 12 steps)
+    assert checkpoints and checkpoints[0] == "step-00000001"  # the default cadence by time writes the first step's
     result = run_train(DPO + [f"--out_dir={out}", "--resume"])
     assert "resumed from" in result.stdout
     assert steps_logged(out / "dpo") == list(range(1, 13))  # nothing lost, nothing logged twice
@@ -182,7 +185,9 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
     checkpoints = sorted((out / "dpo" / "checkpoints").iterdir())
     with in_directory(ROOT), pytest.raises(SystemExit) as refusal:
         train.main(
-            [*DPO, f"--out_dir={out}", "--resume", "--lr=1e-3", "--batch_size=8", "--beta=0.2", "--save_every=5"]
+            overriding(
+                DPO, f"--out_dir={out}", "--resume", "--lr=1e-3", "--batch_size=8", "--beta=0.2", "--save_every=5"
+            )
         )
     message = refusal.value.code
     assert isinstance(message, str)  # a message, not a traceback
@@ -195,15 +200,15 @@ def test_resume_refuses_a_config_that_changes_the_result(base_run, tmp_path):
     ) == checkpoints
     # harmless changes (checkpointing, micro-batching, the same directory by another path) are taken and recorded
     run_train(
-        DPO
-        + [
+        overriding(
+            DPO,
             f"--out_dir={out}",
             "--resume",
             "--save_every=5",
             "--keep_checkpoints=3",
             "--micro_batch_size=4",
             f"--dataset={(ROOT / json.loads(saved)['dataset']).resolve()}",
-        ]
+        )
     )
     recorded = json.loads((out / "dpo" / "config.json").read_text())
     assert (
@@ -502,3 +507,67 @@ def test_evaluate_bad_inputs_are_one_line_errors(toy_dir, tmp_path):
         == f"evaluate.py: {arena}:1: an Arena-Hard question needs 'question_id' and 'turns': [{{'content': str}}]"
     )
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_finished_stage_keeps_no_checkpoints(base_run, whole_dpo, tmp_path):
+    """model/ is final and a finished stage is never resumed: its checkpoints go once done.json is
+    written; ones a kill between the two left behind go when the finished stage is met again."""
+    out = dpo_run(base_run, tmp_path, "finished")
+    run_train(DPO + [f"--out_dir={out}"])
+    assert (out / "dpo" / "done.json").exists() and not (out / "dpo" / "checkpoints").exists()
+    shutil.copytree(whole_dpo / "checkpoints", out / "dpo" / "checkpoints")  # as a kill after done.json leaves it
+    result = run_train(DPO + [f"--out_dir={out}"])
+    assert "[dpo] already finished" in result.stdout and not (out / "dpo" / "checkpoints").exists()
+
+
+def test_resume_without_a_checkpoint_says_the_stage_starts_afresh(base_run, whole_dpo, tmp_path):
+    """A stage stopped before its first checkpoint has config.json and metrics.jsonl but nothing to
+    resume from: --resume says so, then trains from step 1."""
+    out = dpo_run(base_run, tmp_path, "early")
+    (out / "dpo").mkdir()
+    shutil.copy(whole_dpo / "config.json", out / "dpo" / "config.json")
+    (out / "dpo" / "metrics.jsonl").write_text((whole_dpo / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    result = run_train(DPO + [f"--out_dir={out}", "--resume"])
+    assert f"[dpo] --resume: no checkpoint in {out / 'dpo' / 'checkpoints'}" in result.stdout
+    assert "the stage starts afresh" in result.stdout and steps_logged(out / "dpo") == list(range(1, 13))
+
+
+def test_a_metaapo_run_stopped_while_finishing_resumes_what_it_kept(base_run, tmp_path, monkeypatch):
+    """Stopped after the last iteration's checkpoint, while the final model/ is put in place: the
+    resumed run says where it resumed from, and its done.json counts the time the stage had spent
+    (not the last process's second) and keeps the trained meta-learner (not a fresh one)."""
+    import iterative_run
+
+    out = fresh_run(base_run, tmp_path)
+    args = ["--method=metaapo", f"--out_dir={out}", *TINY]
+
+    def killed(source, target):
+        raise SystemExit(137)  # what a kill at that moment leaves: every checkpoint, no model/, no done.json
+
+    monkeypatch.setattr(iterative_run, "copy_tree", killed)
+    with in_directory(ROOT), pytest.raises(SystemExit):
+        train.main(args)
+    monkeypatch.undo()
+    stage = out / "metaapo"
+    assert not (stage / "done.json").exists()
+    spent = checkpoint.read_pickle(sorted((stage / "checkpoints").glob("step-*"))[-1] / "state.pt")["elapsed_s"]
+    result = run_train(args + ["--resume"])
+    assert "[metaapo] resumed from" in result.stdout
+    assert json.loads((stage / "done.json").read_text())["total_s"] >= spent > 1.0
+    trained = torch.load(stage / "iter2" / "meta_learner.pt", weights_only=False)["learner"]
+    final = torch.load(stage / "meta_learner.pt", weights_only=False)["learner"]
+    assert all(torch.equal(trained[k], final[k]) for k in trained)
+
+
+def test_checkpoints_by_time_cost_at_most_a_twentieth(tmp_path, monkeypatch):
+    """The default cadence: a checkpoint after the first step (none with a model yet), then once
+    the last one's write time is at most 5% of the time since it began: 1 s to write, due 19 s after."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(fsdp.time, "time", lambda: clock.now)
+    stage = types.SimpleNamespace(cfg=config.parse_config([]), rt=fsdp.Runtime(), last_save=0.0, save_cost_s=None)
+    due = lambda: fsdp.reduce_metrics(stage, {"loss": 0.0}, by_time=True)[2]  # noqa: E731
+    assert due()
+    stage.save_cost_s, clock.now = 1.0, 18.0
+    assert not due() and not fsdp.reduce_metrics(stage, {}, by_time=False)[2]
+    clock.now = 19.0
+    assert due()

@@ -24,7 +24,7 @@ import fsdp
 import losses
 import train
 from config import Config, ConfigError, parse_config
-from conftest import TINY, fresh_run, metrics, run_train
+from conftest import TINY, fresh_run, metrics, overriding, run_train
 from meta import MetaLearner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +73,8 @@ def test_defaults_presets_and_overrides():
         (["lr=1"], "unexpected argument 'lr=1'"),
         (["--lr"], "--lr needs a value"),
         (["--beta", "--seed=1"], "--beta needs a value"),  # the next key is not taken as its value
+        (["--lr=1e-5", "--beta=0.1", "--lr=2e-5"], "--lr is given twice; give it once"),  # not the last silently
+        (["--boundary_threshold=0.4", "--stage_threshold=0.6"], r"--stage_threshold is given twice \(as --boundary"),
         # runs that could not train, refused before anything runs
         (["--num_samples=1"], "--num_samples: must be at least 2"),
         (["--max_train_pairs=-60"], "--max_train_pairs: must be at least 0, got -60"),
@@ -289,9 +291,13 @@ def test_unfinished_stage_needs_resume(base_run, tmp_path):
 
 def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
-    run_train(["--method=metaapo", f"--out_dir={out}", "--meta_interval=2"] + TINY)
+    result = run_train(["--method=metaapo", f"--out_dir={out}", "--meta_interval=2"] + TINY)
     stage = out / "metaapo"
     assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists()
+    assert not (stage / "checkpoints").exists()  # a finished stage keeps none
+    # MetaAPO keeps a tuple whose rewards all tied, whatever their count (the line said "dropped" at 0 ties)
+    lines = [line for line in result.stdout.splitlines() if "prompts whose rewards all tied" in line]
+    assert len(lines) == 2 and all(line.endswith("(kept with a zero-gradient (y, y) pair)") for line in lines)
     assert json.loads((stage / "config.json").read_text())["method"] == "metaapo"
     assert (stage / "iter1" / "model" / "config.json").exists() and (stage / "meta_learner.pt").exists()
     records = metrics(stage / "metrics.jsonl")
@@ -512,13 +518,9 @@ EVERY_METHOD = [
 def test_every_method_and_ablation_runs(base_run, tmp_path, monkeypatch):
     out = fresh_run(base_run, tmp_path)
     monkeypatch.chdir(ROOT)
-    small = [a for a in TINY if not a.startswith("--max_train_pairs")] + [
-        "--max_train_pairs=64",
-        "--batch_size=8",
-        "--micro_batch_size=8",
-    ]
+    small = overriding(TINY, "--max_train_pairs=64", "--batch_size=8", "--micro_batch_size=8")
     for args in EVERY_METHOD:
-        argv = args + [f"--out_dir={out}"] + small
+        argv = overriding([f"--out_dir={out}"] + small, *args)
         train.main(argv)
         cfg = parse_config(argv)
         stage = out / config.stage_name(cfg, cfg.method)
