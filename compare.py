@@ -202,12 +202,14 @@ def paired_t_interval(values: list[float], baseline: list[float]) -> dict | None
 
 
 def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
-    """train.py arguments of one seed of the comparison: its own runs, the shared data, SFT and reward model."""
+    """train.py arguments of one seed of the comparison: its own runs, the shared data, SFT and
+    reward model (a real model's preset, smollm2, has no SFT stage: its model is the SFT model)."""
+    trains_sft = config.parse_config(train_args, later_wins=True).init_from_config
     return [
         f"--seed={seed}",
         "--data_seed=0",
         f"--out_dir={out / f'seed{seed}'}",
-        f"--sft_model={out / 'shared' / 'sft' / 'model'}",
+        *([f"--sft_model={out / 'shared' / 'sft' / 'model'}"] if trains_sft else []),
         f"--reward_model={out / 'shared' / 'rm' / 'model'}",
         *train_args,
     ]
@@ -223,10 +225,11 @@ def compare(
     shared_args = [f"--out_dir={out / 'shared'}", "--seed=0", *[a for a in train_args if a not in COMPARE_TRAIN_ARGS]]
     shared = config.parse_config(shared_args, later_wins=True)
     if rt.main:
-        toy.ensure_toy_assets(0, regime=shared.toy_regime)
+        train.ensure_preset_assets(shared)
     fsdp.barrier(rt)
-    stage_times = {"SFT": train.ensure_stage(shared, rt, "sft"), "RM": train.ensure_stage(shared, rt, "rm")}
-    sft = str(out / "shared" / "sft" / "model")
+    stage_times = {"SFT": train.ensure_stage(shared, rt, "sft")} if shared.init_from_config else {}
+    stage_times["RM"] = train.ensure_stage(shared, rt, "rm")
+    sft = config.sft_path(shared)
     per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
     gold: dict[str, list[list[float]]] = {label: [] for label, _, _ in rows}  # per seed, every answer's gold score
     for seed in seeds:
@@ -241,7 +244,7 @@ def compare(
                     {
                         "gold": float(np.mean(baseline)),
                         "win": 0.5,
-                        **{k: v for k, v in stage_times["SFT"].items() if k == "train_time_s"},
+                        **{k: v for k, v in stage_times.get("SFT", {}).items() if k == "train_time_s"},
                     }
                 )
                 gold[label].append(baseline)
@@ -446,8 +449,10 @@ def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
     """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
     (results-equal_steps.*; the offline rows are shared)."""
-    regime = config.parse_config(rest).toy_regime
-    out = Path(args.compare_out or ("out/compare" + (f"-{regime}" if regime != "mismatch" else "")))
+    given = config.parse_config(rest)  # out/compare, out/compare-skill (the toy's second regime), out/compare-smollm2
+    task = f"-{given.preset}" if given.preset != "toy" else ""
+    task = f"-{given.toy_regime}" if given.toy_regime != "mismatch" else task
+    out = Path(args.compare_out or f"out/compare{task}")
     rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
     steps = equal_step_count(COMPARE_TRAIN_ARGS + rest) if args.equal_steps else 0
     results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt, steps)

@@ -46,7 +46,7 @@ from fsdp import (
     saved_progress,
 )
 from meta import MetaController, ranking_auc
-from reward import toy_gold_per_answer
+from reward import GOLD_JUDGES, gold_per_answer
 from toy import TOY_GOLD_MAX
 
 
@@ -273,9 +273,9 @@ class IterativeRun:
         measures the same over every tuple, with fresh answers."""
         gate = [1 - w[i] for i in sampled]
         diagnostics = {"gate_auc_tied": ranking_auc(gate, [pair is None for pair in pairs])}
-        if self.cfg.preset == "toy" and sampled:
+        if self.cfg.preset in GOLD_JUDGES and sampled:
             conversations = [self.raw[self.slices[t][i].index].prompt for i in sampled]
-            best = [max(gold) for gold in toy_gold_per_answer(conversations, generations)]
+            best = [max(gold) for gold in gold_per_answer(conversations, generations, self.cfg.preset)]
             diagnostics["gate_auc_below_gold"] = ranking_auc(gate, [b < TOY_GOLD_MAX for b in best])
         return diagnostics
 

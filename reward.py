@@ -12,12 +12,13 @@ What it does
   gathered, so every rank gets all of them. `from_pretrained` refuses a checkpoint without score
   head weights (a causal LM would get a random head), and the model pools by the tokenizer's pad id.
 - `RuleReward`: a plain function of (prompt text, response text) behind the same `score` API;
-  `toy_gold_judge()` wraps the toy task's gold judge (`toy.toy_gold_score`, part of the toy's
-  definition), the stand-in for the GPT-4o judge.
+  `gold_judge(preset)` wraps the gold judge of the toy's task (`toy.toy_gold_score`) or of the
+  smollm2 preset's (`smollm2.gold_score`), each part of its task's definition: the stand-in for
+  the GPT-4o judge.
 
 Run
     python reward.py --model out/toy_rm --input F.jsonl --output G.jsonl   # a trained reward model
-    python reward.py --model toy-gold --input F.jsonl --output G.jsonl      # the toy's gold judge
+    python reward.py --model toy-gold --input F.jsonl --output G.jsonl      # the toy's gold judge (smollm2-gold)
     torchrun --nproc_per_node 8 reward.py --model RM --input F.jsonl --output G.jsonl
 Input rows: `prompt` (a string or a message list) and `response` (a string) or `responses` (a
 list of strings); the output repeats each row with `reward` or `rewards` added.
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import smollm2
 from data import (
     DataError,
     collate_sequences,
@@ -64,14 +66,26 @@ class RuleReward:
         return [self.fn(prompt[-1]["content"], response) for prompt, response in zip(prompts, responses)]
 
 
+GOLD_JUDGES = {"toy": toy_gold_score, "smollm2": smollm2.gold_score}  # the presets whose task a program grades
+
+
+def gold_judge(preset: str = "toy") -> RuleReward:
+    """The gold judge of a preset's task (the toy's, or the smollm2 preset's), 0-10."""
+    return RuleReward(GOLD_JUDGES[preset], f"{preset}-gold")
+
+
 def toy_gold_judge() -> RuleReward:
-    return RuleReward(toy_gold_score, "toy-gold")
+    return gold_judge("toy")
+
+
+def gold_per_answer(conversations: list[list[dict]], generations: list[list], preset: str = "toy") -> list[list[float]]:
+    """The gold score of every generated answer (objects with .text) of every prompt of a preset's task."""
+    judge = gold_judge(preset)
+    return [judge.score([c] * len(g), [a.text for a in g]) for c, g in zip(conversations, generations)]
 
 
 def toy_gold_per_answer(conversations: list[list[dict]], generations: list[list]) -> list[list[float]]:
-    """The gold score of every generated answer (objects with .text) of every prompt of the toy."""
-    judge = toy_gold_judge()
-    return [judge.score([c] * len(g), [a.text for a in g]) for c, g in zip(conversations, generations)]
+    return gold_per_answer(conversations, generations, "toy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +255,9 @@ def main() -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--model", required=True, help="reward model path or hub id, or 'toy-gold' for the toy's gold judge"
+        "--model",
+        required=True,
+        help="reward model path or hub id, or 'toy-gold' / 'smollm2-gold' for a preset's gold judge",
     )
     parser.add_argument("--input", required=True, help="jsonl/json rows with 'prompt' and 'response' or 'responses'")
     parser.add_argument("--output", required=True, help="jsonl written with 'reward' / 'rewards' added")
@@ -257,8 +273,8 @@ def main() -> None:
         dist.init_process_group(backend)
     try:
         rows, prompts, responses, keys = _read_scoring_rows(args.input)
-        if args.model == "toy-gold":
-            scorer = toy_gold_judge()
+        if args.model in (f"{preset}-gold" for preset in GOLD_JUDGES):
+            scorer = gold_judge(args.model.removesuffix("-gold"))
         else:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
             scorer = RewardModel.from_pretrained(args.model, args.max_len, args.batch_size, device)

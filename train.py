@@ -52,6 +52,7 @@ import transformers
 import data
 import losses
 import plan
+import smollm2
 import toy
 from baselines.boundary import boundary_measurement
 from baselines.ppo import run_ppo
@@ -111,7 +112,7 @@ from fsdp import (
 )
 from iterative_run import IterativeRun, NothingTrained, iteration_pass
 from meta import MetaController, meta_features, ranking_auc
-from reward import RewardModel, toy_gold_judge
+from reward import GOLD_JUDGES, RewardModel, gold_judge
 from sample import PairStats, make_online_pairs
 
 # ==============================================================================================
@@ -471,13 +472,13 @@ def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
 
 
 # ==============================================================================================
-# The results table (toy: gold judge)
+# The results table (the toy's and the smollm2 preset's: a gold judge)
 
 
 def evaluate_policy_gold(
     path: str, cfg: Config, rt: Runtime, prompts: list[list[int]], messages: list[list[dict]]
 ) -> list[float]:
-    """Gold-judge scores of eval_samples answers per held-out prompt, sampled as in training."""
+    """Gold-judge scores (the preset's) of eval_samples answers per held-out prompt, sampled as in training."""
     policy, tokenizer = load_logprob_model(path, cfg, rt, trainable=False)
     generations = distributed_generate(
         policy,
@@ -493,7 +494,7 @@ def evaluate_policy_gold(
     )
     del policy
     release_memory()
-    return toy_gold_judge().score(
+    return gold_judge(cfg.preset).score(
         [m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g]
     )
 
@@ -507,8 +508,9 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
     scores = {label: evaluate_policy_gold(path, cfg, rt, prompts, [p.prompt for p in test]) for label, path in rows}
     base = scores[rows[0][0]]
+    task = {"toy": "Toy", "smollm2": "SmolLM2"}[cfg.preset]
     lines = [
-        f"Toy results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} "
+        f"{task} results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} "
         f"samples at temperature {cfg.temperature}",
         "",
         "| model | gold mean | win rate vs SFT | annotation ratio | time |",
@@ -576,7 +578,7 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
     if not cfg.policy:
         summaries["DPO"] = ensure_stage(cfg, rt, "dpo")
     summaries["MetaAPO"] = ensure_stage(cfg, rt, "metaapo")
-    if cfg.preset == "toy":
+    if cfg.preset in GOLD_JUDGES:  # the toy and smollm2 presets: a program grades their task
         rows = [
             ("SFT", sft_path(cfg)),
             ("DPO", warm_policy_path(cfg)),
@@ -588,6 +590,16 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
         print0(rt, "\n" + table)
     else:
         print0(rt, f"done: {Path(cfg.out_dir) / stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py")
+
+
+def ensure_preset_assets(cfg: Config) -> None:
+    """The toy's data, tokenizer and config, or the smollm2 preset's model folder and data, built
+    unless cached (the model --model names must exist before anything reads its config)."""
+    seed = cfg.seed if cfg.data_seed < 0 else cfg.data_seed
+    if cfg.preset == "toy":
+        toy.ensure_toy_assets(seed, regime=cfg.toy_regime)
+    elif cfg.preset == "smollm2":
+        smollm2.ensure_assets(seed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -606,15 +618,15 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(config_dict(cfg), indent=2))  # the resolved config first, as a run prints it
         try:
+            ensure_preset_assets(cfg)
             return plan.dry_run(cfg, cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)))
-        except ConfigError as err:
+        except (ConfigError, data.DataError) as err:
             raise SystemExit(f"train.py: {err}") from None
     with entry_process(cfg) as rt:
         try:
-            if cfg.preset == "toy":
-                if rt.main:
-                    toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
-                barrier(rt)
+            if rt.main:
+                ensure_preset_assets(cfg)
+            barrier(rt)
             rt.sharded_gradients = plan.sharded_gradients(cfg, rt)  # reads the model's config: after the toy's exists
             print0(rt, json.dumps(config_dict(cfg), indent=2))
             start_wandb(cfg, rt)

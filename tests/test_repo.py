@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ["data.py", "losses.py"],
     ["meta.py", "sample.py", "toy.py"],
+    ["smollm2.py"],
     ["reward.py", "toy_multiobjective.py"],
     ["config.py"],
     ["fsdp.py"],
