@@ -183,13 +183,20 @@ def stop_estimate(cfg: Config, world: int, policy: Shapes, annotator: Shapes) ->
     }
 
 
+def export_bytes(cfg: Config) -> int:
+    """Bytes per parameter of a stage's export: export_dtype, or under auto bf16 on GPUs and fp32
+    on a machine without one (a dry run there plans the CPU run, unless --gpus is given)."""
+    on_cpu = not torch.cuda.is_available() and not cfg.gpus
+    return 4 if cfg.export_dtype == "fp32" or (cfg.export_dtype == "auto" and on_cpu) else 2
+
+
 def disk_estimate(cfg: Config, policy: Shapes, annotator: Shapes) -> dict:
     """GiB on disk when the pipeline's MetaAPO stage ends, the peak of a run (finished stages keep
     no checkpoints, only their model/): the exports of the stages this run trains (reward model,
-    DPO warm-up; in export_dtype, bf16 on GPUs under auto), each iteration's export (fp32 but the
-    last) and the final model/, and keep_checkpoints checkpoints of the policy (fp32 weights and
-    AdamW state, 12 bytes per parameter)."""
-    export = 4 if cfg.export_dtype == "fp32" else 2
+    DPO warm-up; export_bytes each), each iteration's export (fp32 but the last) and the final
+    model/, and keep_checkpoints checkpoints of the policy (fp32 weights and AdamW state, 12
+    bytes per parameter)."""
+    export = export_bytes(cfg)
     parts = {}
     if not cfg.reward_model:
         parts["reward model export"] = export * annotator.params / GIB
@@ -309,7 +316,7 @@ def dry_run(cfg: Config, world: int) -> None:
     disk = disk_estimate(cfg, policy, annotator)
     lines.append(
         f"disk at its peak (MetaAPO's last iteration): {sum(disk.values()):.1f} GiB in {cfg.out_dir} "
-        f"({'fp32' if cfg.export_dtype == 'fp32' else 'bf16'} exports): "
+        f"({'fp32' if export_bytes(cfg) == 4 else 'bf16'} exports): "
         + ", ".join(f"{v:.1f} {k}" for k, v in disk.items())
     )
     stop = stop_estimate(cfg, world, policy, annotator)

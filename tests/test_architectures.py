@@ -218,8 +218,10 @@ def test_memory_plan_arithmetic():
     assert stop["shutdown_timeout_s"] == 180 > plan.TORCHRUN_GRACE_S
     # the disk at MetaAPO's end: bf16 exports of the rm and the warm-up, iterations 1-2 in fp32 and 3 plus model/ in
     # bf16, two checkpoints of 12 bytes per parameter (finished stages keep none)
-    disk = plan.disk_estimate(cfg, shapes, shapes)
+    disk = plan.disk_estimate(config.parse_config(["--model=tulu8b", "--gpus=8"]), shapes, shapes)
     assert sum(disk.values()) == pytest.approx((2 + 2 + (2 * 4 + 2 * 2) + 2 * 12) * 8e9 / gib)
+    on_this_cpu = plan.disk_estimate(config.parse_config(["--model=tulu8b"]), shapes, shapes)  # fp32 exports
+    assert sum(on_this_cpu.values()) == pytest.approx((4 + 4 + (2 * 4 + 2 * 4) + 2 * 12) * 8e9 / gib)
 
 
 def test_the_dry_run_warns_when_the_meta_learner_would_not_learn(capsys):
