@@ -86,6 +86,7 @@ GPU_ONLY_LINES = {
         [f"{D}::test_a_gpu_run_from_a_fresh_checkout_plans_after_building_the_toy"],
     ),
     ("plan.py", "dry_run"): (2, [f"{G}::test_the_dry_run_plans_for_this_gpu"]),
+    ("plan.py", "export_bytes"): (1, [f"{G}::test_the_dry_run_plans_for_this_gpu"]),
     ("reward.py", "_distributed"): (1, [f"{R}::test_two_process_scoring_returns_every_score_in_order"]),
     ("reward.py", "RewardModel.from_pretrained"): (2, [f"{G}::test_the_scoring_cli_on_a_gpu_under_torchrun"]),
     ("reward.py", "RewardModel.score"): (1, [f"{R}::test_two_process_scoring_returns_every_score_in_order"]),
@@ -236,14 +237,15 @@ def test_the_kernel_self_check_covers_the_gpu(monkeypatch):
 
 def test_the_dry_run_plans_for_this_gpu(monkeypatch, capsys):
     """--dry_run on a GPU without --gpu_memory_gb plans for that GPU's memory (an H200's 141 GiB
-    here), and refuses a vLLM share too small for the engine."""
+    here) and its disk for bf16 exports, and refuses a vLLM share too small for the engine."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=141 * 2**30)
     )
     plan_8b = ["--model=tulu8b", f"--sft_model={ROOT / 'tests' / 'model_configs' / 'llama-3.1-tulu-3-8b-sft'}"]
     train.main([*plan_8b, "--dry_run", "--gpus=8"])
-    assert "plan for 8 GPU(s) of 141 GiB" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "plan for 8 GPU(s) of 141 GiB" in printed and "(bf16 exports)" in printed
     with pytest.raises(SystemExit, match="vLLM needs 16.5 GiB per GPU but gets 7.1"):
         train.main([*plan_8b, "--dry_run", "--gpus=8", "--gpu_memory_utilization=0.05"])
 
