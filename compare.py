@@ -22,6 +22,9 @@ What it does
 Run
     python evaluate.py --compare                         # toy tables, 3 seeds (25 minutes on 2 CPU cores)
     python evaluate.py --compare --seeds=0,1,2,3,4 --methods=MetaAPO,DPO
+    python evaluate.py --compare --model=smollm2 --seeds=0,1 \
+        "--methods=DPO,MetaAPO,Online DPO at MetaAPO's ratio,w/ random sampling at MetaAPO's ratio"
+                                                         # the smollm2 preset at equal budget (out/compare-smollm2)
     python evaluate.py --boundary_grid                   # (--stage_grid, its old name, still works)
 Every run is a train.py stage (resumable: a stopped grid goes on with --resume); single process.
 
