@@ -660,3 +660,26 @@ def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
         plots.append(plot_sampling_scatter(gains, stage / "sampling_scatter.png", plt, rt))
     plots.append(plot_heldout(points, stage / "heldout_dynamics.png", plt, rt))
     return plots
+
+
+# ==============================================================================================
+# A toy regime's properties (--toy_properties)
+
+
+def run_toy_properties(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+    """The stages a regime's properties need (SFT, reward model, DPO warm-up; no method is
+    compared), then dynamics.regime_properties, written to <out_dir>/toy_properties.{json,md}."""
+    if cfg.preset != "toy":
+        raise SystemExit("evaluate.py: --toy_properties measures the toy task; leave --model at toy")
+    if rt.main:
+        toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
+    fsdp.barrier(rt)
+    for stage in ("sft", "rm", "dpo"):
+        train.ensure_stage(cfg, rt, stage)
+    properties = dynamics.regime_properties(cfg, rt)
+    out = Path(cfg.out_dir)
+    if rt.main:
+        (out / "toy_properties.json").write_text(json.dumps(properties, indent=2))
+        (out / "toy_properties.md").write_text(dynamics.regime_markdown(cfg.toy_regime, properties))
+    fsdp.print0(rt, dynamics.regime_markdown(cfg.toy_regime, properties))
+    return properties
