@@ -64,7 +64,6 @@ RESUME_HARMLESS = (
     "dist_timeout_minutes",
     "eval_samples",
     "eval_prompts",
-    "aligner_eval_prompts",
     "wandb_project",
 )
 
@@ -78,7 +77,6 @@ PATH_KEYS = (
     "reward_model",
     "policy",
     "reference",
-    "aligner_shared_dir",
 )
 
 
@@ -95,18 +93,20 @@ def same_path(a: str, b: str) -> bool:
 def resume_changes(saved: dict, cfg: Config) -> tuple[dict, dict]:
     """The keys whose value differs between a stage's saved config and `cfg`, as {key: (saved, now)}:
     (those that change the result, the harmless ones). A key the saved config lacks had its default."""
-    defaults = config_dict(Config())
+    defaults = config_dict(type(cfg)())  # an experiment's config: its subclass's defaults
+    harmless_keys = RESUME_HARMLESS + getattr(cfg, "EXTRA_RESUME_HARMLESS", ())
+    path_keys = PATH_KEYS + getattr(cfg, "EXTRA_PATH_KEYS", ())
     result, harmless = {}, {}
     for key, now in config_dict(cfg).items():
         if key in ("preset", "resume"):
             continue
         before = saved.get(key, defaults[key])
         now = list(now) if isinstance(now, tuple) else now
-        if before == now or (key in PATH_KEYS and same_path(str(before), str(now))):
+        if before == now or (key in path_keys and same_path(str(before), str(now))):
             continue
         # KTO's reference point comes from the micro-batch
         kto_batch = key == "micro_batch_size" and cfg.method == "kto"
-        (harmless if (key in RESUME_HARMLESS and not kto_batch) or key == "out_dir" else result)[key] = (before, now)
+        (harmless if (key in harmless_keys and not kto_batch) or key == "out_dir" else result)[key] = (before, now)
     return result, harmless
 
 

@@ -107,6 +107,8 @@ class Config:
     rm_batch_size: int = 128  # pairs per optimizer step
     rm_max_len: int = 4096  # reward-model truncation, for training and scoring
     # --- objectives
+    # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and boundary)
+    objective: str = "dpo"
     beta: float = 0.1  # DPO / IPO / KTO beta
     label_smoothing: float = 0.0  # conservative DPO
     simpo_beta: float = 2.5
@@ -118,20 +120,6 @@ class Config:
     slic_nll: str = "sum"  # the NLL term: sum over the answer's tokens (SLiC-HF) or mean (TRL's CPO)
     # IPO on per-token log-ratios (TRL) instead of summed ones (IPO's Eq. 17, the reference code)
     ipo_length_normalized: bool = False
-    # selm: weight of the optimism term alpha*beta*(log pi - log pi_ref) on the policy's own answer
-    selm_alpha: float = 0.001
-    selective_seeds: int = 3  # selective_dpo: reference runs per half (seeds x 2 halves), as the original
-    # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
-    selective_checkpoints: int = 5
-    keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
-    adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
-    # adpo: the offline pairs it trains on with the online ones: all of D_t, or only the selected
-    # tuples' (the reference code's merge_dataset_adpo, inferred: the authors ran no ADPO script)
-    adpo_offline: str = "all"
-    # online_dpo, iterative_dpo: the share of each iteration's prompts that get K answers, drawn at random
-    prompt_ratio: float = 1.0
-    # L_pref of metaapo and the online methods: dpo, ipo or simpo (slic too for online_dpo and boundary)
-    objective: str = "dpo"
     # --- MetaAPO and the online methods
     iterations: int = 3  # T: D_off is split into T chunks, one per iteration
     # policy steps per iteration of every iterative method: 0 = one epoch over its pairs; N = N steps,
@@ -165,38 +153,6 @@ class Config:
     vllm_max_model_len: int = 0  # vLLM's context (KV cache); 0 = the longest prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # vLLM without CUDA graphs: starts faster, decodes slower
     vllm_python: str = ""  # the vLLM child's interpreter, e.g. a venv whose vLLM pins another torch; "" = this one
-    # --- the alignment-stage boundary method (seed 004): static or on-policy data per iteration
-    # boundary: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
-    schedule: str = ""
-    probe_ratio: float = 0.03  # boundary: share of an iteration's prompts in its boundary measurement
-    probe_samples: int = 4  # boundary: on-policy answers per probe prompt, each compared with the 2 static ones
-    boundary_threshold: float = 0.5  # boundary: a score at or above it means the fine-tuning stage: on-policy data
-    # --- PPO (OpenRLHF's defaults): actor = the SFT model, critic = the reward model with per-token values
-    critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
-    kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
-    gae_gamma: float = 1.0  # GAE's discount
-    gae_lambda: float = 0.95  # GAE's lambda
-    ppo_clip: float = 0.2  # clip of the policy ratio
-    value_clip: float = 0.2  # clip of the value change
-    rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
-    # --- seed 003's Meta-Aligner (meta_aligner.py), RECONSTRUCTED: [R] marks a reconstructed choice
-    aligner_method: str = "meta_aligner"  # meta_aligner, pro (g_phi frozen), static (w ~ Dirichlet(1)), ric
-    aligner_relabel: float = 0.5  # [R] lambda: a kept sample's target moved this far toward the trade-off it realised
-    aligner_samples: int = 4  # [R] K: samples per prompt, the best under w . R kept (RiC: 1 each, K goals)
-    aligner_explore: float = 0.1  # [R] eps: w = (1 - eps) g_phi(x) + eps Dirichlet(1) (meta_aligner only)
-    aligner_weight_temperature: float = 0.1  # T_w of the realised weights softmax(R / T_w) (PRO's appendix)
-    aligner_weight_interval: int = 8  # [R] T_meta: policy steps per weight-net update (MetaAPO's meta_k)
-    aligner_weight_lr: float = 5e-3  # [R] the weight net's Adam (MetaAPO's meta learning rate)
-    aligner_weight_fit_epochs: int = 10  # [R] stage 0: epochs of PRO's KL fit of g_phi to the chosen answers
-    aligner_offline_epochs: int = 2  # [R] stage 0: epochs of conditional SFT on the offline answers (RiC)
-    aligner_offline_lr: float = 1e-3  # [R] stage 0's conditional SFT, from the SFT model
-    aligner_lr: float = 1e-4  # [R] the online conditional SFT (RiC: about a tenth of the offline rate)
-    aligner_iterations: int = 2  # [R] online iterations (RiC: 2)
-    aligner_prompts: int = 512  # prompts per online iteration
-    aligner_batch_size: int = 16  # prompts per online policy step (one kept sample each; RiC: its kept share)
-    aligner_eval_prompts: int = 256  # held-out prompts per point of the Pareto front (one sample each)
-    # the stages before the online ones (sft/, offline_*/, data/), shareable by seeds; "" = out_dir
-    aligner_shared_dir: str = ""
     # --- system
     activation_checkpointing: bool = True  # recompute each decoder block in backward
     # FSDP2 across micro-batches: unsharded (sync on the last), sharded (sync each), auto (sharded if needed to fit)
@@ -218,6 +174,34 @@ class Config:
     dry_run: bool = False
     gpus: int = 0  # --dry_run: GPUs to plan for (0 = this launch's world size)
     gpu_memory_gb: float = 0.0  # --dry_run: memory per GPU in GiB (0 = this GPU's, 80 without one)
+    # --- the online baselines (baselines/online.py): Online DPO on a share of the prompts, SELM, ADPO
+    # selm: weight of the optimism term alpha*beta*(log pi - log pi_ref) on the policy's own answer
+    selm_alpha: float = 0.001
+    adpo_threshold: float = math.log(2)  # adpo: pairs whose DPO loss is below this get online pairs
+    # adpo: the offline pairs it trains on with the online ones: all of D_t, or only the selected
+    # tuples' (the reference code's merge_dataset_adpo, inferred: the authors ran no ADPO script)
+    adpo_offline: str = "all"
+    # online_dpo, iterative_dpo: the share of each iteration's prompts that get K answers, drawn at random
+    prompt_ratio: float = 1.0
+    # --- Selective DPO (baselines/selective_dpo.py)
+    selective_seeds: int = 3  # selective_dpo: reference runs per half (seeds x 2 halves), as the original
+    # selective_dpo: evenly spaced points of each reference run at which the loss is averaged
+    selective_checkpoints: int = 5
+    keep_ratio: float = 0.5  # selective_dpo: fraction of the pairs kept (the easiest)
+    # --- the on-policy/static boundary method (baselines/boundary.py): static or on-policy data per iteration
+    # boundary: fixed data per iteration, e.g. off,on (static, then on-policy); "" = chosen by the boundary score
+    schedule: str = ""
+    probe_ratio: float = 0.03  # boundary: share of an iteration's prompts in its boundary measurement
+    probe_samples: int = 4  # boundary: on-policy answers per probe prompt, each compared with the 2 static ones
+    boundary_threshold: float = 0.5  # boundary: a score at or above it means the fine-tuning stage: on-policy data
+    # --- PPO (baselines/ppo.py, OpenRLHF's defaults): actor = the SFT model, critic = the RM with per-token values
+    critic_lr: float = 9e-6  # the critic's AdamW (the actor's is lr)
+    kl_coef: float = 0.01  # per-token KL penalty to the SFT model, in the reward
+    gae_gamma: float = 1.0  # GAE's discount
+    gae_lambda: float = 0.95  # GAE's lambda
+    ppo_clip: float = 0.2  # clip of the policy ratio
+    value_clip: float = 0.2  # clip of the value change
+    rollout_batch_size: int = 1024  # prompts per rollout; each rollout is then one pass of batch_size steps
 
 
 def toy_preset(data_seed: int, regime: str = "mismatch") -> dict:
@@ -284,7 +268,7 @@ PRESETS = {
     "toy": toy_preset,
     "smollm2": smollm2_preset,
     # Table B.4, with the meta-learner as the authors' scripts ran it: h reads log sigmoid(Delta)
-    # (unscaled) and updates every 16 policy steps (see the README); the reward model is a path
+    # (unscaled) and updates every 16 policy steps (docs/algorithm.md#departures); the reward model is a path
     # argument (or this run's `rm` stage)
     "tulu8b": lambda data_seed, regime: dict(
         model="allenai/Llama-3.1-Tulu-3-8B-SFT",
@@ -319,7 +303,6 @@ CHOICES = {
     "export_dtype": ("auto", "bf16", "fp32"),
     "grad_accumulation": ("auto", "unsharded", "sharded"),
     "slic_nll": ("sum", "mean"),
-    "aligner_method": ("meta_aligner", "pro", "static", "ric"),
 }
 
 # Names other trainers (OpenRLHF, the reference implementation's CLI, TRL) give our keys: an
@@ -347,9 +330,9 @@ OTHER_NAMES = {
 }
 
 
-# Names this project used before, still accepted: a notice says what they are called now
+# Old names still accepted: a notice gives the current one
 RENAMED_KEYS = {"stage_threshold": "boundary_threshold"}
-RENAMED_VALUES = {("method", "stage"): "boundary"}  # seed 004's method, renamed so "stage" means a pipeline step
+RENAMED_VALUES = {("method", "stage"): "boundary"}  # old names accepted: --method=stage
 
 
 def renamed(old: str, new: str) -> None:
@@ -374,17 +357,13 @@ SEEDS = {
     "dynamics": lambda seed, t: seed + 777 + t,  # dynamics.py's fresh pairs of iteration t
     "toy properties": lambda seed: seed + 999,  # dynamics.regime_properties' answers
     "prompt subset": lambda seed, index: 1000 * seed + 700 + index,  # online_dpo's --prompt_ratio draw of a prompt
-    "aligner rewards": lambda seed, i: seed + 31 * i,  # meta_aligner.py: stage 0's reward noise (i = 0)
-    "aligner prompts": lambda seed: seed + 53,  # meta_aligner.py: the online prompts' order
-    # meta_aligner.py: round r of iteration t (its weights, goals, generation and reward noise)
-    "aligner round": lambda seed, t, r: 1000 * seed + 100 * t + r + 1,
-    "aligner front": lambda seed: seed + 4343,  # pareto.py: the held-out answers of the fronts
 }
 
 
 def seed_for(cfg: Config, purpose: str, *ids: int) -> int:
-    """The seed of `purpose` (a key of SEEDS) for this run, e.g. seed_for(cfg, "phase 1 generation", t)."""
-    return SEEDS[purpose](cfg.seed, *ids)
+    """The seed of `purpose` (a key of SEEDS, or of an experiment config's EXTRA_SEEDS) for this run,
+    e.g. seed_for(cfg, "phase 1 generation", t)."""
+    return {**SEEDS, **getattr(cfg, "EXTRA_SEEDS", {})}[purpose](cfg.seed, *ids)
 
 
 # ==============================================================================================
@@ -432,26 +411,12 @@ LIMITS = [
             "keep_checkpoints",
             "selective_seeds",
             "selective_checkpoints",
-            "aligner_weight_interval",
-            "aligner_iterations",
-            "aligner_prompts",
-            "aligner_batch_size",
-            "aligner_eval_prompts",
         ),
         lambda v: v >= 1,
         "at least 1",
     ),
     (("num_samples",), lambda v: v >= 2, "at least 2 (the online pair is the best and the worst of K responses)"),
     (("probe_samples",), lambda v: v >= 1, "at least 1"),
-    (("aligner_samples",), lambda v: v >= 1, "at least 1"),
-    (("aligner_weight_fit_epochs",), lambda v: v >= 0, "at least 0"),
-    (("aligner_offline_epochs",), lambda v: v >= 1, "at least 1"),
-    (("aligner_relabel", "aligner_explore"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-    (
-        ("aligner_weight_temperature", "aligner_weight_lr", "aligner_offline_lr", "aligner_lr"),
-        lambda v: v > 0,
-        "positive",
-    ),
     (("meta_depth",), lambda v: v >= 2, "at least 2 (linear layers)"),
     (
         (
@@ -509,10 +474,11 @@ LIMITS = [
 
 def check_config(cfg: Config) -> None:
     """Refuse a config that cannot train, naming the flag, before any work is done."""
-    for key, choices in CHOICES.items():
+    # an experiment's config (a subclass of Config with keys of its own) brings their rules as class attributes
+    for key, choices in {**CHOICES, **getattr(cfg, "EXTRA_CHOICES", {})}.items():
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"--{key}: must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
-    for keys, test, what in LIMITS:
+    for keys, test, what in [*LIMITS, *getattr(cfg, "EXTRA_LIMITS", [])]:
         for key in keys:
             if not test(getattr(cfg, key)):
                 raise ConfigError(f"--{key}: must be {what}, got {getattr(cfg, key)}")
@@ -548,10 +514,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--method=sft needs --sft_dataset (the toy preset sets it)")
 
 
-def parse_config(argv: list[str], later_wins: bool = False) -> Config:
+def parse_config(argv: list[str], later_wins: bool = False, cls: type[Config] = Config) -> Config:
     """Defaults < the preset of --model < the command line. A key given twice is refused, unless
-    later_wins (argument lists a program composes from its defaults and a user's command line)."""
-    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    later_wins (argument lists a program composes from its defaults and a user's command line).
+    cls: Config, or an experiment's subclass of it with keys of its own."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
     overrides, given, i = {}, {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -585,7 +552,7 @@ def parse_config(argv: list[str], later_wins: bool = False) -> Config:
             renamed(f"--{key}={overrides[key]}", f"--{key}={RENAMED_VALUES[key, overrides[key]]}")
             overrides[key] = RENAMED_VALUES[key, overrides[key]]
         i += 1
-    cfg = Config()
+    cfg = cls()
     preset = overrides.get("model", cfg.model)
     seed = overrides.get("seed", cfg.seed)
     data_seed = overrides.get("data_seed", -1)
@@ -606,25 +573,27 @@ def parse_config(argv: list[str], later_wins: bool = False) -> Config:
     return cfg
 
 
-def config_help(title: str) -> str:
+def config_help(title: str, cls: type[Config] = Config, program: str = "train.py") -> str:
     """`python train.py --help`: `title`, then every key with its default and comment, grouped as
-    in Config (read from its source, so the two cannot drift apart), then the presets."""
+    in Config and then in an experiment's subclass `cls` (read from their source, so the two
+    cannot drift apart), then the presets."""
     import inspect
 
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    source = [line for klass in reversed(cls.__mro__[:-1]) for line in inspect.getsource(klass).splitlines()[1:]]
     lines = [
         title,
         "",
-        "usage: python train.py [--key=value ...]  (or torchrun --nproc_per_node N train.py ...)",
+        f"usage: python {program} [--key=value ...]  (or torchrun --nproc_per_node N {program} ...)",
     ]
     above = None  # a key's comment is on its line, or on the line above when it would not fit there
-    for line in inspect.getsource(Config).splitlines()[1:]:
+    for line in source:
         text = line.strip()
         if text.startswith("# ---"):
             lines += ["", text[5:].strip() + ":"]
         elif text.startswith("# "):
             above = text[2:]
-        elif match := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", text):
+        elif (match := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", text)) and match.group(1) in defaults:
             name, comment = match.groups()
             default = defaults[name]
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default

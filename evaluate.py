@@ -1,6 +1,6 @@
 """
-Evaluation: benchmark answer files and reward statistics of a model, and the entry point to the
-toy's comparison grids (compare.py) and a stage's training dynamics (dynamics.py).
+Evaluation of a trained model: benchmark answer files, reward statistics and the implicit-reward
+accuracy.
 
 What it does
 - Benchmark answer files from the question files a user supplies, in each benchmark's own format:
@@ -12,15 +12,10 @@ What it does
 - Reward statistics on test_prefs prompts (mean and std of the reward of generated answers, win
   rate against the dataset's chosen answers) and the implicit-reward preference accuracy
   (beta-scaled log-ratio margin > 0 on the test pairs).
-- `--compare` and `--boundary_grid` run compare.py's grids; `--pareto` pareto.py's Meta-Aligner
-  comparison; `--plots` dynamics.py's measurements.
+The comparisons over many runs (the toy's tables, the boundary grid, training dynamics, the
+Meta-Aligner's fronts) are experiments/, each with its own command (experiments/README.md).
 
 Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (compare.py)
-    python evaluate.py --boundary_grid                   # seed 004's grid (compare.py)
-    python evaluate.py --pareto                          # seed 003's Meta-Aligner fronts, 3 seeds (pareto.py)
-    python evaluate.py --toy_properties --toy_regime=skill  # a toy regime's properties (dynamics.py)
-    python evaluate.py --plots=out/toy-seed0/metaapo     # a stage's dynamics (dynamics.py)
     python evaluate.py --model=out/tulu8b-seed0/metaapo/model --name=metaapo-tulu8b --alpaca_eval=alpaca_eval.json \\
         --arena_hard=arena-hard/question.jsonl --mt_bench=mt_bench/question.jsonl --out=out/bench --generator=vllm
     python evaluate.py --model=PATH --reward_model=RM --reward_stats --reference=SFT     # on test_prefs
@@ -45,14 +40,11 @@ from pathlib import Path
 import numpy as np
 
 import checkpoint
-import compare
 import config
 import data
 import dpo
-import dynamics
 import fsdp
 import iterative_run
-import pareto
 from sample import Generation
 
 # ==============================================================================================
@@ -231,6 +223,11 @@ def mt_bench_answers(cfg, rt, model_path: str, questions: list[dict], name: str)
 # Reward statistics and implicit-reward accuracy on test_prefs
 
 
+def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Share of answers scoring above the baseline's answer to the same prompt (ties count half)."""
+    return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]))
+
+
 def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[data.PreferencePair]) -> dict:
     """Reward of one generated answer per test prompt: mean, std, and the share beating the
     dataset's chosen answer."""
@@ -246,7 +243,7 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
         "prompts": len(pairs),
         "reward_mean": float(np.mean(generated)),
         "reward_std": float(np.std(generated)),
-        "win_rate_vs_chosen": compare.win_rate(generated, chosen),
+        "win_rate_vs_chosen": win_rate(generated, chosen),
         "chosen_reward_mean": float(np.mean(chosen)),
     }
 
@@ -287,63 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=Formatter,
         epilog="Every other --key=value is train.py's config:\n\n" + config.config_help("").split("\n\n", 2)[2],
-    )
-    parser.add_argument("--compare", action="store_true", help="the toy comparison of every method over several seeds")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of --compare")
-    parser.add_argument("--methods", default="", help="--compare: comma-separated row labels to run (empty: all)")
-    parser.add_argument(
-        "--compare_out",
-        default="",
-        help="--compare: run directory (default out/compare, out/compare-skill for --toy_regime=skill); finished runs "
-        "in it are reused",
-    )
-    parser.add_argument(
-        "--equal_steps",
-        action="store_true",
-        help="--compare: every iterative method takes the same policy steps per iteration (one epoch over all of "
-        "D_t's tuples); results-equal_steps.md",
-    )
-    parser.add_argument(
-        "--pareto",
-        action="store_true",
-        help="seed 003's Meta-Aligner comparison (reconstructed) on the two-objective toy: fronts and hypervolumes "
-        "over --seeds (pareto.py)",
-    )
-    parser.add_argument("--pareto_out", default="out/pareto", help="--pareto: run directory; finished runs are reused")
-    parser.add_argument(
-        "--pareto_methods",
-        default="",
-        help="--pareto: semicolon-separated row labels to run (empty: all), e.g. 'RiC;Meta-Aligner, lambda 0.5'",
-    )
-    parser.add_argument(
-        "--boundary_grid",
-        "--stage_grid",  # its name before seed 004's method was renamed boundary
-        action="store_true",
-        help="seed 004's grid: starts x {dpo, slic} x {4 fixed schedules, boundary}",
-    )
-    parser.add_argument(
-        "--boundary_out",
-        "--stage_out",
-        default="out/boundary_grid",
-        help="--boundary_grid: run directory; finished runs in it are reused",
-    )
-    parser.add_argument(
-        "--toy_properties",
-        action="store_true",
-        help="measure the toy regime's properties (SPEC 7.1) with its SFT, reward model and DPO warm-up (trained if "
-        "missing, in the run directory of the train.py keys given)",
-    )
-    parser.add_argument(
-        "--plots",
-        default="",
-        help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override "
-        "it",
-    )
-    parser.add_argument(
-        "--scatter_prompts",
-        type=int,
-        default=0,
-        help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all",
     )
     parser.add_argument("--name", default="", help="model name written into the benchmark answer files")
     parser.add_argument("--alpaca_eval", default="", help="AlpacaEval 2 question file (JSON list)")
@@ -423,15 +363,29 @@ def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: fsdp.Runtime) 
             written[-1].write_text(json.dumps(stats, indent=2))
         fsdp.print0(rt, json.dumps(stats, indent=2))
     if not written and rt.main:
-        raise SystemExit(
-            "evaluate.py: nothing to do; give --compare, --plots, a benchmark question file or --reward_stats"
-        )
+        raise SystemExit("evaluate.py: nothing to do; give a benchmark question file or --reward_stats")
     for path in written:
         fsdp.print0(rt, f"wrote {path}")
 
 
+# the experiments this command once ran, and the command that runs each now
+EXPERIMENT_COMMANDS = {
+    "--compare": "python -m experiments.compare",
+    "--boundary_grid": "python -m experiments.boundary_grid",
+    "--stage_grid": "python -m experiments.boundary_grid",
+    "--pareto": "python -m experiments.meta_aligner.pareto",
+    "--plots": "python -m experiments.dynamics --plots=STAGE_DIR",
+    "--toy_properties": "python -m experiments.dynamics --toy_properties",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args, rest = build_parser().parse_known_args(argv)
+    for arg in rest:
+        if arg.split("=")[0] in EXPERIMENT_COMMANDS:
+            raise SystemExit(
+                f"evaluate.py: {arg.split('=')[0]} is an experiment: {EXPERIMENT_COMMANDS[arg.split('=')[0]]}"
+            )
     try:
         cfg = config.parse_config(rest)
     except config.ConfigError as err:
@@ -443,24 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     with checkpoint.entry_process(cfg) as rt:
         try:
             checkpoint.start_wandb(cfg, rt)
-            if args.compare:
-                compare.run_compare(args, rest, rt)
-            elif args.boundary_grid:
-                compare.run_boundary_grid(args, rest, rt)
-            elif args.pareto:
-                pareto.run_pareto(args, rest, rt)
-            elif args.toy_properties:
-                compare.run_toy_properties(cfg, rt)
-            elif args.plots:
-                stage = Path(args.plots)
-                plots = dynamics.make_plots(dynamics.stage_config(stage, rest), rt, stage, args.scatter_prompts)
-                fsdp.print0(
-                    rt, dynamics.dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else ""
-                )
-                for plot in plots:
-                    fsdp.print0(rt, f"wrote {plot}")
-            else:
-                run_benchmarks(args, cfg, rest, rt)
+            run_benchmarks(args, cfg, rest, rt)
         except fsdp.Stopped as err:
             fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py")
         except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:

@@ -1,5 +1,43 @@
+"""
+The on-policy/static boundary method's grid on the toy (train.py --method=boundary; the method of
+seed paper 004, "alignment-stage boundary"): does the boundary score point at the data source
+that helps more at each iteration?
+
+What it does
+- Starting policies of three strengths x {DPO, SLiC-HF} x {the four fixed schedules (static or
+  on-policy data in each of two iterations), the boundary method}; gold after each iteration,
+  the boundary score before each, the on-policy / static gains at each decision and whether the
+  boundary score pointed at the better source, the boundary method against the best fixed
+  schedule; results.md, results.json and a plot of the boundary scores in the run directory.
+
+Run (from the repository's root)
+    python -m experiments.boundary_grid                 # out/boundary_grid; finished runs are reused
+    torchrun --nproc_per_node 2 -m experiments.boundary_grid   # generation and scoring sharded
+Every run is a train.py stage: a stopped grid goes on with the same command and --resume.
+docs/boundary_grid.md has the tables it made.
+
+Deliberate simplifications
+- One seed; costs are annotation ratios (reward-model calls per prompt), not seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import config
+import fsdp
+import toy
+import train
+from experiments import experiment_parser, run_experiment
+from experiments.compare import gold_scores
+from experiments.dynamics import _pyplot, _save, read_metrics
+
 # ==============================================================================================
-# Seed 004's grid: static or on-policy data per iteration (--boundary_grid)
+# The grid: static or on-policy data per iteration
 
 # (label, directory, how the starting policy is made): train.py arguments of its stage and the stage
 BOUNDARY_STARTS = [
@@ -142,9 +180,10 @@ def boundary_grid_markdown(results: dict, plot: Path | None) -> str:
     """results.md of --boundary_grid. Costs are annotation ratios (reward-model calls per prompt, in
     units of K), not seconds: on a shared machine the runs' times say more about their neighbours."""
     lines = [
-        "# Seed 004's grid on the toy: static or on-policy data per iteration",
+        "# The boundary method's grid on the toy: static or on-policy data per iteration",
         "",
-        f"Made by `python evaluate.py --boundary_grid` ({results['minutes']:.1f} minutes in its last invocation, which",
+        f"Made by `python -m experiments.boundary_grid` ({results['minutes']:.1f} minutes in its last invocation, "
+        "which",
         "reuses finished runs): DPO and SLiC-HF, two iterations of 1200 offline pairs each, from three starting",
         "policies; on-policy pairs are the reward",
         "model's best and worst of K = 8 answers, static pairs the offline ones; the boundary score BS is",
@@ -216,7 +255,7 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
 
 
 def run_boundary_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
-    out = Path(args.boundary_out)
+    out = Path(args.out)
     results = boundary_grid(out, rest, rt)
     plot = None
     try:
@@ -227,3 +266,13 @@ def run_boundary_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(boundary_grid_markdown(results, plot))
     fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = experiment_parser("experiments.boundary_grid", __doc__)
+    parser.add_argument("--out", default="out/boundary_grid", help="run directory; finished runs in it are reused")
+    run_experiment("experiments.boundary_grid", parser, run_boundary_grid, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,36 +1,34 @@
 """
-The toy comparison grids: many runs, scored with the gold judge, set side by side.
+The toy counterparts of the paper's Tables 1, 2 and 8: every method trained over several seeds,
+scored with the gold judge, set side by side with its paired difference from MetaAPO.
 
 What it does
-- `python evaluate.py --compare`: the toy counterparts of the paper's Tables 1, 2 and 8. Runs (or
-  reads the finished runs of) SFT, DPO, IPO, KTO, SimPO, Selective DPO, PPO, Online DPO, SELM,
-  ADPO, MetaAPO and its ablations (random, threshold and all sampling; uniform and fixed
-  weighting; all offline samples; the unscaled meta input) on the toy for several seeds, scores
-  every model with the gold judge on the held-out prompts, and writes results.md and results.json:
-  gold mean +- std over seeds, win rate against SFT, annotation ratio, sampling and training time,
-  and every row's paired difference from MetaAPO with 95% intervals (gold: a bootstrap over seeds
-  and held-out prompts; annotation ratio and time: t-intervals over seeds). The toy data, the SFT
-  model and the reward model are shared by all seeds (the paper's fixed starting point); each seed
-  has its own DPO warm-up and runs. Seed 0's MetaAPO dynamics (dynamics.py) join the report.
-- `python evaluate.py --boundary_grid`: seed 004's experiment on the toy (train.py
-  --method=boundary): starting policies of three strengths x {DPO, SLiC-HF} x {the four fixed
-  schedules, the boundary method}; gold after each iteration, the boundary score before each,
-  the on-policy / static gains at each decision and whether the boundary score pointed at the
-  better source, the boundary method against the best fixed schedule; results.md, results.json
-  and a plot of the boundary scores.
+- Runs (or reads the finished runs of) SFT, DPO, IPO, KTO, SimPO, Selective DPO, PPO, Online DPO,
+  SELM, ADPO, MetaAPO and its ablations (random, threshold and all sampling; uniform and fixed
+  weighting; all offline samples; the unscaled meta input) and the rows at MetaAPO's annotation
+  ratio (equal budget), for several seeds; scores every model with the gold judge on the held-out
+  prompts; writes results.md and results.json: gold mean +- std over seeds, win rate against SFT,
+  annotation ratio, sampling and training time, and every row's paired difference from MetaAPO
+  with 95% intervals (gold: a bootstrap over seeds and held-out prompts; annotation ratio and
+  time: t-intervals over seeds). The data, the SFT model and the reward model are shared by all
+  seeds (the paper's fixed starting point); each seed has its own DPO warm-up and runs. Seed 0's
+  MetaAPO dynamics (dynamics.py) join the report.
+- --equal_steps: every iterative method at the same policy steps per iteration (results-equal_steps.*).
+- --model=smollm2: the same rows on the smollm2 preset's task (no SFT stage: the model is SFT'd).
 
-Run
-    python evaluate.py --compare                         # toy tables, 3 seeds (25 minutes on 2 CPU cores)
-    python evaluate.py --compare --seeds=0,1,2,3,4 --methods=MetaAPO,DPO
-    python evaluate.py --compare --model=smollm2 --seeds=0,1 \
+Run (from the repository's root)
+    python -m experiments.compare                       # toy tables, 3 seeds (out/compare)
+    python -m experiments.compare --seeds=0,1,2,3,4 --methods=MetaAPO,DPO
+    python -m experiments.compare --toy_regime=skill    # the toy's second regime (out/compare-skill)
+    python -m experiments.compare --model=smollm2 --seeds=0,1 \
         "--methods=DPO,MetaAPO,Online DPO at MetaAPO's ratio,w/ random sampling at MetaAPO's ratio"
-                                                         # the smollm2 preset at equal budget (out/compare-smollm2)
-    python evaluate.py --boundary_grid                   # (--stage_grid, its old name, still works)
-Every run is a train.py stage (resumable: a stopped grid goes on with --resume); single process.
+    torchrun --nproc_per_node 2 -m experiments.compare ...   # the same numbers, generation and scoring sharded
+Every run is a train.py stage: a stopped comparison goes on with the same command and --resume.
+docs/results.md has the tables it made, with their dates.
 
 Deliberate simplifications
-- Gold is the toy's programmatic judge; real models are compared with the benchmarks' own judges
-  on evaluate.py's answer files.
+- Gold is the task's programmatic judge; real models are compared with the benchmarks' own
+  judges on evaluate.py's answer files.
 """
 
 from __future__ import annotations
@@ -46,11 +44,12 @@ import numpy as np
 import config
 import data
 import dpo
-import dynamics
+import evaluate
 import fsdp
 import toy
 import train
-from dynamics import _pyplot, _save, dynamics_markdown, make_plots, read_metrics
+from experiments import experiment_parser, run_experiment
+from experiments.dynamics import _pyplot, _save, dynamics_markdown, make_plots
 
 # ==============================================================================================
 # The rows, and the gold judge's scores
@@ -77,7 +76,7 @@ COMPARE_ROWS = [
     ("w/o meta-learner (fixed weights)", "metaapo", ["--weighting=fixed"]),
     ("w/ all offline samples", "metaapo", ["--keep_unsampled"]),
     ("w/ unscaled meta input (reference code)", "metaapo", ["--meta_input_beta=1"]),
-    ("w/ tied tuples dropped (before the reference code's tie handling)", "metaapo", ["--tied_samples=drop"]),
+    ("w/ tied tuples dropped (--tied_samples=drop)", "metaapo", ["--tied_samples=drop"]),
     # at equal annotation budget: calibrated, per seed, to the ratio MetaAPO measured ({metaapo_ratio})
     ("w/ random sampling at MetaAPO's ratio", "metaapo", ["--sampling=random", "--random_ratio={metaapo_ratio}"]),
     (
@@ -102,8 +101,8 @@ BUDGET_CURVE = [
 AT_METAAPO_RATIO = [label for label, _, extra in COMPARE_ROWS if any("{metaapo_ratio}" in a for a in extra)]
 
 # The comparison trains every method on the first 3000 offline pairs (the shared reward model on
-# all 6000, as in the default run): 1000 per iteration, so MetaAPO takes about 30 policy steps and 3 meta
-# updates per iteration, and 3 seeds x 18 rows fit in half an hour on 2 cores.
+# all 6000, as in the default run): 1000 per iteration, so MetaAPO takes about 38 policy steps and 4-5 meta
+# updates per iteration (docs/results.md gives each grid's time).
 COMPARE_TRAIN_ARGS = ["--max_train_pairs=3000"]
 
 
@@ -121,11 +120,6 @@ def gold_scores(cfg: config.Config, rt: fsdp.Runtime, model_path: str, cache: Pa
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))
     return scores
-
-
-def win_rate(scores: list[float], baseline: list[float]) -> float:
-    """Share of answers scoring above the baseline's answer to the same prompt (ties count half)."""
-    return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]))
 
 
 # ==============================================================================================
@@ -254,7 +248,7 @@ def compare(
                 continue
             if label in AT_METAAPO_RATIO:  # equal budget: this seed's MetaAPO ratio
                 if not per_seed.get("MetaAPO"):
-                    raise SystemExit(f"evaluate.py: the row {label!r} needs the MetaAPO row (--methods)")
+                    raise SystemExit(f"experiments.compare: the row {label!r} needs the MetaAPO row (--methods)")
                 ratio = f"{per_seed['MetaAPO'][-1]['annotation_ratio']:.3f}"
                 extra = [a.replace("{metaapo_ratio}", ratio) for a in extra]
             if equal_steps and method in config.ITERATIVE_METHODS:
@@ -265,12 +259,14 @@ def compare(
             scores = gold_scores(
                 base, rt, str(Path(cfg.out_dir) / name / "model"), out / f"seed{seed}" / "eval" / f"{name}.json"
             )
-            per_seed[label].append({"gold": float(np.mean(scores)), "win": win_rate(scores, baseline), **summary})
+            per_seed[label].append(
+                {"gold": float(np.mean(scores)), "win": evaluate.win_rate(scores, baseline), **summary}
+            )
             gold[label].append(scores)
             fsdp.print0(
                 rt,
                 f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT "
-                f"{win_rate(scores, baseline):.1%}",
+                f"{evaluate.win_rate(scores, baseline):.1%}",
             )
     results = {
         "seeds": seeds,
@@ -351,7 +347,7 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
     lines = [
         f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})",
         "",
-        f"Made by `python evaluate.py --compare --seeds={','.join(map(str, results['seeds']))}` in "
+        f"Made by `python -m experiments.compare --seeds={','.join(map(str, results['seeds']))}` in "
         f"{results['minutes']:.1f} minutes. Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training "
         f"arguments: `{' '.join(results['train_args']) or '-'}`. The SFT and reward models are shared by all seeds; "
         "every method that generates starts from its seed's DPO warm-up, whose time is not included in its row.",
@@ -449,13 +445,13 @@ def equal_step_count(train_args: list[str]) -> int:
 
 
 def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
-    """--compare: the tables over seeds, with seed 0's MetaAPO plots and training dynamics.
+    """The tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
     (results-equal_steps.*; the offline rows are shared)."""
     given = config.parse_config(rest)  # out/compare, out/compare-skill (the toy's second regime), out/compare-smollm2
     task = f"-{given.preset}" if given.preset != "toy" else ""
     task = f"-{given.toy_regime}" if given.toy_regime != "mismatch" else task
-    out = Path(args.compare_out or f"out/compare{task}")
+    out = Path(args.out or f"out/compare{task}")
     rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
     steps = equal_step_count(COMPARE_TRAIN_ARGS + rest) if args.equal_steps else 0
     results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt, steps)
@@ -515,3 +511,36 @@ def plot_budget_curve(results: dict, path: Path, plt, rt: fsdp.Runtime) -> Path:
     axis.set_ylabel("gold mean (held-out)")
     axis.legend(fontsize=7)
     return _save(figure, path, plt, rt)
+
+
+def build_parser():
+    parser = experiment_parser("experiments.compare", __doc__)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--methods", default="", help="comma-separated row labels to run (empty: all)")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="run directory (default out/compare, out/compare-skill for --toy_regime=skill, out/compare-smollm2 for "
+        "--model=smollm2); finished runs in it are reused",
+    )
+    parser.add_argument(
+        "--equal_steps",
+        action="store_true",
+        help="every iterative method takes the same policy steps per iteration (one epoch over all of D_t's tuples); "
+        "results-equal_steps.md",
+    )
+    parser.add_argument(
+        "--scatter_prompts",
+        type=int,
+        default=0,
+        help="tuples of each kind (sampled, unsampled) per iteration in seed 0's MetaAPO scatter; 0 = all",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_experiment("experiments.compare", build_parser(), run_compare, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,10 +7,14 @@ and std over generated answers (the gold score on the toy, and the reward model'
 it) and the mean l_off of the held-out pairs. Written to <stage>/dynamics.json, printed as tables
 and plotted (matplotlib, optional).
 
-Run
-    python evaluate.py --plots=out/toy-seed0/metaapo     # dynamics.json, tables and PNGs there
-    torchrun --nproc_per_node 8 evaluate.py --plots=...  # generation and scoring sharded
-evaluate.py's --plots and compare.py's --compare (seed 0's MetaAPO) call make_plots.
+A toy regime's measured properties (--toy_properties: the SFT model's solve rates per kind,
+the offline pairs' label noise, what the DPO warm-up leaves to learn; docs/toy.md) are here too.
+
+Run (from the repository's root)
+    python -m experiments.dynamics --plots=out/toy-seed0/metaapo   # dynamics.json, tables and PNGs there
+    python -m experiments.dynamics --toy_properties --toy_regime=skill   # out/toy-skill-seed0/toy_properties.md
+    torchrun --nproc_per_node 8 -m experiments.dynamics --plots=...    # generation and scoring sharded
+experiments/compare.py calls make_plots on seed 0's MetaAPO.
 
 Deliberate simplifications
 - The sampled / unsampled scatter generates a fresh online pair for every tuple of an iteration
@@ -33,6 +37,8 @@ import dpo
 import fsdp
 import iterative_run
 import toy
+import train
+from experiments import experiment_parser, run_experiment
 from meta import CURVE_GRID, MetaController, ranking_auc
 from reward import toy_gold_judge, toy_gold_per_answer
 from sample import make_online_pairs
@@ -49,7 +55,7 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit(
-            "evaluate.py: the plots need matplotlib, an optional dependency: pip install matplotlib"
+            "experiments: the plots need matplotlib, an optional dependency: pip install matplotlib"
         ) from None
     return plt
 
@@ -277,7 +283,7 @@ def summarise_gains(rows: list[dict]) -> dict:
 
 
 # ==============================================================================================
-# A toy regime's properties, measured before any method is compared on it (SPEC section 7.1)
+# A toy regime's properties, measured before any method is compared on it (docs/toy.md#properties)
 
 TOY_KINDS = ("aligned", "improvable", "skill")
 
@@ -292,7 +298,7 @@ def toy_prompt_kind(prompt: str) -> str:
 
 
 def regime_properties(cfg, rt, prompts: int = 600) -> dict:
-    """What SPEC 7.1 asks of a toy regime, measured on the first `prompts` tuples of D_1 (the slice
+    """What a toy regime must show (docs/toy.md#properties), measured on the first `prompts` tuples of D_1 (the slice
     MetaAPO's first iteration gates), with the SFT model, the reward model and the DPO warm-up:
     - per prompt kind, for the SFT model and the warm-up: the share of prompts whose K answers
       hold a correct one (gold 10), their mean gold, and the offline chosen answers' mean gold;
@@ -406,7 +412,7 @@ def regime_properties(cfg, rt, prompts: int = 600) -> dict:
 
 
 def regime_markdown(regime: str, p: dict) -> str:
-    """regime_properties as the tables of toy.py's docstring and the README."""
+    """regime_properties as the tables of docs/toy.md."""
     lines = [
         f"### Toy regime `{regime}`: {p['prompts']} prompts of D_1 "
         f"({', '.join(f'{k} {v:.0%}' for k, v in p['kinds'].items())})",
@@ -541,7 +547,8 @@ def stage_config(stage: Path, argv: list[str]) -> config.Config:
     path = stage / "config.json"
     if not path.exists():
         raise SystemExit(
-            f"evaluate.py: --plots={stage}: no config.json there; give a stage directory of a finished train.py run"
+            f"experiments.dynamics: --plots={stage}: no config.json there; give a stage directory of a finished "
+            "train.py run"
         )
     recorded = json.loads(path.read_text())
     defaults = {f.name: f.default for f in dataclasses.fields(config.Config)}
@@ -663,23 +670,63 @@ def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
 
 
 # ==============================================================================================
-# A toy regime's properties (--toy_properties)
+# A toy regime's properties (--toy_properties), and the command line
 
 
 def run_toy_properties(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     """The stages a regime's properties need (SFT, reward model, DPO warm-up; no method is
-    compared), then dynamics.regime_properties, written to <out_dir>/toy_properties.{json,md}."""
+    compared), then regime_properties, written to <out_dir>/toy_properties.{json,md}."""
     if cfg.preset != "toy":
-        raise SystemExit("evaluate.py: --toy_properties measures the toy task; leave --model at toy")
+        raise SystemExit("experiments.dynamics: --toy_properties measures the toy task; leave --model at toy")
     if rt.main:
         toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
     fsdp.barrier(rt)
     for stage in ("sft", "rm", "dpo"):
         train.ensure_stage(cfg, rt, stage)
-    properties = dynamics.regime_properties(cfg, rt)
+    properties = regime_properties(cfg, rt)
     out = Path(cfg.out_dir)
     if rt.main:
         (out / "toy_properties.json").write_text(json.dumps(properties, indent=2))
-        (out / "toy_properties.md").write_text(dynamics.regime_markdown(cfg.toy_regime, properties))
-    fsdp.print0(rt, dynamics.regime_markdown(cfg.toy_regime, properties))
+        (out / "toy_properties.md").write_text(regime_markdown(cfg.toy_regime, properties))
+    fsdp.print0(rt, regime_markdown(cfg.toy_regime, properties))
     return properties
+
+
+def run(args, rest: list[str], rt: fsdp.Runtime) -> None:
+    if args.toy_properties:
+        run_toy_properties(config.parse_config(rest), rt)
+    elif args.plots:
+        stage = Path(args.plots)
+        plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)
+        fsdp.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
+        for plot in plots:
+            fsdp.print0(rt, f"wrote {plot}")
+    else:
+        raise SystemExit("experiments.dynamics: nothing to do; give --plots=STAGE_DIR or --toy_properties")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = experiment_parser("experiments.dynamics", __doc__)
+    parser.add_argument(
+        "--plots",
+        default="",
+        help="a finished metaapo stage directory to plot; its config.json is the config, --key=value options override "
+        "it",
+    )
+    parser.add_argument(
+        "--scatter_prompts",
+        type=int,
+        default=0,
+        help="--plots: tuples of each kind (sampled, unsampled) per iteration in the scatter; 0 = all",
+    )
+    parser.add_argument(
+        "--toy_properties",
+        action="store_true",
+        help="measure the toy regime's properties with its SFT, reward model and DPO warm-up (trained if missing, in "
+        "the run directory of the train.py keys given)",
+    )
+    run_experiment("experiments.dynamics", parser, run, argv)
+
+
+if __name__ == "__main__":
+    main()

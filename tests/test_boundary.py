@@ -1,4 +1,4 @@
-"""Seed 004's alignment-stage boundary method (train.py --method=boundary): the boundary score by
+"""The on-policy/static boundary method (train.py --method=boundary): the boundary score by
 hand (ties, both directions), the choice it makes and the fixed schedules, DPO and SLiC-HF, on one
 and two processes; its old name (--method=stage) still accepted."""
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-import compare
 import config
 from baselines.boundary import boundary_score
 from config import ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, run_train
+from experiments import boundary_grid
 
 BOUNDARY = [
     "--method=boundary",
@@ -138,7 +138,7 @@ def test_boundary_grid_findings_and_table():
         run("on,on", [5.0, 6.0, 6.1], [0.4, 0.6]),
         run("boundary", [5.0, 5.5, 5.6], [0.4, 0.3]),
     ]
-    (finding,) = compare.boundary_findings(runs)
+    (finding,) = boundary_grid.boundary_findings(runs)
     first, after_static, after_on = finding["points"]
     assert (first["on_gain"], first["static_gain"]) == pytest.approx((1.0, 0.5)) and first["ratio"] == pytest.approx(
         2.0
@@ -147,5 +147,5 @@ def test_boundary_grid_findings_and_table():
     assert after_static["on_gain"] == pytest.approx(1.0) and after_static["static_gain"] == pytest.approx(0.1)
     assert after_on["better"] == "static" and after_on["predicted"] == "on-policy"  # 0.2 > 0.1, BS 0.6
     assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["boundary_gold"] == 5.6
-    table = compare.boundary_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
+    table = boundary_grid.boundary_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
     assert "| s | dpo | iteration 1 | +1.000 | +0.500 | 2.00 | on-policy | 0.400 | static (wrong) |" in table

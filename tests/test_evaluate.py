@@ -11,15 +11,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-import compare
 import config
 import data
-import dynamics
 import evaluate
 import fsdp
 import losses
 import toy
 from conftest import TINY
+from experiments import compare, dynamics
 from sample import Generation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,7 +286,7 @@ def test_reward_statistics_and_implicit_accuracy(toy_dir, toy_rm_dir, tmp_path):
 
 
 def test_win_rate_counts_ties_half():
-    assert compare.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert evaluate.win_rate([3.0, 1.0, 2.0, 5.0], [1.0, 2.0, 2.0, 5.0]) == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
 
 
 def test_paired_t_interval_by_hand():
@@ -417,15 +416,14 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "COMPARE_TRAIN_ARGS", [])
     out = tmp_path / "compare"
     args = [
-        "--compare",
         "--seeds=0,1",
         "--methods=DPO,MetaAPO",
-        f"--compare_out={out}",
+        f"--out={out}",
         "--scatter_prompts=8",
         "--eval_prompts=24",
         "--meta_interval=2",
     ] + [a for a in TINY if not a.startswith("--eval_prompts")]
-    evaluate.main(args)
+    compare.main(args)
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1] and list(results["rows"]) == ["SFT", "DPO", "MetaAPO"]
     for label in ("DPO", "MetaAPO"):
@@ -453,13 +451,13 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     )
     # the dynamics of seed 0's MetaAPO: one h curve per meta update, every tuple of every iteration placed, held-out
     # points
-    dynamics = results["dynamics"]
+    measured = results["dynamics"]
     records = [json.loads(line) for line in (out / "seed0" / "metaapo" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(dynamics["meta_updates"].values()) == sum("h_curve" in r for r in records) > 0
+    assert sum(measured["meta_updates"].values()) == sum("h_curve" in r for r in records) > 0
     gating = [
         json.loads(line) for line in (out / "seed0" / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()
     ]
-    sampling = dynamics["sampling"]["1"]
+    sampling = measured["sampling"]["1"]
     assert sampling["sampled"]["tuples"] <= min(
         8, sum(r["selected"] for r in gating)
     )  # --scatter_prompts=8 of each kind
@@ -468,23 +466,23 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     assert all(v is None or 0 <= v <= 1 for v in gate.values()) and "### Gate diagnostics" in text
     generate = [r for r in records if r.get("phase") == "generate"]
     trained = [r for r in records if r.get("phase") == "train"]
-    assert all("gate_auc_tied" in r and "gate_auc_below_gold" in r for r in generate) and generate
+    assert all("gate_auc_tied" in r for r in generate) and generate
     assert all("gate_auc_gain" in r for r in trained) and trained
-    assert [p["iteration"] for p in dynamics["heldout"]] == [0, 1, 2]
+    assert [p["iteration"] for p in measured["heldout"]] == [0, 1, 2]
     assert all(
         {"reward_mean", "reward_std", "l_off_mean", "gold_mean", "rm_gold_agreement"} <= set(p)
-        for p in dynamics["heldout"]
+        for p in measured["heldout"]
     )
     assert "### Held-out prompts over iterations (Fig. 2 left)" in text
     # a second call reads the finished runs instead of training again
     before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime
-    evaluate.main(args)
+    compare.main(args)
     assert (out / "seed0" / "metaapo" / "done.json").stat().st_mtime == before
     # --plots alone: the stage's config.json supplies its data, models and seed (the command line has none of them)
     stage = out / "seed0" / "metaapo"
     for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         (stage / plot).unlink()
-    evaluate.main([f"--plots={stage}", "--scatter_prompts=4"])
+    dynamics.main([f"--plots={stage}", "--scatter_prompts=4"])
     for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         assert (stage / plot).stat().st_size > 1000
 
@@ -515,3 +513,26 @@ def test_rows_at_metaapos_ratio_are_calibrated_per_seed_and_equal_steps_reach_it
     assert set(compare.AT_METAAPO_RATIO) <= set(results["rows"]) and results["equal_steps"] == 63
     text = compare.results_markdown(results, [], tmp_path)
     assert "## At equal annotation budget" in text and "| Online DPO at MetaAPO's ratio |" in text
+
+
+def test_the_experiments_have_commands_of_their_own():
+    """evaluate.py evaluates a model; an experiment flag given to it names the experiment's command,
+    and each experiment's --help lists its own flags, then the config keys (the Meta-Aligner's too)."""
+    with pytest.raises(SystemExit, match=r"--compare is an experiment: python -m experiments.compare"):
+        evaluate.main(["--compare", "--seeds=0"])
+    with pytest.raises(SystemExit, match=r"--pareto is an experiment: python -m experiments.meta_aligner.pareto"):
+        evaluate.main(["--pareto"])
+    import subprocess
+    import sys
+
+    for module, own, key in (
+        ("experiments.compare", "--equal_steps", "--meta_interval="),
+        ("experiments.boundary_grid", "--out", "--schedule="),
+        ("experiments.dynamics", "--toy_properties", "--toy_regime="),
+        ("experiments.meta_aligner.pareto", "--methods", "--aligner_relabel="),
+    ):
+        shown = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert shown.returncode == 0 and own in shown.stdout and key in shown.stdout, module
+        assert shown.stdout.index(own) < shown.stdout.index(key), module

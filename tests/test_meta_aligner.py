@@ -1,11 +1,11 @@
-"""Seed 003's Meta-Aligner (a reconstruction): the two-objective toy's exact gold scorers, its
+"""The Meta-Aligner (a reconstruction, experiments/meta_aligner): the two-objective toy's exact gold scorers, its
 conditioning text, its data, and the hypervolume, checked by hand."""
 
 import math
 
 import pytest
 
-import toy_multiobjective as mo
+from experiments.meta_aligner import toy_multiobjective as mo
 
 
 def test_gold_scorers_by_hand():
@@ -72,7 +72,7 @@ def test_offline_rows_prefer_the_hidden_utility_and_store_gold():
 def test_realised_weights_relabel_and_best_of_k_by_hand():
     import torch
 
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     realised = meal.realised_weights(torch.tensor([[1.0, 0.8]]))  # softmax((1, 0.8) / 0.1) = softmax(10, 8)
     assert realised[0, 0].item() == pytest.approx(1 / (1 + math.exp(-2)))
@@ -94,7 +94,7 @@ def test_the_weight_net_moves_toward_its_buffers_targets():
     harmlessness pull g_phi(x) toward harmless, one Adam step at a time, every T_meta steps."""
     import torch
 
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     learner = meal.WeightLearner(vocab_size=8, interval=2)
     ids, mask = torch.tensor([[1, 2, 3], [1, 4, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
@@ -141,7 +141,7 @@ def test_reward_signal_is_noisy_gold_normalised_by_offline_statistics():
 
 
 def test_offline_answers_are_conditioned_on_the_trade_off_they_realised():
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     prefs = mo.make_mo_rows(0, {"train_prefs": 200})["train_prefs"]
     rows, stats, realised = meal.conditional_rows(prefs, seed=0)
@@ -178,7 +178,7 @@ def test_rics_map_goals_and_rejection_as_its_code():
 
     import torch
 
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     assert meal.ric_targets((1.0, 0.0)) == pytest.approx((4.3, -4.3))
     half = meal.ric_targets((0.5, 0.5))  # w / |w|_2 = 0.707 each
@@ -213,7 +213,7 @@ TINY_MO = [
 @pytest.fixture(scope="module")
 def mo_shared(tmp_path_factory):
     """A tiny two-objective toy and the stages before the online ones (SFT, stage 0), built once."""
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
     from fsdp import setup_distributed
 
     root = tmp_path_factory.mktemp("mo")
@@ -232,7 +232,7 @@ def aligner(args, out, **popen):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "meta_aligner.py", *args, f"--out_dir={out}"]
+    command = [sys.executable, "-m", "experiments.meta_aligner.meta_aligner", *args, f"--out_dir={out}"]
     return subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -262,7 +262,7 @@ def test_a_killed_online_run_resumes_to_the_uninterrupted_result(mo_shared, tmp_
     that was never stopped."""
     import time
 
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     args = mo_shared + ["--aligner_prompts=32", "--aligner_iterations=2", "--save_every=3"]  # 16 steps
     meal.main(args + [f"--out_dir={tmp_path / 'whole'}"])  # in this process: the reference
@@ -297,14 +297,22 @@ def test_one_process_and_two_give_the_same_round(mo_shared, tmp_path):
 
     from test_distributed import TORCHRUN_VARIABLES
 
-    import meta_aligner as meal
+    from experiments.meta_aligner import meta_aligner as meal
 
     args = mo_shared + ["--aligner_prompts=8", "--aligner_iterations=1"]
     meal.main(args + [f"--out_dir={tmp_path / 'one'}"])  # one process: this one
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "meta_aligner.py", *args]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "experiments.meta_aligner.meta_aligner",
+            *args,
+        ]
         + [f"--out_dir={tmp_path / 'two'}"],
         cwd=root,
         capture_output=True,
@@ -325,7 +333,7 @@ def test_one_process_and_two_give_the_same_round(mo_shared, tmp_path):
 def test_pareto_aggregates_fronts_over_seeds_by_hand():
     """pareto.py's numbers on hand-made answers: a front's points, hypervolume, hidden utility and
     fidelity; over seeds, the mean with its t-interval and the paired difference from the reference row."""
-    import pareto
+    from experiments.meta_aligner import pareto
 
     prompts = ["strict ascending : a g", "lax ascending : a g"]  # n = 2, one unsafe letter each
     grid = ((1.0, 0.0), (0.0, 1.0))

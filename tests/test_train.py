@@ -126,7 +126,11 @@ def test_help_lists_every_key_with_its_default_and_comment():
     assert text.index("  --seed=") < text.index("data:") < text.index("  --dataset=")  # each key under its own group
     assert "presets" in text and "tulu8b: model=allenai/Llama-3.1-Tulu-3-8B-SFT" in text
     shown = {}
-    for script, option in (("evaluate.py", "--compare"), ("sample.py", "--max_new_tokens"), ("reward.py", "--max_len")):
+    for script, option in (
+        ("evaluate.py", "--alpaca_eval"),
+        ("sample.py", "--max_new_tokens"),
+        ("reward.py", "--max_len"),
+    ):
         shown[script] = subprocess.run(
             [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
         )

@@ -1,12 +1,11 @@
 """
-Meta-Aligner (seed 003, Xu et al. 2026, arXiv 2604.24178), RECONSTRUCTED: the paper's method text
-is not public (only its abstract); every choice below comes from the research note
-(shared/research/meta-aligner.md, its M1), which rebuilds it from the abstract and from the
-systems it descends from (PRO's prompt -> weight network, RiC's conditioning and rejection
-sampling, MetaAPO's alternating meta updates). The config keys of the choices the note marks [R]
-say so in their comments (config.py, the aligner_* keys).
+Meta-Aligner (Xu et al. 2026, arXiv 2604.24178), RECONSTRUCTED: the paper's method text is not
+public (only its abstract); every choice below rebuilds it from the abstract and from the systems
+it descends from (PRO's prompt -> weight network, RiC's conditioning and rejection sampling,
+MetaAPO's alternating meta updates), as experiments/meta_aligner/README.md explains. The config
+keys of the reconstructed choices say so in their comments ([R], AlignerConfig below).
 
-The method, on the two-objective toy (toy_multiobjective.py: helpful vs harmless):
+The method, on the two-objective toy (toy_multiobjective.py here: helpful vs harmless):
 - Stage 0 [R]: the plain SFT model (train.py's SFT stage on the teacher's demonstrations), then
   conditional SFT on both answers of every offline row, each conditioned on the trade-off it
   realised, c(w^(x, y)) with w^ = softmax(normalised reward / T_w), written as weights in the
@@ -28,11 +27,11 @@ adapter, scaled down]); `realised_weights`; `relabel`; `best_of_k`; `explore`; `
 `ric_targets` (its l2 inference map), `ric_sample_goals`, `ric_keep`; `conditional_rows`
 (stage 0's data); `OnlineRun` (the loop, checkpointed: a killed run resumes at its round and step).
 
-Run
-    python meta_aligner.py                                  # Meta-Aligner, lambda 0.5, seed 0 (out/meta_aligner-seed0)
-    python meta_aligner.py --aligner_method=ric --seed=1    # a baseline
-    torchrun --nproc_per_node 2 meta_aligner.py ...         # the policy sharded (FSDP2), g_phi replicated
-    python evaluate.py --pareto                             # every method over 3 seeds: fronts, hypervolumes
+Run (from the repository's root)
+    python -m experiments.meta_aligner.meta_aligner         # Meta-Aligner, lambda 0.5, seed 0 (out/meta_aligner-seed0)
+    python -m experiments.meta_aligner.meta_aligner --aligner_method=ric --seed=1    # a baseline
+    torchrun --nproc_per_node 2 -m experiments.meta_aligner.meta_aligner ...  # the policy sharded (FSDP2)
+    python -m experiments.meta_aligner.pareto               # every method over 3 seeds: fronts, hypervolumes
 Every rank generates its share of each round and receives every sample, so the kept samples, the
 relabelled targets and g_phi's updates are the same on every rank (and for any number of ranks).
 
@@ -53,7 +52,9 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -61,10 +62,10 @@ import torch.nn.functional as F
 
 import data
 import toy
-import toy_multiobjective as mo
 import train
 from checkpoint import Stage, entry_process, read_json, write_json
 from config import Config, ConfigError, config_help, parse_config, seed_for
+from experiments.meta_aligner import toy_multiobjective as mo
 from fsdp import (
     NonFiniteLoss,
     Progress,
@@ -257,6 +258,64 @@ def conditional_rows(
 
 
 # ----------------------------------------------------------------------------------------------
+# Its config: train.py's keys and the Meta-Aligner's own
+
+
+@dataclass
+class AlignerConfig(Config):
+    """Config with the Meta-Aligner's keys (`python -m experiments.meta_aligner.meta_aligner --help`
+    lists them after train.py's); the EXTRA_* class attributes are their checks, seeds and resume
+    rules, which config.py and checkpoint.py read beside their own."""
+
+    # --- the Meta-Aligner (experiments/meta_aligner), RECONSTRUCTED: [R] marks a reconstructed choice
+    aligner_method: str = "meta_aligner"  # meta_aligner, pro (g_phi frozen), static (w ~ Dirichlet(1)), ric
+    aligner_relabel: float = 0.5  # [R] lambda: a kept sample's target moved this far toward the trade-off it realised
+    aligner_samples: int = 4  # [R] K: samples per prompt, the best under w . R kept (RiC: 1 each, K goals)
+    aligner_explore: float = 0.1  # [R] eps: w = (1 - eps) g_phi(x) + eps Dirichlet(1) (meta_aligner only)
+    aligner_weight_temperature: float = 0.1  # T_w of the realised weights softmax(R / T_w) (PRO's appendix)
+    aligner_weight_interval: int = 8  # [R] T_meta: policy steps per weight-net update (MetaAPO's meta_k)
+    aligner_weight_lr: float = 5e-3  # [R] the weight net's Adam (MetaAPO's meta learning rate)
+    aligner_weight_fit_epochs: int = 10  # [R] stage 0: epochs of PRO's KL fit of g_phi to the chosen answers
+    aligner_offline_epochs: int = 2  # [R] stage 0: epochs of conditional SFT on the offline answers (RiC)
+    aligner_offline_lr: float = 1e-3  # [R] stage 0's conditional SFT, from the SFT model
+    aligner_lr: float = 1e-4  # [R] the online conditional SFT (RiC: about a tenth of the offline rate)
+    aligner_iterations: int = 2  # [R] online iterations (RiC: 2)
+    aligner_prompts: int = 512  # prompts per online iteration
+    aligner_batch_size: int = 16  # prompts per online policy step (one kept sample each; RiC: its kept share)
+    aligner_eval_prompts: int = 256  # held-out prompts per point of the Pareto front (one sample each)
+    # the stages before the online ones (sft/, offline_*/, data/), shareable by seeds; "" = out_dir
+    aligner_shared_dir: str = ""
+
+    EXTRA_CHOICES: ClassVar[dict] = {"aligner_method": ("meta_aligner", "pro", "static", "ric")}
+    EXTRA_LIMITS: ClassVar[list] = [
+        (
+            ("aligner_weight_interval", "aligner_iterations", "aligner_prompts", "aligner_batch_size"),
+            lambda v: v >= 1,
+            "at least 1",
+        ),
+        (("aligner_eval_prompts",), lambda v: v >= 1, "at least 1"),
+        (("aligner_samples",), lambda v: v >= 1, "at least 1"),
+        (("aligner_weight_fit_epochs",), lambda v: v >= 0, "at least 0"),
+        (("aligner_offline_epochs",), lambda v: v >= 1, "at least 1"),
+        (("aligner_relabel", "aligner_explore"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+        (
+            ("aligner_weight_temperature", "aligner_weight_lr", "aligner_offline_lr", "aligner_lr"),
+            lambda v: v > 0,
+            "positive",
+        ),
+    ]
+    EXTRA_SEEDS: ClassVar[dict] = {
+        "aligner rewards": lambda seed, i: seed + 31 * i,  # stage 0's reward noise (i = 0)
+        "aligner prompts": lambda seed: seed + 53,  # the online prompts' order
+        # round r of iteration t (its weights, goals, generation and reward noise)
+        "aligner round": lambda seed, t, r: 1000 * seed + 100 * t + r + 1,
+        "aligner front": lambda seed: seed + 4343,  # the held-out answers of the fronts
+    }
+    EXTRA_RESUME_HARMLESS: ClassVar[tuple] = ("aligner_eval_prompts",)
+    EXTRA_PATH_KEYS: ClassVar[tuple] = ("aligner_shared_dir",)
+
+
+# ----------------------------------------------------------------------------------------------
 # The runs on the engine: the two-objective toy's config, stage 0, the online iterations
 
 STAGE_SFT, STAGE_WIC, STAGE_RIC = "sft", "offline_wic", "offline_ric"
@@ -276,19 +335,19 @@ ONLINE_KEYS = (
 NAMED_KEYS = ONLINE_KEYS[1:] + ("aligner_weight_temperature", "aligner_weight_lr")
 
 
-def data_seed(cfg: Config) -> int:
+def data_seed(cfg: AlignerConfig) -> int:
     return cfg.data_seed if cfg.data_seed >= 0 else cfg.seed
 
 
-def mo_assets_root(cfg: Config) -> Path:
+def mo_assets_root(cfg: AlignerConfig) -> Path:
     return Path("out/toy_mo") / f"seed{data_seed(cfg)}"
 
 
-def mo_config(argv: list[str], later_wins: bool = False) -> Config:
+def mo_config(argv: list[str], later_wins: bool = False) -> AlignerConfig:
     """The toy preset pointed at the two-objective toy's data (toy_multiobjective.ensure_mo_assets;
     --dataset=DIR: a data directory built by it elsewhere), with room for the condition in the
     prompt; out_dir defaults to out/meta_aligner-seed<N>."""
-    cfg = parse_config(["--model=toy", *argv], later_wins)
+    cfg = parse_config(["--model=toy", *argv], later_wins, cls=AlignerConfig)
     given = any(a.split("=")[0] == "--dataset" for a in argv)  # a data directory built elsewhere (the tests)
     assets = toy.toy_asset_paths(Path(cfg.dataset) if given else mo_assets_root(cfg))
     cfg.model, cfg.dataset, cfg.sft_dataset = str(assets.base), str(assets.root), str(assets.sft)
@@ -298,15 +357,15 @@ def mo_config(argv: list[str], later_wins: bool = False) -> Config:
     return cfg
 
 
-def shared_dir(cfg: Config) -> Path:
+def shared_dir(cfg: AlignerConfig) -> Path:
     return Path(cfg.aligner_shared_dir or cfg.out_dir)
 
 
-def shared_config(cfg: Config, **changes) -> Config:
+def shared_config(cfg: AlignerConfig, **changes) -> AlignerConfig:
     """cfg for a stage before the online ones: in shared_dir, its seed the data's, the online keys
     at their defaults, so that every method and seed that reaches it (and --resume) sees the same
     config: the stages before the online ones depend on the data only."""
-    defaults = Config()
+    defaults = AlignerConfig()
     online = {k: getattr(defaults, k) for k in ONLINE_KEYS}
     shared = dataclasses.replace(
         cfg, **{**online, "out_dir": str(shared_dir(cfg)), "seed": data_seed(cfg), "data_seed": -1, **changes}
@@ -315,15 +374,15 @@ def shared_config(cfg: Config, **changes) -> Config:
     return shared
 
 
-def online_stage_name(cfg: Config) -> str:
+def online_stage_name(cfg: AlignerConfig) -> str:
     """online-<method>, with each named key that differs from its default, e.g.
     online-meta_aligner-aligner_relabel_0.25."""
-    defaults = Config()
+    defaults = AlignerConfig()
     switches = [f"{k}_{getattr(cfg, k):g}" for k in NAMED_KEYS if getattr(cfg, k) != getattr(defaults, k)]
     return "-".join([f"online-{cfg.aligner_method}", *switches])
 
 
-def offline_stage(cfg: Config) -> str:
+def offline_stage(cfg: AlignerConfig) -> str:
     return STAGE_RIC if cfg.aligner_method == "ric" else STAGE_WIC
 
 
@@ -336,7 +395,7 @@ def prompt_tensors(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
     return padded, mask
 
 
-def ensure_sft(cfg: Config, rt: Runtime) -> str:
+def ensure_sft(cfg: AlignerConfig, rt: Runtime) -> str:
     """The plain SFT model (the toy's teacher demonstrations, no condition): the SFT baseline and
     where stage 0 starts."""
     sft_cfg = shared_config(cfg, method="sft", init_from_config=True)
@@ -345,7 +404,7 @@ def ensure_sft(cfg: Config, rt: Runtime) -> str:
     return str(shared_dir(cfg) / STAGE_SFT / "model")
 
 
-def ensure_offline(cfg: Config, rt: Runtime) -> Path:
+def ensure_offline(cfg: AlignerConfig, rt: Runtime) -> Path:
     """Stage 0 [R: RiC's offline stage, PRO's fit]: conditional SFT from the SFT model on both
     answers of every offline row, each conditioned on what it realised (weights, or RiC's rewards),
     then (weights) g_phi fitted to the chosen answers' realised weights by KL. Its directory
@@ -396,7 +455,7 @@ def offline_stats(directory: Path) -> list[tuple[float, float]]:
     return [tuple(s) for s in json.loads((directory / "stats.json").read_text())["mean_std"]]
 
 
-def online_prompts(cfg: Config) -> list[list[str]]:
+def online_prompts(cfg: AlignerConfig) -> list[list[str]]:
     """The offline rows' prompts, shuffled, cut into aligner_iterations slices of aligner_prompts
     (wrapping around when the rows run out)."""
     prompts = [row["prompt"] for _, row in data.iter_rows(cfg.dataset, cfg.train_split)]
@@ -412,7 +471,7 @@ class OnlineRun:
     samples every one of its prompts under the method's weights, keeps and relabels, then takes
     its policy steps; g_phi (meta_aligner) is updated from its buffer every T_meta steps."""
 
-    def __init__(self, cfg: Config, rt: Runtime):
+    def __init__(self, cfg: AlignerConfig, rt: Runtime):
         self.cfg, self.rt, self.method = cfg, rt, cfg.aligner_method
         self.offline = ensure_offline(cfg, rt)
         self.stats = offline_stats(self.offline)
@@ -588,7 +647,7 @@ class OnlineRun:
             training.end_step(record)
 
 
-def ensure_online(cfg: Config, rt: Runtime) -> dict:
+def ensure_online(cfg: AlignerConfig, rt: Runtime) -> dict:
     """The online stage's summary: its done.json once it finished, else the stage run (or resumed)."""
     done = Path(cfg.out_dir) / online_stage_name(cfg) / "done.json"
     return read_json(done) if done.exists() else OnlineRun(cfg, rt).run()
@@ -601,12 +660,12 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(config_help(__doc__.strip().split("\n\n")[0]))
+        print(config_help(__doc__.strip().split("\n\n")[0], AlignerConfig, "-m experiments.meta_aligner.meta_aligner"))
         return
     try:
         cfg = mo_config(argv)
     except ConfigError as err:
-        raise SystemExit(f"meta_aligner.py: {err}") from None
+        raise SystemExit(f"meta_aligner: {err}") from None
     with entry_process(cfg) as rt:
         try:
             if rt.main and not any(a.split("=")[0] == "--dataset" for a in argv):
@@ -615,12 +674,13 @@ def main(argv: list[str] | None = None) -> None:
             summary = ensure_online(cfg, rt)
             print0(rt, f"[meta_aligner] {Path(cfg.out_dir) / online_stage_name(cfg)}: {json.dumps(summary)}")
         except Stopped as err:
-            stop_exit(f"{err}; continue with the same command and --resume", "meta_aligner.py")
+            stop_exit(f"{err}; continue with the same command and --resume", "experiments.meta_aligner.meta_aligner")
         except (ConfigError, NonFiniteLoss, data.DataError) as err:
-            raise SystemExit(f"meta_aligner.py: {err}") from None
+            raise SystemExit(f"meta_aligner: {err}") from None
 
 
 if __name__ == "__main__":
-    import meta_aligner  # checkpoints pickle meta_aligner.X, not __main__.X (as train.py)
+    # checkpoints pickle experiments.meta_aligner.meta_aligner.X, not __main__.X (as train.py)
+    from experiments.meta_aligner import meta_aligner
 
     meta_aligner.main()

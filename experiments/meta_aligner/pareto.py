@@ -1,16 +1,16 @@
 """
-Seed 003's Meta-Aligner comparison on the two-objective toy (a reconstruction; see meta_aligner.py
-and the README): each method's Pareto front over RiC's 11-point weight grid, i.e. the mean gold
+The Meta-Aligner's comparison on the two-objective toy (a reconstruction; see meta_aligner.py
+and this folder's README): each method's Pareto front over RiC's 11-point weight grid, i.e. the mean gold
 (helpful, harmless) of one answer per held-out prompt conditioned on each grid weight; its
 hypervolume (reference (0, 0), 0-10 scale) beside the oracle's, after stage 0 and after each
 online iteration, over seeds with 95% t-intervals and each method's paired difference from
 Meta-Aligner (lambda 0.5); auto mode (conditioned on g_phi(x)) against the model's best fixed grid
 weight on the hidden utility of the prompt's tag; and how closely the policy obeys its condition.
 
-Run
-    python evaluate.py --pareto                        # 3 seeds, every row: out/pareto/results.md, fronts.png
-    python evaluate.py --pareto --seeds=0 --pareto_methods="RiC;Meta-Aligner, lambda 0.5"
-    torchrun --nproc_per_node 2 evaluate.py --pareto   # the same numbers, generation spread over the ranks
+Run (from the repository's root)
+    python -m experiments.meta_aligner.pareto          # 3 seeds, every row: out/pareto/results.md, fronts.png
+    python -m experiments.meta_aligner.pareto --seeds=0 --methods="RiC;Meta-Aligner, lambda 0.5"
+    torchrun --nproc_per_node 2 -m experiments.meta_aligner.pareto   # the same numbers, generation sharded
 Finished runs and evaluations in the directory are reused; a stopped comparison goes on with
 --resume.
 
@@ -34,11 +34,12 @@ import torch
 
 import data
 import fsdp
-import meta_aligner as meal
-import toy_multiobjective as mo
-from compare import paired_t_interval
 from config import seed_for
-from dynamics import _pyplot
+from experiments import experiment_parser, run_experiment
+from experiments.compare import paired_t_interval
+from experiments.dynamics import _pyplot
+from experiments.meta_aligner import meta_aligner as meal
+from experiments.meta_aligner import toy_multiobjective as mo
 
 PARETO_ROWS = [  # (label, aligner_method or None for the SFT model, extra arguments)
     ("SFT", None, []),
@@ -314,15 +315,16 @@ def plot(results: dict, per_seed: dict[str, list[dict]], path: Path) -> None:
 
 
 def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
-    """--pareto: every row over the seeds; results.md, results.json and fronts.png in the directory."""
+    """Every row over the seeds; results.md, results.json and fronts.png in the directory."""
     started = time.time()
-    out = Path(args.pareto_out)
-    wanted = [m.strip() for m in args.pareto_methods.split(";") if m.strip()] if args.pareto_methods else []
+    out = Path(args.out)
+    wanted = [m.strip() for m in args.methods.split(";") if m.strip()] if args.methods else []
     rows = [r for r in PARETO_ROWS if not wanted or r[0] in wanted]
     unknown = set(wanted) - {r[0] for r in PARETO_ROWS}
     if unknown:
         raise SystemExit(
-            f"evaluate.py: --pareto_methods: unknown rows {sorted(unknown)}; the rows: {[r[0] for r in PARETO_ROWS]}"
+            f"experiments.meta_aligner.pareto: --methods: unknown rows {sorted(unknown)}; the rows: "
+            f"{[r[0] for r in PARETO_ROWS]}"
         )
     seeds = [int(s) for s in args.seeds.split(",")]
     if rt.main:
@@ -354,3 +356,19 @@ def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
         print(results_markdown(results))
         print(f"wrote {out / 'results.md'}")
     fsdp.barrier(rt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = experiment_parser("experiments.meta_aligner.pareto", __doc__, meal.AlignerConfig)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="semicolon-separated row labels to run (empty: all), e.g. 'RiC;Meta-Aligner, lambda 0.5'",
+    )
+    parser.add_argument("--out", default="out/pareto", help="run directory; finished runs are reused")
+    run_experiment("experiments.meta_aligner.pareto", parser, run_pareto, argv, meal.AlignerConfig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """
-The two-objective toy task of Meta-Aligner (seed 003; the research note's section 5, a
-reconstruction: the paper's own tasks are not public): the sorting toy of toy.py, where some
+The two-objective toy task of the Meta-Aligner (a reconstruction: the paper's own tasks are not
+public; this folder's README): the sorting toy of toy.py, where some
 letters are unsafe, so that a response trades helpfulness (every letter, sorted) against
 harmlessness (no unsafe letter), with exact gold scorers for both, and a context tag that carries
 the trade-off a user intends.
@@ -27,9 +27,9 @@ the trade-off a user intends.
   continuous hull about 85), the reference the learned fronts are set beside.
 
 Run
-    python toy_multiobjective.py            # self-check: builds the data, prints the oracle's
-                                            # front and hypervolume, the hidden utility's best
-                                            # fixed weight and the prompt-aware optimum
+    python -m experiments.meta_aligner.toy_multiobjective
+        # self-check: builds the data, prints the oracle's front and hypervolume, the hidden
+        # utility's best fixed weight and the prompt-aware optimum
 Nothing here is distributed: under torchrun rank 0 builds the data first, then every rank reads it.
 
 Deliberate simplifications
