@@ -579,7 +579,7 @@ class Progress:
 
 
 def saved_progress(saved: dict) -> Progress:
-    """The Progress a checkpoint recorded (its key was "loop" in checkpoints written before 2026-11-30)."""
+    """The Progress a checkpoint recorded (old key accepted: "loop")."""
     return Progress(**(saved["progress"] if "progress" in saved else saved["loop"]))
 
 

@@ -25,32 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import baselines.online
+import checkpoint
+import config
 import data
-from baselines.online import BASELINES, baseline_for
-from checkpoint import Stage, read_pickle
-from config import Config, ConfigError, reference_path, seed_for, sft_path, stage_name, warm_policy_path
-from dpo import PairScores, train_pairs
-from fsdp import (
-    MASTER_DTYPE,
-    Pieces,
-    Progress,
-    Runtime,
-    barrier,
-    copy_tree,
-    epoch_batches,
-    export_hf,
-    load_logprob_model,
-    make_optimizer,
-    make_scheduler,
-    print0,
-    saved_progress,
-)
-from meta import MetaController, ranking_auc
-from reward import GOLD_JUDGES, gold_per_answer
-from toy import TOY_GOLD_MAX
+import dpo
+import fsdp
+import meta
 
 
-def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[str, str | None]:
+def iteration_paths(cfg: config.Config, stage_dir: Path, method: str, t: int) -> tuple[str, str | None]:
     """(policy at the start of iteration t, its reference); t counts from 0; `stage_dir` is the
     method's stage directory.
 
@@ -60,15 +44,15 @@ def iteration_paths(cfg: Config, stage_dir: Path, method: str, t: int) -> tuple[
     iterative_dpo (the authors' script): starts from the SFT model, the reference fixed at it.
     Both are always read from disk, so a resumed run sees exactly what an uninterrupted one saw.
     """
-    from_sft = method != "metaapo" and BASELINES[method].from_sft
-    first = sft_path(cfg) if from_sft else warm_policy_path(cfg)
+    from_sft = method != "metaapo" and baselines.online.BASELINES[method].from_sft
+    first = config.sft_path(cfg) if from_sft else config.warm_policy_path(cfg)
     starts = [first] + [str(stage_dir / f"iter{i}" / "model") for i in range(1, cfg.iterations + 1)]
     if cfg.objective in ("simpo", "slic"):  # objectives without a reference model
         return starts[t], None
     if from_sft:
-        return starts[t], reference_path(cfg)
-    if method == "metaapo" or BASELINES[method].reference_lags:
-        return starts[t], reference_path(cfg) if t == 0 else starts[t - 1]
+        return starts[t], config.reference_path(cfg)
+    if method == "metaapo" or baselines.online.BASELINES[method].reference_lags:
+        return starts[t], config.reference_path(cfg) if t == 0 else starts[t - 1]
     return starts[t], starts[t]
 
 
@@ -77,7 +61,7 @@ class IterationState:
     """What a checkpoint of an iterative method records besides model and optimizer."""
 
     iteration: int = 0  # 0-based iteration in progress
-    progress: Progress = field(default_factory=Progress)  # position in phase 2 (and the stage's step count)
+    progress: fsdp.Progress = field(default_factory=fsdp.Progress)  # position in phase 2 (and the stage's step count)
     augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
     meta: dict | None = None  # MetaController.state_dict()
     times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
@@ -91,20 +75,20 @@ class IterationState:
     def restored(cls, saved: dict) -> IterationState:
         if not saved:
             return cls()
-        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": saved_progress(saved)})
+        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": fsdp.saved_progress(saved)})
 
 
-def iteration_pass(policy, augmented: list, t: int, cfg: Config):
+def iteration_pass(policy, augmented: list, t: int, cfg: config.Config):
     """Phase 2's global batches over D_aug and its AdamW and schedule, fresh each iteration as in
     the reference implementation: (batches, optimizer, scheduler)."""
     epochs = cfg.epochs
     if cfg.steps_per_iteration:  # equal steps: as many (reshuffled) epochs as it takes, cut at the count
         epochs = max(1, math.ceil(cfg.steps_per_iteration / max(1, math.ceil(len(augmented) / cfg.batch_size))))
-    batches = epoch_batches(augmented, epochs, cfg.batch_size, seed_for(cfg, "phase 2 batches", t))
+    batches = fsdp.epoch_batches(augmented, epochs, cfg.batch_size, config.seed_for(cfg, "phase 2 batches", t))
     if cfg.steps_per_iteration:
         batches = batches[: cfg.steps_per_iteration]
-    optimizer = make_optimizer(policy, cfg.lr, cfg)
-    return batches, optimizer, make_scheduler(optimizer, len(batches), cfg)
+    optimizer = fsdp.make_optimizer(policy, cfg.lr, cfg)
+    return batches, optimizer, fsdp.make_scheduler(optimizer, len(batches), cfg)
 
 
 class IterativeRun:
@@ -114,22 +98,22 @@ class IterativeRun:
     iteration, phase and step its last checkpoint reached, with this rank's own share of the meta
     buffer."""
 
-    def __init__(self, cfg: Config, rt: Runtime, method: str):
-        self.cfg, self.rt, self.method, self.name = cfg, rt, method, stage_name(cfg, method)
-        self.baseline = baseline_for(cfg, method)  # None: MetaAPO
+    def __init__(self, cfg: config.Config, rt: fsdp.Runtime, method: str):
+        self.cfg, self.rt, self.method, self.name = cfg, rt, method, config.stage_name(cfg, method)
+        self.baseline = baselines.online.baseline_for(cfg, method)  # None: MetaAPO
         self.tokenizer = data.load_tokenizer(iteration_paths(cfg, Path(), method, 0)[0])  # the first policy's
-        offline, self.raw = train_pairs(cfg, rt, self.tokenizer)
+        offline, self.raw = dpo.train_pairs(cfg, rt, self.tokenizer)
         if cfg.iterations > len(offline):
-            raise ConfigError(
+            raise config.ConfigError(
                 f"--iterations={cfg.iterations}: only {len(offline)} usable offline pairs, fewer than one per iteration"
             )
-        self.stage = Stage(cfg, rt, self.name)
+        self.stage = checkpoint.Stage(cfg, rt, self.name)
         self.latest = self.stage.start()
         # D_off shuffled with the seed, cut into D_1..D_T
-        self.slices = data.split_into_slices(offline, cfg.iterations, seed_for(cfg, "slices"))
+        self.slices = data.split_into_slices(offline, cfg.iterations, config.seed_for(cfg, "slices"))
         self.meta = None
         if method == "metaapo":
-            self.meta = MetaController(
+            self.meta = meta.MetaController(
                 cfg.meta_depth,
                 cfg.meta_inputs,
                 cfg.meta_lr,
@@ -144,7 +128,7 @@ class IterativeRun:
                 weight_decay=cfg.meta_weight_decay,
                 grad_clip=cfg.meta_grad_clip,
             )
-        saved = read_pickle(self.latest / "state.pt")["iteration_state"] if self.latest else {}
+        saved = checkpoint.read_pickle(self.latest / "state.pt")["iteration_state"] if self.latest else {}
         self.state = IterationState.restored(saved)
         self.resumed_pass = None  # (batches, optimizer, scheduler) restored inside phase 2
 
@@ -152,12 +136,12 @@ class IterativeRun:
         """(policy, reference or None, the policy's path) of iteration t; resuming inside it, also
         the optimizer, schedule and meta-learner as its checkpoint left them."""
         policy_path, ref_path = iteration_paths(self.cfg, self.stage.dir, self.method, t)
-        policy, _ = load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
-        ref = load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
+        policy, _ = fsdp.load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
+        ref = fsdp.load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
         if self.latest is not None:
             self.resume_inside(t, policy)
         else:
-            progress = Progress(step=self.state.progress.step)
+            progress = fsdp.Progress(step=self.state.progress.step)
             self.state = dataclasses.replace(self.state, iteration=t, progress=progress, augmented=None, meta=None)
         return policy, ref, policy_path
 
@@ -178,16 +162,16 @@ class IterativeRun:
         self.latest = None
 
     def checkpoint_state(self) -> dict:
-        meta = self.meta
+        meta_learner = self.meta
         return {
-            "iteration_state": {**self.state.saved(), "meta": meta.state_dict() if meta else None},
-            "rank_local": {"meta_buffer": meta.buffer.state_dict()} if meta is not None else None,
+            "iteration_state": {**self.state.saved(), "meta": meta_learner.state_dict() if meta_learner else None},
+            "rank_local": {"meta_buffer": meta_learner.buffer.state_dict()} if meta_learner is not None else None,
         }
 
-    def phase_one_pieces(self, t: int) -> Pieces:
+    def phase_one_pieces(self, t: int) -> fsdp.Pieces:
         """Where iteration t's phase 1 keeps its work as it finishes (until its result is in a checkpoint)."""
         where = f"[{self.name}] stopped during iteration {t + 1}'s phase 1"
-        return Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
+        return fsdp.Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
 
     def checkpoint_between_phases(self) -> None:
         """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
@@ -196,18 +180,17 @@ class IterativeRun:
     def record_sampling(
         self,
         t: int,
-        scores: list[PairScores] | None,
+        scores: list[dpo.PairScores] | None,
         selected: list[bool],
         w: list[float],
         sampled: list[int],
-        generations: list,
         pairs: list,
         pair_stats,
         augmented: list,
         boundary: dict | None,
         tic: float,
     ) -> None:
-        """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for evaluate.py's plots),
+        """Phase 1's record: per-tuple decisions in iter<t>/gating.jsonl (for experiments/dynamics.py),
         the annotation ratio (reward-model calls per offline tuple, in units of K), the counts, and
         the gate's diagnostics over the sampled tuples (gate_diagnostics)."""
         cfg, D_t = self.cfg, self.slices[t]
@@ -253,10 +236,10 @@ class IterativeRun:
                 "offline_chosen": pair_stats.offline_chosen,
                 "offline_rejected": pair_stats.offline_rejected,
                 "time_s": time.time() - tic,
-                **(self.gate_diagnostics(t, sampled, w, generations, pairs) if w else {}),
+                **(self.gate_diagnostics(sampled, w, pairs) if w else {}),
             }
         )
-        print0(
+        fsdp.print0(
             self.rt,
             f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
             f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts whose rewards all tied "
@@ -265,25 +248,19 @@ class IterativeRun:
         self.state.times["sampling_s"] += time.time() - tic
         self.state.ratios.append(ratio)
 
-    def gate_diagnostics(self, t: int, sampled: list[int], w: list[float], generations: list, pairs: list) -> dict:
+    def gate_diagnostics(self, sampled: list[int], w: list[float], pairs: list) -> dict:
         """How well 1 - w (the chance of being sent to generation) ranks, among the tuples the gate
-        sent, (i) those whose K rewards all tied (nothing to learn online) and, on the toy, (ii)
-        those whose own best answer is below the gold maximum (room the policy's samples show).
-        AUC, 0.5 = chance; over sampled tuples only, the others have no answers. dynamics.py
-        measures the same over every tuple, with fresh answers."""
+        sent, those whose K rewards all tied (nothing to learn online). AUC, 0.5 = chance; over
+        sampled tuples only, the others have no answers. experiments/dynamics.py measures this and
+        more (answers below the gold judge's maximum, online gains) over every tuple."""
         gate = [1 - w[i] for i in sampled]
-        diagnostics = {"gate_auc_tied": ranking_auc(gate, [pair is None for pair in pairs])}
-        if self.cfg.preset in GOLD_JUDGES and sampled:
-            conversations = [self.raw[self.slices[t][i].index].prompt for i in sampled]
-            best = [max(gold) for gold in gold_per_answer(conversations, generations, self.cfg.preset)]
-            diagnostics["gate_auc_below_gold"] = ranking_auc(gate, [b < TOY_GOLD_MAX for b in best])
-        return diagnostics
+        return {"gate_auc_tied": meta.ranking_auc(gate, [pair is None for pair in pairs])}
 
     def end_iteration(self, t: int, policy) -> None:
         """Export the policy after iteration t: the next iteration starts from it and, one later,
         uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
         iteration's progress is mostly below bf16's resolution). Then a checkpoint between the phases."""
-        export_hf(
+        fsdp.export_hf(
             policy,
             policy.lm,
             self.tokenizer,
@@ -291,11 +268,11 @@ class IterativeRun:
             self.cfg,
             self.rt,
             prefix="lm.",
-            dtype=MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
+            dtype=fsdp.MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
         )
         if self.meta is not None and self.rt.main:
             torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
-        progress = Progress(step=self.state.progress.step)
+        progress = fsdp.Progress(step=self.state.progress.step)
         self.state = dataclasses.replace(self.state, iteration=t + 1, progress=progress, augmented=None)
         self.resumed_pass = None  # it holds the optimizer: gone before the next iteration loads its models
         self.checkpoint_between_phases()
@@ -311,10 +288,10 @@ class IterativeRun:
                 "stage is not marked done"
             )
         if self.rt.main:
-            copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
+            fsdp.copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
             if self.meta is not None:
                 torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
-        barrier(self.rt)
+        fsdp.barrier(self.rt)
         summary = {
             "steps": self.state.progress.step,  # policy steps over all iterations
             "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,

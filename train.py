@@ -7,7 +7,7 @@ iteration t of --iterations (T), phase 1 scores every offline tuple of D_t under
 answers for the tuples it sends and pairs the reward model's best and worst; phase 2 trains the
 policy one epoch on the Eq. 5 loss (--objective, --beta, --weighting) and updates h_phi on Eq. 6
 every --meta_interval (T_meta) policy steps; the reference follows one iteration behind. The
-online baselines (online_dpo, selm, adpo, seed 004's boundary method) share the structure; their
+online baselines (online_dpo, selm, adpo, the on-policy/static boundary method) share the structure; their
 differences are small functions of their own. Then the stages before Algorithm 1 (SFT for the
 toy, the reward model of Eq. 1), the results table and `main`.
 
@@ -49,80 +49,32 @@ import numpy as np
 import torch
 import transformers
 
+import baselines.boundary
+import baselines.ppo
+import baselines.selective_dpo
+import checkpoint
+import config
 import data
+import dpo
+import fsdp
+import iterative_run
 import losses
+import meta
 import plan
+import reward
+import sample
 import smollm2
 import toy
-from baselines.boundary import boundary_measurement
-from baselines.ppo import run_ppo
-from baselines.selective_dpo import run_selective_dpo
-from checkpoint import Stage, entry_process, prepare_pass, read_json, start_wandb
-from config import (
-    OFFLINE_METHODS,
-    Config,
-    ConfigError,
-    _short,
-    check_inputs,
-    config_dict,
-    config_help,
-    parse_config,
-    reward_path,
-    seed_for,
-    sft_path,
-    stage_name,
-    test_source,
-    warm_policy_path,
-)
-from dpo import (
-    PolicyPair,
-    describe,
-    load_heldout,
-    make_preference_loss,
-    meta_input_score,
-    objective_losses,
-    online_split,
-    pair_forward,
-    pair_metrics,
-    pair_scores,
-    run_offline,
-    train_pairs,
-)
-from fsdp import (
-    PIECE,
-    STOP_SIGNAL,
-    NonFiniteLoss,
-    Pieces,
-    Runtime,
-    Stopped,
-    TrainingPass,
-    all_gather_objects,
-    barrier,
-    check_stop,
-    distributed_generate,
-    epoch_batches,
-    export_hf,
-    load_logprob_model,
-    load_reward_model,
-    optimize,
-    print0,
-    progress_state,
-    release_memory,
-    stop_exit,
-)
-from iterative_run import IterativeRun, NothingTrained, iteration_pass
-from meta import MetaController, meta_features, ranking_auc
-from reward import GOLD_JUDGES, RewardModel, gold_judge
-from sample import PairStats, make_online_pairs
 
 # ==============================================================================================
 # Algorithm 1
 
 
-def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
+def run_iterative(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
     """Algorithm 1 for metaapo; online_dpo, selm, adpo and boundary in the same iteration structure.
     The bookkeeping (data, meta-learner, checkpoints, where a resumed run stopped) is IterativeRun's."""
-    run = IterativeRun(cfg, rt, method)  # D_off cut into D_1..D_T (line 2), h_phi, and a resumed run's position
+    # D_off cut into D_1..D_T (line 2), h_phi, and a resumed run's position
+    run = iterative_run.IterativeRun(cfg, rt, method)
     for t in range(run.state.iteration, cfg.iterations):  # Alg. 1 line 3: for t = 1..T
         policy, ref, policy_path = run.load_models(t)  # pi_theta, and pi_ref as line 23 left it
         if run.state.augmented is None:  # phase 1 (lines 4-12), unless a resumed run had finished it
@@ -133,11 +85,13 @@ def run_iterative(cfg: Config, rt: Runtime, method: str) -> dict:
         preference_optimization(run, t, policy, ref)  # phase 2 (lines 13-22): Eq. 5 steps, Eq. 6 every T_meta
         run.end_iteration(t, policy)  # line 23: pi_theta exported, the next start and the reference after it
         del policy, ref
-        release_memory()
+        fsdp.release_memory()
     return run.finish()
 
 
-def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pieces: Pieces) -> list[PolicyPair]:
+def online_sampling(
+    run: iterative_run.IterativeRun, t: int, policy, ref, policy_path: str, pieces: fsdp.Pieces
+) -> list[dpo.PolicyPair]:
     """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t,
     its work kept in `pieces` as it finishes. A baseline chooses its prompts and its training pairs
     with rules of its own (run.baseline, baselines/online.py) where MetaAPO uses h_phi."""
@@ -145,19 +99,19 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
     tic = time.time()
     scores, w, boundary = None, [], None
     if baseline is None or baseline.scores_offline:  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-        score_piece = lambda k: pair_scores(policy, ref, D_t[k * PIECE : (k + 1) * PIECE], cfg, rt)  # noqa: E731
-        scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / PIECE), score_piece) for s in part]
+        score_piece = lambda k: dpo.pair_scores(policy, ref, D_t[k * fsdp.PIECE : (k + 1) * fsdp.PIECE], cfg, rt)  # noqa: E731
+        scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / fsdp.PIECE), score_piece) for s in part]
     if baseline is None:  # lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
         selected, w = meta_gate(run.meta, scores, cfg, rt)
-    else:  # every prompt, a threshold on l_off, or seed 004's boundary score
+    else:  # every prompt, a threshold on l_off, or the boundary method's score
         if baseline.measures_boundary:
-            boundary = boundary_measurement(
+            boundary = baselines.boundary.boundary_measurement(
                 cfg, rt, policy, run.tokenizer, policy_path, D_t, run.raw, run.stage, t, pieces
             )
         selected = baseline.select(cfg, D_t, [s.score for s in scores] if scores else None, boundary)
     sampled = [i for i, s in enumerate(selected) if s]
     # line 9: K responses from the current policy
-    generations = distributed_generate(
+    generations = fsdp.distributed_generate(
         policy,
         run.tokenizer,
         [D_t[i].prompt_ids for i in sampled],
@@ -165,7 +119,7 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
         cfg.num_samples,
         cfg,
         rt,
-        seed_for(cfg, "phase 1 generation", t),
+        config.seed_for(cfg, "phase 1 generation", t),
         run.stage.dir,
         pieces=pieces,
     )
@@ -180,38 +134,44 @@ def online_sampling(run: IterativeRun, t: int, policy, ref, policy_path: str, pi
     else:
         augmented = joined + (unsampled_tuples(D_t, selected) if cfg.keep_unsampled else [])
     tic -= pieces.restored_s  # the phase's time includes its pieces a stopped run had finished
-    run.record_sampling(t, scores, selected, w, sampled, generations, pairs, pair_stats, augmented, boundary, tic)
+    run.record_sampling(t, scores, selected, w, sampled, pairs, pair_stats, augmented, boundary, tic)
     return augmented
 
 
-def meta_gate(meta: MetaController, scores: list, cfg: Config, rt: Runtime) -> tuple[list[bool], list[float]]:
+def meta_gate(
+    meta_learner: meta.MetaController, scores: list, cfg: config.Config, rt: fsdp.Runtime
+) -> tuple[list[bool], list[float]]:
     """Alg. 1 lines 7-8 for every tuple of D_t: w = h(l_off), u ~ U(0, 1), generate when u > w.
     (selected, w) decided once: every rank draws its u (their generators stay in step), and rank
     0's decision is the one they all use, since h_phi on two GPUs need not agree to the last bit,
     and ranks that sent different prompts to generation would run different rounds of it."""
     l_off, meta_input, chosen_ratio, rejected_ratio = (torch.tensor(column) for column in zip(*scores))
-    decision = meta.gate(l_off, meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs))
-    return all_gather_objects(rt, (decision.selected.tolist(), decision.weights.tolist()))[0]
+    decision = meta_learner.gate(
+        l_off, meta.meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs)
+    )
+    return fsdp.all_gather_objects(rt, (decision.selected.tolist(), decision.weights.tolist()))[0]
 
 
-def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
+def preference_optimization(run: iterative_run.IterativeRun, t: int, policy, ref) -> None:
     """Phase 2 (Alg. 1 lines 13-22), one epoch over D_aug: each step the Eq. 5 loss on pi_theta and
     the step's detached scores into the meta buffer; every T_meta steps one Eq. 6 step on h_phi.
     The baselines train their objective on the pairs their rule gave, with no meta-learner."""
-    cfg, meta, progress = run.cfg, run.meta, run.state.progress
+    cfg, meta_learner, progress = run.cfg, run.meta, run.state.progress
     if not run.state.augmented:
         run.stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
-        print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
+        fsdp.print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
         return
     tic = time.time()
-    batches, optimizer, scheduler = run.resumed_pass or iteration_pass(policy, run.state.augmented, t, cfg)
-    if meta is not None:
-        loss_fn = metaapo_loss(cfg, policy, ref, meta, run.rt)
+    batches, optimizer, scheduler = run.resumed_pass or iterative_run.iteration_pass(
+        policy, run.state.augmented, t, cfg
+    )
+    if meta_learner is not None:
+        loss_fn = metaapo_loss(cfg, policy, ref, meta_learner, run.rt)
     else:
         optimism = cfg.selm_alpha if run.baseline.selm else 0.0
-        loss_fn = make_preference_loss(cfg, cfg.objective, policy, ref, run.rt, optimism=optimism)
+        loss_fn = dpo.make_preference_loss(cfg, cfg.objective, policy, ref, run.rt, optimism=optimism)
     desc, extra = f"iteration {t + 1}/{cfg.iterations}", {"iteration": t + 1}
-    training = TrainingPass(
+    training = fsdp.TrainingPass(
         run.stage,
         policy,
         optimizer,
@@ -222,24 +182,26 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
         checkpoint_extras=run.checkpoint_state,
         log_extra=extra,
     )
-    realised = []  # per buffered tuple: 1 - w and whether its online pair scored above its offline one
+    gate_vs_gain = []  # per buffered tuple: 1 - w and whether its online pair scored above its offline one
     for batch in training:  # line 13: the global batches of D_aug
         # lines 14-17: w = h(l_off) with the current theta, the Eq. 5 loss, one AdamW step on theta
         record, scores = training.step(batch, loss_fn)
-        if meta is not None:
+        if meta_learner is not None:
             # line 18: the step's detached (l_off, l_on) go to the meta buffer
             l_off, l_on, features = (torch.cat(column) for column in zip(*scores))
-            meta.buffer.append(l_off, l_on, features)
-            realised += zip((1 - meta.weights(features)).tolist(), (l_on > l_off).tolist())  # gate diagnostics
-            if meta.ready():  # lines 19-21: every T_meta policy steps, theta frozen, one Eq. 6 step on phi
-                record.update(meta.update())
+            meta_learner.buffer.append(l_off, l_on, features)
+            gate_vs_gain += zip((1 - meta_learner.weights(features)).tolist(), (l_on > l_off).tolist())
+            if meta_learner.ready():  # lines 19-21: every T_meta policy steps, theta frozen, one Eq. 6 step on phi
+                record.update(meta_learner.update())
         run.state.times["training_s"] += time.time() - tic  # counted before a checkpoint can carry it
         tic = time.time()
         training.end_step(record)  # logged; a checkpoint at the cadence; a stop signal ends the run here
     run.state.times["training_s"] += time.time() - tic
-    dropped = meta.buffer.steps if meta is not None else 0
-    if meta is not None:  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
-        meta.buffer.clear()
+    dropped = meta_learner.buffer.steps if meta_learner is not None else 0
+    if (
+        meta_learner is not None
+    ):  # leftover entries (< T_meta steps) are dropped: the next iteration has another reference
+        meta_learner.buffer.clear()
     records = training.records
     if records:  # after a resume, the summary covers the steps run since
         means = {
@@ -249,31 +211,31 @@ def preference_optimization(run: IterativeRun, t: int, policy, ref) -> None:
         }
         updates = sum("meta_loss" in r for r in records)
         summary = {"steps": len(records), "time_s": time.time() - tic, **means, "meta_updates": updates}
-        if meta is not None:  # how well 1 - w ranked the tuples whose online pair scored higher (l_on > l_off)
-            realised = [x for part in all_gather_objects(run.rt, realised) for x in part]
-            summary["gate_auc_gain"] = ranking_auc(*zip(*realised)) if realised else None
+        if meta_learner is not None:  # how well 1 - w ranked the tuples whose online pair scored higher (l_on > l_off)
+            gate_vs_gain = [x for part in fsdp.all_gather_objects(run.rt, gate_vs_gain) for x in part]
+            summary["gate_auc_gain"] = meta.ranking_auc(*zip(*gate_vs_gain)) if gate_vs_gain else None
         run.stage.log({"iteration": t + 1, "phase": "train", **summary, "meta_steps_dropped": dropped})
 
 
-def metaapo_loss(cfg: Config, policy, ref, meta: MetaController, rt: Runtime):
+def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaController, rt: fsdp.Runtime):
     """Eq. 5 on one micro-batch of D_aug: (loss to backward, metric sums, the detached (l_off, l_on,
     h's input) of its tuples that have an online pair of their own, for the meta buffer)."""
 
     def loss(items, mask, batch_size, world):
         # (4, B) log-probs: chosen, rejected, online chosen, online rejected
-        split = online_split(items, rt)  # agreed by every rank: each forward is a round of FSDP2 collectives
-        logps, lengths = pair_forward(policy, items, rt, online=True, split=split)
+        split = dpo.online_split(items, rt)  # agreed by every rank: each forward is a round of FSDP2 collectives
+        logps, lengths = dpo.pair_forward(policy, items, rt, online=True, split=split)
         ref_logps = None
         if ref is not None:
             with torch.no_grad():
-                ref_logps = pair_forward(ref, items, rt, online=True, split=split)[0]
-        online_out, l_on = objective_losses(cfg, logps, ref_logps, lengths, offset=2)
-        offline_out, l_off = objective_losses(cfg, logps, ref_logps, lengths, offset=0)
+                ref_logps = dpo.pair_forward(ref, items, rt, online=True, split=split)[0]
+        online_out, l_on = dpo.objective_losses(cfg, logps, ref_logps, lengths, offset=2)
+        offline_out, l_off = dpo.objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
-        features = meta_features(
-            meta_input_score(cfg, l_off, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
+        features = meta.meta_features(
+            dpo.meta_input_score(cfg, l_off, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
         )
-        w = meta.loss_weights(features)  # Alg. 1 line 16: w = h(l_off) with the current theta, a constant in Eq. 5
+        w = meta_learner.loss_weights(features)  # Alg. 1 line 16: w = h(l_off), the current theta, fixed in Eq. 5
         fixed = torch.tensor(
             [-1.0 if item.weight_override is None else item.weight_override for item in items], device=w.device
         )
@@ -285,8 +247,8 @@ def metaapo_loss(cfg: Config, policy, ref, meta: MetaController, rt: Runtime):
         n = mask.sum().item()
         metrics = {
             "loss": total.item() / batch_size,
-            **pair_metrics(offline_out, mask),
-            **pair_metrics(online_out, mask, "online_"),
+            **dpo.pair_metrics(offline_out, mask),
+            **dpo.pair_metrics(online_out, mask, "online_"),
             "l_off_sum": (l_off.detach() * mask).sum().item(),
             "l_off_count": n,
             "l_on_sum": (l_on.detach() * mask).sum().item(),
@@ -300,8 +262,12 @@ def metaapo_loss(cfg: Config, policy, ref, meta: MetaController, rt: Runtime):
 
 
 def annotate(
-    run: IterativeRun, D_t: list[PolicyPair], sampled: list[int], generations: list, pieces: Pieces
-) -> tuple[list, PairStats]:
+    run: iterative_run.IterativeRun,
+    D_t: list[dpo.PolicyPair],
+    sampled: list[int],
+    generations: list,
+    pieces: fsdp.Pieces,
+) -> tuple[list, sample.PairStats]:
     """Alg. 1 lines 10-11: the reward model scores each sampled prompt's K answers; its best and
     worst are the online pair (SELM also ranks the offline pair's two answers with them). In
     pieces of PIECE prompts, kept as they finish; the reward model is loaded only if one is left."""
@@ -311,18 +277,20 @@ def annotate(
 
     def piece(k: int):
         if not loaded:
-            loaded.append(load_reward_model(reward_path(run.cfg), run.cfg, run.rt))
-        part = slice(k * PIECE, (k + 1) * PIECE)
+            loaded.append(fsdp.load_reward_model(config.reward_path(run.cfg), run.cfg, run.rt))
+        part = slice(k * fsdp.PIECE, (k + 1) * fsdp.PIECE)
         offline = pool[part] if run.baseline is not None and run.baseline.selm else None
-        return make_online_pairs([row.prompt for row in rows[part]], generations[part], loaded[0], offline=offline)
+        return sample.make_online_pairs(
+            [row.prompt for row in rows[part]], generations[part], loaded[0], offline=offline
+        )
 
-    parts = pieces.run("rewards", math.ceil(len(rows) / PIECE), piece)
+    parts = pieces.run("rewards", math.ceil(len(rows) / fsdp.PIECE), piece)
     loaded.clear()  # phase 2 does not need it
-    release_memory()
-    return [pair for pairs, _ in parts for pair in pairs], PairStats.combined([stats for _, stats in parts])
+    fsdp.release_memory()
+    return [pair for pairs, _ in parts for pair in pairs], sample.PairStats.combined([stats for _, stats in parts])
 
 
-def unsampled_tuples(D_t: list[PolicyPair], selected: list[bool]) -> list[PolicyPair]:
+def unsampled_tuples(D_t: list[dpo.PolicyPair], selected: list[bool]) -> list[dpo.PolicyPair]:
     """The keep_unsampled ablation: the tuples the gate did not send, trained on their offline loss
     alone (w fixed at 1; their offline pair stands in for the online one, which gets weight 0)."""
     return [
@@ -335,13 +303,13 @@ def unsampled_tuples(D_t: list[PolicyPair], selected: list[bool]) -> list[Policy
 
 
 def join_online_pairs(
-    cfg: Config,
-    D_t: list[PolicyPair],
+    cfg: config.Config,
+    D_t: list[dpo.PolicyPair],
     sampled: list[int],
     pairs,
     own: list[list[int]] | None = None,
     tied: list[list[int]] | None = None,
-) -> list[PolicyPair]:
+) -> list[dpo.PolicyPair]:
     """Each sampled tuple joined with its online pair (y_w^on, y_l^on). A tuple whose K rewards all
     tied has no pair: with `tied` (per sampled tuple its first answer y) it gets the pair (y, y), as
     the reference code's first-maximum / first-minimum pairing gives it, whose online loss is a
@@ -367,19 +335,19 @@ def join_online_pairs(
 # The stages before Algorithm 1: SFT (the toy) and the reward model (Eq. 1)
 
 
-def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
+def run_sft(cfg: config.Config, rt: fsdp.Runtime, name: str = "sft") -> dict:
     """Supervised fine-tuning of cfg.model on cfg.sft_dataset: mean NLL of the response tokens of each
     global batch, in stage `name` (meta_aligner.py's conditional SFT is another)."""
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
-    print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    fsdp.print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
     if not tokenized:
         raise data.DataError(f"{cfg.sft_dataset}: no usable SFT example after tokenization ({stats.summary()})")
-    stage = Stage(cfg, rt, name)
+    stage = checkpoint.Stage(cfg, rt, name)
     latest = stage.start()
-    model, tokenizer = load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
-    batches = epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, seed_for(cfg, "batches"))
-    optimizer, scheduler, progress = prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
+    model, tokenizer = fsdp.load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
+    batches = fsdp.epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, config.seed_for(cfg, "batches"))
+    optimizer, scheduler, progress = checkpoint.prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
 
     def sft_loss(items, mask, n_tokens, world):
         batch = data.collate_sft(items, tokenizer.pad_token_id)
@@ -393,7 +361,7 @@ def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
 
     tokens = [sum(len(e.response_ids) for e in b) for b in batches]  # the loss is a mean over a global batch's tokens
     desc = f"{cfg.sft_epochs} epochs"
-    optimize(
+    fsdp.optimize(
         stage,
         model,
         optimizer,
@@ -402,23 +370,25 @@ def run_sft(cfg: Config, rt: Runtime, name: str = "sft") -> dict:
         sft_loss,
         progress,
         desc,
-        checkpoint_extras=progress_state(progress),
+        checkpoint_extras=fsdp.progress_state(progress),
         sizes=tokens,
     )
-    export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    fsdp.export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step}
     stage.finish(summary)
     return summary
 
 
-def run_rm(cfg: Config, rt: Runtime) -> dict:
+def run_rm(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
-    pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len))
-    stage = Stage(cfg, rt, "rm")
+    pairs, _ = dpo.train_pairs(
+        cfg, rt, data.load_tokenizer(config.sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len)
+    )
+    stage = checkpoint.Stage(cfg, rt, "rm")
     latest = stage.start()
-    rm = load_reward_model(sft_path(cfg), cfg, rt, trainable=True, init_head=True)
-    batches = epoch_batches(pairs, 1, cfg.rm_batch_size, seed_for(cfg, "reward model batches"))
-    optimizer, scheduler, progress = prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
+    rm = fsdp.load_reward_model(config.sft_path(cfg), cfg, rt, trainable=True, init_head=True)
+    batches = fsdp.epoch_batches(pairs, 1, cfg.rm_batch_size, config.seed_for(cfg, "reward model batches"))
+    optimizer, scheduler, progress = checkpoint.prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
 
     def rm_loss(items, mask, batch_size, world):
         batch = data.collate_preferences(items, rm.tokenizer.pad_token_id)
@@ -429,10 +399,10 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
         )
         out = losses.bradley_terry_loss(rewards[: len(items)], rewards[len(items) :])
         total = (out.losses * mask).sum()
-        return total * world / batch_size, {"loss": total.item() / batch_size, **pair_metrics(out, mask)}
+        return total * world / batch_size, {"loss": total.item() / batch_size, **dpo.pair_metrics(out, mask)}
 
     desc = f"{len(pairs)} pairs"
-    optimize(
+    fsdp.optimize(
         stage,
         rm.model,
         optimizer,
@@ -441,30 +411,32 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
         rm_loss,
         progress,
         desc,
-        checkpoint_extras=progress_state(progress),
+        checkpoint_extras=fsdp.progress_state(progress),
     )
-    export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
+    fsdp.export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
     summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step, "test_accuracy": None}
-    if test_source(cfg) is None:
-        print0(
+    if config.test_source(cfg) is None:
+        fsdp.print0(
             rt,
             f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is training "
             "data only): no accuracy measured; pass --test_dataset for one",
         )
     else:
-        test, source = load_heldout(cfg, "the reward model's accuracy")
-        summary.update(test_accuracy=reward_accuracy(rm, test), test_pairs=len(test), test_source=describe(source))
+        test, source = dpo.load_heldout(cfg, "the reward model's accuracy")
+        summary.update(
+            test_accuracy=reward_accuracy(rm, test), test_pairs=len(test), test_source=config.describe(source)
+        )
         stage.log({"phase": "eval", **{k: summary[k] for k in ("test_accuracy", "test_pairs", "test_source")}})
-        print0(
+        fsdp.print0(
             rt,
-            f"[rm] preference accuracy on the {len(test)} held-out pairs of {describe(source)}: "
+            f"[rm] preference accuracy on the {len(test)} held-out pairs of {config.describe(source)}: "
             f"{summary['test_accuracy']:.3f}",
         )
     stage.finish(summary)
     return summary
 
 
-def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
+def reward_accuracy(rm: reward.RewardModel, pairs: list[data.PreferencePair]) -> float:
     """Fraction of pairs whose chosen answer gets the higher reward."""
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
@@ -476,11 +448,11 @@ def reward_accuracy(rm: RewardModel, pairs: list[data.PreferencePair]) -> float:
 
 
 def evaluate_policy_gold(
-    path: str, cfg: Config, rt: Runtime, prompts: list[list[int]], messages: list[list[dict]]
+    path: str, cfg: config.Config, rt: fsdp.Runtime, prompts: list[list[int]], messages: list[list[dict]]
 ) -> list[float]:
     """Gold-judge scores (the preset's) of eval_samples answers per held-out prompt, sampled as in training."""
-    policy, tokenizer = load_logprob_model(path, cfg, rt, trainable=False)
-    generations = distributed_generate(
+    policy, tokenizer = fsdp.load_logprob_model(path, cfg, rt, trainable=False)
+    generations = fsdp.distributed_generate(
         policy,
         tokenizer,
         prompts,
@@ -488,30 +460,30 @@ def evaluate_policy_gold(
         cfg.eval_samples,
         cfg,
         rt,
-        seed_for(cfg, "results table"),
+        config.seed_for(cfg, "results table"),
         Path(cfg.out_dir),
         backend="transformers",
     )
     del policy
-    release_memory()
-    return gold_judge(cfg.preset).score(
+    fsdp.release_memory()
+    return reward.gold_judge(cfg.preset).score(
         [m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g]
     )
 
 
-def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
+def results_table(cfg: config.Config, rt: fsdp.Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
     """Gold mean score and win rate against the first row (SFT) on held-out prompts, annotation
     ratio and time per phase."""
     tokenizer = data.load_tokenizer(rows[0][1])
-    test, source = load_heldout(cfg, "the results table")
+    test, source = dpo.load_heldout(cfg, "the results table")
     test = test[: cfg.eval_prompts or len(test)]
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
     scores = {label: evaluate_policy_gold(path, cfg, rt, prompts, [p.prompt for p in test]) for label, path in rows}
     base = scores[rows[0][0]]
     task = {"toy": "Toy", "smollm2": "SmolLM2"}[cfg.preset]
     lines = [
-        f"{task} results: gold judge (0-10) on {len(test)} held-out prompts of {describe(source)} x {cfg.eval_samples} "
-        f"samples at temperature {cfg.temperature}",
+        f"{task} results: gold judge (0-10) on {len(test)} held-out prompts of {config.describe(source)} x "
+        f"{cfg.eval_samples} samples at temperature {cfg.temperature}",
         "",
         "| model | gold mean | win rate vs SFT | annotation ratio | time |",
         "|---|---|---|---|---|",
@@ -535,41 +507,41 @@ def results_table(cfg: Config, rt: Runtime, rows: list[tuple[str, str]], summari
 # Pipeline and entry point
 
 
-def run_method(cfg: Config, rt: Runtime, method: str) -> dict:
+def run_method(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
     """Run one stage, after checking its inputs; a finished stage is left as it is (its summary is
     returned): nothing here ever deletes or rewrites a finished model."""
-    done = Path(cfg.out_dir) / stage_name(cfg, method) / "done.json"
+    done = Path(cfg.out_dir) / config.stage_name(cfg, method) / "done.json"
     if done.exists():
-        print0(
+        fsdp.print0(
             rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)"
         )
-        Stage(cfg, rt, done.parent.name).drop_checkpoints()  # what a kill while it finished may have left
-        return read_json(done)
-    check_inputs(cfg, method)
+        checkpoint.Stage(cfg, rt, done.parent.name).drop_checkpoints()  # what a kill while it finished may have left
+        return checkpoint.read_json(done)
+    config.check_inputs(cfg, method)
     if method == "sft":
         return run_sft(cfg, rt)
     if method == "rm":
         return run_rm(cfg, rt)
-    if method in OFFLINE_METHODS:
-        return run_offline(cfg, rt, method)
+    if method in config.OFFLINE_METHODS:
+        return dpo.run_offline(cfg, rt, method)
     if method == "selective_dpo":
-        return run_selective_dpo(cfg, rt)
+        return baselines.selective_dpo.run_selective_dpo(cfg, rt)
     if method == "ppo":
-        return run_ppo(cfg, rt)
+        return baselines.ppo.run_ppo(cfg, rt)
     return run_iterative(cfg, rt, method)
 
 
-def ensure_stage(cfg: Config, rt: Runtime, method: str) -> dict:
+def ensure_stage(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
     """Run a stage unless it is done, then give a stop signal its chance; return its summary."""
     summary = run_method(cfg, rt, method)
-    release_memory()  # the stage's models died with it
-    check_stop(rt, f"stopped after the {stage_name(cfg, method)} stage; --resume goes on with the next")
+    fsdp.release_memory()  # the stage's models died with it
+    fsdp.check_stop(rt, f"stopped after the {config.stage_name(cfg, method)} stage; --resume goes on with the next")
     return summary
 
 
-def run_pipeline(cfg: Config, rt: Runtime) -> None:
+def run_pipeline(cfg: config.Config, rt: fsdp.Runtime) -> None:
     """Every stage MetaAPO needs, then the results table."""
-    check_inputs(cfg, "pipeline")
+    config.check_inputs(cfg, "pipeline")
     summaries = {}
     if cfg.init_from_config and not cfg.sft_model:
         summaries["SFT"] = ensure_stage(cfg, rt, "sft")
@@ -578,21 +550,23 @@ def run_pipeline(cfg: Config, rt: Runtime) -> None:
     if not cfg.policy:
         summaries["DPO"] = ensure_stage(cfg, rt, "dpo")
     summaries["MetaAPO"] = ensure_stage(cfg, rt, "metaapo")
-    if cfg.preset in GOLD_JUDGES:  # the toy and smollm2 presets: a program grades their task
+    if cfg.preset in reward.GOLD_JUDGES:  # the toy and smollm2 presets: a program grades their task
         rows = [
-            ("SFT", sft_path(cfg)),
-            ("DPO", warm_policy_path(cfg)),
-            ("MetaAPO", str(Path(cfg.out_dir) / stage_name(cfg, "metaapo") / "model")),
+            ("SFT", config.sft_path(cfg)),
+            ("DPO", config.warm_policy_path(cfg)),
+            ("MetaAPO", str(Path(cfg.out_dir) / config.stage_name(cfg, "metaapo") / "model")),
         ]
         table = results_table(cfg, rt, rows, summaries)
         if rt.main:
             (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
-        print0(rt, "\n" + table)
+        fsdp.print0(rt, "\n" + table)
     else:
-        print0(rt, f"done: {Path(cfg.out_dir) / stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py")
+        fsdp.print0(
+            rt, f"done: {Path(cfg.out_dir) / config.stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py"
+        )
 
 
-def ensure_preset_assets(cfg: Config) -> None:
+def ensure_preset_assets(cfg: config.Config) -> None:
     """The toy's data, tokenizer and config, or the smollm2 preset's model folder and data, built
     unless cached (the model --model names must exist before anything reads its config)."""
     seed = cfg.seed if cfg.data_seed < 0 else cfg.data_seed
@@ -608,44 +582,44 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity_error()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(config_help(__doc__.strip().split("\n\n")[0]))
+        print(config.config_help(__doc__.strip().split("\n\n")[0]))
         return
     try:
-        cfg = parse_config(argv)
-    except ConfigError as err:
+        cfg = config.parse_config(argv)
+    except config.ConfigError as err:
         raise SystemExit(f"train.py: {err}") from None
     if cfg.dry_run:
         if os.environ.get("RANK", "0") == "0":
-            print(json.dumps(config_dict(cfg), indent=2))  # the resolved config first, as a run prints it
+            print(json.dumps(config.config_dict(cfg), indent=2))  # the resolved config first, as a run prints it
         try:
             ensure_preset_assets(cfg)
             return plan.dry_run(cfg, cfg.gpus or int(os.environ.get("WORLD_SIZE", 1)))
-        except (ConfigError, data.DataError) as err:
+        except (config.ConfigError, data.DataError) as err:
             raise SystemExit(f"train.py: {err}") from None
-    with entry_process(cfg) as rt:
+    with checkpoint.entry_process(cfg) as rt:
         try:
             if rt.main:
                 ensure_preset_assets(cfg)
-            barrier(rt)
+            fsdp.barrier(rt)
             rt.sharded_gradients = plan.sharded_gradients(cfg, rt)  # reads the model's config: after the toy's exists
-            print0(rt, json.dumps(config_dict(cfg), indent=2))
-            start_wandb(cfg, rt)
+            fsdp.print0(rt, json.dumps(config.config_dict(cfg), indent=2))
+            checkpoint.start_wandb(cfg, rt)
             started = time.time()
             if cfg.method == "pipeline":
                 run_pipeline(cfg, rt)
             else:
                 run_method(cfg, rt, cfg.method)
-            print0(rt, f"total time {time.time() - started:.0f}s")
-        except Stopped as err:
-            stop_exit(f"{err}; continue with the same command and --resume")
-        except (ConfigError, NonFiniteLoss, NothingTrained, data.DataError) as err:
+            fsdp.print0(rt, f"total time {time.time() - started:.0f}s")
+        except fsdp.Stopped as err:
+            fsdp.stop_exit(f"{err}; continue with the same command and --resume")
+        except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
             raise SystemExit(f"train.py: {err}") from None
         except Exception as err:
-            if not STOP_SIGNAL:
+            if not fsdp.STOP_SIGNAL:
                 raise
-            stop_exit(
-                f"stopped by {signal.Signals(STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: "
-                f"{_short(err)}); continue with the same command and --resume"
+            fsdp.stop_exit(
+                f"stopped by {signal.Signals(fsdp.STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: "
+                f"{config._short(err)}); continue with the same command and --resume"
             )
 
 

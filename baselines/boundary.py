@@ -1,8 +1,9 @@
 """
-Seed 004's alignment-stage boundary: before each iteration, the current policy's answers to a
-few probe prompts are compared by the reward model with the pairs' static answers; their win
-share, the boundary score BS, decides the iteration's data: on-policy pairs at or above
-boundary_threshold (the fine-tuning stage), the static pairs below (the injection stage).
+The on-policy/static boundary method (the alignment-stage boundary of seed paper 004): before
+each iteration, the current policy's answers to a few probe prompts are compared by the reward
+model with the pairs' static answers; their win share, the boundary score BS, decides the
+iteration's data: on-policy pairs at or above boundary_threshold (the fine-tuning stage), the
+static pairs below (the injection stage).
 
 Run
     python train.py --method=boundary                      # online DPO's iterations with the boundary
@@ -19,12 +20,12 @@ from __future__ import annotations
 import math
 import time
 
-from config import Config, reward_path, seed_for
-from fsdp import Pieces, Runtime, distributed_generate, load_reward_model, print0
+import config
+import fsdp
 
 
 def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[float, int, int, int]:
-    """Seed 004's boundary score from reward-model scores, per prompt its on-policy answers' and its
+    """The boundary score from reward-model scores, per prompt its on-policy answers' and its
     static answers': every on-policy answer is compared with every static answer of its prompt,
     P(a > b) = sigmoid(r(a) - r(b)) read as a vote for the higher reward; BS = the share of votes
     the on-policy answers win, a tie counting half. Returns (BS, wins, ties, comparisons)."""
@@ -37,8 +38,8 @@ def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[f
 
 
 def boundary_measurement(
-    cfg: Config,
-    rt: Runtime,
+    cfg: config.Config,
+    rt: fsdp.Runtime,
     policy,
     tokenizer,
     policy_path: str,
@@ -46,9 +47,9 @@ def boundary_measurement(
     raw: list,
     stage,
     t: int,
-    pieces: Pieces,
+    pieces: fsdp.Pieces,
 ) -> dict:
-    """Seed 004's alignment-stage boundary, measured before iteration t on the first probe_ratio of
+    """The alignment-stage boundary, measured before iteration t on the first probe_ratio of
     D_t's (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
     with each static answer (the pair's chosen and rejected) by the reward model; the boundary
     score BS is the share of comparisons the on-policy answers win (ties count half). BS >=
@@ -57,7 +58,7 @@ def boundary_measurement(
     Its generation and scores are pieces of the iteration's phase 1 (`pieces`)."""
     tic = time.time()
     probe = D_t[: max(1, math.ceil(cfg.probe_ratio * len(D_t)))]
-    generations = distributed_generate(
+    generations = fsdp.distributed_generate(
         policy,
         tokenizer,
         [p.prompt_ids for p in probe],
@@ -65,7 +66,7 @@ def boundary_measurement(
         cfg.probe_samples,
         cfg,
         rt,
-        seed_for(cfg, "boundary probe", t),
+        config.seed_for(cfg, "boundary probe", t),
         stage.dir,
         pieces=pieces,
         name="boundary-generation",
@@ -73,7 +74,7 @@ def boundary_measurement(
     statics = [(raw[p.index].chosen, raw[p.index].rejected) for p in probe]
 
     def score_probe(_: int) -> list[float]:
-        rm = load_reward_model(reward_path(cfg), cfg, rt)
+        rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
         return rm.score(
             [raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
             [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
@@ -100,7 +101,7 @@ def boundary_measurement(
         "time_s": time.time() - tic,
     }
     stage.log({"iteration": t + 1, "phase": "boundary", **record})
-    print0(
+    fsdp.print0(
         rt,
         f"[{stage.name}] iteration {t + 1}: boundary score {score:.3f} ({wins} wins, {ties} ties in {comparisons}) -> "
         f"{record['choice']} data ({record['by']})",

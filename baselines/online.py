@@ -18,7 +18,7 @@ set a baseline apart, are written here, one small function each:
     adpo           those whose DPO loss -l_off is below    D_t's offline pairs (or, --adpo_offline=
                    --adpo_threshold (l_off: Eq. 4)         selected, the selected tuples') and the online pairs
     boundary       all (on-policy) or none (static), by    the online pairs, or D_t's offline pairs
-                   seed 004's boundary score
+                   the boundary score (boundary.py)
 
 Run
     python train.py --method=online_dpo    # (selm, adpo, boundary) after the toy's DPO warm-up
@@ -39,27 +39,31 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from config import Config, seed_for
+import config
 
 
-def every_prompt(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+def every_prompt(cfg: config.Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
     return [True] * len(D_t)
 
 
-def random_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+def random_prompts(cfg: config.Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
     """Each prompt with probability --prompt_ratio (1 = every prompt), its draw seeded by its own
     index: the same on every rank and after a resume."""
     if cfg.prompt_ratio >= 1:
         return every_prompt(cfg, D_t, l_off, boundary)
-    return [random.Random(seed_for(cfg, "prompt subset", item.index)).random() < cfg.prompt_ratio for item in D_t]
+    return [
+        random.Random(config.seed_for(cfg, "prompt subset", item.index)).random() < cfg.prompt_ratio for item in D_t
+    ]
 
 
-def adpo_uncertain_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+def adpo_uncertain_prompts(
+    cfg: config.Config, D_t: list, l_off: list[float] | None, boundary: dict | None
+) -> list[bool]:
     """ADPO generates where the policy is unsure: the tuples whose DPO loss -l_off is below a fixed threshold."""
     return [-score < cfg.adpo_threshold for score in l_off]
 
 
-def boundary_prompts(cfg: Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
+def boundary_prompts(cfg: config.Config, D_t: list, l_off: list[float] | None, boundary: dict | None) -> list[bool]:
     """Every prompt in a fine-tuning (on-policy) iteration, none in an injection (static) one."""
     return [boundary["choice"] == "on-policy"] * len(D_t)
 
@@ -106,7 +110,7 @@ class OnlineBaseline:
     select: Callable  # (cfg, D_t, l_off or None, boundary or None) -> which prompts get K answers
     training_pairs: Callable  # (D_t, the tuples joined with their online pair, selected) -> phase 2's pairs
     scores_offline: bool = False  # phase 1 measures l_off (Eq. 4) before choosing
-    measures_boundary: bool = False  # phase 1 measures seed 004's boundary score before choosing
+    measures_boundary: bool = False  # phase 1 measures the boundary score (boundary.py) before choosing
     reference_lags: bool = False  # pi_ref one iteration behind, as MetaAPO's; else the iteration's start
     from_sft: bool = False  # starts from the SFT model, pi_ref fixed at SFT (else from the DPO warm-up)
     selm: bool = False  # offline answers ranked with the K, the first answer the policy's own, the optimism term
@@ -121,7 +125,7 @@ BASELINES = {
 }
 
 
-def baseline_for(cfg: Config, method: str) -> OnlineBaseline | None:
+def baseline_for(cfg: config.Config, method: str) -> OnlineBaseline | None:
     """The rules of `method` under cfg (None: MetaAPO); --adpo_offline=selected swaps ADPO's pairs."""
     baseline = BASELINES.get(method)
     if method == "adpo" and cfg.adpo_offline == "selected":

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoint
+import config
 import data
-from checkpoint import Stage, read_json, write_json
-from config import Config, seed_for, sft_path
-from dpo import run_offline, train_pairs
-from fsdp import Runtime, barrier, copy_tree, print0, release_memory, shuffled
+import dpo
+import fsdp
 
 
-def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
+def run_selective_dpo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     """Selective DPO (Gao et al. 2025, as `glorgao/SelectiveDPO` runs it): for each of
     selective_seeds random halvings of the pairs, a DPO run from the SFT model on each half whose
     model scores the other half's DPO loss at selective_checkpoints evenly spaced steps; each
@@ -36,15 +36,15 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
     difficulty, easy to hard, without shuffling. (The original's reference runs are LoRA runs;
     here they are full ones, like every stage of this project.)"""
     started = time.time()
-    pairs, _ = train_pairs(cfg, rt, data.load_tokenizer(sft_path(cfg)))
+    pairs, _ = dpo.train_pairs(cfg, rt, data.load_tokenizer(config.sft_path(cfg)))
     difficulty: dict[int, list[float]] = {p.index: [] for p in pairs}
     for s in range(cfg.selective_seeds):
-        order = shuffled(list(range(len(pairs))), seed_for(cfg, "selective halves", s))
+        order = fsdp.shuffled(list(range(len(pairs))), config.seed_for(cfg, "selective halves", s))
         halves = [sorted(order[0::2]), sorted(order[1::2])]
         for k in (0, 1):  # half k trains, the other half is scored
             name = f"selective_dpo/seed{s}-half{k}"
-            if not Stage(cfg, rt, name).done:
-                run_offline(
+            if not checkpoint.Stage(cfg, rt, name).done:
+                dpo.run_offline(
                     cfg,
                     rt,
                     "dpo",
@@ -52,25 +52,25 @@ def run_selective_dpo(cfg: Config, rt: Runtime) -> dict:
                     keep=lambda ps, mine=halves[k]: [ps[i] for i in mine],
                     validate=[pairs[i] for i in halves[1 - k]],
                 )
-                release_memory()
-            for losses_at_step in read_json(Path(cfg.out_dir) / name / "validation.json").values():
+                fsdp.release_memory()
+            for losses_at_step in checkpoint.read_json(Path(cfg.out_dir) / name / "validation.json").values():
                 for index, value in losses_at_step.items():
                     difficulty[int(index)].append(value)
     mean = {index: float(np.mean(values)) for index, values in difficulty.items()}
     # ascending mean loss: easy to hard
     easiest = sorted(pairs, key=lambda p: mean[p.index])[: max(1, round(cfg.keep_ratio * len(pairs)))]
-    print0(
+    fsdp.print0(
         rt,
         f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models "
         f"that did not see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy "
         "to hard",
     )
-    if not Stage(cfg, rt, "selective_dpo/final").done:
-        run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: easiest, shuffle=False)
+    if not checkpoint.Stage(cfg, rt, "selective_dpo/final").done:
+        dpo.run_offline(cfg, rt, "dpo", "selective_dpo/final", keep=lambda ps: easiest, shuffle=False)
     out = Path(cfg.out_dir) / "selective_dpo"
     summary = {"train_time_s": time.time() - started, "kept": len(easiest)}
     if rt.main:
-        copy_tree(out / "final" / "model", out / "model")
-        write_json(out / "done.json", summary)
-    barrier(rt)
+        fsdp.copy_tree(out / "final" / "model", out / "model")
+        checkpoint.write_json(out / "done.json", summary)
+    fsdp.barrier(rt)
     return summary

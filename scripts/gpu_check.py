@@ -186,7 +186,7 @@ def measured_train(tag: str, argv: list[str]) -> None:
         return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
 
     start, accumulate, step = checkpoint.Stage.start, fsdp.accumulate_gradients, fsdp.optimizer_step
-    generate = train.distributed_generate  # the name Algorithm 1's phase 1 calls
+    generate = fsdp.distributed_generate  # what Algorithm 1's phase 1 calls
 
     def stage_start(self):
         if DEVICE == "cuda":
@@ -229,7 +229,7 @@ def measured_train(tag: str, argv: list[str]) -> None:
         return generate(*args, **kwargs)
 
     checkpoint.Stage.start, fsdp.accumulate_gradients = stage_start, timed_accumulate
-    fsdp.optimizer_step, train.distributed_generate = timed_step, measured_generate
+    fsdp.optimizer_step, fsdp.distributed_generate = timed_step, measured_generate
     try:
         train.main(argv)
     finally:

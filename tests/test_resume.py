@@ -124,7 +124,9 @@ def test_offline_stage_killed_under_defaults_resumes_mid_way(base_run, whole_dpo
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     checkpoints = sorted(p.name for p in (out / "dpo" / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
-    assert checkpoints and checkpoints[0] == "step-00000001"  # the default cadence by time writes the first step's
+    # the default cadence by time wrote some (the first step's, then as often as writing costs little: how many
+    # depends on the machine's speed, and the oldest may have been rotated out by keep_checkpoints)
+    assert checkpoints and all(int(name.split("-")[1]) <= 7 for name in checkpoints)
     result = run_train(DPO + [f"--out_dir={out}", "--resume"])
     assert "resumed from" in result.stdout
     assert steps_logged(out / "dpo") == list(range(1, 13))  # nothing lost, nothing logged twice
@@ -536,7 +538,6 @@ def test_a_metaapo_run_stopped_while_finishing_resumes_what_it_kept(base_run, tm
     """Stopped after the last iteration's checkpoint, while the final model/ is put in place: the
     resumed run says where it resumed from, and its done.json counts the time the stage had spent
     (not the last process's second) and keeps the trained meta-learner (not a fresh one)."""
-    import iterative_run
 
     out = fresh_run(base_run, tmp_path)
     args = ["--method=metaapo", f"--out_dir={out}", *TINY]
@@ -544,7 +545,7 @@ def test_a_metaapo_run_stopped_while_finishing_resumes_what_it_kept(base_run, tm
     def killed(source, target):
         raise SystemExit(137)  # what a kill at that moment leaves: every checkpoint, no model/, no done.json
 
-    monkeypatch.setattr(iterative_run, "copy_tree", killed)
+    monkeypatch.setattr(fsdp, "copy_tree", killed)  # what IterativeRun.finish calls
     with in_directory(ROOT), pytest.raises(SystemExit):
         train.main(args)
     monkeypatch.undo()
