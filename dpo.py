@@ -172,7 +172,7 @@ def objective_losses(
 def meta_input_score(
     cfg: Config, score: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor | None, offset: int = 0
 ) -> torch.Tensor:
-    """h's input for the pairs in rows offset, offset + 1 (SPEC section 3): Eq. 4's score with
+    """h's input for the pairs in rows offset, offset + 1 (docs/algorithm.md#meta-learner): Eq. 4's score with
     meta_input_beta in place of beta (1.0 = the reference code's unscaled log sigmoid(Delta)).
     Under the default, and for simpo (Eq. A.9 already holds its beta), the score itself."""
     if cfg.objective == "simpo" or cfg.meta_input_beta in (0.0, cfg.beta):

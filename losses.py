@@ -10,7 +10,7 @@ What it does
   gradients are fp32 whatever the input dtype (each bf16 gradient element is rounded once).
 - `LogprobModel`: the thin wrapper that runs trunk -> final norm -> kernel inside one `forward`,
   so that under FSDP2 it can be the root module and the kernel sees the gathered head weight.
-- The objectives, pure functions of per-sequence log-prob tensors with the SPEC equation in the
+- The objectives, pure functions of per-sequence log-prob tensors with the equation (docs/algorithm.md) in the
   docstring, each returning per-pair losses and detached implicit rewards for logging: DPO (with
   cDPO label smoothing), IPO, SimPO, KTO, SLiC-HF, the Bradley-Terry reward-model loss (Eq. 1),
   the preference scores (Eq. 4 and A.9), the meta-weighted loss (Eq. 5) and the meta loss (Eq. 6).
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 def default_chunk_size(device: torch.device) -> int:
     """The kernel's working set, in rows of the vocabulary: it holds chunk_size x vocab fp32 logits
     at a time (see FusedTokenLogprobs). CPU: 512; 256 to 1024 measured within each other's noise
-    in `python scripts/bench_kernel.py --chunk_sizes ...` (README). CUDA: 256 (a 125 MiB logits buffer at
+    in `python scripts/bench_kernel.py --chunk_sizes ...` (docs/benchmarks.md). CUDA: 256 (a 125 MiB logits buffer at
     V = 128256), not yet timed on a GPU: `scripts/gpu_check.sh` prints the table that should choose it."""
     return 256 if device.type == "cuda" else 512
 
@@ -282,7 +282,7 @@ def dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torc
 
 def preference_score(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> torch.Tensor:
     """Eq. 4: l(x, y_w, y_l) = log sigmoid(beta * Delta), in (-inf, 0]; higher = the policy agrees
-    more with the preference. L_DPO = -E[l]. Differentiable; detach it where SPEC says so."""
+    more with the preference. L_DPO = -E[l]. Differentiable; detach it where docs/algorithm.md says so."""
     return F.logsigmoid(beta * dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
 

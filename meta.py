@@ -1,7 +1,7 @@
 """
 The meta-learner, Bernoulli gating and the meta buffer: everything of MetaAPO that is not the policy.
 
-What it does (SPEC sections 3, 4, 5)
+What it does (docs/algorithm.md: the meta-learner, Eq. 6 and its update, the ablations)
 - `MetaLearner` h_phi: features -> weight in (0, 1). Linear(1 -> 100) -> tanh -> Linear(100 -> 1)
   -> sigmoid, every weight 0.1 and every bias 0, so h(l) = sigmoid(10 tanh(0.1 l)): h(0) = 0.5,
   increasing, near 0 for strongly negative preference scores. Ablations: depth 5 (three more
@@ -14,7 +14,7 @@ What it does (SPEC sections 3, 4, 5)
 - `MetaController.update`: every T_meta policy steps, ONE AdamW step (lr 5e-3, weight decay 1e-4,
   gradient-norm clip 1.0) on the mean Eq. 6 gradient over the whole buffer, then the buffer is
   cleared: what the reference implementation's DeepSpeed engine does with its 8 accumulated
-  chunks (SPEC section 4). In a distributed run every rank buffers its own share, the
+  chunks (docs/algorithm.md#meta-update). In a distributed run every rank buffers its own share, the
   meta-learner is replicated, and the gradients are summed across ranks and divided by the
   global entry count, so every rank keeps the same phi, the phi a single process gets on the
   union of the shares. After each update, h on a fixed grid (CURVE_GRID) is returned for the log.
@@ -71,9 +71,10 @@ class MetaLearner(nn.Module):
         self.net = nn.Sequential(*layers)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
-                # SPEC's 0.1 for the input and output layers; a hidden (width x width) layer gets
-                # 1/width, so it maps tanh(a) to tanh(tanh(a)) and the deep ablation starts near the
-                # depth-2 curve instead of a step (0.1 there would multiply by 10 per layer)
+                # 0.1 for the input and output layers (docs/algorithm.md#meta-learner); a hidden
+                # (width x width) layer gets 1/width, so it maps tanh(a) to tanh(tanh(a)) and the deep
+                # ablation starts near the depth-2 curve instead of a step (0.1 there would multiply
+                # by 10 per layer)
                 hidden = layer.in_features == layer.out_features == width
                 nn.init.constant_(layer.weight, 1.0 / width if hidden else 0.1)
                 nn.init.zeros_(layer.bias)
@@ -279,7 +280,7 @@ class MetaController:
         rank's entries (clipped to grad_clip), then clear the buffer.
 
         The reference implementation computes this mean in 8 accumulated chunks inside a DeepSpeed
-        engine, which is still one optimizer step per update (SPEC section 4). Collective in a
+        engine, which is still one optimizer step per update (docs/algorithm.md#meta-update). Collective in a
         distributed run: every rank must call it at the same policy step. Returns the meta loss
         and statistics over all ranks' entries, and h on CURVE_GRID after the step.
         """

@@ -16,7 +16,7 @@ What it does
     repetition_penalty 1.05) is set aside during the call, so only the given values and
     transformers' neutral defaults apply, as with vLLM's explicit SamplingParams. Greedy decoding
     (temperature 0) generates once per prompt and repeats the answer n times.
-  - backend "vllm" (GPU): SPEC section 10, written against vLLM 0.33.0 (its LLM, SamplingParams,
+  - backend "vllm" (GPU; docs/gpu.md#vllm): written against vLLM 0.33.0 (its LLM, SamplingParams,
     RequestOutput / CompletionOutput as read in its source; the tests' stand-in has the same
     signatures). Every rank writes its strided share of the prompts to jsonl and runs
     `python sample.py --backend vllm ...` as a child process with CUDA_VISIBLE_DEVICES set to its

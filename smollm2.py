@@ -1,5 +1,5 @@
 """
-The `smollm2` preset (SPEC section 13): a real pretrained model on a task a program can grade, small
+The `smollm2` preset: a real pretrained model on a task a program can grade, small
 enough that the whole pipeline (reward model, DPO warm-up, MetaAPO, the results table) runs on a
 2-core CPU in minutes. Its assets are built once and cached under `out/smollm2/`.
 

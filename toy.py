@@ -1,5 +1,5 @@
 """
-The embedded toy task (SPEC section 7): a task small enough that a ~1M-parameter Llama learns it on
+The embedded toy task (docs/toy.md): a task small enough that a ~1M-parameter Llama learns it on
 2 CPU cores in seconds, with a programmatic gold judge, built to mimic the real setting. Its
 prompts, the writers of its answers, its gold judge, the dataset (written in the
 UltraFeedback-binarized schema and read back through data.py like real data), the tokenizer and
@@ -11,71 +11,31 @@ of a response in order, ignores punctuation and phrasing, and scores
 10 * (1 - edit distance to the correct answer / its length), minus a penalty for foreign
 tokens, on UltraFeedback's 0-10 scale. Answers are written by "writers": rule-based noisy
 solvers with their own rates and kinds of mistakes (toy_mistake lists them).
-Why it mimics the real setting (SPEC section 7); the numbers are seed 0's, measured with
-`python toy.py` and the default `python train.py`:
+Why it mimics the real setting (docs/toy.md has each property measured):
 - SFT is well below the ceiling, and not only by sampling noise: the SFT demonstrations come
   from a teacher that answers in the plain style ("c f h"), makes random mistakes (neighbours
   swapped, stopping early) and has two habits: on lists of 5 or more letters it usually leaves
-  out the last one, and it usually sorts descending prompts ascending. A policy that imitates
-  it has systematic gaps that even its most likely answer shows: the demonstrations score 6.5
-  (8.6 on ascending prompts, 4.4 on descending ones), and so does the SFT model.
+  out the last one, and it usually sorts descending prompts ascending.
 - The offline pairs come from other generators: four offline writers answer every training
   prompt in one shared style drawn per prompt, three of the four never used by the SFT
   teacher ("c , f , h", "[ c f h ]", "answer : c f h"; plain otherwise), with every kind of
-  mistake, sorting the wrong way and hallucinated or substituted letters included, like
-  UltraFeedback's completions from a pool of other models. The SFT model gives them far lower
-  likelihood than its own samples: -5.2 nats per token for offline chosen answers (-6.9 in the
-  other styles, -0.6 in the plain one) against -0.3 for its own samples.
+  mistake, like UltraFeedback's completions from a pool of other models, so the SFT model gives
+  them far lower likelihood than its own samples.
 - The labels are noisy like AI-judge labels: the four answers are rated by the gold judge plus
   Gaussian noise (std 2), rounded to halves; chosen is the best rated, rejected a random one
-  of the lower-rated rest (UltraFeedback's binarization). About 85% of the pairs agree with the
-  gold judge, 8% are gold ties and 6.5% prefer the worse answer.
-- The annotating reward model is learned from these pairs (train.py --method rm): 0.75
-  preference accuracy on the held-out pairs. On the DPO warm-up's own answers it agrees with
-  the gold judge on 84% of the pairs the two tell apart, and its favourite of 4 answers scores
-  9.2 where their mean is 8.2 (`evaluate.py --plots`, held-out table); but it barely tells a
-  duplicated or hallucinated letter in the plain style from a correct answer, so online
-  training can over-optimise it (measured, not hidden: that agreement falls to about two
-  thirds as MetaAPO's policy moves). Evaluation uses the gold judge, the stand-in for the
-  GPT-4o judge.
+  of the lower-rated rest (UltraFeedback's binarization).
+- The annotating reward model is learned from these pairs (train.py --method rm); it can be
+  over-optimised by online training, as a real one can. Evaluation uses the gold judge, the
+  stand-in for the GPT-4o judge.
 - The tokenizer is a word-level `tokenizers` model wrapped as a PreTrainedTokenizerFast with a
   chat template and saved with save_pretrained; the model config is a tiny LlamaConfig
   (~0.6M parameters); the data is written as UltraFeedback-binarized jsonl and read back
   through the normal loader.
 - Everything is a function of the seed (Python's `random.Random`, no global state).
-The second regime, `skill` (--toy_regime=skill; SPEC 7.1), is built from the paper's premise
-and was fixed, then measured, before any method was compared on it (`python toy.py --regime
-skill` for the data, `python evaluate.py --toy_properties --toy_regime=skill` for the models; seed
-0, the first 600 tuples of D_1):
-- a skill the SFT teacher never had: it writes every list ascending, so descending prompts (a
-  third by construction; 38% of D_1's tuples, which more often hold a preference) are out of the
-  policy's reach: its own K = 8 answers hold a correct one on 0.0% of them, for the SFT model and
-  for the DPO warm-up alike (own mean gold 1.3 and 1.2), while the offline chosen answers solve
-  69% of them (mean gold 9.1). Ascending lists of 5-6 letters (the teacher leaves out the last
-  letter of half) are improvable: the own K hold a correct answer on 94% (SFT) / 98% (warm-up);
-  shorter ones are aligned (100%);
-- offline answers close to the policy's own: 90% of them are in the teacher's two styles (plain
-  and comma, drawn per answer), against 25% in the first regime; the SFT model gives the offline
-  chosen answers -2.7 nats per token (first regime: -5.2) against -0.3 for its own, the gap that
-  is left being the descending answers it cannot write;
-- l_off's range and what it tracks: l_off of D_1 under the warm-up against the SFT reference
-  spans -0.81 / -0.63 / -0.42 (5 / 50 / 95%), so h at initialisation spans 0.31 / 0.35 / 0.40
-  with Eq. 4's scaled input and 0.09 / 0.44 / 0.50 with the reference code's unscaled one. It
-  does not mark the prompts the policy cannot solve: 1 - h ranks the skill prompts with AUC 0.44
-  and the prompts whose own best answer is below gold 10 with 0.43 (0.5 = chance). l_off is a
-  margin against the reference, and the warm-up moved most on exactly the pairs it could not
-  write, so those score higher, not lower: measured, not fixed by redesign;
-- aligned prompts give real but uninformative pairs: the warm-up's K rewards all tie on 1.2% of
-  prompts, but 60% of the online pairs of aligned prompts (39.5% of all) are gold ties, two
-  correct answers in different styles that the reward model tells apart;
-- the first regime's proportions (6000 offline pairs, 3 iterations, the same sizes and model).
-The first regime stays the default: the README's tables, seed 004's grid and the tests were made
-on it, and the second exists to test the premise, not to replace the first.
-The first regime's design was settled by measuring it (SFT, reward model, DPO and online rounds on this
-machine): with repeated letters or variable-length copy/reverse tasks the learned reward model
-could not tell right from wrong on the policy's own answers, and online training collapsed; a
-reward model trained on offline styles alone, or on pairs that seldom sort the wrong way,
-misjudged the SFT model's plain-style, wrong-way answers, and online training followed it.
+Two regimes: `mismatch` (the default, above) and `skill` (--toy_regime=skill), built from the
+paper's premise: the SFT teacher writes every list ascending, so descending prompts hold a skill
+the policy lacks and the offline chosen answers have; the offline answers are close to the
+policy's own styles; the same sizes otherwise (docs/toy.md#second-regime).
 
 Run
     python toy.py                  # self-check: builds the toy task, prints sizes, one tokenized
@@ -232,7 +192,7 @@ TOY_OFFLINE_WRITERS = (
 )
 
 
-# The two regimes (SPEC section 7 and 7.1). `mismatch`, the first and the default: the SFT teacher
+# The two regimes (docs/toy.md). `mismatch`, the first and the default: the SFT teacher
 # answers in the plain style with two habits, the offline writers mostly in styles the policy never
 # writes. `skill`, built from the paper's premise: a third of the prompts (descending ones) need a
 # skill the SFT teacher never had, which the offline writers' chosen answers hold; the teacher and
@@ -434,7 +394,7 @@ def ensure_toy_assets(
     of silently reusing stale data (see build_cached_assets)."""
     code = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()
     manifest = {"seed": seed, "sizes": dict(TOY_SIZES if sizes is None else sizes), "code_sha1": code}
-    if regime != "mismatch":  # the first regime's manifests stay as they were
+    if regime != "mismatch":  # the default regime's manifest names no regime (its cached assets stay valid)
         manifest["regime"] = regime
     return build_cached_assets(
         toy_root(seed, regime, out_dir), manifest, lambda: make_toy_rows(seed, manifest["sizes"], regime), ()

@@ -83,7 +83,7 @@ def test_update_on_an_empty_buffer_changes_nothing():
 
 
 def test_update_is_one_adamw_step_on_the_clipped_mean_gradient():
-    """SPEC section 4: one AdamW step (lr 5e-3, weight decay 1e-4) on the mean Eq. 6 gradient over
+    """docs/algorithm.md#meta-update: one AdamW step (lr 5e-3, weight decay 1e-4) on the mean Eq. 6 gradient over
     the whole buffer, clipped to norm 1.0; not one step per mini-batch."""
     controller = MetaController(interval=4)
     fill(controller, lambda off: off, lambda off: off + 0.1)
