@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from config import Config, ConfigError, _short, config_dict
-from fsdp import (
+from engine import (
     Progress,
     Runtime,
     barrier,

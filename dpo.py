@@ -7,7 +7,7 @@ one offline pass (`run_offline`, the DPO warm-up among them) and the scores of e
 Run
     python train.py --method=dpo        # the DPO warm-up (also ipo, kto, simpo, slic)
     torchrun --nproc_per_node 8 train.py --method=dpo --model tulu8b
-Distributed through fsdp.py; the losses themselves are pure functions in losses.py.
+Distributed through engine.py; the losses themselves are pure functions in losses.py.
 
 Deliberate simplifications
 - IPO sums log-ratios (its Eq. 17, the reference code; --ipo_length_normalized: TRL's form) and
@@ -37,7 +37,7 @@ from config import (
     sft_path,
     train_source,
 )
-from fsdp import (
+from engine import (
     Runtime,
     all_gather_objects,
     all_reduce_max,

@@ -43,7 +43,7 @@ import checkpoint
 import config
 import data
 import dpo
-import fsdp
+import engine
 import iterative_run
 from sample import Generation
 
@@ -65,17 +65,17 @@ MT_BENCH_TEMPERATURE = {
 }
 
 
-def load_generator(cfg: config.Config, rt: fsdp.Runtime, model_path: str) -> tuple[object, object]:
+def load_generator(cfg: config.Config, rt: engine.Runtime, model_path: str) -> tuple[object, object]:
     """(policy, tokenizer) for generate_answers; the policy is None with the vLLM generator, whose
     workers load the checkpoint themselves."""
     if cfg.generator == "vllm":
         return None, data.load_tokenizer(model_path)
-    return fsdp.load_logprob_model(model_path, cfg, rt, trainable=False)
+    return engine.load_logprob_model(model_path, cfg, rt, trainable=False)
 
 
 def generate_answers(
     cfg: config.Config,
-    rt: fsdp.Runtime,
+    rt: engine.Runtime,
     model_path: str,
     conversations: list[list[dict]],
     temperature: float,
@@ -88,12 +88,12 @@ def generate_answers(
     policy, tokenizer = loaded or load_generator(cfg, rt, model_path)
     prompts = [data.encode_prompt(tokenizer, c) for c in conversations]
     answer_cfg = dataclasses.replace(cfg, temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0)
-    generations = fsdp.distributed_generate(
+    generations = engine.distributed_generate(
         policy, tokenizer, prompts, model_path, 1, answer_cfg, rt, seed, Path(cfg.out_dir)
     )
     if loaded is None:
         del policy
-        fsdp.release_memory()
+        engine.release_memory()
     return [g[0] for g in generations], tokenizer
 
 
@@ -206,7 +206,7 @@ def mt_bench_answers(cfg, rt, model_path: str, questions: list[dict], name: str)
                 conversations[i].append({"role": "assistant", "content": answer.text})
                 turns[i].append(answer.text)
     del loaded
-    fsdp.release_memory()
+    engine.release_memory()
     return [
         {
             "question_id": q["question_id"],
@@ -232,13 +232,13 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
     """Reward of one generated answer per test prompt: mean, std, and the share beating the
     dataset's chosen answer."""
     answers, _ = generate_answers(cfg, rt, model_path, [p.prompt for p in pairs], cfg.temperature, cfg.seed)
-    rm = fsdp.load_reward_model(reward_path, cfg, rt)
+    rm = engine.load_reward_model(reward_path, cfg, rt)
     generated = rm.score(
         [p.prompt for p in pairs], [a.text for a in answers], [a.finish_reason == "stop" for a in answers]
     )
     chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
     del rm
-    fsdp.release_memory()
+    engine.release_memory()
     return {
         "prompts": len(pairs),
         "reward_mean": float(np.mean(generated)),
@@ -250,14 +250,14 @@ def reward_statistics(cfg, rt, model_path: str, reward_path: str, pairs: list[da
 
 def implicit_accuracy(cfg, rt, model_path: str, reference_path: str) -> dict:
     """Share of test pairs with beta * [log pi/pi_ref(y_w) - log pi/pi_ref(y_l)] > 0."""
-    policy, tokenizer = fsdp.load_logprob_model(model_path, cfg, rt, trainable=False)
-    ref = fsdp.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
+    policy, tokenizer = engine.load_logprob_model(model_path, cfg, rt, trainable=False)
+    ref = engine.load_logprob_model(reference_path, cfg, rt, trainable=False)[0]
     pairs, _ = dpo.load_pairs(
         cfg, rt, tokenizer, config.require_test_source(cfg, "--reward_stats' implicit-reward accuracy")
     )
     scores = dpo.pair_scores(policy, ref, pairs, dataclasses.replace(cfg, objective="dpo"), rt)
     del policy, ref
-    fsdp.release_memory()
+    engine.release_memory()
     return {
         "pairs": len(pairs),
         "implicit_reward_accuracy": float(np.mean([s.chosen_logratio > s.rejected_logratio for s in scores])),
@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: fsdp.Runtime) -> None:
+def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: engine.Runtime) -> None:
     """Benchmark answer files and reward statistics of one model (--policy, else --model)."""
     model = cfg.policy or cfg.model
     if args.reward_stats and not cfg.reward_model:
@@ -361,11 +361,11 @@ def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: fsdp.Runtime) 
         if rt.main:
             out.mkdir(parents=True, exist_ok=True)
             written[-1].write_text(json.dumps(stats, indent=2))
-        fsdp.print0(rt, json.dumps(stats, indent=2))
+        engine.print0(rt, json.dumps(stats, indent=2))
     if not written and rt.main:
         raise SystemExit("evaluate.py: nothing to do; give a benchmark question file or --reward_stats")
     for path in written:
-        fsdp.print0(rt, f"wrote {path}")
+        engine.print0(rt, f"wrote {path}")
 
 
 # the experiments this command once ran, and the command that runs each now
@@ -398,9 +398,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             checkpoint.start_wandb(cfg, rt)
             run_benchmarks(args, cfg, rest, rt)
-        except fsdp.Stopped as err:
-            fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py")
-        except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
+        except engine.Stopped as err:
+            engine.stop_exit(
+                f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py"
+            )
+        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
             raise SystemExit(f"evaluate.py: {err}") from None
 
 

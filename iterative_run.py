@@ -30,7 +30,7 @@ import checkpoint
 import config
 import data
 import dpo
-import fsdp
+import engine
 import meta
 
 
@@ -61,7 +61,9 @@ class IterationState:
     """What a checkpoint of an iterative method records besides model and optimizer."""
 
     iteration: int = 0  # 0-based iteration in progress
-    progress: fsdp.Progress = field(default_factory=fsdp.Progress)  # position in phase 2 (and the stage's step count)
+    progress: engine.Progress = field(
+        default_factory=engine.Progress
+    )  # position in phase 2 (and the stage's step count)
     augmented: list | None = None  # D_aug of this iteration, once phase 1 is done
     meta: dict | None = None  # MetaController.state_dict()
     times: dict = field(default_factory=lambda: {"sampling_s": 0.0, "training_s": 0.0})
@@ -75,7 +77,7 @@ class IterationState:
     def restored(cls, saved: dict) -> IterationState:
         if not saved:
             return cls()
-        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": fsdp.saved_progress(saved)})
+        return cls(**{**{k: v for k, v in saved.items() if k != "loop"}, "progress": engine.saved_progress(saved)})
 
 
 def iteration_pass(policy, augmented: list, t: int, cfg: config.Config):
@@ -84,11 +86,11 @@ def iteration_pass(policy, augmented: list, t: int, cfg: config.Config):
     epochs = cfg.epochs
     if cfg.steps_per_iteration:  # equal steps: as many (reshuffled) epochs as it takes, cut at the count
         epochs = max(1, math.ceil(cfg.steps_per_iteration / max(1, math.ceil(len(augmented) / cfg.batch_size))))
-    batches = fsdp.epoch_batches(augmented, epochs, cfg.batch_size, config.seed_for(cfg, "phase 2 batches", t))
+    batches = engine.epoch_batches(augmented, epochs, cfg.batch_size, config.seed_for(cfg, "phase 2 batches", t))
     if cfg.steps_per_iteration:
         batches = batches[: cfg.steps_per_iteration]
-    optimizer = fsdp.make_optimizer(policy, cfg.lr, cfg)
-    return batches, optimizer, fsdp.make_scheduler(optimizer, len(batches), cfg)
+    optimizer = engine.make_optimizer(policy, cfg.lr, cfg)
+    return batches, optimizer, engine.make_scheduler(optimizer, len(batches), cfg)
 
 
 class IterativeRun:
@@ -98,7 +100,7 @@ class IterativeRun:
     iteration, phase and step its last checkpoint reached, with this rank's own share of the meta
     buffer."""
 
-    def __init__(self, cfg: config.Config, rt: fsdp.Runtime, method: str):
+    def __init__(self, cfg: config.Config, rt: engine.Runtime, method: str):
         self.cfg, self.rt, self.method, self.name = cfg, rt, method, config.stage_name(cfg, method)
         self.baseline = baselines.online.baseline_for(cfg, method)  # None: MetaAPO
         self.tokenizer = data.load_tokenizer(iteration_paths(cfg, Path(), method, 0)[0])  # the first policy's
@@ -136,12 +138,12 @@ class IterativeRun:
         """(policy, reference or None, the policy's path) of iteration t; resuming inside it, also
         the optimizer, schedule and meta-learner as its checkpoint left them."""
         policy_path, ref_path = iteration_paths(self.cfg, self.stage.dir, self.method, t)
-        policy, _ = fsdp.load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
-        ref = fsdp.load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
+        policy, _ = engine.load_logprob_model(policy_path, self.cfg, self.rt, trainable=True)
+        ref = engine.load_logprob_model(ref_path, self.cfg, self.rt, trainable=False)[0] if ref_path else None
         if self.latest is not None:
             self.resume_inside(t, policy)
         else:
-            progress = fsdp.Progress(step=self.state.progress.step)
+            progress = engine.Progress(step=self.state.progress.step)
             self.state = dataclasses.replace(self.state, iteration=t, progress=progress, augmented=None, meta=None)
         return policy, ref, policy_path
 
@@ -168,10 +170,10 @@ class IterativeRun:
             "rank_local": {"meta_buffer": meta_learner.buffer.state_dict()} if meta_learner is not None else None,
         }
 
-    def phase_one_pieces(self, t: int) -> fsdp.Pieces:
+    def phase_one_pieces(self, t: int) -> engine.Pieces:
         """Where iteration t's phase 1 keeps its work as it finishes (until its result is in a checkpoint)."""
         where = f"[{self.name}] stopped during iteration {t + 1}'s phase 1"
-        return fsdp.Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
+        return engine.Pieces(self.stage.dir / f"iter{t + 1}" / "phase1", self.rt, where)
 
     def checkpoint_between_phases(self) -> None:
         """A state-only checkpoint: the policy is still the one on disk that the iteration started from."""
@@ -239,7 +241,7 @@ class IterativeRun:
                 **(self.gate_diagnostics(sampled, w, pairs) if w else {}),
             }
         )
-        fsdp.print0(
+        engine.print0(
             self.rt,
             f"[{self.name}] iteration {t + 1}: generated for {len(sampled)}/{len(D_t)} prompts ({ratio:.1%}), "
             f"{pair_stats.pairs} online pairs, {pair_stats.all_equal} prompts whose rewards all tied "
@@ -260,7 +262,7 @@ class IterativeRun:
         """Export the policy after iteration t: the next iteration starts from it and, one later,
         uses it as its reference, so it keeps the master weights' precision (at lr 5e-7 an
         iteration's progress is mostly below bf16's resolution). Then a checkpoint between the phases."""
-        fsdp.export_hf(
+        engine.export_hf(
             policy,
             policy.lm,
             self.tokenizer,
@@ -268,11 +270,11 @@ class IterativeRun:
             self.cfg,
             self.rt,
             prefix="lm.",
-            dtype=fsdp.MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
+            dtype=engine.MASTER_DTYPE if t + 1 < self.cfg.iterations else None,
         )
         if self.meta is not None and self.rt.main:
             torch.save(self.meta.state_dict(), self.stage.dir / f"iter{t + 1}" / "meta_learner.pt")
-        progress = fsdp.Progress(step=self.state.progress.step)
+        progress = engine.Progress(step=self.state.progress.step)
         self.state = dataclasses.replace(self.state, iteration=t + 1, progress=progress, augmented=None)
         self.resumed_pass = None  # it holds the optimizer: gone before the next iteration loads its models
         self.checkpoint_between_phases()
@@ -288,10 +290,10 @@ class IterativeRun:
                 "stage is not marked done"
             )
         if self.rt.main:
-            fsdp.copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
+            engine.copy_tree(stage.dir / f"iter{self.cfg.iterations}" / "model", stage.model_dir)
             if self.meta is not None:
                 torch.save(self.meta.state_dict(), stage.dir / "meta_learner.pt")
-        fsdp.barrier(self.rt)
+        engine.barrier(self.rt)
         summary = {
             "steps": self.state.progress.step,  # policy steps over all iterations
             "annotation_ratio": float(np.mean(self.state.ratios)) if self.state.ratios else 0.0,

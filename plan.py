@@ -23,7 +23,7 @@ import torch
 
 import data
 from config import HUB_ID, Config, ConfigError, load_config, sft_path, train_source
-from fsdp import Runtime, _decoder_blocks
+from engine import Runtime, _decoder_blocks
 
 # ==============================================================================================
 # Shapes and the memory of each phase

@@ -22,7 +22,7 @@ Run
     python train.py --help                            # every key (config.py) with its default
 Every stage writes <out_dir>/<stage>/: config.json, metrics.jsonl, checkpoints/ (resumable) and
 model/ (HF safetensors + tokenizer). The bookkeeping around Algorithm 1's loop (slices, the
-iterations' models, checkpoints and resume) is iterative_run.py; the engine is fsdp.py (ranks,
+iterations' models, checkpoints and resume) is iterative_run.py; the engine is engine.py (ranks,
 sharding, the optimisation step, generation) and checkpoint.py (stage directories, resume); the
 offline methods are dpo.py, the other baselines baselines/; the memory plan and --dry_run are
 plan.py.
@@ -56,7 +56,7 @@ import checkpoint
 import config
 import data
 import dpo
-import fsdp
+import engine
 import iterative_run
 import losses
 import meta
@@ -70,7 +70,7 @@ import toy
 # Algorithm 1
 
 
-def run_iterative(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
+def run_iterative(cfg: config.Config, rt: engine.Runtime, method: str) -> dict:
     """Algorithm 1 for metaapo; online_dpo, selm, adpo and boundary in the same iteration structure.
     The bookkeeping (data, meta-learner, checkpoints, where a resumed run stopped) is IterativeRun's."""
     # D_off cut into D_1..D_T (line 2), h_phi, and a resumed run's position
@@ -85,12 +85,12 @@ def run_iterative(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
         preference_optimization(run, t, policy, ref)  # phase 2 (lines 13-22): Eq. 5 steps, Eq. 6 every T_meta
         run.end_iteration(t, policy)  # line 23: pi_theta exported, the next start and the reference after it
         del policy, ref
-        fsdp.release_memory()
+        engine.release_memory()
     return run.finish()
 
 
 def online_sampling(
-    run: iterative_run.IterativeRun, t: int, policy, ref, policy_path: str, pieces: fsdp.Pieces
+    run: iterative_run.IterativeRun, t: int, policy, ref, policy_path: str, pieces: engine.Pieces
 ) -> list[dpo.PolicyPair]:
     """Phase 1, meta-weighted adaptive online sampling (Alg. 1 lines 4-12): D_aug of iteration t,
     its work kept in `pieces` as it finishes. A baseline chooses its prompts and its training pairs
@@ -99,8 +99,8 @@ def online_sampling(
     tic = time.time()
     scores, w, boundary = None, [], None
     if baseline is None or baseline.scores_offline:  # line 6: l_off of every tuple under (pi_theta, pi_ref), Eq. 4
-        score_piece = lambda k: dpo.pair_scores(policy, ref, D_t[k * fsdp.PIECE : (k + 1) * fsdp.PIECE], cfg, rt)  # noqa: E731
-        scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / fsdp.PIECE), score_piece) for s in part]
+        score_piece = lambda k: dpo.pair_scores(policy, ref, D_t[k * engine.PIECE : (k + 1) * engine.PIECE], cfg, rt)  # noqa: E731
+        scores = [s for part in pieces.run("scores", math.ceil(len(D_t) / engine.PIECE), score_piece) for s in part]
     if baseline is None:  # lines 7-8: w = h(l_off), u ~ U(0, 1), generate when u > w
         selected, w = meta_gate(run.meta, scores, cfg, rt)
     else:  # every prompt, a threshold on l_off, or the boundary method's score
@@ -111,7 +111,7 @@ def online_sampling(
         selected = baseline.select(cfg, D_t, [s.score for s in scores] if scores else None, boundary)
     sampled = [i for i, s in enumerate(selected) if s]
     # line 9: K responses from the current policy
-    generations = fsdp.distributed_generate(
+    generations = engine.distributed_generate(
         policy,
         run.tokenizer,
         [D_t[i].prompt_ids for i in sampled],
@@ -139,7 +139,7 @@ def online_sampling(
 
 
 def meta_gate(
-    meta_learner: meta.MetaController, scores: list, cfg: config.Config, rt: fsdp.Runtime
+    meta_learner: meta.MetaController, scores: list, cfg: config.Config, rt: engine.Runtime
 ) -> tuple[list[bool], list[float]]:
     """Alg. 1 lines 7-8 for every tuple of D_t: w = h(l_off), u ~ U(0, 1), generate when u > w.
     (selected, w) decided once: every rank draws its u (their generators stay in step), and rank
@@ -149,7 +149,7 @@ def meta_gate(
     decision = meta_learner.gate(
         l_off, meta.meta_features(meta_input, chosen_ratio, rejected_ratio, inputs=cfg.meta_inputs)
     )
-    return fsdp.all_gather_objects(rt, (decision.selected.tolist(), decision.weights.tolist()))[0]
+    return engine.all_gather_objects(rt, (decision.selected.tolist(), decision.weights.tolist()))[0]
 
 
 def preference_optimization(run: iterative_run.IterativeRun, t: int, policy, ref) -> None:
@@ -159,7 +159,7 @@ def preference_optimization(run: iterative_run.IterativeRun, t: int, policy, ref
     cfg, meta_learner, progress = run.cfg, run.meta, run.state.progress
     if not run.state.augmented:
         run.stage.log({"iteration": t + 1, "phase": "train", "skipped": "no augmented tuple"})
-        fsdp.print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
+        engine.print0(run.rt, f"[{run.name}] iteration {t + 1}: no augmented tuple, nothing to train on; skipped")
         return
     tic = time.time()
     batches, optimizer, scheduler = run.resumed_pass or iterative_run.iteration_pass(
@@ -171,7 +171,7 @@ def preference_optimization(run: iterative_run.IterativeRun, t: int, policy, ref
         optimism = cfg.selm_alpha if run.baseline.selm else 0.0
         loss_fn = dpo.make_preference_loss(cfg, cfg.objective, policy, ref, run.rt, optimism=optimism)
     desc, extra = f"iteration {t + 1}/{cfg.iterations}", {"iteration": t + 1}
-    training = fsdp.TrainingPass(
+    training = engine.TrainingPass(
         run.stage,
         policy,
         optimizer,
@@ -212,12 +212,12 @@ def preference_optimization(run: iterative_run.IterativeRun, t: int, policy, ref
         updates = sum("meta_loss" in r for r in records)
         summary = {"steps": len(records), "time_s": time.time() - tic, **means, "meta_updates": updates}
         if meta_learner is not None:  # how well 1 - w ranked the tuples whose online pair scored higher (l_on > l_off)
-            gate_vs_gain = [x for part in fsdp.all_gather_objects(run.rt, gate_vs_gain) for x in part]
+            gate_vs_gain = [x for part in engine.all_gather_objects(run.rt, gate_vs_gain) for x in part]
             summary["gate_auc_gain"] = meta.ranking_auc(*zip(*gate_vs_gain)) if gate_vs_gain else None
         run.stage.log({"iteration": t + 1, "phase": "train", **summary, "meta_steps_dropped": dropped})
 
 
-def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaController, rt: fsdp.Runtime):
+def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaController, rt: engine.Runtime):
     """Eq. 5 on one micro-batch of D_aug: (loss to backward, metric sums, the detached (l_off, l_on,
     h's input) of its tuples that have an online pair of their own, for the meta buffer)."""
 
@@ -266,7 +266,7 @@ def annotate(
     D_t: list[dpo.PolicyPair],
     sampled: list[int],
     generations: list,
-    pieces: fsdp.Pieces,
+    pieces: engine.Pieces,
 ) -> tuple[list, sample.PairStats]:
     """Alg. 1 lines 10-11: the reward model scores each sampled prompt's K answers; its best and
     worst are the online pair (SELM also ranks the offline pair's two answers with them). In
@@ -277,16 +277,16 @@ def annotate(
 
     def piece(k: int):
         if not loaded:
-            loaded.append(fsdp.load_reward_model(config.reward_path(run.cfg), run.cfg, run.rt))
-        part = slice(k * fsdp.PIECE, (k + 1) * fsdp.PIECE)
+            loaded.append(engine.load_reward_model(config.reward_path(run.cfg), run.cfg, run.rt))
+        part = slice(k * engine.PIECE, (k + 1) * engine.PIECE)
         offline = pool[part] if run.baseline is not None and run.baseline.selm else None
         return sample.make_online_pairs(
             [row.prompt for row in rows[part]], generations[part], loaded[0], offline=offline
         )
 
-    parts = pieces.run("rewards", math.ceil(len(rows) / fsdp.PIECE), piece)
+    parts = pieces.run("rewards", math.ceil(len(rows) / engine.PIECE), piece)
     loaded.clear()  # phase 2 does not need it
-    fsdp.release_memory()
+    engine.release_memory()
     return [pair for pairs, _ in parts for pair in pairs], sample.PairStats.combined([stats for _, stats in parts])
 
 
@@ -335,18 +335,18 @@ def join_online_pairs(
 # The stages before Algorithm 1: SFT (the toy) and the reward model (Eq. 1)
 
 
-def run_sft(cfg: config.Config, rt: fsdp.Runtime, name: str = "sft") -> dict:
+def run_sft(cfg: config.Config, rt: engine.Runtime, name: str = "sft") -> dict:
     """Supervised fine-tuning of cfg.model on cfg.sft_dataset: mean NLL of the response tokens of each
     global batch, in stage `name` (meta_aligner.py's conditional SFT is another)."""
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
-    fsdp.print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
+    engine.print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
     if not tokenized:
         raise data.DataError(f"{cfg.sft_dataset}: no usable SFT example after tokenization ({stats.summary()})")
     stage = checkpoint.Stage(cfg, rt, name)
     latest = stage.start()
-    model, tokenizer = fsdp.load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
-    batches = fsdp.epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, config.seed_for(cfg, "batches"))
+    model, tokenizer = engine.load_logprob_model(cfg.model, cfg, rt, trainable=True, from_config=cfg.init_from_config)
+    batches = engine.epoch_batches(tokenized, cfg.sft_epochs, cfg.sft_batch_size, config.seed_for(cfg, "batches"))
     optimizer, scheduler, progress = checkpoint.prepare_pass(stage, latest, model, cfg.sft_lr, len(batches), cfg)
 
     def sft_loss(items, mask, n_tokens, world):
@@ -361,7 +361,7 @@ def run_sft(cfg: config.Config, rt: fsdp.Runtime, name: str = "sft") -> dict:
 
     tokens = [sum(len(e.response_ids) for e in b) for b in batches]  # the loss is a mean over a global batch's tokens
     desc = f"{cfg.sft_epochs} epochs"
-    fsdp.optimize(
+    engine.optimize(
         stage,
         model,
         optimizer,
@@ -370,24 +370,24 @@ def run_sft(cfg: config.Config, rt: fsdp.Runtime, name: str = "sft") -> dict:
         sft_loss,
         progress,
         desc,
-        checkpoint_extras=fsdp.progress_state(progress),
+        checkpoint_extras=engine.progress_state(progress),
         sizes=tokens,
     )
-    fsdp.export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    engine.export_hf(model, model.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step}
     stage.finish(summary)
     return summary
 
 
-def run_rm(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+def run_rm(cfg: config.Config, rt: engine.Runtime) -> dict:
     """Bradley-Terry reward model (Eq. 1) from the SFT model, one epoch over the offline pairs."""
     pairs, _ = dpo.train_pairs(
         cfg, rt, data.load_tokenizer(config.sft_path(cfg)), max_len=min(cfg.max_len, cfg.rm_max_len)
     )
     stage = checkpoint.Stage(cfg, rt, "rm")
     latest = stage.start()
-    rm = fsdp.load_reward_model(config.sft_path(cfg), cfg, rt, trainable=True, init_head=True)
-    batches = fsdp.epoch_batches(pairs, 1, cfg.rm_batch_size, config.seed_for(cfg, "reward model batches"))
+    rm = engine.load_reward_model(config.sft_path(cfg), cfg, rt, trainable=True, init_head=True)
+    batches = engine.epoch_batches(pairs, 1, cfg.rm_batch_size, config.seed_for(cfg, "reward model batches"))
     optimizer, scheduler, progress = checkpoint.prepare_pass(stage, latest, rm.model, cfg.rm_lr, len(batches), cfg)
 
     def rm_loss(items, mask, batch_size, world):
@@ -402,7 +402,7 @@ def run_rm(cfg: config.Config, rt: fsdp.Runtime) -> dict:
         return total * world / batch_size, {"loss": total.item() / batch_size, **dpo.pair_metrics(out, mask)}
 
     desc = f"{len(pairs)} pairs"
-    fsdp.optimize(
+    engine.optimize(
         stage,
         rm.model,
         optimizer,
@@ -411,12 +411,12 @@ def run_rm(cfg: config.Config, rt: fsdp.Runtime) -> dict:
         rm_loss,
         progress,
         desc,
-        checkpoint_extras=fsdp.progress_state(progress),
+        checkpoint_extras=engine.progress_state(progress),
     )
-    fsdp.export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
+    engine.export_hf(rm.model, rm.model, rm.tokenizer, stage.model_dir, cfg, rt)
     summary = {"train_time_s": stage.elapsed_s(), "steps": progress.step, "test_accuracy": None}
     if config.test_source(cfg) is None:
-        fsdp.print0(
+        engine.print0(
             rt,
             f"[rm] no held-out pairs (--dataset={cfg.dataset} has no {cfg.test_split} split; a single file is training "
             "data only): no accuracy measured; pass --test_dataset for one",
@@ -427,7 +427,7 @@ def run_rm(cfg: config.Config, rt: fsdp.Runtime) -> dict:
             test_accuracy=reward_accuracy(rm, test), test_pairs=len(test), test_source=config.describe(source)
         )
         stage.log({"phase": "eval", **{k: summary[k] for k in ("test_accuracy", "test_pairs", "test_source")}})
-        fsdp.print0(
+        engine.print0(
             rt,
             f"[rm] preference accuracy on the {len(test)} held-out pairs of {config.describe(source)}: "
             f"{summary['test_accuracy']:.3f}",
@@ -448,11 +448,11 @@ def reward_accuracy(rm: reward.RewardModel, pairs: list[data.PreferencePair]) ->
 
 
 def evaluate_policy_gold(
-    path: str, cfg: config.Config, rt: fsdp.Runtime, prompts: list[list[int]], messages: list[list[dict]]
+    path: str, cfg: config.Config, rt: engine.Runtime, prompts: list[list[int]], messages: list[list[dict]]
 ) -> list[float]:
     """Gold-judge scores (the preset's) of eval_samples answers per held-out prompt, sampled as in training."""
-    policy, tokenizer = fsdp.load_logprob_model(path, cfg, rt, trainable=False)
-    generations = fsdp.distributed_generate(
+    policy, tokenizer = engine.load_logprob_model(path, cfg, rt, trainable=False)
+    generations = engine.distributed_generate(
         policy,
         tokenizer,
         prompts,
@@ -465,13 +465,13 @@ def evaluate_policy_gold(
         backend="transformers",
     )
     del policy
-    fsdp.release_memory()
+    engine.release_memory()
     return reward.gold_judge(cfg.preset).score(
         [m for m, g in zip(messages, generations) for _ in g], [x.text for g in generations for x in g]
     )
 
 
-def results_table(cfg: config.Config, rt: fsdp.Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
+def results_table(cfg: config.Config, rt: engine.Runtime, rows: list[tuple[str, str]], summaries: dict) -> str:
     """Gold mean score and win rate against the first row (SFT) on held-out prompts, annotation
     ratio and time per phase."""
     tokenizer = data.load_tokenizer(rows[0][1])
@@ -507,12 +507,12 @@ def results_table(cfg: config.Config, rt: fsdp.Runtime, rows: list[tuple[str, st
 # Pipeline and entry point
 
 
-def run_method(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
+def run_method(cfg: config.Config, rt: engine.Runtime, method: str) -> dict:
     """Run one stage, after checking its inputs; a finished stage is left as it is (its summary is
     returned): nothing here ever deletes or rewrites a finished model."""
     done = Path(cfg.out_dir) / config.stage_name(cfg, method) / "done.json"
     if done.exists():
-        fsdp.print0(
+        engine.print0(
             rt, f"[{done.parent.name}] already finished ({done}); left as it is (remove {done.parent} to run it again)"
         )
         checkpoint.Stage(cfg, rt, done.parent.name).drop_checkpoints()  # what a kill while it finished may have left
@@ -531,15 +531,15 @@ def run_method(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
     return run_iterative(cfg, rt, method)
 
 
-def ensure_stage(cfg: config.Config, rt: fsdp.Runtime, method: str) -> dict:
+def ensure_stage(cfg: config.Config, rt: engine.Runtime, method: str) -> dict:
     """Run a stage unless it is done, then give a stop signal its chance; return its summary."""
     summary = run_method(cfg, rt, method)
-    fsdp.release_memory()  # the stage's models died with it
-    fsdp.check_stop(rt, f"stopped after the {config.stage_name(cfg, method)} stage; --resume goes on with the next")
+    engine.release_memory()  # the stage's models died with it
+    engine.check_stop(rt, f"stopped after the {config.stage_name(cfg, method)} stage; --resume goes on with the next")
     return summary
 
 
-def run_pipeline(cfg: config.Config, rt: fsdp.Runtime) -> None:
+def run_pipeline(cfg: config.Config, rt: engine.Runtime) -> None:
     """Every stage MetaAPO needs, then the results table."""
     config.check_inputs(cfg, "pipeline")
     summaries = {}
@@ -559,9 +559,9 @@ def run_pipeline(cfg: config.Config, rt: fsdp.Runtime) -> None:
         table = results_table(cfg, rt, rows, summaries)
         if rt.main:
             (Path(cfg.out_dir) / "results.md").write_text(table + "\n")
-        fsdp.print0(rt, "\n" + table)
+        engine.print0(rt, "\n" + table)
     else:
-        fsdp.print0(
+        engine.print0(
             rt, f"done: {Path(cfg.out_dir) / config.stage_name(cfg, 'metaapo') / 'model'}; evaluate it with evaluate.py"
         )
 
@@ -600,25 +600,25 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if rt.main:
                 ensure_preset_assets(cfg)
-            fsdp.barrier(rt)
+            engine.barrier(rt)
             rt.sharded_gradients = plan.sharded_gradients(cfg, rt)  # reads the model's config: after the toy's exists
-            fsdp.print0(rt, json.dumps(config.config_dict(cfg), indent=2))
+            engine.print0(rt, json.dumps(config.config_dict(cfg), indent=2))
             checkpoint.start_wandb(cfg, rt)
             started = time.time()
             if cfg.method == "pipeline":
                 run_pipeline(cfg, rt)
             else:
                 run_method(cfg, rt, cfg.method)
-            fsdp.print0(rt, f"total time {time.time() - started:.0f}s")
-        except fsdp.Stopped as err:
-            fsdp.stop_exit(f"{err}; continue with the same command and --resume")
-        except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
+            engine.print0(rt, f"total time {time.time() - started:.0f}s")
+        except engine.Stopped as err:
+            engine.stop_exit(f"{err}; continue with the same command and --resume")
+        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
             raise SystemExit(f"train.py: {err}") from None
         except Exception as err:
-            if not fsdp.STOP_SIGNAL:
+            if not engine.STOP_SIGNAL:
                 raise
-            fsdp.stop_exit(
-                f"stopped by {signal.Signals(fsdp.STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: "
+            engine.stop_exit(
+                f"stopped by {signal.Signals(engine.STOP_SIGNAL[0]).name} ({type(err).__name__} on the way out: "
                 f"{config._short(err)}); continue with the same command and --resume"
             )
 

@@ -21,7 +21,7 @@ import math
 import time
 
 import config
-import fsdp
+import engine
 
 
 def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[float, int, int, int]:
@@ -39,7 +39,7 @@ def boundary_score(own: list[list[float]], static: list[list[float]]) -> tuple[f
 
 def boundary_measurement(
     cfg: config.Config,
-    rt: fsdp.Runtime,
+    rt: engine.Runtime,
     policy,
     tokenizer,
     policy_path: str,
@@ -47,7 +47,7 @@ def boundary_measurement(
     raw: list,
     stage,
     t: int,
-    pieces: fsdp.Pieces,
+    pieces: engine.Pieces,
 ) -> dict:
     """The alignment-stage boundary, measured before iteration t on the first probe_ratio of
     D_t's (shuffled) prompts: probe_samples answers of the current policy per prompt, each compared
@@ -58,7 +58,7 @@ def boundary_measurement(
     Its generation and scores are pieces of the iteration's phase 1 (`pieces`)."""
     tic = time.time()
     probe = D_t[: max(1, math.ceil(cfg.probe_ratio * len(D_t)))]
-    generations = fsdp.distributed_generate(
+    generations = engine.distributed_generate(
         policy,
         tokenizer,
         [p.prompt_ids for p in probe],
@@ -74,7 +74,7 @@ def boundary_measurement(
     statics = [(raw[p.index].chosen, raw[p.index].rejected) for p in probe]
 
     def score_probe(_: int) -> list[float]:
-        rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+        rm = engine.load_reward_model(config.reward_path(cfg), cfg, rt)
         return rm.score(
             [raw[p.index].prompt for p, answers in zip(probe, generations) for _ in range(len(answers) + 2)],
             [text for answers, pair in zip(generations, statics) for text in [a.text for a in answers] + list(pair)],
@@ -101,7 +101,7 @@ def boundary_measurement(
         "time_s": time.time() - tic,
     }
     stage.log({"iteration": t + 1, "phase": "boundary", **record})
-    fsdp.print0(
+    engine.print0(
         rt,
         f"[{stage.name}] iteration {t + 1}: boundary score {score:.3f} ({wins} wins, {ties} ties in {comparisons}) -> "
         f"{record['choice']} data ({record['by']})",

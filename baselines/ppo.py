@@ -30,7 +30,7 @@ import checkpoint
 import config
 import data
 import dpo
-import fsdp
+import engine
 import reward
 
 
@@ -106,7 +106,7 @@ def shifted_values(critic, batch: dict, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: config.Config, rt: fsdp.Runtime) -> None:
+def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: config.Config, rt: engine.Runtime) -> None:
     """Fill in each rollout's old log-probs, values, KL, advantages and returns (every rank gets all
     of them; strided shares as in pair_scores), then whiten the advantages over the rollout."""
     forward_batch = max(1, cfg.micro_batch_size) * 4
@@ -128,7 +128,7 @@ def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: config.Config,
             span = slice(len(item.prompt_ids), len(item.prompt_ids) + len(item.response_ids))
             results.append((logps[row, span].tolist(), ref_logps[row, span].tolist(), values[row, span].tolist()))
     merged = {}
-    for part in fsdp.all_gather_objects(rt, list(zip(share, results))):
+    for part in engine.all_gather_objects(rt, list(zip(share, results))):
         merged.update(part)
     for i, item in enumerate(items):
         item.old_logps, ref_logps, item.values = merged[i]
@@ -143,7 +143,7 @@ def score_rollouts(items: list[Rollout], actor, ref, critic, cfg: config.Config,
         item.advantages = [(a - mean) / (std + 1e-8) for a in item.advantages]
 
 
-def make_ppo_loss(cfg: config.Config, model: ActorCritic, rt: fsdp.Runtime):
+def make_ppo_loss(cfg: config.Config, model: ActorCritic, rt: engine.Runtime):
     """PPO's clipped policy loss plus its clipped value loss, each a token mean per response."""
 
     def ppo_loss(items, kept, batch_size, world):
@@ -185,18 +185,18 @@ def make_ppo_loss(cfg: config.Config, model: ActorCritic, rt: fsdp.Runtime):
     return ppo_loss
 
 
-def rollout_pieces(stage: checkpoint.Stage, rt: fsdp.Runtime, r: int) -> fsdp.Pieces:
+def rollout_pieces(stage: checkpoint.Stage, rt: engine.Runtime, r: int) -> engine.Pieces:
     """Where rollout r keeps its generation and scores as they finish. The actor that generates them
     is the one rollout r - 1's pass left: a resumed run retrains the same steps to it (bit for bit
     with --deterministic) before it reads them back."""
-    return fsdp.Pieces(
+    return engine.Pieces(
         stage.dir / f"rollout{r + 1}", rt, f"[ppo] stopped during rollout {r + 1}'s generation and scoring"
     )
 
 
 def collect_rollout(
     cfg: config.Config,
-    rt: fsdp.Runtime,
+    rt: engine.Runtime,
     stage: checkpoint.Stage,
     r: int,
     prompts: list,
@@ -215,8 +215,8 @@ def collect_rollout(
     policy_path = config.sft_path(cfg)
     if cfg.generator == "vllm":  # the worker reads the current actor from disk
         policy_path = str(stage.dir / "rollout_actor")
-        fsdp.export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
-    generations = fsdp.distributed_generate(
+        engine.export_hf(actor, actor.lm, tokenizer, Path(policy_path), cfg, rt, prefix="lm.")
+    generations = engine.distributed_generate(
         actor,
         tokenizer,
         [p.prompt_ids for p in prompts],
@@ -231,15 +231,15 @@ def collect_rollout(
     answers = [g[0] for g in generations]
     parts = pieces.run(
         "rewards",
-        math.ceil(len(prompts) / fsdp.PIECE),
+        math.ceil(len(prompts) / engine.PIECE),
         lambda k: rm.score(
-            [raw[p.index].prompt for p in prompts[k * fsdp.PIECE : (k + 1) * fsdp.PIECE]],
-            [a.text for a in answers[k * fsdp.PIECE : (k + 1) * fsdp.PIECE]],
-            [a.finish_reason == "stop" for a in answers[k * fsdp.PIECE : (k + 1) * fsdp.PIECE]],
+            [raw[p.index].prompt for p in prompts[k * engine.PIECE : (k + 1) * engine.PIECE]],
+            [a.text for a in answers[k * engine.PIECE : (k + 1) * engine.PIECE]],
+            [a.finish_reason == "stop" for a in answers[k * engine.PIECE : (k + 1) * engine.PIECE]],
         ),
     )
     scores = [score for part in parts for score in part]
-    fsdp.check_stop(rt, pieces.where)
+    engine.check_stop(rt, pieces.where)
     room = [cfg.max_len - len(p.prompt_ids) for p in prompts]
     samples = [
         Rollout(p.prompt_ids, a.token_ids[:n] or [tokenizer.eos_token_id], p.index, tokenizer.pad_token_id, s)
@@ -259,50 +259,50 @@ def collect_rollout(
     return samples
 
 
-def run_ppo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+def run_ppo(cfg: config.Config, rt: engine.Runtime) -> dict:
     """PPO over the offline prompts: rollouts of rollout_batch_size prompts, each one response
     from the actor scored by the reward model, then one pass of PPO steps over them."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = data.load_tokenizer(config.sft_path(cfg))
     pairs, raw = dpo.train_pairs(cfg, rt, tokenizer)
-    prompts = fsdp.shuffled(pairs, config.seed_for(cfg, "ppo prompts"))
+    prompts = engine.shuffled(pairs, config.seed_for(cfg, "ppo prompts"))
     rollouts = [prompts[i : i + cfg.rollout_batch_size] for i in range(0, len(prompts), cfg.rollout_batch_size)]
     stage = checkpoint.Stage(cfg, rt, "ppo")
     latest = stage.start()
-    actor, _ = fsdp.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=True)
-    ref = fsdp.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=False)[0]
-    critic_lm, files, missing = fsdp.load_pretrained(
-        AutoModelForSequenceClassification, config.reward_path(cfg), rt, fsdp.MASTER_DTYPE, num_labels=1
+    actor, _ = engine.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=True)
+    ref = engine.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=False)[0]
+    critic_lm, files, missing = engine.load_pretrained(
+        AutoModelForSequenceClassification, config.reward_path(cfg), rt, engine.MASTER_DTYPE, num_labels=1
     )
     reward.require_reward_head(
         config.reward_path(cfg), critic_lm, {"missing_keys": missing}
     )  # it starts from the trained head
-    critic = fsdp.shard_model(ValueModel(critic_lm), critic_lm, cfg, rt, trainable=True)
+    critic = engine.shard_model(ValueModel(critic_lm), critic_lm, cfg, rt, trainable=True)
     if files:
-        fsdp.load_shards(critic, "rm.", files, rt)
-    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+        engine.load_shards(critic, "rm.", files, rt)
+    rm = engine.load_reward_model(config.reward_path(cfg), cfg, rt)
     model = ActorCritic(actor, critic)
     optimizer = torch.optim.AdamW(
         [
-            {"params": fsdp.trainable_parameters(actor), "lr": cfg.lr},
-            {"params": fsdp.trainable_parameters(critic), "lr": cfg.critic_lr},
+            {"params": engine.trainable_parameters(actor), "lr": cfg.lr},
+            {"params": engine.trainable_parameters(critic), "lr": cfg.critic_lr},
         ],
         betas=cfg.betas,
         weight_decay=cfg.weight_decay,
     )
     steps = sum(math.ceil(len(r) * cfg.epochs / cfg.batch_size) for r in rollouts)
-    scheduler = fsdp.make_scheduler(optimizer, steps, cfg)
+    scheduler = engine.make_scheduler(optimizer, steps, cfg)
     state = {
         "rollout": 0,
         "samples": None,
-        "progress": dataclasses.asdict(fsdp.Progress()),
+        "progress": dataclasses.asdict(engine.Progress()),
         "times": {"sampling_s": 0.0, "training_s": 0.0},
         "annotations": 0,
     }
     if latest is not None:
         state = stage.load_checkpoint(latest, model, optimizer, scheduler)["ppo"]
-    progress = fsdp.saved_progress(state)
+    progress = engine.saved_progress(state)
     state.pop("loop", None)
     save = lambda: {"ppo": {**state, "progress": dataclasses.asdict(progress)}}  # noqa: E731
     loss_fn = make_ppo_loss(cfg, model, rt)
@@ -313,10 +313,10 @@ def run_ppo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
             state.update(samples=samples, annotations=state["annotations"] + len(samples))
             state["times"]["sampling_s"] += time.time() - tic
         tic = time.time()
-        batches = fsdp.epoch_batches(
+        batches = engine.epoch_batches(
             state["samples"], cfg.epochs, cfg.batch_size, config.seed_for(cfg, "ppo rollout", r)
         )
-        fsdp.optimize(
+        engine.optimize(
             stage,
             model,
             optimizer,
@@ -333,7 +333,7 @@ def run_ppo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
         state.update(rollout=r + 1, samples=None)
         progress.batch = 0
         rollout_pieces(stage, rt, r).remove()
-    fsdp.export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
+    engine.export_hf(actor, actor.lm, tokenizer, stage.model_dir, cfg, rt, prefix="lm.")
     summary = {
         "annotation_ratio": state["annotations"] / max(1, len(prompts)) / cfg.num_samples,
         **state["times"],

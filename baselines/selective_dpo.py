@@ -24,10 +24,10 @@ import checkpoint
 import config
 import data
 import dpo
-import fsdp
+import engine
 
 
-def run_selective_dpo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+def run_selective_dpo(cfg: config.Config, rt: engine.Runtime) -> dict:
     """Selective DPO (Gao et al. 2025, as `glorgao/SelectiveDPO` runs it): for each of
     selective_seeds random halvings of the pairs, a DPO run from the SFT model on each half whose
     model scores the other half's DPO loss at selective_checkpoints evenly spaced steps; each
@@ -39,7 +39,7 @@ def run_selective_dpo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     pairs, _ = dpo.train_pairs(cfg, rt, data.load_tokenizer(config.sft_path(cfg)))
     difficulty: dict[int, list[float]] = {p.index: [] for p in pairs}
     for s in range(cfg.selective_seeds):
-        order = fsdp.shuffled(list(range(len(pairs))), config.seed_for(cfg, "selective halves", s))
+        order = engine.shuffled(list(range(len(pairs))), config.seed_for(cfg, "selective halves", s))
         halves = [sorted(order[0::2]), sorted(order[1::2])]
         for k in (0, 1):  # half k trains, the other half is scored
             name = f"selective_dpo/seed{s}-half{k}"
@@ -52,14 +52,14 @@ def run_selective_dpo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
                     keep=lambda ps, mine=halves[k]: [ps[i] for i in mine],
                     validate=[pairs[i] for i in halves[1 - k]],
                 )
-                fsdp.release_memory()
+                engine.release_memory()
             for losses_at_step in checkpoint.read_json(Path(cfg.out_dir) / name / "validation.json").values():
                 for index, value in losses_at_step.items():
                     difficulty[int(index)].append(value)
     mean = {index: float(np.mean(values)) for index, values in difficulty.items()}
     # ascending mean loss: easy to hard
     easiest = sorted(pairs, key=lambda p: mean[p.index])[: max(1, round(cfg.keep_ratio * len(pairs)))]
-    fsdp.print0(
+    engine.print0(
         rt,
         f"[selective_dpo] keeping the {len(easiest)} easiest of {len(pairs)} pairs (mean DPO loss under the models "
         f"that did not see them, {cfg.selective_seeds} seeds x {cfg.selective_checkpoints} checkpoints), trained easy "
@@ -70,7 +70,7 @@ def run_selective_dpo(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     out = Path(cfg.out_dir) / "selective_dpo"
     summary = {"train_time_s": time.time() - started, "kept": len(easiest)}
     if rt.main:
-        fsdp.copy_tree(out / "final" / "model", out / "model")
+        engine.copy_tree(out / "final" / "model", out / "model")
         checkpoint.write_json(out / "done.json", summary)
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     return summary

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import checkpoint
 import config
 import data
-import fsdp
+import engine
 import iterative_run
 
 
@@ -47,7 +47,7 @@ def experiment_parser(program: str, doc: str, cls: type[config.Config] = config.
 def run_experiment(
     program: str,
     parser: argparse.ArgumentParser,
-    work: Callable[[argparse.Namespace, list[str], fsdp.Runtime], object],
+    work: Callable[[argparse.Namespace, list[str], engine.Runtime], object],
     argv: list[str] | None = None,
     cls: type[config.Config] = config.Config,
 ) -> None:
@@ -67,7 +67,7 @@ def run_experiment(
         try:
             checkpoint.start_wandb(cfg, rt)
             work(args, rest, rt)
-        except fsdp.Stopped as err:
-            fsdp.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", program)
-        except (config.ConfigError, fsdp.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
+        except engine.Stopped as err:
+            engine.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", program)
+        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
             raise SystemExit(f"{program}: {err}") from None

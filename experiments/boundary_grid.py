@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-import fsdp
+import engine
 import toy
 import train
 from experiments import experiment_parser, run_experiment
@@ -54,13 +54,13 @@ BOUNDARY_OBJECTIVES = ["dpo", "slic"]
 BOUNDARY_TRAIN_ARGS = ["--method=boundary", "--iterations=2", "--max_train_pairs=2400"]
 
 
-def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
+def boundary_grid(out: Path, rest: list[str], rt: engine.Runtime) -> dict:
     """Run (or read) every start x objective x schedule of the grid; return its results."""
     started = time.time()
     shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest], later_wins=True)
     if rt.main:
         toy.ensure_toy_assets(0, regime=shared.toy_regime)
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
     starts, sft_args = {}, {}
@@ -107,7 +107,7 @@ def boundary_grid(out: Path, rest: list[str], rt: fsdp.Runtime) -> dict:
                     "probe_s": sum(r["time_s"] for r in boundary),
                 }
             )
-            fsdp.print0(
+            engine.print0(
                 rt,
                 f"[boundary grid] {label}, {objective}, {schedule or 'boundary'}: gold "
                 f"{' -> '.join(f'{g:.3f}' for g in runs[-1]['gold'])}, BS "
@@ -254,18 +254,18 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
     return _save(figure, path, plt, rt)
 
 
-def run_boundary_grid(args, rest: list[str], rt: fsdp.Runtime) -> None:
+def run_boundary_grid(args, rest: list[str], rt: engine.Runtime) -> None:
     out = Path(args.out)
     results = boundary_grid(out, rest, rt)
     plot = None
     try:
         plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
     except SystemExit as err:  # no matplotlib: the tables stand without the plot
-        fsdp.print0(rt, str(err))
+        engine.print0(rt, str(err))
     if rt.main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(boundary_grid_markdown(results, plot))
-    fsdp.print0(rt, (out / "results.md").read_text() if rt.main else "")
+    engine.print0(rt, (out / "results.md").read_text() if rt.main else "")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,8 +44,8 @@ import numpy as np
 import config
 import data
 import dpo
+import engine
 import evaluate
-import fsdp
 import toy
 import train
 from experiments import experiment_parser, run_experiment
@@ -106,7 +106,7 @@ AT_METAAPO_RATIO = [label for label, _, extra in COMPARE_ROWS if any("{metaapo_r
 COMPARE_TRAIN_ARGS = ["--max_train_pairs=3000"]
 
 
-def gold_scores(cfg: config.Config, rt: fsdp.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
+def gold_scores(cfg: config.Config, rt: engine.Runtime, model_path: str, cache: Path | None = None) -> list[float]:
     """Gold-judge scores of eval_samples answers per held-out toy prompt, cached in `cache`."""
     if cache is not None and cache.exists():
         return json.loads(cache.read_text())
@@ -213,7 +213,7 @@ def seed_args(out: Path, seed: int, train_args: list[str]) -> list[str]:
 
 
 def compare(
-    seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: fsdp.Runtime, equal_steps: int = 0
+    seeds: list[int], out: Path, rows: list[tuple], train_args: list[str], rt: engine.Runtime, equal_steps: int = 0
 ) -> dict:
     """Run or read every row's run for every seed, score the models, aggregate over seeds.
     equal_steps > 0: every iterative method takes that many policy steps per iteration."""
@@ -223,7 +223,7 @@ def compare(
     shared = config.parse_config(shared_args, later_wins=True)
     if rt.main:
         train.ensure_preset_assets(shared)
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     stage_times = {"SFT": train.ensure_stage(shared, rt, "sft")} if shared.init_from_config else {}
     stage_times["RM"] = train.ensure_stage(shared, rt, "rm")
     sft = config.sft_path(shared)
@@ -263,7 +263,7 @@ def compare(
                 {"gold": float(np.mean(scores)), "win": evaluate.win_rate(scores, baseline), **summary}
             )
             gold[label].append(scores)
-            fsdp.print0(
+            engine.print0(
                 rt,
                 f"[compare] seed {seed} {label}: gold {np.mean(scores):.3f}, win rate vs SFT "
                 f"{evaluate.win_rate(scores, baseline):.1%}",
@@ -444,7 +444,7 @@ def equal_step_count(train_args: list[str]) -> int:
     return math.ceil(math.ceil(pairs / cfg.iterations) / cfg.batch_size)
 
 
-def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
+def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     """The tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
     (results-equal_steps.*; the offline rows are shared)."""
@@ -470,7 +470,7 @@ def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
             if any(label in results["rows"] for label, _ in BUDGET_CURVE):
                 plots.append(plot_budget_curve(results, out / f"budget_curve{suffix}.png", _pyplot(), rt))
         except SystemExit as err:  # no matplotlib: the tables stand without the plots
-            fsdp.print0(rt, str(err))
+            engine.print0(rt, str(err))
         dynamics = json.loads((metaapo / "dynamics.json").read_text())
     if rt.main:
         (out / f"results{suffix}.json").write_text(json.dumps({**results, "dynamics": dynamics}, indent=2))
@@ -478,10 +478,10 @@ def run_compare(args, rest: list[str], rt: fsdp.Runtime) -> None:
         if dynamics:
             text += f"\n## Training dynamics (seed {seed}, MetaAPO)\n\n" + dynamics_markdown(dynamics)
         (out / f"results{suffix}.md").write_text(text)
-    fsdp.print0(rt, (out / f"results{suffix}.md").read_text() if rt.main else "")
+    engine.print0(rt, (out / f"results{suffix}.md").read_text() if rt.main else "")
 
 
-def plot_budget_curve(results: dict, path: Path, plt, rt: fsdp.Runtime) -> Path:
+def plot_budget_curve(results: dict, path: Path, plt, rt: engine.Runtime) -> Path:
     """Gold against annotation ratio: random gating at 25-100 % (mean ± std over seeds), with
     MetaAPO's point and its interval, and the rows calibrated to MetaAPO's ratio."""
     rows = results["rows"]

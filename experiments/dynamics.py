@@ -34,7 +34,7 @@ import torch
 import config
 import data
 import dpo
-import fsdp
+import engine
 import iterative_run
 import toy
 import train
@@ -60,7 +60,7 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path, plt, rt: fsdp.Runtime) -> Path:
+def _save(figure, path: Path, plt, rt: engine.Runtime) -> Path:
     """Write the figure (the main rank only; every rank computed it, the data may need collectives)."""
     if rt.main:
         figure.tight_layout()
@@ -103,12 +103,12 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         kinds = [[r for r in records if r["selected"] == kind] for kind in (True, False)]
         records = [rows[i] for rows in kinds for i in sorted(rng.permutation(len(rows))[:per_kind])]
     policy_path, ref_path = iterative_run.iteration_paths(cfg, stage, method, iteration - 1)
-    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
-    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    policy, tokenizer = engine.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    ref = engine.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
     pairs, raw = dpo.load_pairs(cfg, rt, tokenizer, config.train_source(cfg))
     by_index = {p.index: p for p in pairs}
     items = [by_index[r["index"]] for r in records]
-    generations = fsdp.distributed_generate(
+    generations = engine.distributed_generate(
         policy,
         tokenizer,
         [p.prompt_ids for p in items],
@@ -119,7 +119,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
         config.seed_for(cfg, "dynamics", iteration),
         stage,
     )
-    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    rm = engine.load_reward_model(config.reward_path(cfg), cfg, rt)
     online, _ = make_online_pairs([raw[p.index].prompt for p in items], generations, rm)
     del rm
     best = [None] * len(items)  # the gold of each tuple's best fresh answer (toy)
@@ -139,7 +139,7 @@ def sampling_gains(cfg, rt, stage: Path, method: str, iteration: int, per_kind: 
             )
     online_scores = dpo.pair_scores(policy, ref, [p for _, p in kept], cfg, rt)
     del policy, ref
-    fsdp.release_memory()
+    engine.release_memory()
     l_on = {r["index"]: s.score for (r, _), s in zip(kept, online_scores)}
     rows = [
         {
@@ -167,9 +167,9 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
         return json.loads(cache.read_text())
     test, _ = dpo.load_heldout(cfg, "the held-out dynamics")
     test = test[: cfg.eval_prompts or len(test)]
-    policy, tokenizer = fsdp.load_logprob_model(policy_path, cfg, rt, trainable=False)
+    policy, tokenizer = engine.load_logprob_model(policy_path, cfg, rt, trainable=False)
     prompts = [data.encode_prompt(tokenizer, p.prompt) for p in test]
-    generations = fsdp.distributed_generate(
+    generations = engine.distributed_generate(
         policy,
         tokenizer,
         prompts,
@@ -182,14 +182,14 @@ def heldout_point(cfg, rt, policy_path: str, ref_path: str | None, cache: Path) 
     )
     conversations = [p.prompt for p, answers in zip(test, generations) for _ in answers]
     answers = [a for per_prompt in generations for a in per_prompt]
-    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    rm = engine.load_reward_model(config.reward_path(cfg), cfg, rt)
     rewards = rm.score(conversations, [a.text for a in answers], [a.finish_reason == "stop" for a in answers])
     del rm
-    ref = fsdp.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
+    ref = engine.load_logprob_model(ref_path, cfg, rt, trainable=False)[0] if ref_path else None
     pairs, _ = dpo.load_pairs(cfg, rt, tokenizer, config.require_test_source(cfg, "the held-out dynamics"))
     scores = dpo.pair_scores(policy, ref, pairs[: len(test)], cfg, rt)
     del policy, ref
-    fsdp.release_memory()
+    engine.release_memory()
     point = {
         "prompts": len(test),
         "answers": len(answers),
@@ -316,9 +316,9 @@ def regime_properties(cfg, rt, prompts: int = 600) -> dict:
     kinds = [toy_prompt_kind(t) for t in texts]
     gold_judge = toy_gold_judge()
     chosen_gold = gold_judge.score(conversations, [raw[p.index].chosen for p in items])
-    sft, _ = fsdp.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=False)
-    warm, _ = fsdp.load_logprob_model(config.warm_policy_path(cfg), cfg, rt, trainable=False)
-    ref, _ = fsdp.load_logprob_model(config.reference_path(cfg), cfg, rt, trainable=False)
+    sft, _ = engine.load_logprob_model(config.sft_path(cfg), cfg, rt, trainable=False)
+    warm, _ = engine.load_logprob_model(config.warm_policy_path(cfg), cfg, rt, trainable=False)
+    ref, _ = engine.load_logprob_model(config.reference_path(cfg), cfg, rt, trainable=False)
     scores = dpo.pair_scores(warm, ref, items, cfg, rt)
     del ref
     unscaled = dataclasses.replace(cfg, meta_input_beta=1.0)
@@ -334,10 +334,10 @@ def regime_properties(cfg, rt, prompts: int = 600) -> dict:
         for name, values in inputs.items()
     }
     properties = {"prompts": len(items), "kinds": {k: kinds.count(k) / len(kinds) for k in TOY_KINDS}}
-    rm = fsdp.load_reward_model(config.reward_path(cfg), cfg, rt)
+    rm = engine.load_reward_model(config.reward_path(cfg), cfg, rt)
     own_best = {}
     for name, model, path in (("sft", sft, config.sft_path(cfg)), ("warm-up", warm, config.warm_policy_path(cfg))):
-        generations = fsdp.distributed_generate(
+        generations = engine.distributed_generate(
             model,
             tokenizer,
             [p.prompt_ids for p in items],
@@ -397,7 +397,7 @@ def regime_properties(cfg, rt, prompts: int = 600) -> dict:
                 )
             )
     del sft, warm, rm
-    fsdp.release_memory()
+    engine.release_memory()
     for name, weights in h.items():
         if weights is None:
             continue
@@ -673,14 +673,14 @@ def make_plots(cfg, rt, stage: Path, scatter_prompts: int) -> list[Path]:
 # A toy regime's properties (--toy_properties), and the command line
 
 
-def run_toy_properties(cfg: config.Config, rt: fsdp.Runtime) -> dict:
+def run_toy_properties(cfg: config.Config, rt: engine.Runtime) -> dict:
     """The stages a regime's properties need (SFT, reward model, DPO warm-up; no method is
     compared), then regime_properties, written to <out_dir>/toy_properties.{json,md}."""
     if cfg.preset != "toy":
         raise SystemExit("experiments.dynamics: --toy_properties measures the toy task; leave --model at toy")
     if rt.main:
         toy.ensure_toy_assets(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, regime=cfg.toy_regime)
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     for stage in ("sft", "rm", "dpo"):
         train.ensure_stage(cfg, rt, stage)
     properties = regime_properties(cfg, rt)
@@ -688,19 +688,19 @@ def run_toy_properties(cfg: config.Config, rt: fsdp.Runtime) -> dict:
     if rt.main:
         (out / "toy_properties.json").write_text(json.dumps(properties, indent=2))
         (out / "toy_properties.md").write_text(regime_markdown(cfg.toy_regime, properties))
-    fsdp.print0(rt, regime_markdown(cfg.toy_regime, properties))
+    engine.print0(rt, regime_markdown(cfg.toy_regime, properties))
     return properties
 
 
-def run(args, rest: list[str], rt: fsdp.Runtime) -> None:
+def run(args, rest: list[str], rt: engine.Runtime) -> None:
     if args.toy_properties:
         run_toy_properties(config.parse_config(rest), rt)
     elif args.plots:
         stage = Path(args.plots)
         plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)
-        fsdp.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
+        engine.print0(rt, dynamics_markdown(json.loads((stage / "dynamics.json").read_text())) if rt.main else "")
         for plot in plots:
-            fsdp.print0(rt, f"wrote {plot}")
+            engine.print0(rt, f"wrote {plot}")
     else:
         raise SystemExit("experiments.dynamics: nothing to do; give --plots=STAGE_DIR or --toy_properties")
 

@@ -10,7 +10,7 @@ Run (TRL is not a requirement of this project; install it beside the project's r
     python scripts/bench_vs_trl.py --check             # token ids, log-probs and DPO loss beside TRL's
 Single process; no torchrun (an FSDP comparison would need TRL under accelerate).
 
-What is timed: the training loop only. Ours: `fsdp.optimize` inside `dpo.run_offline` (loading,
+What is timed: the training loop only. Ours: `engine.optimize` inside `dpo.run_offline` (loading,
 tokenisation and the export around it are not timed); TRL: `trainer.train()` (its tokenisation
 happens in the trainer's constructor, not timed). The same for both, so that the two loops'
 per-step losses agree to float precision (printed): sigmoid DPO with beta 0.1, the SFT model as
@@ -18,7 +18,7 @@ the reference, its log-probs computed on the fly (TRL's default; ours always), t
 in the same order (TRL gets the pairs in our shuffled order and reads them in sequence), one
 optimizer step per batch of `batch` pairs in one micro-batch, the same AdamW (our betas 0.9,
 0.95, not TRL's 0.999) with the same schedule object (our warm-up and cosine to a tenth, not
-TRL's to zero, built by fsdp.make_scheduler), gradients clipped at our norm, fp32 on the CPU
+TRL's to zero, built by engine.make_scheduler), gradients clipped at our norm, fp32 on the CPU
 (bf16 autocast on a GPU for both), no activation checkpointing, no checkpoint written during the
 loop, dropout off. The third way, ours with full logits, swaps the fused log-prob kernel for
 logits + log_softmax + gather: the kernel's share of the difference.
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import config  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
-import fsdp  # noqa: E402
+import engine  # noqa: E402
 import losses  # noqa: E402
 import smollm2  # noqa: E402
 import toy  # noqa: E402
@@ -153,7 +153,7 @@ def our_order(rows: list[dict], cfg: config.Config) -> list[int]:
     """The order in which our loop reads the pairs (dpo.run_offline's shuffled epoch), as row indices."""
     return [
         i
-        for batch in fsdp.epoch_batches(list(range(len(rows))), 1, cfg.batch_size, seed_for_batches(cfg))
+        for batch in engine.epoch_batches(list(range(len(rows))), 1, cfg.batch_size, seed_for_batches(cfg))
         for i in batch
     ]
 
@@ -165,7 +165,7 @@ def seed_for_batches(cfg: config.Config) -> int:
 def time_ours(model_dir: Path, pairs: Path, batch: int, max_len: int, out: Path) -> tuple[float, int, list[float]]:
     """Seconds of our loop, its optimizer steps and the loss of each step."""
     cfg = our_config(model_dir, pairs, batch, max_len, out)
-    rt = fsdp.setup_distributed(cfg)
+    rt = engine.setup_distributed(cfg)
     timed = {}
     optimize = dpo.optimize
 
@@ -246,7 +246,7 @@ def trl_trainer(policy_dir: Path, ref_dir: Path, rows: list[dict], batch: int, m
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(policy_dir),
-        optimizers=(optimizer, fsdp.make_scheduler(optimizer, math.ceil(len(rows) / batch), ours)),
+        optimizers=(optimizer, engine.make_scheduler(optimizer, math.ceil(len(rows) / batch), ours)),
     )
     trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)  # rows' order
     trainer.remove_callback(PrinterCallback)  # the loss of every step is kept in log_history, not printed
@@ -304,7 +304,7 @@ def check_against_trl(root: Path, n_pairs: int = 64) -> None:
         for i, t in enumerate(theirs)
     ]
     cfg = config.parse_config([f"--beta={BETA}"])
-    rt = fsdp.Runtime()
+    rt = engine.Runtime()
     with torch.no_grad():
         logps, lengths = dpo.pair_forward(losses.LogprobModel(models["policy"]), items, rt)
         ref_logps, _ = dpo.pair_forward(losses.LogprobModel(models["ref"]), items, rt)

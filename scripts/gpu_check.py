@@ -36,7 +36,7 @@ import checkpoint  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
-import fsdp  # noqa: E402
+import engine  # noqa: E402
 import losses  # noqa: E402
 import plan  # noqa: E402
 import train  # noqa: E402
@@ -185,8 +185,8 @@ def measured_train(tag: str, argv: list[str]) -> None:
             return 0.0, 0.0
         return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
 
-    start, accumulate, step = checkpoint.Stage.start, fsdp.accumulate_gradients, fsdp.optimizer_step
-    generate = fsdp.distributed_generate  # what Algorithm 1's phase 1 calls
+    start, accumulate, step = checkpoint.Stage.start, engine.accumulate_gradients, engine.optimizer_step
+    generate = engine.distributed_generate  # what Algorithm 1's phase 1 calls
 
     def stage_start(self):
         if DEVICE == "cuda":
@@ -228,8 +228,8 @@ def measured_train(tag: str, argv: list[str]) -> None:
             )
         return generate(*args, **kwargs)
 
-    checkpoint.Stage.start, fsdp.accumulate_gradients = stage_start, timed_accumulate
-    fsdp.optimizer_step, fsdp.distributed_generate = timed_step, measured_generate
+    checkpoint.Stage.start, engine.accumulate_gradients = stage_start, timed_accumulate
+    engine.optimizer_step, engine.distributed_generate = timed_step, measured_generate
     try:
         train.main(argv)
     finally:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import config
 import dpo
-import fsdp
+import engine
 import losses
 import train
 from baselines import ppo
@@ -119,7 +119,7 @@ def pair(i):
 
 def test_kto_reference_point_and_scaling_as_trl():
     cfg = config.parse_config(["--method=kto", "--beta=0.1"])
-    rt = fsdp.Runtime()
+    rt = engine.Runtime()
     batch = [pair(i) for i in range(4)]
     policy, ref = Stand(1.0), Stand(0.7)
     z0 = dpo.kto_reference_point(batch, policy, ref, cfg, rt)
@@ -149,7 +149,7 @@ def test_selm_optimism_wiring():
     cfg = config.parse_config(["--method=selm", "--beta=0.1", "--selm_alpha=0.001"])
     batch = [pair(i) for i in range(3)]
     policy, ref = Stand(1.0), Stand(0.5)
-    loss_fn = dpo.make_preference_loss(cfg, "dpo", policy, ref, fsdp.Runtime(), optimism=0.001)
+    loss_fn = dpo.make_preference_loss(cfg, "dpo", policy, ref, engine.Runtime(), optimism=0.001)
     loss, _ = loss_fn(batch, torch.ones(3), 3, 1)
     per_pair = [
         -F.logsigmoid(
@@ -183,7 +183,7 @@ def test_selective_dpo_as_the_original(base_run, tmp_path, monkeypatch):
     out = fresh_run(base_run, tmp_path)
     monkeypatch.chdir(ROOT)
     trained = {}
-    real = fsdp.optimize
+    real = engine.optimize
 
     def recording(stage, *args, **kwargs):
         trained[stage.name] = [[item.index for item in batch] for batch in args[3]]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import config
-import fsdp
+import engine
 from conftest import run_on_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ import dataclasses, gc, json, os, sys
 from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
-import config, fsdp, losses
+import config, engine, losses
 
 toy_dir, out = sys.argv[1], Path(sys.argv[2])
 cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", f"--out_dir={out}"])
@@ -61,13 +61,13 @@ attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
 response[:, 3:] = ids[:, 3:] > 0
 
 def one_step(rt):
-    policy, tokenizer = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=True)
-    optimizer = fsdp.make_optimizer(policy, 1e-2, cfg)
+    policy, tokenizer = engine.load_logprob_model(toy_dir, cfg, rt, trainable=True)
+    optimizer = engine.make_optimizer(policy, 1e-2, cfg)
     (-policy(ids, attention, response).sum()).backward()
     optimizer.step()
     return policy, tokenizer
 
-plain, _ = one_step(fsdp.Runtime())  # one CPU process, no sharding: the reference
+plain, _ = one_step(engine.Runtime())  # one CPU process, no sharding: the reference
 expected = {k: v.detach().clone() for k, v in plain.lm.state_dict().items()}
 """
 
@@ -80,8 +80,8 @@ def test_single_process_shards_without_torchrun(toy_dir, tmp_path):
         STEP
         + """
 assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
-rt = fsdp.Runtime(fsdp=True)  # what setup_distributed makes of a lone GPU process, on CPU
-fsdp.start_process_group(rt, cfg.dist_timeout_minutes)
+rt = engine.Runtime(fsdp=True)  # what setup_distributed makes of a lone GPU process, on CPU
+engine.start_process_group(rt, cfg.dist_timeout_minutes)
 
 def whole_move(self, *args, **kwargs):
     raise AssertionError("the whole model was moved to the device before sharding")
@@ -97,20 +97,20 @@ def vllm_stand_in(prompts, n, *args, **kwargs):  # what distributed_generate han
     seen.update(sharded=all(isinstance(p, DTensor) for p in policy.parameters()), backend=kwargs["backend"])
     return [[] for _ in prompts]
 
-fsdp.generate = vllm_stand_in
+engine.generate = vllm_stand_in
 vllm_cfg = dataclasses.replace(cfg, generator="vllm")
-fsdp.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
-fsdp.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
-fsdp.export_hf(plain, plain.lm, tokenizer, out / "plain", cfg, fsdp.Runtime(), prefix="lm.")
+engine.distributed_generate(policy, tokenizer, [[1, 2]], toy_dir, 2, vllm_cfg, rt, 0, out)
+engine.export_hf(policy, policy.lm, tokenizer, out / "model", cfg, rt, prefix="lm.")
+engine.export_hf(plain, plain.lm, tokenizer, out / "plain", cfg, engine.Runtime(), prefix="lm.")
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 exported = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
 diff = max((exported[k] - expected[k]).abs().max().item() for k in expected)
 names = {path: sorted(safe_open(out / path / "model.safetensors", "pt").keys()) for path in ("model", "plain")}
-report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": fsdp.dist.get_world_size(), **names})
+report({"rank": 0, "gathered": gathered, **seen, "max_diff": diff, "world": engine.dist.get_world_size(), **names})
 del policy, plain
 gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
-fsdp.dist.destroy_process_group()
+engine.dist.destroy_process_group()
 """
     )
     (row,) = run_script(tmp_path, script, toy_dir, tmp_path / "out")
@@ -128,14 +128,14 @@ def test_each_rank_loads_only_its_shard(toy_dir, toy_rm_dir, tmp_path):
     script = """
 import gc, json, sys, torch
 from transformers import AutoModelForCausalLM
-import config, fsdp, losses
+import config, engine, losses
 from reward import RewardModel
 
 toy_dir, rm_dir = sys.argv[1], sys.argv[2]
 cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false"])
-rt = fsdp.setup_distributed(cfg)
-files = fsdp.load_causal_lm(toy_dir, cfg, rt)[2]
-policy, tokenizer = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=False)
+rt = engine.setup_distributed(cfg)
+files = engine.load_causal_lm(toy_dir, cfg, rt)[2]
+policy, tokenizer = engine.load_logprob_model(toy_dir, cfg, rt, trainable=False)
 whole = AutoModelForCausalLM.from_pretrained(toy_dir)
 ids = torch.tensor([[5, 6, 7, 8, 9, 10], [7, 7, 8, 9, 0, 0]])
 attention, response = (ids > 0).long(), torch.zeros_like(ids, dtype=torch.bool)
@@ -145,7 +145,7 @@ with torch.no_grad():
 embedding = policy.lm.get_input_embeddings().weight  # a frozen root reshards after its forward: a shard again
 rows = -(-embedding.shape[0] // rt.world)
 mine = whole.get_input_embeddings().weight[rt.rank * rows : (rt.rank + 1) * rows]
-reward = fsdp.load_reward_model(rm_dir, cfg, rt)
+reward = engine.load_reward_model(rm_dir, cfg, rt)
 prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 2, ["a b", "b a"]
 whole_reward = RewardModel.from_pretrained(rm_dir, device="cpu")
 same_rewards = reward.score(prompts, answers) == whole_reward.score(prompts, answers)
@@ -153,7 +153,7 @@ report({"rank": rt.rank, "files": len(files), "logps": same_logps, "rewards": sa
         "shard": torch.equal(embedding.to_local(), mine), "shard_rows": embedding.to_local().shape[0]})
 del policy, reward, embedding
 gc.collect()  # FSDP's objects go while the process group exists (as train.main does)
-fsdp.dist.destroy_process_group()
+engine.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, toy_rm_dir, torchrun=2)
     assert [row["rank"] for row in rows] == [0, 1]
@@ -169,9 +169,9 @@ def test_pieces_made_and_removed_at_once_on_two_ranks(tmp_path):
 import time, sys
 from pathlib import Path
 import torch.distributed as dist
-import config, fsdp
+import config, engine
 
-rt = fsdp.setup_distributed(config.parse_config([]))
+rt = engine.setup_distributed(config.parse_config([]))
 directory = Path(sys.argv[1]) / "rollout2"
 if rt.main:
     directory.mkdir()
@@ -179,7 +179,7 @@ if rt.main:
 if rt.rank == 1:
     listing = Path.glob
     Path.glob = lambda self, pattern: (time.sleep(1.0), listing(self, pattern))[1]
-pieces = fsdp.Pieces(directory, rt, "stopped")
+pieces = engine.Pieces(directory, rt, "stopped")
 pieces.remove()
 report({"rank": rt.rank, "done": sorted(pieces.done), "gone": not directory.exists()})
 dist.destroy_process_group()
@@ -194,12 +194,12 @@ def test_a_gpu_without_torchrun_gets_a_group_of_one(monkeypatch):
     for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     started = []
-    monkeypatch.setattr(fsdp, "start_process_group", lambda rt, minutes: started.append((rt.device, minutes)))
-    rt = fsdp.setup_distributed(config.parse_config([]))
+    monkeypatch.setattr(engine, "start_process_group", lambda rt, minutes: started.append((rt.device, minutes)))
+    rt = engine.setup_distributed(config.parse_config([]))
     assert not rt.fsdp and started == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    rt = fsdp.setup_distributed(config.parse_config(["--dist_timeout_minutes=45"]))
+    rt = engine.setup_distributed(config.parse_config(["--dist_timeout_minutes=45"]))
     assert rt.fsdp and rt.device == torch.device("cuda", 0) and started == [(torch.device("cuda", 0), 45.0)]
 
 
@@ -207,12 +207,12 @@ def test_process_group_timeout_device_and_object_group(monkeypatch):
     """C5: NCCL bound to the rank's GPU with the configured timeout (not NCCL's 10 minutes), and a
     gloo group with the same timeout for pickled objects; without torchrun, a group of one."""
     calls = []
-    monkeypatch.setattr(fsdp.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
-    monkeypatch.setattr(fsdp.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "gloo-group")
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(engine.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "gloo-group")
     for name, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
         monkeypatch.setenv(name, value)
-    rt = fsdp.Runtime(rank=3, world=8, local_rank=3, device=torch.device("cuda", 3), fsdp=True)
-    fsdp.start_process_group(rt, 120.0)
+    rt = engine.Runtime(rank=3, world=8, local_rank=3, device=torch.device("cuda", 3), fsdp=True)
+    engine.start_process_group(rt, 120.0)
     assert calls == [
         ("init", "nccl", {"timeout": timedelta(hours=2), "device_id": torch.device("cuda", 3)}),
         ("group", {"backend": "gloo", "timeout": timedelta(hours=2)}),
@@ -221,8 +221,8 @@ def test_process_group_timeout_device_and_object_group(monkeypatch):
     calls.clear()
     for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    rt = fsdp.Runtime(device=torch.device("cuda", 0), fsdp=True)
-    fsdp.start_process_group(rt, 30.0)
+    rt = engine.Runtime(device=torch.device("cuda", 0), fsdp=True)
+    engine.start_process_group(rt, 30.0)
     (_, backend, kwargs), _ = calls
     assert backend == "nccl" and kwargs["rank"] == 0 and kwargs["world_size"] == 1 and "store" in kwargs
     assert kwargs["device_id"] == torch.device("cuda", 0) and kwargs["timeout"] == timedelta(minutes=30)
@@ -233,10 +233,10 @@ def test_deterministic_sets_the_cublas_workspace(monkeypatch):
     refuses; the run sets it (a value the user chose is kept)."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        fsdp.setup_distributed(config.parse_config(["--deterministic"]))
+        engine.setup_distributed(config.parse_config(["--deterministic"]))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-        fsdp.setup_distributed(config.parse_config(["--deterministic"]))
+        engine.setup_distributed(config.parse_config(["--deterministic"]))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(False)
@@ -275,7 +275,7 @@ def test_ranks_agree_on_the_online_forward_and_match_one_process(toy_dir, tmp_pa
     script = """
 import dataclasses, gc, sys, types
 import torch
-import config, dpo, fsdp, train
+import config, dpo, engine, train
 from meta import MetaController
 
 toy_dir = sys.argv[1]
@@ -291,27 +291,27 @@ def tuple_(index, offline, online, tied=False):
 batch = [tuple_(0, 30, 4), tuple_(1, 8, 8), tuple_(2, 12, 3, tied=True)]
 
 def one_step(rt):
-    policy, _ = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=True)
-    ref, _ = fsdp.load_logprob_model(toy_dir, cfg, rt, trainable=False)
+    policy, _ = engine.load_logprob_model(toy_dir, cfg, rt, trainable=True)
+    ref, _ = engine.load_logprob_model(toy_dir, cfg, rt, trainable=False)
     forward, forwards = policy.forward, []
     policy.forward = lambda *args: forwards.append(args[0].shape[0]) or forward(*args)
-    optimizer = fsdp.make_optimizer(policy, 1e-2, cfg)
+    optimizer = engine.make_optimizer(policy, 1e-2, cfg)
     loss_fn = train.metaapo_loss(cfg, policy, ref, MetaController(), rt)
-    fsdp.accumulate_gradients(types.SimpleNamespace(cfg=cfg, rt=rt), policy, batch, loss_fn, len(batch))
+    engine.accumulate_gradients(types.SimpleNamespace(cfg=cfg, rt=rt), policy, batch, loss_fn, len(batch))
     optimizer.step()
-    return fsdp.full_state_dict(policy, rt), forwards
+    return engine.full_state_dict(policy, rt), forwards
 
-expected, _ = one_step(fsdp.Runtime())  # one process, no sharding: the three tuples in three micro-batches
-rt = fsdp.setup_distributed(cfg)
-alone = dpo.online_split([batch[rt.rank]], fsdp.Runtime())  # this rank's tuple on its own
+expected, _ = one_step(engine.Runtime())  # one process, no sharding: the three tuples in three micro-batches
+rt = engine.setup_distributed(cfg)
+alone = dpo.online_split([batch[rt.rank]], engine.Runtime())  # this rank's tuple on its own
 state, forwards = one_step(rt)
 # the whole state reaches rank 0 only; a tied weight is in it once
 diff = max((state[k] - expected[k]).abs().max().item() for k in state) if state else None
 report({"rank": rt.rank, "alone": alone, "forwards": len(forwards), "max_diff": diff, "tensors": len(state)})
 del state
 gc.collect()
-fsdp.dist.barrier()
-fsdp.dist.destroy_process_group()
+engine.dist.barrier()
+engine.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, torchrun=2)
     assert [row["alone"] for row in rows] == [True, False]  # each rank alone would decide otherwise
@@ -330,7 +330,7 @@ def test_a_gpu_run_from_a_fresh_checkout_plans_after_building_the_toy(tmp_path, 
     monkeypatch.chdir(tmp_path)
     gpu = {"total_memory": 80 * 2**30}
     monkeypatch.setattr(
-        checkpoint, "setup_distributed", lambda cfg: fsdp.Runtime(device=torch.device("cuda", 0), fsdp=True)
+        checkpoint, "setup_distributed", lambda cfg: engine.Runtime(device=torch.device("cuda", 0), fsdp=True)
     )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(**gpu))
     planned = []
@@ -362,7 +362,7 @@ def test_a_checkpoint_written_on_a_gpu_is_read_onto_the_cpu(tmp_path):
     import checkpoint
     from meta import MetaController, meta_features
 
-    rt, meta = fsdp.Runtime(), MetaController()
+    rt, meta = engine.Runtime(), MetaController()
     for _ in range(meta.interval):
         scores = -torch.rand(4) * 3
         meta.buffer.append(scores, scores + 0.5, meta_features(scores))
@@ -370,7 +370,7 @@ def test_a_checkpoint_written_on_a_gpu_is_read_onto_the_cpu(tmp_path):
     stage = checkpoint.Stage(config.parse_config([f"--out_dir={tmp_path}"]), rt, "metaapo")
     with saved_as_on_a_gpu():
         stage.save_checkpoint(3, None, None, None, {"iteration_state": {"meta": meta.state_dict()}, "rank_local": {}})
-        fsdp.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, lambda k: torch.ones(2))
+        engine.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, lambda k: torch.ones(2))
     path = stage.latest_checkpoint()
     with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load of it does on a CPU machine
         torch.load(path / "state.pt", weights_only=False)
@@ -379,7 +379,7 @@ def test_a_checkpoint_written_on_a_gpu_is_read_onto_the_cpu(tmp_path):
     restored.load_state_dict(stage.load_checkpoint(path, None, None, None)["iteration_state"]["meta"])
     assert restored.curve() == meta.curve() and restored.updates == 1
     assert restored.optimizer.state_dict()["state"][0]["exp_avg"].device.type == "cpu"
-    (piece,) = fsdp.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, None)
+    (piece,) = engine.Pieces(tmp_path / "pieces", rt, "").run("scores", 1, None)
     assert torch.equal(piece, torch.ones(2))
 
 
@@ -390,12 +390,12 @@ def test_the_gate_is_decided_once_for_every_rank(tmp_path):
     h is shifted here so that alone it would send almost nothing."""
     script = """
 import torch
-import config, fsdp, train
+import config, engine, train
 from dpo import PairScores
 from meta import MetaController, meta_features
 
 cfg = config.parse_config([])
-rt = fsdp.setup_distributed(cfg)
+rt = engine.setup_distributed(cfg)
 scores = [PairScores(-3.0 + 0.1 * i, -3.0 + 0.1 * i, 0.0, 0.0) for i in range(40)]
 meta = MetaController(seed=0)
 if rt.rank == 1:
@@ -406,8 +406,8 @@ alone = MetaController(seed=0).gate(l_off, meta_features(l_off)).selected.tolist
 selected, w = train.meta_gate(meta, scores, cfg, rt)
 next_draw = torch.rand(1, generator=meta.generator).item()
 report({"rank": rt.rank, "selected": selected, "w": w, "alone": alone, "next_draw": next_draw})
-fsdp.dist.barrier()  # no rank tears its group down while the other is still inside the gather
-fsdp.dist.destroy_process_group()
+engine.dist.barrier()  # no rank tears its group down while the other is still inside the gather
+engine.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, torchrun=2)
     assert rows[0]["selected"] == rows[1]["selected"] == rows[0]["alone"] and rows[0]["w"] == rows[1]["w"]
@@ -422,28 +422,28 @@ def test_the_reward_model_stage_loads_only_its_shard_with_a_new_head(toy_dir, tm
     script = """
 import gc, sys
 import transformers
-import config, fsdp
+import config, engine
 
 toy_dir = sys.argv[1]
 cfg = config.parse_config([f"--model={toy_dir}", "--activation_checkpointing=false", "--seed=3"])
 prompts, answers = [[{"role": "user", "content": "ascending : b a"}]] * 3, ["a b", "b a", "a a"]
-whole = fsdp.load_reward_model(toy_dir, cfg, fsdp.Runtime(), trainable=True, init_head=True)  # from_pretrained
+whole = engine.load_reward_model(toy_dir, cfg, engine.Runtime(), trainable=True, init_head=True)  # from_pretrained
 expected = whole.score(prompts, answers)
 
 def whole_model(*args, **kwargs):
     raise AssertionError("the whole model was loaded on a rank's host")
 
 transformers.AutoModelForSequenceClassification.from_pretrained = whole_model
-rt = fsdp.setup_distributed(cfg)
-rt.objects = fsdp.dist.new_group(backend="gloo")  # as on CUDA: scores travel over it, not over NCCL
-sharded = fsdp.load_reward_model(toy_dir, cfg, rt, trainable=True, init_head=True)
+rt = engine.setup_distributed(cfg)
+rt.objects = engine.dist.new_group(backend="gloo")  # as on CUDA: scores travel over it, not over NCCL
+sharded = engine.load_reward_model(toy_dir, cfg, rt, trainable=True, init_head=True)
 got = sharded.score(prompts, answers)
 diff = max(abs(a - b) for a, b in zip(got, expected))
 report({"rank": rt.rank, "diff": diff, "scores": got, "group": sharded.group is rt.objects})
 del sharded
 gc.collect()
-fsdp.dist.barrier()
-fsdp.dist.destroy_process_group()
+engine.dist.barrier()
+engine.dist.destroy_process_group()
 """
     rows = run_script(tmp_path, script, toy_dir, torchrun=2)
     assert all(row["diff"] < 1e-5 and row["group"] for row in rows), rows

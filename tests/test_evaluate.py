@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 import config
 import data
+import engine
 import evaluate
-import fsdp
 import losses
 import toy
 from conftest import TINY
@@ -125,7 +125,7 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
     ]
     (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     calls, loads = [], []
-    real, real_load = evaluate.generate_answers, fsdp.load_logprob_model
+    real, real_load = evaluate.generate_answers, engine.load_logprob_model
 
     def recording(cfg, rt, model_path, conversations, temperature, seed, loaded=None):
         calls.append(([list(c) for c in conversations], temperature))
@@ -136,7 +136,7 @@ def test_mt_bench_answers_two_turns_at_fastchat_temperatures(toy_dir, tmp_path, 
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate_answers", recording)
-    monkeypatch.setattr(fsdp, "load_logprob_model", counting_load)
+    monkeypatch.setattr(engine, "load_logprob_model", counting_load)
     evaluate.main(
         [f"--model={toy_dir}", "--name=tiny", f"--mt_bench={tmp_path / 'question.jsonl'}", f"--out={tmp_path / 'out'}"]
         + GENERATION
@@ -165,7 +165,7 @@ def test_vllm_generator_loads_no_policy_and_answers_through_the_workers(fake_vll
     def no_policy(*args, **kwargs):
         raise AssertionError("the policy was loaded for the vLLM generator")
 
-    monkeypatch.setattr(fsdp, "load_logprob_model", no_policy)
+    monkeypatch.setattr(engine, "load_logprob_model", no_policy)
     (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "ascending : b a"}] * 3))
     evaluate.main(
         [
@@ -393,7 +393,7 @@ def test_only_the_main_rank_writes_a_plot(tmp_path):
     for rank in (1, 0):
         figure, axis = plt.subplots()
         axis.plot([0, 1], [1, 0])
-        dynamics._save(figure, tmp_path / "plot.png", plt, fsdp.Runtime(rank=rank, world=2))
+        dynamics._save(figure, tmp_path / "plot.png", plt, engine.Runtime(rank=rank, world=2))
         assert (tmp_path / "plot.png").exists() is (rank == 0)
 
 
@@ -501,7 +501,7 @@ def test_rows_at_metaapos_ratio_are_calibrated_per_seed_and_equal_steps_reach_it
     monkeypatch.setattr(compare, "gold_scores", lambda *args: [5.0, 6.0, 7.0, 8.0])
     monkeypatch.setattr(compare.toy, "ensure_toy_assets", lambda *args, **kwargs: None)
     rows = [r for r in compare.COMPARE_ROWS if r[0] in ("SFT", "DPO", "MetaAPO", *compare.AT_METAAPO_RATIO)]
-    results = compare.compare([0, 1], tmp_path, rows, [], fsdp.Runtime(), equal_steps=63)
+    results = compare.compare([0, 1], tmp_path, rows, [], engine.Runtime(), equal_steps=63)
     by = {(seed, config.stage_name(cfg, method)): cfg for seed, method, cfg in ran}
     for seed, ratio in ((0, "0.612"), (1, "0.58")):
         assert by[seed, f"metaapo-sampling_random-random_ratio_{ratio}-steps_per_iteration_63"].random_ratio == float(

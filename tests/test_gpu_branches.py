@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 import checkpoint
 import config
-import fsdp
+import engine
 import losses
 import reward
 import sample
@@ -55,21 +55,21 @@ GPU_ONLY_LINES = {
         1,
         [f"{E}::test_vllm_generator_loads_no_policy_and_answers_through_the_workers"],
     ),
-    ("fsdp.py", "setup_distributed"): (5, [f"{D}::test_a_gpu_without_torchrun_gets_a_group_of_one", SHARDED]),
-    ("fsdp.py", "start_process_group"): (2, [f"{D}::test_process_group_timeout_device_and_object_group"]),
-    ("fsdp.py", "shard_model"): (1, [SHARDED]),
-    ("fsdp.py", "mixed_precision"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
-    ("fsdp.py", "weights_dtype"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
-    ("fsdp.py", "load_pretrained"): (
+    ("engine.py", "setup_distributed"): (5, [f"{D}::test_a_gpu_without_torchrun_gets_a_group_of_one", SHARDED]),
+    ("engine.py", "start_process_group"): (2, [f"{D}::test_process_group_timeout_device_and_object_group"]),
+    ("engine.py", "shard_model"): (1, [SHARDED]),
+    ("engine.py", "mixed_precision"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
+    ("engine.py", "weights_dtype"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
+    ("engine.py", "load_pretrained"): (
         1,
         [SHARDED, f"{D}::test_the_reward_model_stage_loads_only_its_shard_with_a_new_head"],
     ),
-    ("fsdp.py", "load_logprob_model"): (1, [SHARDED]),
-    ("fsdp.py", "release_memory"): (2, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
-    ("fsdp.py", "full_state_dict"): (1, [f"{D}::test_ranks_agree_on_the_online_forward_and_match_one_process"]),
-    ("fsdp.py", "export_hf"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
-    ("fsdp.py", "accumulate_gradients"): (1, [f"{D}::test_ranks_agree_on_the_online_forward_and_match_one_process"]),
-    ("fsdp.py", "distributed_generate"): (
+    ("engine.py", "load_logprob_model"): (1, [SHARDED]),
+    ("engine.py", "release_memory"): (2, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
+    ("engine.py", "full_state_dict"): (1, [f"{D}::test_ranks_agree_on_the_online_forward_and_match_one_process"]),
+    ("engine.py", "export_hf"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
+    ("engine.py", "accumulate_gradients"): (1, [f"{D}::test_ranks_agree_on_the_online_forward_and_match_one_process"]),
+    ("engine.py", "distributed_generate"): (
         3,
         [
             f"{E}::test_vllm_generator_loads_no_policy_and_answers_through_the_workers",
@@ -77,7 +77,7 @@ GPU_ONLY_LINES = {
             TWO_RANK_METAAPO,
         ],
     ),
-    ("fsdp.py", "distributed_generate.one_round"): (1, [TWO_RANK_METAAPO]),
+    ("engine.py", "distributed_generate.one_round"): (1, [TWO_RANK_METAAPO]),
     ("losses.py", "default_chunk_size"): (1, [f"{G}::test_precision_and_memory_choices_on_a_gpu"]),
     ("losses.py", "main"): (2, [f"{G}::test_the_kernel_self_check_covers_the_gpu"]),
     ("meta.py", "MetaController.update"): (1, ["tests/test_meta.py::test_two_process_gloo_update_keeps_phi_identical"]),
@@ -207,21 +207,24 @@ def test_precision_and_memory_choices_on_a_gpu(toy_dir, tmp_path, monkeypatch):
     """On a GPU: bf16 compute over fp32 master weights with fp32 gradient reductions; frozen models
     held in bf16; exports in bf16 unless told; the kernel's CUDA chunk; the allocator's cache given
     back when memory is released (before a vLLM child starts)."""
-    gpu, cpu = fsdp.Runtime(device=torch.device("cuda", 0)), fsdp.Runtime()
-    policy = fsdp.mixed_precision(gpu)
+    gpu, cpu = engine.Runtime(device=torch.device("cuda", 0)), engine.Runtime()
+    policy = engine.mixed_precision(gpu)
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
-    assert fsdp.mixed_precision(cpu).param_dtype is None
-    assert fsdp.weights_dtype(gpu, trainable=False) == torch.bfloat16 and fsdp.weights_dtype(gpu, True) == torch.float32
-    assert fsdp.weights_dtype(cpu, trainable=False) == torch.float32
+    assert engine.mixed_precision(cpu).param_dtype is None
+    assert (
+        engine.weights_dtype(gpu, trainable=False) == torch.bfloat16
+        and engine.weights_dtype(gpu, True) == torch.float32
+    )
+    assert engine.weights_dtype(cpu, trainable=False) == torch.float32
     assert losses.default_chunk_size(gpu.device) == 256 and losses.default_chunk_size(cpu.device) == 512
     model, tokenizer = LlamaForCausalLM.from_pretrained(toy_dir), AutoTokenizer.from_pretrained(toy_dir)
     cfg = config.parse_config([f"--model={toy_dir}"])
-    fsdp.export_hf(model, model, tokenizer, tmp_path / "export", cfg, gpu)
+    engine.export_hf(model, model, tokenizer, tmp_path / "export", cfg, gpu)
     assert {t.dtype for t in load_file(tmp_path / "export" / "model.safetensors").values()} == {torch.bfloat16}
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    fsdp.release_memory(None)
+    engine.release_memory(None)
     assert emptied == [True]
 
 

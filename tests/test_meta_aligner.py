@@ -213,8 +213,8 @@ TINY_MO = [
 @pytest.fixture(scope="module")
 def mo_shared(tmp_path_factory):
     """A tiny two-objective toy and the stages before the online ones (SFT, stage 0), built once."""
+    from engine import setup_distributed
     from experiments.meta_aligner import meta_aligner as meal
-    from fsdp import setup_distributed
 
     root = tmp_path_factory.mktemp("mo")
     assets = mo.ensure_mo_assets(0, root / "data", {"sft": 64, "train_prefs": 64, "test_prefs": 8})

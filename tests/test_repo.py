@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The source files in layers: a file imports only files of earlier layers, so the
 # dependencies flow one way and there is no circle. The seven original scripts, the engine files
-# (config, fsdp, checkpoint, plan), the objective MetaAPO builds on (dpo), the other methods
+# (config, engine, checkpoint, plan), the objective MetaAPO builds on (dpo), the other methods
 # (baselines/), Algorithm 1 (train.py) and the evaluation on top; then the research record
 # (experiments/), which builds on all of it and which nothing outside it imports.
 LAYERS = [
@@ -18,7 +18,7 @@ LAYERS = [
     ["smollm2.py"],
     ["reward.py"],
     ["config.py"],
-    ["fsdp.py"],
+    ["engine.py"],
     ["checkpoint.py", "plan.py"],
     ["dpo.py"],
     ["baselines/ppo.py", "baselines/selective_dpo.py", "baselines/boundary.py", "baselines/online.py"],

@@ -22,8 +22,8 @@ import checkpoint
 import config
 import data
 import dpo
+import engine
 import evaluate
-import fsdp
 import train
 from conftest import TINY, fresh_run, in_directory, metrics, overriding, run_train
 
@@ -158,9 +158,9 @@ def test_a_signal_finishes_the_step_checkpoints_and_exits(base_run, whole_dpo, t
 def test_a_stopped_run_is_named_by_its_program(monkeypatch, capsys):
     """The one line a stopped run ends with names the program that stopped (meta_aligner.py's said
     train.py), with status 128 + the signal."""
-    monkeypatch.setattr(fsdp, "STOP_SIGNAL", [signal.SIGTERM])
+    monkeypatch.setattr(engine, "STOP_SIGNAL", [signal.SIGTERM])
     with pytest.raises(SystemExit) as stopped:
-        fsdp.stop_exit("[aligner] stopped after step 3", "meta_aligner.py")
+        engine.stop_exit("[aligner] stopped after step 3", "meta_aligner.py")
     assert stopped.value.code == 143
     assert capsys.readouterr().err == "meta_aligner.py: [aligner] stopped after step 3\n"
 
@@ -169,11 +169,11 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     """The handler itself (two signals sent at once merge into one in the kernel, so this is not
     tested through a process): the first asks for a stop, the second exits with 128 + signal."""
     exits = []
-    monkeypatch.setattr(fsdp, "STOP_SIGNAL", [])
-    monkeypatch.setattr(fsdp.os, "_exit", exits.append)
-    fsdp.request_stop(signal.SIGTERM, None)
-    assert fsdp.STOP_SIGNAL == [signal.SIGTERM] and exits == []
-    fsdp.request_stop(signal.SIGINT, None)
+    monkeypatch.setattr(engine, "STOP_SIGNAL", [])
+    monkeypatch.setattr(engine.os, "_exit", exits.append)
+    engine.request_stop(signal.SIGTERM, None)
+    assert engine.STOP_SIGNAL == [signal.SIGTERM] and exits == []
+    engine.request_stop(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
 
 
@@ -231,11 +231,11 @@ def test_pieces_read_back_count_the_seconds_they_took(tmp_path, monkeypatch):
         def time(self):
             return next(self.readings)
 
-    monkeypatch.setattr(fsdp, "time", Clock())
-    rt, directory = fsdp.Runtime(), tmp_path / "phase1"
-    first = fsdp.Pieces(directory, rt, "stopped")
+    monkeypatch.setattr(engine, "time", Clock())
+    rt, directory = engine.Runtime(), tmp_path / "phase1"
+    first = engine.Pieces(directory, rt, "stopped")
     assert first.run("scores", 2, lambda k: [k]) == [[0], [1]] and first.restored_s == 0.0
-    second = fsdp.Pieces(directory, rt, "stopped")  # the resumed run: two pieces read back, the third computed
+    second = engine.Pieces(directory, rt, "stopped")  # the resumed run: two pieces read back, the third computed
     assert second.run("scores", 3, lambda k: [k]) == [[0], [1], [2]]
     assert second.restored_s == pytest.approx(7.0)
     assert (directory / "scores-00002.seconds").read_text() == "1.000"
@@ -258,14 +258,14 @@ def test_a_resumed_stage_counts_the_time_its_checkpoint_carries(tmp_path, monkey
     clock = Clock()
     monkeypatch.setattr(checkpoint, "time", clock)
     cfg = config.parse_config([f"--out_dir={tmp_path}", "--resume"])
-    first = checkpoint.Stage(cfg, fsdp.Runtime(), "dpo")
+    first = checkpoint.Stage(cfg, engine.Runtime(), "dpo")
     first.start()
     clock.now = 5.0
     first.save_checkpoint(1, None, None, None, {})
     clock.now = 9.0  # killed here
     assert first.elapsed_s() == 9.0
     clock.now = 100.0
-    second = checkpoint.Stage(cfg, fsdp.Runtime(), "dpo")
+    second = checkpoint.Stage(cfg, engine.Runtime(), "dpo")
     second.load_checkpoint(second.start(), None, None, None)
     clock.now = 103.0
     assert second.elapsed_s() == pytest.approx(8.0)
@@ -545,7 +545,7 @@ def test_a_metaapo_run_stopped_while_finishing_resumes_what_it_kept(base_run, tm
     def killed(source, target):
         raise SystemExit(137)  # what a kill at that moment leaves: every checkpoint, no model/, no done.json
 
-    monkeypatch.setattr(fsdp, "copy_tree", killed)  # what IterativeRun.finish calls
+    monkeypatch.setattr(engine, "copy_tree", killed)  # what IterativeRun.finish calls
     with in_directory(ROOT), pytest.raises(SystemExit):
         train.main(args)
     monkeypatch.undo()
@@ -564,11 +564,11 @@ def test_checkpoints_by_time_cost_at_most_a_twentieth(tmp_path, monkeypatch):
     """The default cadence: a checkpoint after the first step (none with a model yet), then once
     the last one's write time is at most 5% of the time since it began: 1 s to write, due 19 s after."""
     clock = types.SimpleNamespace(now=0.0)
-    monkeypatch.setattr(fsdp.time, "time", lambda: clock.now)
-    stage = types.SimpleNamespace(cfg=config.parse_config([]), rt=fsdp.Runtime(), last_save=0.0, save_cost_s=None)
-    due = lambda: fsdp.reduce_metrics(stage, {"loss": 0.0}, by_time=True)[2]  # noqa: E731
+    monkeypatch.setattr(engine.time, "time", lambda: clock.now)
+    stage = types.SimpleNamespace(cfg=config.parse_config([]), rt=engine.Runtime(), last_save=0.0, save_cost_s=None)
+    due = lambda: engine.reduce_metrics(stage, {"loss": 0.0}, by_time=True)[2]  # noqa: E731
     assert due()
     stage.save_cost_s, clock.now = 1.0, 18.0
-    assert not due() and not fsdp.reduce_metrics(stage, {}, by_time=False)[2]
+    assert not due() and not engine.reduce_metrics(stage, {}, by_time=False)[2]
     clock.now = 19.0
     assert due()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import config
 import data
-import fsdp
+import engine
 import sample
 import smollm2
 from conftest import ROOT, in_directory, metrics, run_train
@@ -89,11 +89,11 @@ def test_export_and_reload_keep_the_weights(smollm2_model, tmp_path):
     """The policy loaded as train.py loads it, exported (fp32 on the CPU, the tied head once) and
     reloaded by from_pretrained: the same log-probs."""
     cfg = config.parse_config(["--model=smollm2"])
-    policy, tokenizer = fsdp.load_logprob_model(str(smollm2_model), cfg, fsdp.Runtime(), trainable=False)
-    fsdp.export_hf(policy, policy.lm, tokenizer, tmp_path / "export", cfg, fsdp.Runtime(), prefix="lm.")
+    policy, tokenizer = engine.load_logprob_model(str(smollm2_model), cfg, engine.Runtime(), trainable=False)
+    engine.export_hf(policy, policy.lm, tokenizer, tmp_path / "export", cfg, engine.Runtime(), prefix="lm.")
     names = load_file(tmp_path / "export" / "model.safetensors").keys()
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied: written once
-    reloaded, _ = fsdp.load_logprob_model(str(tmp_path / "export"), cfg, fsdp.Runtime(), trainable=False)
+    reloaded, _ = engine.load_logprob_model(str(tmp_path / "export"), cfg, engine.Runtime(), trainable=False)
     ids = torch.tensor([data.encode_prompt(tokenizer, [{"role": "user", "content": "Add 30 and 12."}]) + [33, 34]])
     response = torch.zeros_like(ids, dtype=torch.bool)
     response[:, -2:] = True
@@ -106,7 +106,7 @@ def test_the_reward_model_on_the_real_checkpoint(smollm2_model):
     does not depend on the padding of its batch (pad = EOS here: the head pools the answer's last
     token, the newline after <|im_end|>)."""
     cfg = config.parse_config(["--model=smollm2"])
-    rm = fsdp.load_reward_model(str(smollm2_model), cfg, fsdp.Runtime(), trainable=False, init_head=True)
+    rm = engine.load_reward_model(str(smollm2_model), cfg, engine.Runtime(), trainable=False, init_head=True)
     assert rm.model.config.num_labels == 1 and rm.model.config.pad_token_id == rm.tokenizer.pad_token_id
     prompt = [{"role": "user", "content": "What is 17 + 25?"}]
     alone = rm.score([prompt], ["42"])

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import config
 import data
 import dpo
-import fsdp
+import engine
 import losses
 import train
 from config import Config, ConfigError, parse_config
@@ -201,7 +201,7 @@ def test_short_online_pairs_get_a_forward_of_their_own(toy_dir):
             for i in range(2)
         ]
 
-    rt = fsdp.Runtime()
+    rt = engine.Runtime()
     for online_length, forwards in ((6, 2), (27, 1)):
         items = tuples(online_length)
         calls.clear()
@@ -579,7 +579,7 @@ def test_a_tuple_whose_rewards_all_tie_keeps_its_offline_pair_with_a_zero_gradie
     model = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
     ref = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
     tied = dataclasses.replace(kept[1], weight_override=0.0)  # w = 0: Eq. 5 is the online term alone
-    loss_fn = train.metaapo_loss(cfg, model, ref, MetaController(), fsdp.Runtime())
+    loss_fn = train.metaapo_loss(cfg, model, ref, MetaController(), engine.Runtime())
     loss, sums, _ = loss_fn([tied], torch.ones(1, dtype=torch.float64), 1, 1)
     assert sums["l_on_sum"] == pytest.approx(math.log(0.5), abs=1e-12)
     loss.backward()

@@ -65,8 +65,7 @@ import toy
 import train
 from checkpoint import Stage, entry_process, read_json, write_json
 from config import Config, ConfigError, config_help, parse_config, seed_for
-from experiments.meta_aligner import toy_multiobjective as mo
-from fsdp import (
+from engine import (
     NonFiniteLoss,
     Progress,
     Runtime,
@@ -84,6 +83,7 @@ from fsdp import (
     shuffled,
     stop_exit,
 )
+from experiments.meta_aligner import toy_multiobjective as mo
 
 WEIGHT_TEMPERATURE = 0.1  # T_w of the realised-weight map (PRO's appendix)
 

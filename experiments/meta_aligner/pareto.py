@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import data
-import fsdp
+import engine
 from config import seed_for
 from experiments import experiment_parser, run_experiment
 from experiments.compare import paired_t_interval
@@ -60,11 +60,11 @@ def heldout_prompts(cfg) -> list[str]:
 
 def answers(cfg, rt, model_dir: Path, texts: list[str], seed: int) -> list[str]:
     """One sampled answer per text (the user's turn), on every rank."""
-    model, tokenizer = fsdp.load_logprob_model(str(model_dir), cfg, rt, trainable=False)
+    model, tokenizer = engine.load_logprob_model(str(model_dir), cfg, rt, trainable=False)
     ids = [data.encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
-    out = fsdp.distributed_generate(model, tokenizer, ids, "", 1, cfg, rt, seed, model_dir, backend="transformers")
+    out = engine.distributed_generate(model, tokenizer, ids, "", 1, cfg, rt, seed, model_dir, backend="transformers")
     del model
-    fsdp.release_memory()
+    engine.release_memory()
     return [g[0].text for g in out]
 
 
@@ -140,7 +140,7 @@ def evaluate_model(cfg, rt, model_dir: Path, kind: str, weight_net: Path | None,
     if rt.main:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(record, indent=2))
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     return record
 
 
@@ -166,7 +166,7 @@ def run_row(out: Path, seed: int, method: str | None, extra: list[str], rest: li
         sft = meal.shared_dir(cfg) / meal.STAGE_SFT / "model"  # ensure_offline made it
         return {"checkpoints": [evaluate_model(cfg, rt, sft, "none", None, stats, evals / "sft.json")]}
     summary = meal.ensure_online(cfg, rt)
-    fsdp.release_memory()
+    engine.release_memory()
     offline = meal.shared_dir(cfg) / meal.offline_stage(cfg)
     stats = meal.offline_stats(offline)
     kind = "ric" if method == "ric" else "wic"
@@ -314,7 +314,7 @@ def plot(results: dict, per_seed: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
+def run_pareto(args, rest: list[str], rt: engine.Runtime) -> None:
     """Every row over the seeds; results.md, results.json and fronts.png in the directory."""
     started = time.time()
     out = Path(args.out)
@@ -329,13 +329,13 @@ def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if rt.main:
         mo.ensure_mo_assets(0)
-    fsdp.barrier(rt)
+    engine.barrier(rt)
     per_seed: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
     for seed in seeds:
         for label, method, extra in rows:
             per_seed[label].append(run_row(out, seed, method, extra, rest, rt))
             final = per_seed[label][-1]["checkpoints"][-1]
-            fsdp.print0(rt, f"[pareto] seed {seed} {label}: hypervolume {final['hypervolume']:.1f}")
+            engine.print0(rt, f"[pareto] seed {seed} {label}: hypervolume {final['hypervolume']:.1f}")
     cfg = meal.mo_config(["--data_seed=0", f"--aligner_shared_dir={out / 'shared'}", *rest], later_wins=True)
     oracle = oracle_record(cfg)
     results = {
@@ -355,7 +355,7 @@ def run_pareto(args, rest: list[str], rt: fsdp.Runtime) -> None:
         (out / "results.md").write_text(results_markdown(results))
         print(results_markdown(results))
         print(f"wrote {out / 'results.md'}")
-    fsdp.barrier(rt)
+    engine.barrier(rt)
 
 
 def main(argv: list[str] | None = None) -> None:
