@@ -337,7 +337,7 @@ def join_online_pairs(
 
 def run_sft(cfg: config.Config, rt: engine.Runtime, name: str = "sft") -> dict:
     """Supervised fine-tuning of cfg.model on cfg.sft_dataset: mean NLL of the response tokens of each
-    global batch, in stage `name` (meta_aligner.py's conditional SFT is another)."""
+    global batch, in stage `name` (the Meta-Aligner's conditional SFT, experiments/meta_aligner, is another)."""
     examples, load_stats = data.load_sft(cfg.sft_dataset, None, cfg.skip_bad_rows)
     tokenized, stats = data.tokenize_sft(examples, data.load_tokenizer(cfg.model), cfg.max_prompt_len, cfg.max_len)
     engine.print0(rt, f"[{name}] {cfg.sft_dataset}: {load_stats.summary()}; tokenized: {stats.summary()}")
