@@ -234,7 +234,10 @@ def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaControl
         offline_out, l_off = dpo.objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
         features = meta.meta_features(
-            dpo.meta_input_score(cfg, l_off, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
+            meta.meta_input_score(cfg.objective, cfg.beta, cfg.meta_input_beta, l_off, logps, ref_logps),
+            ratios[0],
+            ratios[1],
+            inputs=cfg.meta_inputs,
         )
         w = meta_learner.loss_weights(features)  # Alg. 1 line 16: w = h(l_off), the current theta, fixed in Eq. 5
         fixed = torch.tensor(

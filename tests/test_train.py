@@ -22,6 +22,7 @@ import data
 import dpo
 import engine
 import losses
+import meta
 import train
 from config import Config, ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, overriding, run_train
@@ -229,14 +230,21 @@ def test_meta_input_score_scales_only_h_input():
     ref = torch.tensor([[-4.0, -4.0], [-4.0, -4.0]])
     score = losses.preference_score(policy[0], policy[1], ref[0], ref[1], 0.1)
     default = parse_config([])
-    assert dpo.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
+    assert (
+        meta.meta_input_score(default.objective, default.beta, default.meta_input_beta, score, policy, ref) is score
+    )  # Eq. 4 with beta: the score itself
     reference_code = parse_config(["--meta_input_beta=1"])
     delta = (policy[0] - ref[0]) - (policy[1] - ref[1])
     torch.testing.assert_close(
-        dpo.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta)
+        meta.meta_input_score(
+            reference_code.objective, reference_code.beta, reference_code.meta_input_beta, score, policy, ref
+        ),
+        torch.nn.functional.logsigmoid(delta),
     )
     simpo = parse_config(["--meta_input_beta=1", "--objective=simpo"])
-    assert dpo.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
+    assert (
+        meta.meta_input_score(simpo.objective, simpo.beta, simpo.meta_input_beta, score, policy, None) is score
+    )  # A.9 holds its own beta
     with pytest.raises(ConfigError, match="meta_input_beta"):
         parse_config(["--meta_input_beta=-1"])
 
