@@ -530,6 +530,22 @@ def equal_step_count(train_args: list[str]) -> int:
     return math.ceil(math.ceil(pairs / cfg.iterations) / cfg.batch_size)
 
 
+def selected_labels(methods: str) -> list[str]:
+    """The row labels --methods names, comma-separated (a label may hold a comma itself); every
+    row when empty. A name that is no row's label is an error listing the labels."""
+    labels = [label for label, _, _ in COMPARE_ROWS]
+    if not methods:
+        return labels
+    found = [label for label in labels if f",{label}," in f",{methods},"]
+    rest = f",{methods},"
+    for label in sorted(found, key=len, reverse=True):
+        rest = rest.replace(f",{label},", ",,")
+    unknown = [name for name in rest.split(",") if name.strip()]
+    if unknown:
+        raise SystemExit(f"experiments.compare: --methods: no row is called {unknown}; the rows: {labels}")
+    return found
+
+
 def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     """The tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
@@ -538,7 +554,7 @@ def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     task = f"-{given.preset}" if given.preset != "toy" else ""
     task = f"-{given.toy_regime}" if given.toy_regime != "mismatch" else task
     out = Path(args.out or f"out/compare{task}")
-    rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
+    rows = [r for r in COMPARE_ROWS if r[0] in selected_labels(args.methods) or r[0] == "SFT"]
     steps = equal_step_count(COMPARE_TRAIN_ARGS + rest) if args.equal_steps else 0
     results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt, steps)
     suffix = "-equal_steps" if steps else ""

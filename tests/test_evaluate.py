@@ -562,3 +562,11 @@ def test_held_out_half_coverage_and_the_meta_learner_drift(tmp_path):
     ]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert compare.h_at_zero(stage, 3) == [0.6, 0.6, 0.7]
+
+
+def test_methods_names_rows_whose_labels_hold_commas():
+    iterative = "Iterative DPO (authors' script: from SFT, reference fixed)"
+    assert compare.selected_labels(f"MetaAPO,{iterative},Online DPO") == ["Online DPO", iterative, "MetaAPO"]
+    assert compare.selected_labels("") == [label for label, _, _ in compare.COMPARE_ROWS]
+    with pytest.raises(SystemExit, match=r"no row is called \['Iterative DPO'\]"):
+        compare.selected_labels("MetaAPO,Iterative DPO")
