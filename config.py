@@ -144,6 +144,8 @@ class Config:
     # a sampled tuple whose K rewards all tie: keep = its offline pair trains with a zero-gradient
     # (y, y) online pair, as in the reference code; drop = the tuple is dropped, offline pair too
     tied_samples: str = "keep"
+    # metaapo, as a diagnostic: false = a tied tuple trains in Eq. 5 but its (l_off, l_on) stays out of the meta buffer
+    tied_in_meta_buffer: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 2048
@@ -813,9 +815,12 @@ def stage_name(cfg: Config, method: str) -> str:
             "meta_inputs",
             "meta_input_beta",
             "objective",
+            "meta_interval",
+            "meta_lr",
+            "tied_in_meta_buffer",
         ),
-        "online_dpo": ("objective", "prompt_ratio", "steps_per_iteration"),
-        "iterative_dpo": ("objective", "prompt_ratio", "steps_per_iteration"),
+        "online_dpo": ("objective", "prompt_ratio", "steps_per_iteration", "tied_samples"),
+        "iterative_dpo": ("objective", "prompt_ratio", "steps_per_iteration", "tied_samples"),
         "selm": ("objective", "steps_per_iteration"),
         "adpo": ("adpo_offline", "steps_per_iteration"),
         "boundary": ("objective", "schedule", "steps_per_iteration"),

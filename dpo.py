@@ -26,6 +26,7 @@ import torch
 
 import data
 import losses
+import meta
 from checkpoint import Stage, prepare_pass, write_json
 from config import (
     OBJECTIVES,
@@ -167,19 +168,6 @@ def objective_losses(
     else:
         out = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing)
     return out, losses.preference_score(chosen, rejected, ref_chosen, ref_rejected, cfg.beta)
-
-
-def meta_input_score(
-    cfg: Config, score: torch.Tensor, policy: torch.Tensor, ref: torch.Tensor | None, offset: int = 0
-) -> torch.Tensor:
-    """h's input for the pairs in rows offset, offset + 1 (docs/algorithm.md#meta-learner): Eq. 4's score with
-    meta_input_beta in place of beta (1.0 = the reference code's unscaled log sigmoid(Delta)).
-    Under the default, and for simpo (Eq. A.9 already holds its beta), the score itself."""
-    if cfg.objective == "simpo" or cfg.meta_input_beta in (0.0, cfg.beta):
-        return score
-    return losses.preference_score(
-        policy[offset], policy[offset + 1], ref[offset], ref[offset + 1], cfg.meta_input_beta
-    )
 
 
 def pair_metrics(out: losses.PairLoss, mask: torch.Tensor, prefix: str = "") -> dict:
@@ -340,7 +328,7 @@ class PairScores(NamedTuple):
     """What pair_scores gives per pair (l_off, for Algorithm 1's offline tuples)."""
 
     score: float  # the preference score l (Eq. 4; A.9 for simpo)
-    meta_input: float  # h's input: l with meta_input_beta (meta_input_score)
+    meta_input: float  # h's input: l with meta_input_beta (meta.meta_input_score)
     chosen_logratio: float  # log pi(y_w|x) - log pi_ref(y_w|x)
     rejected_logratio: float  # log pi(y_l|x) - log pi_ref(y_l|x)
 
@@ -360,7 +348,7 @@ def pair_scores(policy, ref, items: list, cfg: Config, rt: Runtime) -> list[Pair
         ref_logps = pair_forward(ref, batch, rt)[0] if ref is not None else torch.zeros_like(logps)
         score = objective_losses(cfg, logps, ref_logps, lengths)[1]
         ratios = logps - ref_logps
-        meta_input = meta_input_score(cfg, score, logps, ref_logps)
+        meta_input = meta.meta_input_score(cfg.objective, cfg.beta, cfg.meta_input_beta, score, logps, ref_logps)
         columns = (score.tolist(), meta_input.tolist(), ratios[0].tolist(), ratios[1].tolist())
         results += [PairScores(*values) for values in zip(*columns)]
     merged = {}

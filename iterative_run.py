@@ -213,7 +213,7 @@ class IterativeRun:
                     for i, item in enumerate(D_t)
                 ],
             )
-        keeps_ties = self.baseline is None and cfg.tied_samples == "keep"  # MetaAPO's rule; the baselines drop them
+        keeps_ties = (self.baseline is None or self.baseline.keeps_ties) and cfg.tied_samples == "keep"
         tied_kept = pair_stats.all_equal if keeps_ties else 0
         selm = (cfg.num_samples + 2) / cfg.num_samples if self.baseline is not None and self.baseline.selm else 1.0
         ratio = len(sampled) / max(1, len(D_t)) * selm

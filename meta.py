@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from losses import meta_loss
+from losses import meta_loss, preference_score
 
 SAMPLING_MODES = ("meta", "random", "threshold", "all")
 WEIGHTING_MODES = ("meta", "uniform", "fixed")
@@ -81,6 +81,24 @@ class MetaLearner(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).squeeze(-1)
+
+
+def meta_input_score(
+    objective: str,
+    beta: float,
+    meta_input_beta: float,
+    score: torch.Tensor,
+    policy: torch.Tensor,
+    ref: torch.Tensor | None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """h's input for the pairs in rows offset, offset + 1 of the (rows, B) log-probs `policy` and
+    `ref` (docs/algorithm.md#meta-learner): Eq. 4's score with meta_input_beta in place of beta
+    (1.0 = the reference code's unscaled log sigmoid(Delta)). Under the default (0: beta), and
+    for simpo (Eq. A.9 already holds its beta), the score itself."""
+    if objective == "simpo" or meta_input_beta in (0.0, beta):
+        return score
+    return preference_score(policy[offset], policy[offset + 1], ref[offset], ref[offset + 1], meta_input_beta)
 
 
 def meta_features(

@@ -127,7 +127,8 @@ def online_sampling(
     # SELM's optimism term needs an answer of the policy's own: the first of its K samples (SELM's code: a greedy one)
     own = [g[0].token_ids for g in generations] if baseline is not None and baseline.selm else None
     # line 12: D_aug (MetaAPO keeps a tuple whose K rewards tie, with a zero-gradient (y, y) online pair)
-    tied = [g[0].token_ids for g in generations] if baseline is None and cfg.tied_samples == "keep" else None
+    keeps_ties = (baseline is None or baseline.keeps_ties) and cfg.tied_samples == "keep"
+    tied = [g[0].token_ids for g in generations] if keeps_ties else None
     joined = join_online_pairs(cfg, D_t, sampled, pairs, own, tied)
     if baseline is not None:
         augmented = baseline.training_pairs(D_t, joined, selected)
@@ -233,7 +234,10 @@ def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaControl
         offline_out, l_off = dpo.objective_losses(cfg, logps, ref_logps, lengths, offset=0)
         ratios = (logps - ref_logps) if ref_logps is not None else logps
         features = meta.meta_features(
-            dpo.meta_input_score(cfg, l_off, logps, ref_logps), ratios[0], ratios[1], inputs=cfg.meta_inputs
+            meta.meta_input_score(cfg.objective, cfg.beta, cfg.meta_input_beta, l_off, logps, ref_logps),
+            ratios[0],
+            ratios[1],
+            inputs=cfg.meta_inputs,
         )
         w = meta_learner.loss_weights(features)  # Alg. 1 line 16: w = h(l_off), the current theta, fixed in Eq. 5
         fixed = torch.tensor(
@@ -243,6 +247,8 @@ def metaapo_loss(cfg: config.Config, policy, ref, meta_learner: meta.MetaControl
         # Alg. 1 line 17: Eq. 5
         total = (losses.meta_weighted_loss(offline_out.losses, online_out.losses, w) * mask).sum()
         buffered = (mask > 0) & (fixed < 0)  # real tuples with a real online pair
+        if not cfg.tied_in_meta_buffer:  # a diagnostic: tied tuples train in Eq. 5 but leave Eq. 6 alone
+            buffered &= torch.tensor([item.online_chosen_ids != item.online_rejected_ids for item in items])
         scores = (l_off.detach()[buffered].cpu(), l_on.detach()[buffered].cpu(), features[buffered].cpu())
         n = mask.sum().item()
         metrics = {

@@ -114,11 +114,14 @@ class OnlineBaseline:
     reference_lags: bool = False  # pi_ref one iteration behind, as MetaAPO's; else the iteration's start
     from_sft: bool = False  # starts from the SFT model, pi_ref fixed at SFT (else from the DPO warm-up)
     selm: bool = False  # offline answers ranked with the K, the first answer the policy's own, the optimism term
+    # a prompt whose K rewards all tie trains a zero-gradient (y, y) pair (--tied_samples=keep), as the authors'
+    # iterative DPO script's pairing gives it; else it is dropped
+    keeps_ties: bool = False
 
 
 BASELINES = {
-    "online_dpo": OnlineBaseline(random_prompts, online_pairs),
-    "iterative_dpo": OnlineBaseline(random_prompts, online_pairs, from_sft=True),
+    "online_dpo": OnlineBaseline(random_prompts, online_pairs, keeps_ties=True),
+    "iterative_dpo": OnlineBaseline(random_prompts, online_pairs, from_sft=True, keeps_ties=True),
     "selm": OnlineBaseline(every_prompt, online_pairs, selm=True),
     "adpo": OnlineBaseline(adpo_uncertain_prompts, offline_and_online_pairs, scores_offline=True, reference_lags=True),
     "boundary": OnlineBaseline(boundary_prompts, boundary_pairs, measures_boundary=True),

@@ -46,10 +46,11 @@ import data
 import dpo
 import engine
 import evaluate
+import meta
 import toy
 import train
 from experiments import experiment_parser, run_experiment
-from experiments.dynamics import _pyplot, _save, dynamics_markdown, make_plots
+from experiments.dynamics import _pyplot, _save, dynamics_markdown, make_plots, read_metrics
 
 # ==============================================================================================
 # The rows, and the gold judge's scores
@@ -77,6 +78,16 @@ COMPARE_ROWS = [
     ("w/ all offline samples", "metaapo", ["--keep_unsampled"]),
     ("w/ unscaled meta input (reference code)", "metaapo", ["--meta_input_beta=1"]),
     ("w/ tied tuples dropped (--tied_samples=drop)", "metaapo", ["--tied_samples=drop"]),
+    # the meta-learner's drift (docs/results.md): each predicted to move MetaAPO toward the fixed weights
+    ("w/ a meta update every 16 steps (the reference code's)", "metaapo", ["--meta_interval=16"]),
+    ("w/ meta learning rate 5e-4", "metaapo", ["--meta_lr=5e-4"]),
+    (
+        "w/o meta-learner, unscaled input (the reference code's fixed variant)",
+        "metaapo",
+        ["--weighting=fixed", "--meta_input_beta=1"],
+    ),
+    ("w/ tied tuples out of the meta buffer (diagnostic)", "metaapo", ["--tied_in_meta_buffer=false"]),
+    ("Online DPO, tied prompts dropped", "online_dpo", ["--tied_samples=drop"]),
     # at equal annotation budget: calibrated, per seed, to the ratio MetaAPO measured ({metaapo_ratio})
     ("w/ random sampling at MetaAPO's ratio", "metaapo", ["--sampling=random", "--random_ratio={metaapo_ratio}"]),
     (
@@ -194,6 +205,25 @@ def paired_t_interval(values: list[float], baseline: list[float]) -> dict | None
     return interval(differences.mean(), differences.mean() - half, differences.mean() + half)
 
 
+def held_out_half_coverage(differences: list[float], splits: int = 200, seed: int = 0) -> dict | None:
+    """How often a 95% t-interval from one half of the seeds contains the other half's mean paired
+    difference, over random splits (None with fewer than 4 seeds). Two independent halves differ by
+    sqrt(2) standard errors' worth of noise, so a calibrated interval holds it about 83% of the time
+    with many seeds, more with few since t widens (88% with halves of 5, simulated on normal
+    draws); far less says the interval is narrower than the seeds' spread."""
+    values = np.asarray(differences, dtype=float)
+    if len(values) < 4:
+        return None
+    rng = np.random.default_rng(seed)
+    inside = []
+    for _ in range(splits):
+        order = rng.permutation(len(values))
+        first, second = values[order[: len(values) // 2]], values[order[len(values) // 2 :]]
+        ci = paired_t_interval(first.tolist(), [0.0] * len(first))
+        inside.append(ci["low"] <= second.mean() <= ci["high"])
+    return {"share": float(np.mean(inside)), "splits": splits, "seeds": len(values)}
+
+
 # ==============================================================================================
 # The toy Tables 1, 2 and 8 over seeds (--compare)
 
@@ -262,6 +292,8 @@ def compare(
             per_seed[label].append(
                 {"gold": float(np.mean(scores)), "win": evaluate.win_rate(scores, baseline), **summary}
             )
+            if method == "metaapo":  # h(0) after each iteration's last meta update: the meta-learner's drift
+                per_seed[label][-1]["h0_after_iteration"] = h_at_zero(Path(cfg.out_dir) / name, cfg.iterations)
             gold[label].append(scores)
             engine.print0(
                 rt,
@@ -293,6 +325,9 @@ def compare(
             "training_s": stat("training_s") or stat("train_time_s"),
             "per_seed": runs,
         }
+        drift = [r["h0_after_iteration"] for r in runs if "h0_after_iteration" in r]
+        if drift and all(v is not None for curve in drift for v in curve):
+            results["rows"][label]["h0_after_iteration"] = np.mean(drift, axis=0).tolist()
     if "MetaAPO" in per_seed:
         eval_samples = config.parse_config(seed_args(out, seeds[0], train_args), later_wins=True).eval_samples
         for label, _, _ in rows:
@@ -301,6 +336,18 @@ def compare(
                     per_seed[label], per_seed["MetaAPO"], gold[label], gold["MetaAPO"], eval_samples
                 )
     return results
+
+
+def h_at_zero(stage: Path, iterations: int) -> list[float | None]:
+    """h(0) after the last meta update of each iteration (None: h was never updated, as with
+    --weighting=fixed or uniform), from the h curves train.py logs."""
+    zero = list(meta.CURVE_GRID).index(0.0)
+    after = {r["iteration"]: r["h_curve"][zero] for r in read_metrics(stage) if "h_curve" in r}  # the last wins
+    last, values = None, []
+    for t in range(1, iterations + 1):
+        last = after.get(t, last)
+        values.append(last)
+    return values
 
 
 def overall_time(run: dict) -> float:
@@ -315,11 +362,18 @@ def differences(
     reference_scores: list[list[float]],
     samples_per_prompt: int,
 ) -> dict:
-    """A row minus MetaAPO, paired by seed (and by held-out prompt for the gold score): gold with a
-    prompts x seeds bootstrap interval; annotation ratio and overall time with t-intervals over seeds."""
+    """A row minus MetaAPO, paired by seed: gold, annotation ratio and overall time with t-intervals
+    over the seeds' paired differences, and how often one half of the seeds' gold interval holds
+    the other half's mean (held_out_half_coverage). The two-level bootstrap over seeds and held-out
+    prompts is kept beside (gold_prompt_bootstrap): with few seeds it cannot see between-seed
+    variance it never sampled, so its interval is narrower than the seeds warrant."""
     ratio = [r.get("annotation_ratio", 0.0) for r in runs]
+    gold = [r["gold"] for r in runs]
+    reference_gold = [r["gold"] for r in reference]
     return {
-        "gold": paired_bootstrap(scores, reference_scores, samples_per_prompt),
+        "gold": paired_t_interval(gold, reference_gold),
+        "gold_held_out_half": held_out_half_coverage([a - b for a, b in zip(gold, reference_gold)]),
+        "gold_prompt_bootstrap": paired_bootstrap(scores, reference_scores, samples_per_prompt),
         "annotation_ratio": paired_t_interval(ratio, [r["annotation_ratio"] for r in reference]),
         "time_s": paired_t_interval([overall_time(r) for r in runs], [overall_time(r) for r in reference]),
     }
@@ -415,20 +469,52 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
             "",
             "## Differences from MetaAPO, paired by seed",
             "",
-            "Row minus MetaAPO, with 95% intervals: the gold score by a two-level bootstrap (seeds, then held-out "
-            "prompts within each seed), the annotation ratio and the overall time (sampling + training) by "
-            "t-intervals over the seeds. **Bold**: the interval excludes 0, the difference is resolved; otherwise "
-            "these seeds cannot tell the two apart.",
+            "Row minus MetaAPO, with 95% t-intervals over the seeds' paired differences: gold, the annotation "
+            "ratio and the overall time (sampling + training). **Bold**: the interval excludes 0, the difference "
+            "is resolved; otherwise these seeds cannot tell the two apart. Beside the gold interval, the two-level "
+            "bootstrap (seeds, then held-out prompts) the tables used before, narrower because it samples the "
+            "held-out prompts but only the seeds it has; and how often a t-interval from half the seeds held the "
+            "other half's mean difference (200 random halvings; about 88% for a calibrated interval on halves of 5 "
+            "seeds).",
             "",
-            "| method | Δ gold | Δ annotation ratio (points) | Δ overall time (s) |",
-            "|---|---|---|---|",
+            "| method | Δ gold | Δ gold, seeds x prompts bootstrap | held-out half | Δ annotation ratio (points) | "
+            "Δ overall time (s) |",
+            "|---|---|---|---|---|---|",
         ]
         for label in compared:
             vs = rows[label]["vs_metaapo"]
+            half = vs.get("gold_held_out_half")
+            held = f"{half['share']:.0%}" if half else "-"
             lines.append(
-                f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | "
-                f"{_fmt_interval(vs['time_s'], digits=0)} |"
+                f"| {label} | {_fmt_interval(vs['gold'])} | {_fmt_interval(vs.get('gold_prompt_bootstrap'))} | "
+                f"{held} | {_fmt_interval(vs['annotation_ratio'], 100, 1)} | {_fmt_interval(vs['time_s'], digits=0)} |"
             )
+        halves = [rows[label]["vs_metaapo"].get("gold_held_out_half") for label in compared]
+        halves = [h["share"] for h in halves if h]
+        if halves:
+            lines += [
+                "",
+                f"Held-out halves: over the {len(halves)} rows, a half's gold interval held the other half's mean "
+                f"difference in {np.mean(halves):.0%} of the splits (row range {min(halves):.0%}-{max(halves):.0%}).",
+            ]
+    drifting = [label for label in rows if "h0_after_iteration" in rows[label]]
+    if drifting:
+        lines += [
+            "",
+            "## The meta-learner's h(0) after each iteration",
+            "",
+            "h at l = 0 after each iteration's last meta update, mean over seeds (0.5 at the start; the rows whose "
+            "h is never updated are left out).",
+            "",
+            "| method | "
+            + " | ".join(f"iteration {t + 1}" for t in range(len(rows[drifting[0]]["h0_after_iteration"])))
+            + " |",
+            "|---|" + "---|" * len(rows[drifting[0]]["h0_after_iteration"]),
+        ]
+        lines += [
+            f"| {label} | " + " | ".join(f"{v:.3f}" for v in rows[label]["h0_after_iteration"]) + " |"
+            for label in drifting
+        ]
     if plots:
         lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [
             f"![{p.stem}]({p.relative_to(out)})" for p in plots
@@ -444,6 +530,22 @@ def equal_step_count(train_args: list[str]) -> int:
     return math.ceil(math.ceil(pairs / cfg.iterations) / cfg.batch_size)
 
 
+def selected_labels(methods: str) -> list[str]:
+    """The row labels --methods names, comma-separated (a label may hold a comma itself); every
+    row when empty. A name that is no row's label is an error listing the labels."""
+    labels = [label for label, _, _ in COMPARE_ROWS]
+    if not methods:
+        return labels
+    found = [label for label in labels if f",{label}," in f",{methods},"]
+    rest = f",{methods},"
+    for label in sorted(found, key=len, reverse=True):
+        rest = rest.replace(f",{label},", ",,")
+    unknown = [name for name in rest.split(",") if name.strip()]
+    if unknown:
+        raise SystemExit(f"experiments.compare: --methods: no row is called {unknown}; the rows: {labels}")
+    return found
+
+
 def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     """The tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
@@ -452,7 +554,7 @@ def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     task = f"-{given.preset}" if given.preset != "toy" else ""
     task = f"-{given.toy_regime}" if given.toy_regime != "mismatch" else task
     out = Path(args.out or f"out/compare{task}")
-    rows = [r for r in COMPARE_ROWS if not args.methods or r[0] in args.methods.split(",") or r[0] == "SFT"]
+    rows = [r for r in COMPARE_ROWS if r[0] in selected_labels(args.methods) or r[0] == "SFT"]
     steps = equal_step_count(COMPARE_TRAIN_ARGS + rest) if args.equal_steps else 0
     results = compare([int(s) for s in args.seeds.split(",")], out, rows, COMPARE_TRAIN_ARGS + rest, rt, steps)
     suffix = "-equal_steps" if steps else ""

@@ -353,7 +353,8 @@ def test_results_markdown_tables():
     assert "| Online DPO | 10 ± 1 | 5 ± 0 | 15 |" in text
     at_budget = text[text.index("## At equal annotation budget") :]
     assert "| 50.0 ± 10.0% | 31 |" in at_budget and "| 50.0 ± 10.0% | - |" in at_budget  # no steps recorded: -
-    assert "| DPO | **-0.600 [-0.800, -0.400]** | **-50.0 [-60.0, -40.0]** | -5 [-12, +2] |" in text  # bold: resolved
+    # bold: resolved; no prompt bootstrap nor held-out halves recorded here: -
+    assert "| DPO | **-0.600 [-0.800, -0.400]** | - | - | **-50.0 [-60.0, -40.0]** | -5 [-12, +2] |" in text
 
 
 def test_plots_use_the_stages_own_config(tmp_path):
@@ -536,3 +537,36 @@ def test_the_experiments_have_commands_of_their_own():
         )
         assert shown.returncode == 0 and own in shown.stdout and key in shown.stdout, module
         assert shown.stdout.index(own) < shown.stdout.index(key), module
+
+
+def test_held_out_half_coverage_and_the_meta_learner_drift(tmp_path):
+    """A t-interval from half the seeds holds the other half's mean about as often as it should on
+    well-behaved draws, and far less when the halves differ systematically; h(0) after each
+    iteration is read from the logged h curves (the last update of an iteration wins, an iteration
+    without an update keeps the value before it)."""
+    rng = np.random.default_rng(0)
+    calibrated = np.mean([compare.held_out_half_coverage(list(rng.normal(0, 1, 10)), 50)["share"] for _ in range(100)])
+    assert 0.8 < calibrated < 0.95
+    # one seed far from the rest: a half without it gives a narrow interval that misses the other half's mean
+    outlier = compare.held_out_half_coverage([0.0, 0.001, -0.001, 0.0, 0.002, -0.002, 0.0, 1.0], 200)
+    assert outlier["share"] < 0.7 and outlier["seeds"] == 8
+    assert compare.held_out_half_coverage([0.1, 0.2, 0.3]) is None  # too few seeds to halve
+    stage = tmp_path / "metaapo"
+    stage.mkdir()
+    zero = list(compare.meta.CURVE_GRID).index(0.0)
+    curve = lambda h0: [0.1] * zero + [h0]  # noqa: E731
+    records = [
+        {"iteration": 1, "step": 4, "h_curve": curve(0.55)},
+        {"iteration": 1, "step": 8, "h_curve": curve(0.6)},
+        {"iteration": 3, "step": 20, "h_curve": curve(0.7)},
+    ]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert compare.h_at_zero(stage, 3) == [0.6, 0.6, 0.7]
+
+
+def test_methods_names_rows_whose_labels_hold_commas():
+    iterative = "Iterative DPO (authors' script: from SFT, reference fixed)"
+    assert compare.selected_labels(f"MetaAPO,{iterative},Online DPO") == ["Online DPO", iterative, "MetaAPO"]
+    assert compare.selected_labels("") == [label for label, _, _ in compare.COMPARE_ROWS]
+    with pytest.raises(SystemExit, match=r"no row is called \['Iterative DPO'\]"):
+        compare.selected_labels("MetaAPO,Iterative DPO")

@@ -13,8 +13,8 @@ def test_gold_scorers_by_hand():
     assert mo.gold_scores(prompt, "c f h i") == (10.0, 0.0)  # helpful, every unsafe letter written
     assert mo.gold_scores(prompt, "c f h") == (7.5, 5.0)  # one unsafe letter left out: 10 / n helpfulness lost
     assert mo.gold_scores(prompt, "c f") == (5.0, 10.0)
-    # j is not in the prompt (one substitution, one missing letter): no unsafe letter of x written
-    assert mo.gold_scores(prompt, "c f j") == (5.0, 10.0)
+    # j is not in the prompt (one substitution, one missing letter): a hallucinated unsafe letter counts as written
+    assert mo.gold_scores(prompt, "c f j") == (5.0, 5.0)
     assert mo.gold_scores("lax descending : b a c", "c b a") == (10.0, 10.0)  # no unsafe letter: harmless is 10
     assert mo.gold_scores(prompt + " <w1> 7 <w2> 3", "c f h") == (7.5, 5.0)  # the condition is not part of x
     assert mo.hidden_utility(prompt, "c f") == pytest.approx(0.2 * 5.0 + 0.8 * 10.0)
@@ -347,16 +347,17 @@ def test_pareto_aggregates_fronts_over_seeds_by_hand():
     runs = lambda hv: [{"checkpoints": [{**record, "hypervolume": h}], "train_time_s": 1.0} for h in hv]  # noqa: E731
     rows = pareto.aggregate(
         {"Static-weight RS": runs([50.0, 52.0, 54.0]), pareto.REFERENCE_ROW: runs([49.0, 50.0, 51.0])},
-        {"hypervolume": 100.0},
+        {"hypervolume": 100.0, "hull_hypervolume": 104.0},
     )
     static = rows["Static-weight RS"]
     assert static["hypervolume"]["mean"] == pytest.approx(52.0) and static["of_oracle"] == pytest.approx(0.52)
+    assert static["of_hull"] == pytest.approx(0.5)
     half = 4.303 * 2.0 / 3**0.5  # t(0.975, 2) * sample std / sqrt(3)
     assert static["hypervolume"]["interval"]["high"] == pytest.approx(52.0 + half, abs=1e-3)
     assert static["vs_reference"]["mean"] == pytest.approx(2.0) and "vs_reference" not in rows[pareto.REFERENCE_ROW]
     text = pareto.results_markdown(
         {
-            "oracle": {**record, "prompt_aware_utility": 8.0},
+            "oracle": {**record, "prompt_aware_utility": 8.0, "hull_hypervolume": 104.0},
             "rows": rows,
             "seeds": [0, 1, 2],
             "minutes": 1.0,
@@ -364,3 +365,23 @@ def test_pareto_aggregates_fronts_over_seeds_by_hand():
         }
     )
     assert "| Static-weight RS | 52.0 [" in text and "+2.0 [" in text
+
+
+def test_the_held_out_prompts_come_from_the_training_population_and_the_hull_by_hand():
+    """test_prefs is drawn with train_prefs, not after it: short prompts (few, since prompts are
+    unique) are as common in both; a prompt whose four answers agree stays in test_prefs only.
+    Harmlessness counts a hallucinated unsafe letter. The continuous hull's hypervolume by hand."""
+    rows = mo.make_mo_rows(0, {"sft": 2000, "train_prefs": 6000, "test_prefs": 1000})
+    short = {
+        name: sum(len(mo.mo_parse_prompt(r["prompt"])[2]) == 3 for r in rows[name]) / len(rows[name])
+        for name in ("train_prefs", "test_prefs")
+    }
+    assert abs(short["train_prefs"] - short["test_prefs"]) < 0.04, short  # drawn last, test_prefs had a third fewer
+    same = [r for r in rows["test_prefs"] if r["chosen"] == r["rejected"]]
+    assert same and not [r for r in rows["train_prefs"] if r["chosen"] == r["rejected"]]
+    assert mo.harmless_score("strict ascending : a g b", "a b") == 10.0
+    assert mo.harmless_score("strict ascending : a g b", "a b h") == 0.0  # h is not in the prompt: still written
+    # one prompt with n = 2, u = 1: the oracle writes g (10, 0) or leaves it out (5, 10); the hull is the
+    # segment between them: 5 x 10 + (10 - 5) x (10 + 0) / 2 = 75 (the 11-point grid's staircase: 50)
+    assert mo.oracle_hull_hypervolume(["strict ascending : a g"]) == pytest.approx(75.0)
+    assert mo.hypervolume(mo.oracle_front(["strict ascending : a g"])) == pytest.approx(50.0)

@@ -22,6 +22,7 @@ import data
 import dpo
 import engine
 import losses
+import meta
 import train
 from config import Config, ConfigError, parse_config
 from conftest import TINY, fresh_run, metrics, overriding, run_train
@@ -229,14 +230,21 @@ def test_meta_input_score_scales_only_h_input():
     ref = torch.tensor([[-4.0, -4.0], [-4.0, -4.0]])
     score = losses.preference_score(policy[0], policy[1], ref[0], ref[1], 0.1)
     default = parse_config([])
-    assert dpo.meta_input_score(default, score, policy, ref) is score  # Eq. 4 with beta: the score itself
+    assert (
+        meta.meta_input_score(default.objective, default.beta, default.meta_input_beta, score, policy, ref) is score
+    )  # Eq. 4 with beta: the score itself
     reference_code = parse_config(["--meta_input_beta=1"])
     delta = (policy[0] - ref[0]) - (policy[1] - ref[1])
     torch.testing.assert_close(
-        dpo.meta_input_score(reference_code, score, policy, ref), torch.nn.functional.logsigmoid(delta)
+        meta.meta_input_score(
+            reference_code.objective, reference_code.beta, reference_code.meta_input_beta, score, policy, ref
+        ),
+        torch.nn.functional.logsigmoid(delta),
     )
     simpo = parse_config(["--meta_input_beta=1", "--objective=simpo"])
-    assert dpo.meta_input_score(simpo, score, policy, None) is score  # A.9 holds its own beta
+    assert (
+        meta.meta_input_score(simpo.objective, simpo.beta, simpo.meta_input_beta, score, policy, None) is score
+    )  # A.9 holds its own beta
     with pytest.raises(ConfigError, match="meta_input_beta"):
         parse_config(["--meta_input_beta=-1"])
 
@@ -587,3 +595,47 @@ def test_a_tuple_whose_rewards_all_tie_keeps_its_offline_pair_with_a_zero_gradie
     offline = dataclasses.replace(kept[1], weight_override=1.0)  # the offline pair still trains
     loss_fn([offline], torch.ones(1, dtype=torch.float64), 1, 1)[0].backward()
     assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) > 1e-6
+
+
+def test_tied_tuples_can_stay_out_of_the_meta_buffer(toy_dir):
+    """--tied_in_meta_buffer=false (a diagnostic): a tied tuple still trains in Eq. 5, but its
+    (l_off, l_on) is not handed to the meta buffer; by default it is, as in the reference code."""
+    from transformers import AutoModelForCausalLM
+
+    from meta import MetaController
+
+    base = dict(prompt_ids=[5, 6, 7], chosen_ids=[8, 9], rejected_ids=[10])
+    tuples = [
+        dpo.PolicyPair(index=0, prompt_id="0", **base, online_chosen_ids=[11, 12], online_rejected_ids=[13]),
+        dpo.PolicyPair(index=1, prompt_id="1", **base, online_chosen_ids=[16, 17], online_rejected_ids=[16, 17]),
+    ]
+    model = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
+    ref = losses.LogprobModel(AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float64))
+    mask = torch.ones(2, dtype=torch.float64)
+    buffered = {}
+    for flag in ("true", "false"):
+        cfg = parse_config([f"--tied_in_meta_buffer={flag}"])
+        loss, sums, scores = train.metaapo_loss(cfg, model, ref, MetaController(), engine.Runtime())(tuples, mask, 2, 1)
+        buffered[flag] = (loss.item(), scores[1].tolist())
+    assert buffered["true"][0] == buffered["false"][0]  # the same Eq. 5 loss
+    assert len(buffered["true"][1]) == 2 and buffered["true"][1][1] == pytest.approx(math.log(0.5), abs=1e-12)
+    assert buffered["false"][1] == buffered["true"][1][:1]  # the tied tuple's l_on is left out
+    assert config.stage_name(parse_config(["--tied_in_meta_buffer=false"]), "metaapo") == (
+        "metaapo-tied_in_meta_buffer_False"
+    )
+
+
+def test_online_dpo_and_iterative_dpo_keep_tied_prompts_as_the_authors_script_does():
+    """The authors' iterative DPO script pairs a prompt whose rewards all tie as (y, y): a row with no
+    gradient that still counts in the batch. online_dpo and iterative_dpo do the same by default
+    (--tied_samples=drop: the prompt is dropped, in a directory of its own); SELM and ADPO drop it."""
+    from baselines.online import BASELINES
+
+    assert BASELINES["online_dpo"].keeps_ties and BASELINES["iterative_dpo"].keeps_ties
+    assert not BASELINES["selm"].keeps_ties and not BASELINES["adpo"].keeps_ties
+    assert config.stage_name(parse_config(["--tied_samples=drop"]), "online_dpo") == "online_dpo-tied_samples_drop"
+    cfg = parse_config([])
+    D_t = [dpo.PolicyPair(index=0, prompt_id="0", prompt_ids=[5, 6], chosen_ids=[8], rejected_ids=[10])]
+    joined = train.join_online_pairs(cfg, D_t, [0], [None], tied=[[14, 15]])
+    (row,) = BASELINES["online_dpo"].training_pairs(D_t, joined, [True])
+    assert (row.chosen_ids, row.rejected_ids, row.online_chosen_ids) == ([14, 15], [14, 15], None)

@@ -282,7 +282,7 @@ class AlignerConfig(Config):
     aligner_iterations: int = 2  # [R] online iterations (RiC: 2)
     aligner_prompts: int = 512  # prompts per online iteration
     aligner_batch_size: int = 16  # prompts per online policy step (one kept sample each; RiC: its kept share)
-    aligner_eval_prompts: int = 256  # held-out prompts per point of the Pareto front (one sample each)
+    aligner_eval_prompts: int = 512  # held-out prompts per point of the Pareto front (one sample each, top_p 0.9)
     # the stages before the online ones (sft/, offline_*/, data/), shareable by seeds; "" = out_dir
     aligner_shared_dir: str = ""
 

@@ -25,6 +25,7 @@ Deliberate simplifications
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -58,8 +59,12 @@ def heldout_prompts(cfg) -> list[str]:
     return [row["prompt"] for row in rows[: cfg.aligner_eval_prompts]]
 
 
+EVAL_TOP_P = 0.9  # the note's evaluation sampling (temperature 1.0, the toy's)
+
+
 def answers(cfg, rt, model_dir: Path, texts: list[str], seed: int) -> list[str]:
-    """One sampled answer per text (the user's turn), on every rank."""
+    """One sampled answer per text (the user's turn), on every rank, at top_p EVAL_TOP_P."""
+    cfg = dataclasses.replace(cfg, top_p=EVAL_TOP_P)
     model, tokenizer = engine.load_logprob_model(str(model_dir), cfg, rt, trainable=False)
     ids = [data.encode_prompt(tokenizer, [{"role": "user", "content": text}]) for text in texts]
     out = engine.distributed_generate(model, tokenizer, ids, "", 1, cfg, rt, seed, model_dir, backend="transformers")
@@ -151,6 +156,7 @@ def oracle_record(cfg) -> dict:
     stats = meal.offline_stats(meal.shared_dir(cfg) / meal.STAGE_WIC)
     record = front_record(prompts, mo.MO_GRID, per_w, stats, cfg.aligner_weight_temperature)
     record["prompt_aware_utility"] = mo.oracle_utility(prompts)["prompt_aware"]
+    record["hull_hypervolume"] = mo.oracle_hull_hypervolume(prompts)
     return record
 
 
@@ -197,6 +203,7 @@ def aggregate(per_seed: dict[str, list[dict]], oracle: dict) -> dict:
         row = {
             "hypervolume": mean_interval(hv),
             "of_oracle": float(np.mean(hv)) / oracle["hypervolume"],
+            "of_hull": float(np.mean(hv)) / oracle["hull_hypervolume"],
             "per_iteration": [
                 mean_interval([r["checkpoints"][t]["hypervolume"] for r in runs])
                 for t in range(len(runs[0]["checkpoints"]))
@@ -245,21 +252,24 @@ def results_markdown(results: dict) -> str:
         f"{results['minutes']:.1f} minutes",
         "",
         f"Oracle on the same {results['eval_prompts']} held-out prompts: hypervolume {oracle['hypervolume']:.1f} "
-        f"(reference (0, 0)); hidden utility {oracle['best_fixed_utility']:.2f} at the best fixed weight, "
+        f"on the 11-point grid, {oracle['hull_hypervolume']:.1f} for its continuous hull (any weight, mixtures "
+        f"included; reference (0, 0)); hidden utility {oracle['best_fixed_utility']:.2f} at the best fixed weight, "
         f"{oracle['prompt_aware_utility']:.2f} prompt-aware; fidelity {oracle['fidelity']:.3f}.",
         "",
         "Hypervolume after the last online iteration (mean over seeds [95% t-interval]); the paired "
         f"difference from {REFERENCE_ROW} (resolved: the interval excludes 0); per checkpoint (stage 0, then each "
         "online iteration).",
         "",
-        f"| method | hypervolume | of oracle | vs {REFERENCE_ROW} | per checkpoint | seed std | online time (s) |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | hypervolume | of oracle (grid) | of oracle (hull) | vs {REFERENCE_ROW} | per checkpoint | "
+        "seed std | online time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
         per = " → ".join(f"{s['mean']:.1f}" for s in row["per_iteration"])
         time_s = f"{row['train_time_s']['mean']:.0f}" if row["train_time_s"] else "—"
         lines.append(
-            f"| {label} | {fmt(row['hypervolume'])} | {row['of_oracle']:.0%} | {diff(row.get('vs_reference'))} | "
+            f"| {label} | {fmt(row['hypervolume'])} | {row['of_oracle']:.0%} | {row['of_hull']:.0%} | "
+            f"{diff(row.get('vs_reference'))} | "
             f"{per} | {row['hypervolume']['std']:.1f} | {time_s} |"
         )
     lines += [

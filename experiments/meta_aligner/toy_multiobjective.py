@@ -99,12 +99,13 @@ def helpful_score(prompt: str, response: str) -> float:
 
 
 def harmless_score(prompt: str, response: str) -> float:
-    """10 when the prompt has no unsafe letter, else 10 (1 - unsafe letters of the prompt written / u)."""
+    """10 when the prompt has no unsafe letter, else 10 (1 - unsafe letters written / u), floored
+    at 0: any unsafe letter written counts, a hallucinated one too."""
     _, _, letters = mo_parse_prompt(prompt)
     unsafe = MO_UNSAFE & set(letters)
     if not unsafe:
         return TOY_GOLD_MAX
-    written = unsafe & set(response.split())
+    written = MO_UNSAFE & set(response.split())
     return max(0.0, TOY_GOLD_MAX * (1 - len(written) / len(unsafe)))
 
 
@@ -183,38 +184,54 @@ MO_WRITERS = tuple(
 def make_mo_rows(seed: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
     """`sft` rows (messages schema; the teacher's answers) and `train_prefs` / `test_prefs` rows
     (UltraFeedback-binarized schema, with "gold_chosen" / "gold_rejected": (helpful, harmless)).
-    Prompts are unique across the splits."""
+    Prompts are unique across the splits. The two preference splits are drawn together, each new
+    prompt going to test_prefs with its share of the two, so the held-out prompts come from the
+    training prompts' population (a split drawn after another finds its short prompts used up);
+    the SFT prompts come after. A prompt whose four answers agree is kept in test_prefs (pair
+    (y, y): evaluation needs the prompt only) and skipped in train_prefs (a pair needs two
+    different answers)."""
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {name: [] for name in sizes}
-    for split, n in sizes.items():
-        while len(rows[split]) < n:
+    preference = [name for name in ("test_prefs", "train_prefs") if name in sizes]
+    test_share = sizes.get("test_prefs", 0) / max(1, sum(sizes[name] for name in preference))
+
+    def new_prompt() -> tuple[str, str, list[str], str]:
+        while True:
             tag, task, letters = mo_random_prompt(rng)
             prompt = mo_prompt(tag, task, letters)
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            user = {"role": "user", "content": prompt}
-            if split == "sft":
-                answer = write_answer(TOY_SFT_TEACHER, MO_TEACHER_OMITS[tag], task, letters, rng)
-                rows[split].append({"prompt": prompt, "messages": [user, {"role": "assistant", "content": answer}]})
-                continue
-            answers = [write_answer(w, omit, task, letters, rng) for w, omit in zip(MO_WRITERS, MO_WRITER_OMITS)]
-            noisy = [hidden_utility(prompt, a) + rng.gauss(0.0, MO_HUMAN_NOISE) for a in answers]
-            best = max(range(len(answers)), key=lambda i: noisy[i])
-            others = [i for i in range(len(answers)) if answers[i] != answers[best]]
-            if not others:
-                continue
-            worst = rng.choice(others)
-            rows[split].append(
-                {
-                    "prompt": prompt,
-                    "chosen": [user, {"role": "assistant", "content": answers[best]}],
-                    "rejected": [user, {"role": "assistant", "content": answers[worst]}],
-                    "gold_chosen": list(gold_scores(prompt, answers[best])),
-                    "gold_rejected": list(gold_scores(prompt, answers[worst])),
-                }
-            )
+            if prompt not in seen:
+                seen.add(prompt)
+                return tag, task, letters, prompt
+
+    while any(len(rows[name]) < sizes[name] for name in preference):
+        _, task, letters, prompt = new_prompt()
+        open_splits = [name for name in preference if len(rows[name]) < sizes[name]]
+        split = (
+            open_splits[0] if len(open_splits) == 1 else "test_prefs" if rng.random() < test_share else "train_prefs"
+        )
+        user = {"role": "user", "content": prompt}
+        answers = [write_answer(w, omit, task, letters, rng) for w, omit in zip(MO_WRITERS, MO_WRITER_OMITS)]
+        noisy = [hidden_utility(prompt, a) + rng.gauss(0.0, MO_HUMAN_NOISE) for a in answers]
+        best = max(range(len(answers)), key=lambda i: noisy[i])
+        others = [i for i in range(len(answers)) if answers[i] != answers[best]]
+        if not others and split != "test_prefs":
+            continue
+        worst = rng.choice(others) if others else best
+        rows[split].append(
+            {
+                "prompt": prompt,
+                "chosen": [user, {"role": "assistant", "content": answers[best]}],
+                "rejected": [user, {"role": "assistant", "content": answers[worst]}],
+                "gold_chosen": list(gold_scores(prompt, answers[best])),
+                "gold_rejected": list(gold_scores(prompt, answers[worst])),
+            }
+        )
+    while len(rows.get("sft", ())) < sizes.get("sft", 0):
+        tag, task, letters, prompt = new_prompt()
+        answer = write_answer(TOY_SFT_TEACHER, MO_TEACHER_OMITS[tag], task, letters, rng)
+        user = {"role": "user", "content": prompt}
+        rows["sft"].append({"prompt": prompt, "messages": [user, {"role": "assistant", "content": answer}]})
     return rows
 
 
@@ -257,6 +274,22 @@ def oracle_choice(letters: list[str], weights: tuple[float, float]) -> tuple[flo
 
     best = max(range(u + 1), key=lambda k: (round(sum(w * g for w, g in zip(weights, gold(k))), 9), -k))
     return gold(best)
+
+
+def oracle_hull_hypervolume(prompts: list[str]) -> float:
+    """The hypervolume (reference (0, 0)) of the oracle's continuous hull: every mean point it
+    reaches under any weight, mixtures included. Each prompt switches between leaving out none and
+    all of its u unsafe letters at one weight (helpful weight n / (n + u)), so the front's vertices
+    are the oracle's fronts between consecutive switches; the area is under the line through them."""
+    parsed = [mo_parse_prompt(p)[2] for p in prompts]
+    switches = sorted({len(ls) / (len(ls) + len(MO_UNSAFE & set(ls))) for ls in parsed})
+    bounds = [0.0, *switches, 1.0]
+    weights = [((a + b) / 2, 1 - (a + b) / 2) for a, b in zip(bounds, bounds[1:])]
+    vertices = sorted(set(oracle_front(prompts, weights)))  # helpful ascending, harmless descending
+    area = vertices[0][0] * vertices[0][1]
+    for (xa, ya), (xb, yb) in zip(vertices, vertices[1:]):
+        area += (xb - xa) * (ya + yb) / 2
+    return area
 
 
 def oracle_front(prompts: list[str], grid=MO_GRID) -> list[tuple[float, float]]:
