@@ -302,6 +302,7 @@ def compare(
             )
     results = {
         "seeds": seeds,
+        "preset": shared.preset,
         "train_args": train_args,
         "equal_steps": equal_steps,
         "shared": stage_times,
@@ -394,14 +395,19 @@ def _fmt_interval(diff: dict | None, scale: float = 1.0, digits: int = 3) -> str
     return f"**{text}**" if diff["resolved"] else text
 
 
+TITLES = {"toy": "Toy reproduction", "smollm2": "SmolLM2-135M comparison"}
+
+
 def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
     rows = results["rows"]
     main = [label for label in rows if label not in ABLATIONS or label == "MetaAPO"]
     n = len(results["seeds"])
     lines = [
-        f"# Toy reproduction ({n} seed{'s' if n != 1 else ''}: {', '.join(map(str, results['seeds']))})",
+        f"# {TITLES.get(results.get('preset', 'toy'), 'Comparison')} ({n} seed{'s' if n != 1 else ''}: "
+        f"{', '.join(map(str, results['seeds']))})",
         "",
-        f"Made by `python -m experiments.compare --seeds={','.join(map(str, results['seeds']))}` in "
+        f"Made by `python -m experiments.compare --seeds={','.join(map(str, results['seeds']))}"
+        f"{''.join(f' {a}' for a in results['train_args'] if a not in COMPARE_TRAIN_ARGS)}` in "
         f"{results['minutes']:.1f} minutes. Gold judge (0-10) on the held-out prompts; mean ± std over seeds. Training "
         f"arguments: `{' '.join(results['train_args']) or '-'}`. The SFT and reward models are shared by all seeds; "
         "every method that generates starts from its seed's DPO warm-up, whose time is not included in its row.",
