@@ -12,6 +12,7 @@ What it does
 
 Run (from the repository's root)
     python -m experiments.boundary_grid                 # out/boundary_grid; finished runs are reused
+    python -m experiments.boundary_grid --starts=weak --objectives=dpo   # a part of the grid: 5 runs
     torchrun --nproc_per_node 2 -m experiments.boundary_grid   # generation and scoring sharded
 Every run is a train.py stage: a stopped grid goes on with the same command and --resume.
 docs/boundary_grid.md has the tables it made.
@@ -54,8 +55,13 @@ BOUNDARY_OBJECTIVES = ["dpo", "slic"]
 BOUNDARY_TRAIN_ARGS = ["--method=boundary", "--iterations=2", "--max_train_pairs=2400"]
 
 
-def boundary_grid(out: Path, rest: list[str], rt: engine.Runtime) -> dict:
-    """Run (or read) every start x objective x schedule of the grid; return its results."""
+def boundary_grid(
+    out: Path, rest: list[str], rt: engine.Runtime, starts: list[str] | None = None, objectives: list[str] | None = None
+) -> dict:
+    """Run (or read) every start x objective x schedule of the grid, or of the starts (their
+    directory names: weak, sft, strong) and objectives given; return its results."""
+    chosen = [s for s in BOUNDARY_STARTS if not starts or s[1] in starts]
+    objectives = [o for o in BOUNDARY_OBJECTIVES if not objectives or o in objectives]
     started = time.time()
     shared = config.parse_config([f"--out_dir={out / 'sft'}", "--seed=0", *rest], later_wins=True)
     if rt.main:
@@ -63,26 +69,26 @@ def boundary_grid(out: Path, rest: list[str], rt: engine.Runtime) -> dict:
     engine.barrier(rt)
     train.ensure_stage(shared, rt, "sft")
     reward = train.ensure_stage(shared, rt, "rm")  # one annotator for every run, as the seed's PairRM
-    starts, sft_args = {}, {}
-    for label, key, method, extra in BOUNDARY_STARTS:
+    models, sft_args = {}, {}
+    for label, key, method, extra in chosen:
         # the DPO warm-up starts from (and is anchored to) the default SFT model, whose directory is not its own
         sft_args[label] = [f"--sft_model={out / 'sft' / 'sft' / 'model'}"] if method == "dpo" else []
         cfg = config.parse_config(
             [f"--out_dir={out / key}", "--seed=0", *extra, *sft_args[label], *rest], later_wins=True
         )
         train.ensure_stage(cfg, rt, method)
-        starts[label] = str(out / key / method / "model")
+        models[label] = str(out / key / method / "model")
     base = config.parse_config([f"--out_dir={out}", "--seed=0", *rest], later_wins=True)
     gold = lambda path: float(np.mean(gold_scores(base, rt, path, Path(path).parent / "gold_scores.json")))  # noqa: E731
     runs = []
-    for (label, key, _, _), objective in [(s, o) for s in BOUNDARY_STARTS for o in BOUNDARY_OBJECTIVES]:
+    for (label, key, _, _), objective in [(s, o) for s in chosen for o in objectives]:
         for schedule in BOUNDARY_SCHEDULES:
             cfg = config.parse_config(
                 [
                     *BOUNDARY_TRAIN_ARGS,
                     f"--out_dir={out / key}",
                     "--seed=0",
-                    f"--policy={starts[label]}",
+                    f"--policy={models[label]}",
                     f"--objective={objective}",
                     f"--reward_model={out / 'sft' / 'rm' / 'model'}",
                     f"--schedule={schedule}",
@@ -101,7 +107,7 @@ def boundary_grid(out: Path, rest: list[str], rt: engine.Runtime) -> dict:
                     "schedule": schedule or "boundary",
                     "time_s": summary["sampling_s"] + summary["training_s"],
                     "annotation_ratio": summary["annotation_ratio"],
-                    "gold": [gold(starts[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
+                    "gold": [gold(models[label])] + [gold(str(stage / f"iter{t}" / "model")) for t in (1, 2)],
                     "boundary_score": [r["boundary_score"] for r in boundary],
                     "choice": [r["choice"] for r in boundary],
                     "probe_s": sum(r["time_s"] for r in boundary),
@@ -256,7 +262,16 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
 
 def run_boundary_grid(args, rest: list[str], rt: engine.Runtime) -> None:
     out = Path(args.out)
-    results = boundary_grid(out, rest, rt)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    unknown = set(split(args.starts)) - {s[1] for s in BOUNDARY_STARTS} | set(split(args.objectives)) - set(
+        BOUNDARY_OBJECTIVES
+    )
+    if unknown:
+        raise SystemExit(
+            f"experiments.boundary_grid: unknown --starts or --objectives {sorted(unknown)}; starts: "
+            f"{[s[1] for s in BOUNDARY_STARTS]}, objectives: {BOUNDARY_OBJECTIVES}"
+        )
+    results = boundary_grid(out, rest, rt, split(args.starts), split(args.objectives))
     plot = None
     try:
         plot = plot_boundary_scores(results, out / "boundary_scores.png", _pyplot(), rt)
@@ -271,6 +286,8 @@ def run_boundary_grid(args, rest: list[str], rt: engine.Runtime) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = experiment_parser("experiments.boundary_grid", __doc__)
     parser.add_argument("--out", default="out/boundary_grid", help="run directory; finished runs in it are reused")
+    parser.add_argument("--starts", default="", help="a part of the grid: comma-separated starts (weak, sft, strong)")
+    parser.add_argument("--objectives", default="", help="a part of the grid: comma-separated objectives (dpo, slic)")
     run_experiment("experiments.boundary_grid", parser, run_boundary_grid, argv)
 
 

@@ -149,3 +149,9 @@ def test_boundary_grid_findings_and_table():
     assert finding["best_fixed"] == "off,on" and finding["best_fixed_gold"] == 6.5 and finding["boundary_gold"] == 5.6
     table = boundary_grid.boundary_grid_markdown({"runs": runs, "findings": [finding], "minutes": 1.0}, None)
     assert "| s | dpo | iteration 1 | +1.000 | +0.500 | 2.00 | on-policy | 0.400 | static (wrong) |" in table
+
+
+def test_a_part_of_the_grid_is_named_by_its_starts_and_objectives(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown --starts or --objectives \['medium'\]"):
+        boundary_grid.main([f"--out={tmp_path}", "--starts=weak,medium", "--objectives=dpo"])
+    assert not any(tmp_path.iterdir())  # refused before anything ran
