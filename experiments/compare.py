@@ -566,10 +566,13 @@ def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
     suffix = "-equal_steps" if steps else ""
     plots, dynamics = [], None
     seed = results["seeds"][0]
-    metaapo = out / f"seed{seed}" / ("metaapo" + (f"-steps_per_iteration_{steps}" if steps else ""))
+    plot_cfg = config.parse_config(
+        seed_args(out, seed, COMPARE_TRAIN_ARGS + rest) + ([f"--steps_per_iteration={steps}"] if steps else []),
+        later_wins=True,
+    )
+    metaapo = out / f"seed{seed}" / config.stage_name(plot_cfg, "metaapo")  # the MetaAPO row's directory
     if (metaapo / "done.json").exists():
         try:
-            plot_cfg = config.parse_config(seed_args(out, seed, COMPARE_TRAIN_ARGS + rest), later_wins=True)
             for plot in make_plots(plot_cfg, rt, metaapo, args.scatter_prompts):
                 named = out / f"{plot.stem}{suffix}{plot.suffix}"
                 if rt.main:

@@ -111,7 +111,7 @@ def test_dpo_and_a_metaapo_iteration_on_one_and_two_processes(model_dirs, tmp_pa
     run_train(pipeline_args(model_dirs, one))
     run_train(pipeline_args(model_dirs, two), torchrun=2)
     lm_class = ARCHITECTURES[model_dirs[3]][1]
-    for stage in ("dpo", "metaapo"):
+    for stage in ("dpo", "metaapo-meta_interval_1"):
         assert first_loss(two / stage / "metrics.jsonl") == pytest.approx(
             first_loss(one / stage / "metrics.jsonl"), rel=1e-4
         ), stage
@@ -121,12 +121,18 @@ def test_dpo_and_a_metaapo_iteration_on_one_and_two_processes(model_dirs, tmp_pa
             assert type(loaded) is lm_class
             assert data.load_tokenizer(export).chat_template == data.load_tokenizer(model_dirs[0]).chat_template
     gating = [
-        [json.loads(line)["selected"] for line in (run / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()]
+        [
+            json.loads(line)["selected"]
+            for line in (run / "metaapo-meta_interval_1" / "iter1" / "gating.jsonl").read_text().splitlines()
+        ]
         for run in (one, two)
     ]
     assert gating[0] == gating[1]  # the same decisions on 1 and 2 processes
     # online answers stop on the template's end of turn, and every stage exports weights that load back as trained
-    weights = {k: v for k, v in AutoModelForCausalLM.from_pretrained(one / "metaapo" / "model").state_dict().items()}
+    weights = {
+        k: v
+        for k, v in AutoModelForCausalLM.from_pretrained(one / "metaapo-meta_interval_1" / "model").state_dict().items()
+    }
     start = AutoModelForCausalLM.from_pretrained(model_dirs[0]).state_dict()
     assert any(not torch.equal(weights[k], start[k]) for k in weights)
     reward = AutoModelForSequenceClassification.from_pretrained(model_dirs[1])
@@ -134,7 +140,7 @@ def test_dpo_and_a_metaapo_iteration_on_one_and_two_processes(model_dirs, tmp_pa
     # every parameter trained under FSDP2 too, the root's own (embeddings, final norm) included: the MetaAPO iteration
     # builds its optimizer after no-grad forwards, which leave those unsharded (trainable_parameters reshards them)
     before = AutoModelForCausalLM.from_pretrained(two / "dpo" / "model").state_dict()
-    after = AutoModelForCausalLM.from_pretrained(two / "metaapo" / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(two / "metaapo-meta_interval_1" / "model").state_dict()
     assert [k for k in after if torch.equal(after[k], before[k])] == []
 
 

@@ -432,7 +432,9 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
         assert len(row["per_seed"]) == 2 and 0 <= row["gold"]["mean"] <= 10 and row["gold"]["std"] >= 0
         assert row["gold"]["mean"] == pytest.approx(np.mean([r["gold"] for r in row["per_seed"]]))
     assert 0 < results["rows"]["MetaAPO"]["annotation_ratio"]["mean"] <= 1
-    assert (out / "shared" / "rm" / "done.json").exists() and (out / "seed1" / "metaapo" / "done.json").exists()
+    assert (out / "shared" / "rm" / "done.json").exists() and (
+        out / "seed1" / "metaapo-meta_interval_2" / "done.json"
+    ).exists()
     assert not (out / "seed1" / "sft").exists()  # the SFT model is shared
     text = (out / "results.md").read_text()
     for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
@@ -444,7 +446,7 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     )
     gold = lambda label, seed: json.loads((out / f"seed{seed}" / "eval" / f"{label}.json").read_text())  # noqa: E731
     assert vs["gold"]["mean"] == pytest.approx(
-        np.mean([np.mean(gold("dpo", s)) - np.mean(gold("metaapo", s)) for s in (0, 1)])
+        np.mean([np.mean(gold("dpo", s)) - np.mean(gold("metaapo-meta_interval_2", s)) for s in (0, 1)])
     )
     assert vs["annotation_ratio"]["mean"] == pytest.approx(-results["rows"]["MetaAPO"]["annotation_ratio"]["mean"])
     assert (
@@ -453,10 +455,14 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     # the dynamics of seed 0's MetaAPO: one h curve per meta update, every tuple of every iteration placed, held-out
     # points
     measured = results["dynamics"]
-    records = [json.loads(line) for line in (out / "seed0" / "metaapo" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (out / "seed0" / "metaapo-meta_interval_2" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert sum(measured["meta_updates"].values()) == sum("h_curve" in r for r in records) > 0
     gating = [
-        json.loads(line) for line in (out / "seed0" / "metaapo" / "iter1" / "gating.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (out / "seed0" / "metaapo-meta_interval_2" / "iter1" / "gating.jsonl").read_text().splitlines()
     ]
     sampling = measured["sampling"]["1"]
     assert sampling["sampled"]["tuples"] <= min(
@@ -476,11 +482,11 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     )
     assert "### Held-out prompts over iterations (Fig. 2 left)" in text
     # a second call reads the finished runs instead of training again
-    before = (out / "seed0" / "metaapo" / "done.json").stat().st_mtime
+    before = (out / "seed0" / "metaapo-meta_interval_2" / "done.json").stat().st_mtime
     compare.main(args)
-    assert (out / "seed0" / "metaapo" / "done.json").stat().st_mtime == before
+    assert (out / "seed0" / "metaapo-meta_interval_2" / "done.json").stat().st_mtime == before
     # --plots alone: the stage's config.json supplies its data, models and seed (the command line has none of them)
-    stage = out / "seed0" / "metaapo"
+    stage = out / "seed0" / "metaapo-meta_interval_2"
     for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
         (stage / plot).unlink()
     dynamics.main([f"--plots={stage}", "--scatter_prompts=4"])

@@ -129,13 +129,13 @@ def test_the_pipeline_on_a_few_prompts(smollm2_model, tmp_path):
     run_train(small + ["--method=rm"])
     assert (out / "rm" / "model" / "model.safetensors").exists() and not (out / "rm" / "checkpoints").exists()
     result = run_train(small + ["--method=metaapo", "--iterations=1", f"--policy={smollm2_model}", "--meta_interval=1"])
-    records = metrics(out / "metaapo" / "metrics.jsonl")
+    records = metrics(out / "metaapo-meta_interval_1" / "metrics.jsonl")
     (generate,) = [r for r in records if r.get("phase") == "generate"]
     assert 0 < generate["selected"] <= 16 and "gate_auc_tied" in generate
     steps = [r for r in records if "step" in r and "phase" not in r]
     assert len(steps) == -(-generate["augmented"] // 8) and all(r["loss"] > 0 for r in steps)
     assert "meta_loss" in steps[0]  # T_meta = 1: an update after each step
-    assert json.loads((out / "metaapo" / "done.json").read_text())["steps"] == len(steps)
+    assert json.loads((out / "metaapo-meta_interval_1" / "done.json").read_text())["steps"] == len(steps)
     assert "(kept with a zero-gradient (y, y) pair)" in result.stdout
 
 

@@ -304,7 +304,7 @@ def test_unfinished_stage_needs_resume(base_run, tmp_path):
 def test_metaapo_run_writes_its_outputs(base_run, tmp_path):
     out = fresh_run(base_run, tmp_path)
     result = run_train(["--method=metaapo", f"--out_dir={out}", "--meta_interval=2"] + TINY)
-    stage = out / "metaapo"
+    stage = out / "metaapo-meta_interval_2"  # --meta_interval names its directory
     assert (stage / "done.json").exists() and (stage / "model" / "model.safetensors").exists()
     assert not (stage / "checkpoints").exists()  # a finished stage keeps none
     # MetaAPO keeps a tuple whose rewards all tied, whatever their count (the line said "dropped" at 0 ties)
