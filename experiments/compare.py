@@ -342,6 +342,8 @@ def compare(
 def h_at_zero(stage: Path, iterations: int) -> list[float | None]:
     """h(0) after the last meta update of each iteration (None: h was never updated, as with
     --weighting=fixed or uniform), from the h curves train.py logs."""
+    if not (stage / "metrics.jsonl").exists():  # a run made elsewhere, or a stand-in's
+        return [None] * iterations
     zero = list(meta.CURVE_GRID).index(0.0)
     after = {r["iteration"]: r["h_curve"][zero] for r in read_metrics(stage) if "h_curve" in r}  # the last wins
     last, values = None, []

@@ -48,7 +48,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     assert "generated for 8/8 prompts" in (out / "metaapo_8b_shape.log").read_text()  # --sampling=all
     report = (out / "throughput_memory.log").read_text()
     assert "2 rank(s)" in report and re.search(r"^\| dpo \| 4 \|", report, flags=re.M)
-    assert re.search(r"^\| metaapo-sampling_all \|", report, flags=re.M)
+    assert re.search(r"^\| metaapo-sampling_all-meta_interval_1 \|", report, flags=re.M)
     toy = (out / "toy_stop_and_resume.log").read_text()
     assert "with status 143" in toy and "resumed: status 0" in toy
     # the summary table is printed last, every step in it
