@@ -35,6 +35,7 @@ import dataclasses
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,35 @@ def run_benchmarks(args, cfg: config.Config, rest: list[str], rt: engine.Runtime
         engine.print0(rt, f"wrote {path}")
 
 
+def run_program(
+    program: str,
+    args: argparse.Namespace,
+    rest: list[str],
+    work: Callable[[argparse.Namespace, config.Config, list[str], engine.Runtime], object],
+    cls: type[config.Config] = config.Config,
+) -> None:
+    """The frame of a command that trains or evaluates stages (this file, every experiment): its
+    own flags `args` parsed, `rest` is the config (cls: Config, or an experiment's subclass),
+    checked here; the process (signals, ranks) started; work(args, cfg, rest, rt) run; a bad input
+    or a stop ends in one line naming the program (a stopped run goes on with --resume)."""
+    try:
+        cfg = config.parse_config(rest, cls=cls)
+    except config.ConfigError as err:
+        raise SystemExit(f"{program}: {err}") from None
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    with checkpoint.entry_process(cfg) as rt:
+        try:
+            checkpoint.start_wandb(cfg, rt)
+            work(args, cfg, rest, rt)
+        except engine.Stopped as err:
+            engine.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", program)
+        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
+            raise SystemExit(f"{program}: {err}") from None
+
+
 # the experiments this command once ran, and the command that runs each now
 EXPERIMENT_COMMANDS = {
     "--compare": "python -m experiments.compare",
@@ -386,24 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(
                 f"evaluate.py: {arg.split('=')[0]} is an experiment: {EXPERIMENT_COMMANDS[arg.split('=')[0]]}"
             )
-    try:
-        cfg = config.parse_config(rest)
-    except config.ConfigError as err:
-        raise SystemExit(f"evaluate.py: {err}") from None
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    with checkpoint.entry_process(cfg) as rt:
-        try:
-            checkpoint.start_wandb(cfg, rt)
-            run_benchmarks(args, cfg, rest, rt)
-        except engine.Stopped as err:
-            engine.stop_exit(
-                f"{err}; the finished runs are kept: the same command with --resume goes on", "evaluate.py"
-            )
-        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
-            raise SystemExit(f"evaluate.py: {err}") from None
+    run_program("evaluate.py", args, rest, run_benchmarks)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ Run (from the repository's root; each experiment is a module with its own flags,
 experiments/README.md lists each one's question and the document its results are in.
 
 Deliberate simplifications
-- `run_experiment` below is the command-line frame every experiment shares (its flags, then
-  train.py's config, the process, the one-line errors); the work is each experiment's own.
+- `run_experiment` below parses an experiment's own flags and hands the rest to
+  evaluate.run_program, the frame evaluate.py runs in (config, process, one-line errors).
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-import checkpoint
 import config
-import data
 import engine
-import iterative_run
+import evaluate
 
 
 def experiment_parser(program: str, doc: str, cls: type[config.Config] = config.Config) -> argparse.ArgumentParser:
@@ -47,27 +45,11 @@ def experiment_parser(program: str, doc: str, cls: type[config.Config] = config.
 def run_experiment(
     program: str,
     parser: argparse.ArgumentParser,
-    work: Callable[[argparse.Namespace, list[str], engine.Runtime], object],
+    work: Callable[[argparse.Namespace, config.Config, list[str], engine.Runtime], object],
     argv: list[str] | None = None,
     cls: type[config.Config] = config.Config,
 ) -> None:
-    """Parse an experiment's own flags (the rest is train.py's config, checked here), start the
-    process (signals, ranks), run work(args, rest, rt), and end a bad input or a stop in one line
-    naming the program; a stopped experiment goes on with the same command and --resume."""
+    """Parse an experiment's own flags; the rest is the config, and evaluate.run_program (the frame
+    evaluate.py runs in too) checks it, starts the process and runs work(args, cfg, rest, rt)."""
     args, rest = parser.parse_known_args(argv)
-    try:
-        cfg = config.parse_config(rest, cls=cls)
-    except config.ConfigError as err:
-        raise SystemExit(f"{program}: {err}") from None
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    with checkpoint.entry_process(cfg) as rt:
-        try:
-            checkpoint.start_wandb(cfg, rt)
-            work(args, rest, rt)
-        except engine.Stopped as err:
-            engine.stop_exit(f"{err}; the finished runs are kept: the same command with --resume goes on", program)
-        except (config.ConfigError, engine.NonFiniteLoss, iterative_run.NothingTrained, data.DataError) as err:
-            raise SystemExit(f"{program}: {err}") from None
+    evaluate.run_program(program, args, rest, work, cls)

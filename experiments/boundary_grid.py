@@ -260,7 +260,7 @@ def plot_boundary_scores(results: dict, path: Path, plt, rt) -> Path:
     return _save(figure, path, plt, rt)
 
 
-def run_boundary_grid(args, rest: list[str], rt: engine.Runtime) -> None:
+def run_boundary_grid(args, cfg: config.Config, rest: list[str], rt: engine.Runtime) -> None:
     out = Path(args.out)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     unknown = set(split(args.starts)) - {s[1] for s in BOUNDARY_STARTS} | set(split(args.objectives)) - set(

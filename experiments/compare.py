@@ -554,11 +554,11 @@ def selected_labels(methods: str) -> list[str]:
     return found
 
 
-def run_compare(args, rest: list[str], rt: engine.Runtime) -> None:
+def run_compare(args, given: config.Config, rest: list[str], rt: engine.Runtime) -> None:
     """The tables over seeds, with seed 0's MetaAPO plots and training dynamics.
     --equal_steps: the iterative methods at equal policy steps per iteration, written apart
     (results-equal_steps.*; the offline rows are shared)."""
-    given = config.parse_config(rest)  # out/compare, out/compare-skill (the toy's second regime), out/compare-smollm2
+    # out/compare, out/compare-skill (the toy's second regime), out/compare-smollm2
     task = f"-{given.preset}" if given.preset != "toy" else ""
     task = f"-{given.toy_regime}" if given.toy_regime != "mismatch" else task
     out = Path(args.out or f"out/compare{task}")

@@ -692,9 +692,9 @@ def run_toy_properties(cfg: config.Config, rt: engine.Runtime) -> dict:
     return properties
 
 
-def run(args, rest: list[str], rt: engine.Runtime) -> None:
+def run(args, cfg: config.Config, rest: list[str], rt: engine.Runtime) -> None:
     if args.toy_properties:
-        run_toy_properties(config.parse_config(rest), rt)
+        run_toy_properties(cfg, rt)
     elif args.plots:
         stage = Path(args.plots)
         plots = make_plots(stage_config(stage, rest), rt, stage, args.scatter_prompts)

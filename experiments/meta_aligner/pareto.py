@@ -324,7 +324,7 @@ def plot(results: dict, per_seed: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def run_pareto(args, rest: list[str], rt: engine.Runtime) -> None:
+def run_pareto(args, cfg, rest: list[str], rt: engine.Runtime) -> None:
     """Every row over the seeds; results.md, results.json and fronts.png in the directory."""
     started = time.time()
     out = Path(args.out)
