@@ -292,8 +292,12 @@ def compare(
             per_seed[label].append(
                 {"gold": float(np.mean(scores)), "win": evaluate.win_rate(scores, baseline), **summary}
             )
-            if method == "metaapo":  # h(0) after each iteration's last meta update: the meta-learner's drift
-                per_seed[label][-1]["h0_after_iteration"] = h_at_zero(Path(cfg.out_dir) / name, cfg.iterations)
+            if method == "metaapo":  # h after each iteration's last meta update: the meta-learner's drift
+                curves = h_curves(Path(cfg.out_dir) / name, cfg.iterations)
+                if all(curves):
+                    zero = list(meta.CURVE_GRID).index(0.0)
+                    per_seed[label][-1]["h_curve_after_iteration"] = curves
+                    per_seed[label][-1]["h0_after_iteration"] = [curve[zero] for curve in curves]
             gold[label].append(scores)
             engine.print0(
                 rt,
@@ -327,8 +331,11 @@ def compare(
             "per_seed": runs,
         }
         drift = [r["h0_after_iteration"] for r in runs if "h0_after_iteration" in r]
-        if drift and all(v is not None for curve in drift for v in curve):
+        if drift and len(drift) == len(runs):  # every seed's h was updated: mean and std over seeds
             results["rows"][label]["h0_after_iteration"] = np.mean(drift, axis=0).tolist()
+            results["rows"][label]["h0_std_after_iteration"] = np.std(drift, axis=0).tolist()
+            last = [r["h_curve_after_iteration"][-1] for r in runs]
+            results["rows"][label]["h_curve_at_end"] = np.mean(last, axis=0).tolist()
     if "MetaAPO" in per_seed:
         eval_samples = config.parse_config(seed_args(out, seeds[0], train_args), later_wins=True).eval_samples
         for label, _, _ in rows:
@@ -339,18 +346,24 @@ def compare(
     return results
 
 
-def h_at_zero(stage: Path, iterations: int) -> list[float | None]:
-    """h(0) after the last meta update of each iteration (None: h was never updated, as with
-    --weighting=fixed or uniform), from the h curves train.py logs."""
+def h_curves(stage: Path, iterations: int) -> list[list[float] | None]:
+    """h on meta.CURVE_GRID after the last meta update of each iteration (None: h was never
+    updated, as with --weighting=fixed or uniform), from the h curves train.py logs; an iteration
+    without an update keeps the curve before it."""
     if not (stage / "metrics.jsonl").exists():  # a run made elsewhere, or a stand-in's
         return [None] * iterations
-    zero = list(meta.CURVE_GRID).index(0.0)
-    after = {r["iteration"]: r["h_curve"][zero] for r in read_metrics(stage) if "h_curve" in r}  # the last wins
-    last, values = None, []
+    after = {r["iteration"]: r["h_curve"] for r in read_metrics(stage) if "h_curve" in r}  # the last wins
+    last, curves = None, []
     for t in range(1, iterations + 1):
         last = after.get(t, last)
-        values.append(last)
-    return values
+        curves.append(last)
+    return curves
+
+
+def h_at_zero(stage: Path, iterations: int) -> list[float | None]:
+    """h(0) after each iteration's last meta update (h_curves at l = 0)."""
+    zero = list(meta.CURVE_GRID).index(0.0)
+    return [curve[zero] if curve else None for curve in h_curves(stage, iterations)]
 
 
 def overall_time(run: dict) -> float:
@@ -524,9 +537,11 @@ def results_markdown(results: dict, plots: list[Path], out: Path) -> str:
             for label in drifting
         ]
     if plots:
-        lines += ["", "## Plots (seed " + str(results["seeds"][0]) + ", MetaAPO)", ""] + [
-            f"![{p.stem}]({p.relative_to(out)})" for p in plots
-        ]
+        lines += [
+            "",
+            f"## Plots (seed {results['seeds'][0]}'s MetaAPO; the budget curve and h's drift: every seed)",
+            "",
+        ] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -582,6 +597,8 @@ def run_compare(args, given: config.Config, rest: list[str], rt: engine.Runtime)
                 plots.append(named)
             if any(label in results["rows"] for label, _ in BUDGET_CURVE):
                 plots.append(plot_budget_curve(results, out / f"budget_curve{suffix}.png", _pyplot(), rt))
+            if any("h0_after_iteration" in row for row in results["rows"].values()):
+                plots.append(plot_h_drift(results, out / f"h_drift{suffix}.png", _pyplot(), rt))
         except SystemExit as err:  # no matplotlib: the tables stand without the plots
             engine.print0(rt, str(err))
         dynamics = json.loads((metaapo / "dynamics.json").read_text())
@@ -623,6 +640,38 @@ def plot_budget_curve(results: dict, path: Path, plt, rt: engine.Runtime) -> Pat
     axis.set_xlabel("annotation ratio (%)")
     axis.set_ylabel("gold mean (held-out)")
     axis.legend(fontsize=7)
+    return _save(figure, path, plt, rt)
+
+
+def plot_h_drift(results: dict, path: Path, plt, rt: engine.Runtime) -> Path:
+    """The meta-learner's drift per row: h(0) after each iteration (mean ± std over seeds, from
+    0.5 at the start), and h over the meta input at the end (mean over seeds) beside sigma(l), the
+    fixed weights, which the untrained h approximates."""
+    rows = results["rows"]
+    drifting = [label for label in rows if "h0_after_iteration" in rows[label]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fixed = [1 / (1 + math.exp(-score)) for score in meta.CURVE_GRID]  # sigma(l), about where h starts
+    for label in drifting:
+        row = rows[label]
+        iterations = range(len(row["h0_after_iteration"]) + 1)
+        left.errorbar(
+            list(iterations),
+            [0.5, *row["h0_after_iteration"]],
+            yerr=[0.0, *row["h0_std_after_iteration"]],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+        right.plot(meta.CURVE_GRID, row["h_curve_at_end"], marker=".", label=label)
+    left.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    left.set_xlabel("iteration (0: before training)")
+    left.set_ylabel("h(0)")
+    left.set_title("h(0) after each iteration's last meta update")
+    right.plot(meta.CURVE_GRID, fixed, color="gray", linestyle="--", label="sigma(l): the fixed weights, h's start")
+    right.set_xlabel("meta input l (the offline pair's preference score)")
+    right.set_ylabel("h(l): weight of the offline pair")
+    right.set_title("h at the end of training")
+    right.legend(fontsize=6)
     return _save(figure, path, plt, rt)
 
 

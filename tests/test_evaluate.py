@@ -437,8 +437,17 @@ def test_compare_end_to_end_with_plots(tmp_path, monkeypatch):
     ).exists()
     assert not (out / "seed1" / "sft").exists()  # the SFT model is shared
     text = (out / "results.md").read_text()
-    for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png"):
+    for plot in ("meta_curves.png", "sampling_scatter.png", "heldout_dynamics.png", "h_drift.png"):
         assert (out / plot).exists() and (out / plot).stat().st_size > 1000 and f"]({plot})" in text
+    # h's drift: h(0) after each iteration, mean and std over the seeds' own curves, and h at the end
+    metaapo = results["rows"]["MetaAPO"]
+    per_seed_h0 = [r["h0_after_iteration"] for r in metaapo["per_seed"]]
+    iterations = len(list((out / "seed0" / "metaapo-meta_interval_2").glob("iter*")))
+    assert len(per_seed_h0) == 2 and all(len(h0) == iterations for h0 in per_seed_h0)
+    assert metaapo["h0_after_iteration"] == pytest.approx(np.mean(per_seed_h0, axis=0).tolist())
+    assert metaapo["h0_std_after_iteration"] == pytest.approx(np.std(per_seed_h0, axis=0).tolist())
+    assert len(metaapo["h_curve_at_end"]) == len(compare.meta.CURVE_GRID)
+    assert "h0_after_iteration" not in results["rows"]["DPO"] and "## The meta-learner's h(0)" in text
     # DPO against MetaAPO, paired over the two seeds; MetaAPO is not compared with itself
     vs = results["rows"]["DPO"]["vs_metaapo"]
     assert (
@@ -568,6 +577,8 @@ def test_held_out_half_coverage_and_the_meta_learner_drift(tmp_path):
     ]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert compare.h_at_zero(stage, 3) == [0.6, 0.6, 0.7]
+    assert compare.h_curves(stage, 3) == [curve(0.6), curve(0.6), curve(0.7)]
+    assert compare.h_curves(tmp_path / "a stand-in's run", 2) == [None, None]
 
 
 def test_methods_names_rows_whose_labels_hold_commas():
