@@ -559,14 +559,15 @@ def selected_labels(methods: str) -> list[str]:
     labels = [label for label, _, _ in COMPARE_ROWS]
     if not methods:
         return labels
-    found = [label for label in labels if f",{label}," in f",{methods},"]
-    rest = f",{methods},"
-    for label in sorted(found, key=len, reverse=True):
-        rest = rest.replace(f",{label},", ",,")
+    rest, found = f",{methods},", set()
+    for label in sorted(labels, key=len, reverse=True):  # the longest first: "Online DPO, tied ..." holds "Online DPO,"
+        if f",{label}," in rest:
+            found.add(label)
+            rest = rest.replace(f",{label},", ",,")
     unknown = [name for name in rest.split(",") if name.strip()]
     if unknown:
         raise SystemExit(f"experiments.compare: --methods: no row is called {unknown}; the rows: {labels}")
-    return found
+    return [label for label in labels if label in found]
 
 
 def run_compare(args, given: config.Config, rest: list[str], rt: engine.Runtime) -> None:

@@ -585,5 +585,10 @@ def test_methods_names_rows_whose_labels_hold_commas():
     iterative = "Iterative DPO (authors' script: from SFT, reference fixed)"
     assert compare.selected_labels(f"MetaAPO,{iterative},Online DPO") == ["Online DPO", iterative, "MetaAPO"]
     assert compare.selected_labels("") == [label for label, _, _ in compare.COMPARE_ROWS]
+    # a label that begins another one, up to its comma, is not selected by the longer one
+    assert compare.selected_labels("MetaAPO,Online DPO, tied prompts dropped") == [
+        "MetaAPO",
+        "Online DPO, tied prompts dropped",
+    ]
     with pytest.raises(SystemExit, match=r"no row is called \['Iterative DPO'\]"):
         compare.selected_labels("MetaAPO,Iterative DPO")
