@@ -665,6 +665,7 @@ def plot_h_drift(results: dict, path: Path, plt, rt: engine.Runtime) -> Path:
         )
         right.plot(meta.CURVE_GRID, row["h_curve_at_end"], marker=".", label=label)
     left.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    left.set_xticks(range(len(rows[drifting[0]]["h0_after_iteration"]) + 1) if drifting else [])
     left.set_xlabel("iteration (0: before training)")
     left.set_ylabel("h(0)")
     left.set_title("h(0) after each iteration's last meta update")
