@@ -295,9 +295,8 @@ def compare(
             if method == "metaapo":  # h after each iteration's last meta update: the meta-learner's drift
                 curves = h_curves(Path(cfg.out_dir) / name, cfg.iterations)
                 if all(curves):
-                    zero = list(meta.CURVE_GRID).index(0.0)
                     per_seed[label][-1]["h_curve_after_iteration"] = curves
-                    per_seed[label][-1]["h0_after_iteration"] = [curve[zero] for curve in curves]
+                    per_seed[label][-1]["h0_after_iteration"] = h_at_zero(curves)
             gold[label].append(scores)
             engine.print0(
                 rt,
@@ -360,10 +359,10 @@ def h_curves(stage: Path, iterations: int) -> list[list[float] | None]:
     return curves
 
 
-def h_at_zero(stage: Path, iterations: int) -> list[float | None]:
-    """h(0) after each iteration's last meta update (h_curves at l = 0)."""
+def h_at_zero(curves: list[list[float] | None]) -> list[float | None]:
+    """h(0) of each of h_curves' curves (None where h was never updated)."""
     zero = list(meta.CURVE_GRID).index(0.0)
-    return [curve[zero] if curve else None for curve in h_curves(stage, iterations)]
+    return [curve[zero] if curve else None for curve in curves]
 
 
 def overall_time(run: dict) -> float:
@@ -651,12 +650,12 @@ def plot_h_drift(results: dict, path: Path, plt, rt: engine.Runtime) -> Path:
     rows = results["rows"]
     drifting = [label for label in rows if "h0_after_iteration" in rows[label]]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    fixed = [1 / (1 + math.exp(-score)) for score in meta.CURVE_GRID]  # sigma(l), about where h starts
+    fixed = meta.MetaController(2, "score", weighting="fixed").curve()  # sigma(l), about where h starts
+    iterations = list(range(len(rows[drifting[0]]["h0_after_iteration"]) + 1))  # 0: before training
     for label in drifting:
         row = rows[label]
-        iterations = range(len(row["h0_after_iteration"]) + 1)
         left.errorbar(
-            list(iterations),
+            iterations,
             [0.5, *row["h0_after_iteration"]],
             yerr=[0.0, *row["h0_std_after_iteration"]],
             marker="o",
@@ -665,7 +664,7 @@ def plot_h_drift(results: dict, path: Path, plt, rt: engine.Runtime) -> Path:
         )
         right.plot(meta.CURVE_GRID, row["h_curve_at_end"], marker=".", label=label)
     left.axhline(0.5, color="gray", linestyle=":", linewidth=1)
-    left.set_xticks(range(len(rows[drifting[0]]["h0_after_iteration"]) + 1) if drifting else [])
+    left.set_xticks(iterations)
     left.set_xlabel("iteration (0: before training)")
     left.set_ylabel("h(0)")
     left.set_title("h(0) after each iteration's last meta update")

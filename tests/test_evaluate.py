@@ -576,7 +576,7 @@ def test_held_out_half_coverage_and_the_meta_learner_drift(tmp_path):
         {"iteration": 3, "step": 20, "h_curve": curve(0.7)},
     ]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert compare.h_at_zero(stage, 3) == [0.6, 0.6, 0.7]
+    assert compare.h_at_zero(compare.h_curves(stage, 3)) == [0.6, 0.6, 0.7]
     assert compare.h_curves(stage, 3) == [curve(0.6), curve(0.6), curve(0.7)]
     assert compare.h_curves(tmp_path / "a stand-in's run", 2) == [None, None]
 
